@@ -1,0 +1,143 @@
+"""Finding dead units: one jitted pass of activation statistics.
+
+Models expose the post-activation tensors of their units with Flax's ``sow``::
+
+    y = nn.relu(x)
+    self.sow('intermediates', 'conv_0', y)     # last axis = the group's units
+
+(:func:`probe` does exactly that and returns its input). Sowing is free during
+training: ``sow`` is a no-op unless ``intermediates`` is mutable. The death
+check applies the model in eval mode (BN running statistics) to a fixed set of
+training examples, batch by batch inside one ``lax.scan``, and reduces every
+sown tensor over every axis but the last: a unit is alive if it is active on
+any example at any position, i.e. dead = AND over all examples and batches.
+
+Criteria, on the post-activation ``a`` (``CRITERIA``):
+
+* ``relu``: dead where ``a == 0`` exactly;
+* ``leaky_relu``: dead where ``a <= 0`` (the pre-activation is not positive);
+* ``gelu``, ``swish``, ``eps``: dead where ``|a| < eps`` (epsilon-inactivity,
+  eps = 0.01 in the paper).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from demp import surgery
+
+PyTree = Any
+
+CRITERIA: dict[str, Callable[[jax.Array, float], jax.Array]] = {
+    'relu': lambda a, eps: a == 0,
+    'leaky_relu': lambda a, eps: a <= 0,
+    'gelu': lambda a, eps: jnp.abs(a) < eps,
+    'swish': lambda a, eps: jnp.abs(a) < eps,
+    'eps': lambda a, eps: jnp.abs(a) < eps,
+}
+
+
+def probe(module: nn.Module, name: str, a: jax.Array) -> jax.Array:
+  """Sows ``a`` (units on the last axis) for the death check; returns ``a``."""
+  module.sow('intermediates', name, a)
+  return a
+
+
+def criterion_for(activation: str) -> str:
+  """The death criterion for a named activation (``relu`` -> ``relu`` ...)."""
+  if activation not in CRITERIA:
+    raise ValueError(f'no death criterion for activation {activation!r}; '
+                     f'known: {sorted(CRITERIA)}.')
+  return activation
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+  for k in path:
+    if k not in tree:
+      raise KeyError(f'site {"/".join(path)!r} was not sown; the model must call '
+                     f'probe()/sow("intermediates", ...) there.')
+    tree = tree[k]
+  return tree
+
+
+def site_stats(intermediates: Mapping, groups, criterion: str, eps: float):
+  """Per group: (alive [width] bool, activity [width] float) of one batch."""
+  dead_fn = CRITERIA[criterion]
+  alive, activity = {}, {}
+  for g in groups:
+    for site in g.sites:
+      for a in _get(intermediates, site):  # sow keeps a tuple (one per call)
+        axes = tuple(range(a.ndim - 1))
+        alive_s = jnp.any(~dead_fn(a, eps), axis=axes)
+        act_s = jnp.max(jnp.abs(a), axis=axes).astype(jnp.float32)
+        alive[g.name] = alive_s if g.name not in alive else alive[g.name] | alive_s
+        activity[g.name] = act_s if g.name not in activity else jnp.maximum(activity[g.name], act_s)
+  return alive, activity
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'criterion', 'batch_size'))
+def _scan_stats(model, variables, images, *, criterion: str, eps: float, batch_size: int):
+  groups = model.unit_groups()
+  n = images.shape[0]
+  xs = images.reshape((n // batch_size, batch_size) + images.shape[1:])
+
+  def batch_stats(x):
+    _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+    return site_stats(state['intermediates'], groups, criterion, eps)
+
+  first = batch_stats(xs[0])
+
+  def body(carry, x):
+    alive, activity = batch_stats(x)
+    return (jax.tree.map(jnp.logical_or, carry[0], alive),
+            jax.tree.map(jnp.maximum, carry[1], activity)), None
+
+  (alive, activity), _ = jax.lax.scan(body, first, xs[1:])
+  return alive, activity
+
+
+def dead_unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
+                    criterion: str = 'relu', eps: float = 0.01,
+                    batch_size: int = 128) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Liveness of every unit group of ``model`` on ``images``.
+
+  Args:
+    model: a Flax module with ``unit_groups()`` whose sites it sows.
+    variables: ``{'params': ..., 'batch_stats': ...}`` (eval mode is used).
+    images: ``[N, ...]`` fixed training examples; ``N`` must be a multiple of
+      ``batch_size`` (use ``N <= batch_size`` for one batch).
+    criterion: a key of :data:`CRITERIA`.
+    eps: the threshold of epsilon-inactivity criteria.
+
+  Returns:
+    ``(alive, activity)``: dicts group name -> ``[width]`` bool (active on some
+    example at some position) and -> ``[width]`` float32 (max |a|), on host.
+  """
+  if criterion not in CRITERIA:
+    raise ValueError(f'criterion={criterion!r} is not one of {sorted(CRITERIA)}.')
+  n = images.shape[0]
+  batch_size = min(batch_size, n)
+  if n % batch_size:
+    raise ValueError(f'the {n} death-check examples are not a multiple of the batch size {batch_size}.')
+  variables = {k: v for k, v in variables.items() if k != 'intermediates'}
+  alive, activity = _scan_stats(model, variables, images, criterion=criterion,
+                                eps=float(eps), batch_size=batch_size)
+  alive, activity = jax.device_get((alive, activity))
+  return ({k: np.asarray(v) for k, v in alive.items()},
+          {k: np.asarray(v) for k, v in activity.items()})
+
+
+def count(alive: Mapping[str, np.ndarray]) -> dict[str, int]:
+  """Number of live units per group."""
+  return {k: int(np.sum(v)) for k, v in alive.items()}
+
+
+__all__ = ['CRITERIA', 'probe', 'criterion_for', 'dead_unit_stats', 'site_stats', 'count',
+           'surgery']

@@ -1,0 +1,111 @@
+"""Sparsity, FLOPs, writers and the end-of-run table."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+PyTree = Any
+
+
+def num_params(params: PyTree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def num_nonzero(params: PyTree) -> int:
+  return int(sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params)))
+
+
+def neuron_sparsity(widths: Mapping[str, int], dense_widths: Mapping[str, int]) -> float:
+  """Fraction of prunable units removed (over every unit group)."""
+  return 1.0 - sum(widths.values()) / sum(dense_widths.values())
+
+
+def weight_sparsity(params: PyTree, dense_num_params: int) -> float:
+  """1 - (nonzero parameters now) / (parameters of the dense model), over all weights.
+
+  Counts both physically removed weights (structured methods) and weights held
+  at zero by a mask (unstructured methods).
+  """
+  return 1.0 - num_nonzero(params) / dense_num_params
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of an AOT-compiled function, from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
+class JsonlWriter:
+  """Appends one JSON object per line (numbers converted to Python floats/ints)."""
+
+  def __init__(self, path: str):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    self._f = open(path, 'a')
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    self._f.write(json.dumps(_to_json(record)) + '\n')
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def _to_json(x):
+  if isinstance(x, Mapping):
+    return {str(k): _to_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_json(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    x = np.asarray(x)
+    return x.item() if x.ndim == 0 else x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def format_table(rows: list[tuple[str, str]], title: str = '') -> str:
+  """A two-column Markdown table."""
+  width = max(len(k) for k, _ in rows)
+  lines = [f'## {title}', ''] if title else []
+  lines += [f'| {"metric":<{width}} | value |', f'|{"-" * (width + 2)}|-------|']
+  lines += [f'| {k:<{width}} | {v} |' for k, v in rows]
+  return '\n'.join(lines)
+
+
+def summary_table(summary: Mapping[str, Any]) -> str:
+  """The end-of-run table printed on stdout."""
+  live = ', '.join(f'{k}={v}' for k, v in summary['widths'].items())
+  dense = ', '.join(f'{v}' for v in summary['dense_widths'].values())
+  rows = [
+      ('method', summary['method']),
+      ('steps', str(summary['steps'])),
+      ('test accuracy', f'{summary["test_accuracy"]:.4f}'),
+      ('test loss', f'{summary["test_loss"]:.4f}'),
+      ('neuron sparsity', f'{summary["neuron_sparsity"]:.4f}'),
+      ('weight sparsity', f'{summary["weight_sparsity"]:.4f}'),
+      ('live units per group', live),
+      ('dense widths', dense),
+      ('parameters (dense -> final)', f'{summary["dense_params"]} -> {summary["final_params"]}'),
+      ('prune events (that removed units)',
+       f'{summary["prune_events"]} ({summary["prune_events_effective"]})'),
+      ('wall time [s]', f'{summary["wall_time_s"]:.1f}'),
+      ('train-step time, first arch [ms]', f'{1e3 * summary["step_time_first_s"]:.2f}'),
+      ('train-step time, final arch [ms]', f'{1e3 * summary["step_time_final_s"]:.2f}'),
+      ('train-step time ratio final/first', f'{summary["step_time_ratio"]:.3f}'),
+      ('train-step FLOP ratio final/first', f'{summary["step_flops_ratio"]:.3f}'),
+      ('training FLOPs relative to dense', f'{summary["train_flops_rel"]:.3f}'),
+  ]
+  return format_table(rows, title='DemP run summary')

@@ -1,0 +1,23 @@
+"""Models, one file per family. ``MODELS[name](num_classes=..., **kwargs)`` builds one.
+
+Every model takes ``(x_bhwc, *, train)``, returns logits, sows the
+post-activations of its units (``demp.deadunits.probe``), and exports
+``widths`` (group name -> width) and ``unit_groups()`` for the surgery.
+"""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from demp.models import convnet, mlp
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    'mlp': mlp.make,
+    'convnet': convnet.make,
+}
+
+
+def build(name: str, num_classes: int, **kwargs) -> nn.Module:
+  if name not in MODELS:
+    raise ValueError(f'model.name={name!r} is not one of {sorted(MODELS)}.')
+  return MODELS[name](num_classes=num_classes, **kwargs)

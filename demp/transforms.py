@@ -1,0 +1,419 @@
+"""DemP's two gradient transformations: a scheduled penalty and live noise.
+
+* :func:`add_scheduled_penalty` adds the gradient of a scheduled penalty
+  ``R(p; λ_t)`` (Lasso by default) on selected leaves, to be chained *before*
+  the base optimizer so its preconditioner sees the penalty.
+* :func:`with_live_noise` wraps any optimizer and adds Gaussian noise
+  ``ξ ~ N(0, σ_t²)`` to its final update, only where the raw loss gradient is
+  non-zero, i.e. on parameters of live units.
+* :func:`demp_optimizer` composes the two around a base optimizer.
+
+Both λ_t and σ_t² are read from step counts kept in the optimizer state, so
+they are traced values in a jitted step: changing them never recompiles.
+
+References:
+  Dufort-Labbé et al., `Maxwell's Demon at Work: Efficient Pruning by
+  Leveraging Saturation of Neurons <https://arxiv.org/abs/2403.07688>`_, 2024.
+"""
+
+from collections.abc import Callable
+import re
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    'ALL_WEIGHTS',
+    'LiveNoiseState',
+    'NORM_SCALES',
+    'PENALTY_KINDS',
+    'ScheduledPenaltyState',
+    'add_scheduled_penalty',
+    'demp_optimizer',
+    'path_mask',
+    'with_live_noise',
+]
+
+NORM_SCALES = r'(?i)(?:^|/)[^/]*(?:norm|bn)[^/]*/scale$'
+"""Regex for the ``scale`` (γ) leaf of every normalization module.
+
+Selects ``scale`` directly under a module whose name contains ``norm`` or
+``bn`` (any case): ``'BatchNorm_0/scale'``, ``'bn1/scale'``,
+``'ConvNet_0/LayerNorm_3/scale'``, ``'norm/scale'``. Offsets (``bias``) are
+never selected. This is DemP's default penalty target.
+"""
+
+ALL_WEIGHTS = r'(?:^|/)(?:kernel|scale)$'
+"""Regex for every ``kernel`` and ``scale`` leaf: the "all weights" ablation.
+
+Biases and normalization offsets are never selected.
+"""
+
+MaskOrFn = Union[str, re.Pattern, Any, Callable[[optax.Params], Any]]
+
+
+def _key_str(key: Any) -> str:
+  """One path entry as a string: a dict key, attribute name or index."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+  return '/'.join(_key_str(k) for k in path)
+
+
+def path_mask(regex: Union[str, re.Pattern]) -> Callable[[optax.Params], Any]:
+  """Returns ``params -> bool pytree``: True where ``regex`` matches the path.
+
+  A leaf's path is its dict keys joined by ``'/'``, e.g.
+  ``'ConvNet_0/BatchNorm_1/scale'``; the match is ``re.search``. The mask
+  depends only on paths, so it stays valid after the widths change.
+
+  Args:
+    regex: a regular expression (string or compiled).
+
+  Returns:
+    A function mapping a params pytree to a pytree of Python bools with the
+    same structure.
+
+  Raises:
+    ValueError: if ``regex`` is not a valid regular expression.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from demp.transforms import NORM_SCALES, path_mask
+    >>> params = {'Conv_0': {'kernel': jnp.ones(2)},
+    ...           'BatchNorm_0': {'scale': jnp.ones(2), 'bias': jnp.ones(2)}}
+    >>> path_mask(NORM_SCALES)(params)
+    {'BatchNorm_0': {'bias': False, 'scale': True}, 'Conv_0': {'kernel': False}}
+  """
+  try:
+    pattern = re.compile(regex)
+  except (re.error, TypeError) as e:
+    raise ValueError(
+        f'`regex` must be a valid regular expression, got regex={regex!r}: {e}'
+    ) from e
+
+  def mask_fn(params: optax.Params) -> Any:
+    return jax.tree.map_with_path(
+        lambda path, _: pattern.search(_path_str(path)) is not None, params
+    )
+
+  return mask_fn
+
+
+def _mask_fn(mask: MaskOrFn) -> Callable[[optax.Params], Any]:
+  """Normalizes a regex, a callable or a bool pytree to a callable."""
+  if isinstance(mask, (str, re.Pattern)):
+    return path_mask(mask)
+  if callable(mask):
+    return mask
+  return lambda params: mask
+
+
+def _check_nonnegative(name: str, value: optax.ScalarOrSchedule) -> None:
+  """Raises unless ``value`` is a schedule or a number >= 0 (not NaN)."""
+  if callable(value):
+    return
+  try:
+    ok = float(value) >= 0.0
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(
+        f'`{name}` must be a number >= 0 or a schedule, got {name}={value!r}.'
+    )
+
+
+def _value_at(value: optax.ScalarOrSchedule, count: jax.Array) -> Any:
+  return value(count) if callable(value) else value
+
+
+class ScheduledPenaltyState(NamedTuple):
+  """State of :func:`add_scheduled_penalty`: the step count for λ_t."""
+  count: jax.Array  # shape=(), dtype=jnp.int32
+
+
+PENALTY_KINDS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'lasso': jnp.sign,  # ∇ λ‖p‖₁ = λ sign(p), with sign(0) = 0.
+    'l2': lambda p: p,  # ∇ λ/2 ‖p‖² = λ p.
+}
+"""Penalty kinds: the gradient of ``R(p) / λ`` for each."""
+
+
+def add_scheduled_penalty(
+    strength: optax.ScalarOrSchedule,
+    kind: str = 'lasso',
+    mask: MaskOrFn = NORM_SCALES,
+) -> optax.GradientTransformation:
+  r"""Adds the gradient of a scheduled penalty to the updates on masked leaves.
+
+  For each selected parameter leaf ``p`` with incoming update ``g``:
+
+  * ``kind='lasso'``: ``R = λ_t ‖p‖₁``, so ``g + λ_t sign(p)`` (``sign(0) =
+    0``);
+  * ``kind='l2'``: ``R = λ_t / 2 ‖p‖²``, so ``g + λ_t p``.
+
+  Unselected leaves pass through unchanged. Chain this transformation *before*
+  the base optimizer, on the raw loss gradients, so that an adaptive
+  optimizer's preconditioner sees the penalty (coupled, not decoupled, weight
+  decay)::
+
+    optax.chain(add_scheduled_penalty(lam), optax.adam(lr))
+
+  λ_t is ``strength`` evaluated at this transformation's own step count (kept
+  in :class:`ScheduledPenaltyState` whether or not ``strength`` is a
+  schedule), so inside ``jax.jit`` it is a traced value and a changing λ_t
+  never recompiles.
+
+  Args:
+    strength: λ, a number >= 0 or an ``optax.Schedule`` of the step.
+    kind: ``'lasso'`` or ``'l2'`` (see :data:`PENALTY_KINDS`).
+    mask: which leaves to penalise: a regex matched (``re.search``) against
+      each leaf's ``'/'``-joined path (see :func:`path_mask`, default
+      :data:`NORM_SCALES`, i.e. normalization γ only), a callable mapping
+      params to a bool pytree, or a bool pytree. It is evaluated on ``params``
+      at every update and must be static (depend only on paths/structure).
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+  Raises:
+    ValueError: on a negative number ``strength``, an unknown ``kind`` or an
+      invalid regex ``mask``; at update time, if ``params`` is None.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from demp.transforms import add_scheduled_penalty
+    >>> params = {'BatchNorm_0': {'scale': jnp.array([0.5, -2.0, 0.0]),
+    ...                           'bias': jnp.array([1.0, 1.0, 1.0])}}
+    >>> grads = optax.tree.zeros_like(params)
+    >>> penalty = add_scheduled_penalty(0.1)
+    >>> updates, _ = penalty.update(grads, penalty.init(params), params)
+    >>> updates['BatchNorm_0']['scale'], updates['BatchNorm_0']['bias']
+    (Array([ 0.1, -0.1,  0. ], dtype=float32), Array([0., 0., 0.], dtype=float32))
+
+  References:
+    Dufort-Labbé et al., `Maxwell's Demon at Work: Efficient Pruning by
+    Leveraging Saturation of Neurons <https://arxiv.org/abs/2403.07688>`_,
+    2024 (the Lasso(γ) regularizer with a one-cycle λ_t).
+  """
+  _check_nonnegative('strength', strength)
+  if kind not in PENALTY_KINDS:
+    raise ValueError(
+        f'Unknown penalty `kind`={kind!r}; allowed: {sorted(PENALTY_KINDS)}.'
+    )
+  penalty_grad = PENALTY_KINDS[kind]
+  mask_fn = _mask_fn(mask)
+
+  def init_fn(params: optax.Params) -> ScheduledPenaltyState:
+    del params
+    return ScheduledPenaltyState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(
+      updates: optax.Updates,
+      state: ScheduledPenaltyState,
+      params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, ScheduledPenaltyState]:
+    if params is None:
+      raise ValueError(
+          'add_scheduled_penalty needs `params` in update(updates, state, '
+          'params) to compute the penalty gradient; got params=None.'
+      )
+    lam = _value_at(strength, state.count)
+    selected = mask_fn(params)
+
+    def add(g, p, m):
+      if g is None or not m:
+        return g
+      return g + (lam * penalty_grad(p)).astype(g.dtype)
+
+    updates = jax.tree.map(
+        add, updates, params, selected, is_leaf=lambda x: x is None
+    )
+    return updates, ScheduledPenaltyState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class LiveNoiseState(NamedTuple):
+  """State of :func:`with_live_noise`."""
+  count: jax.Array  # shape=(), dtype=jnp.int32: the step, for σ_t² and keys.
+  key: jax.Array  # Typed PRNG key, constant; step keys are fold_in(key, count).
+  inner_state: optax.OptState
+
+
+def with_live_noise(
+    inner: optax.GradientTransformation,
+    variance: optax.ScalarOrSchedule,
+    seed: int = 0,
+    symmetric: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adds Gaussian noise to ``inner``'s update, only on live parameters.
+
+  Algorithm 1 of the DemP paper: ``w ← w − η(∇L + ∇R) + ξ``, with
+  ``ξ ~ N(0, σ_t²)`` on the parameters of live units only. The incoming
+  ``updates`` must be the raw loss gradient ``∇L``. The liveness mask is
+  ``∇L != 0`` elementwise, read *before* ``inner`` runs, so a penalty or
+  weight decay added inside ``inner`` never makes a dead unit look alive (a
+  dead unit's loss gradient is exactly zero). Then ``inner`` computes its
+  update and ξ is added to it where the mask is True; elsewhere the update is
+  ``inner``'s, bit for bit. The noise is not scaled by the learning rate.
+
+  ``variance`` is the variance σ² of the noise, not its standard deviation:
+  the paper's 5e-5 is a variance (the reference code used 5e-5 as a standard
+  deviation, i.e. a variance of 2.5e-9).
+
+  The noise for step ``t`` is drawn from ``fold_in(key, t)``, split once per
+  leaf, with ``key = jax.random.key(seed)`` kept constant in the state: runs
+  are reproducible and resume identically from a checkpointed state. The
+  noise has each update leaf's dtype.
+
+  Wrap the whole optimizer, gradient accumulation included (e.g. put
+  ``optax.MultiSteps`` outside or accumulate before calling this), so that
+  noise is added once per parameter update.
+
+  Args:
+    inner: the optimizer (any ``optax.GradientTransformation``) to wrap.
+    variance: σ², a number >= 0 or an ``optax.Schedule`` of the step.
+    seed: seed of the noise key.
+    symmetric: if True, add noise to every parameter, live or not (the
+      symmetric-noise ablation).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`LiveNoiseState`; extra keyword arguments are forwarded to
+    ``inner``.
+
+  Raises:
+    ValueError: on a negative number ``variance``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from demp.transforms import with_live_noise
+    >>> opt = with_live_noise(optax.sgd(0.1), variance=1e-4)
+    >>> params = {'kernel': jnp.ones((2, 2))}
+    >>> grads = {'kernel': jnp.array([[1.0, 1.0], [0.0, 0.0]])}  # Row 1 dead.
+    >>> updates, state = opt.update(grads, opt.init(params), params)
+    >>> bool(jnp.all(updates['kernel'][1] == 0))  # No noise on the dead row.
+    True
+    >>> bool(jnp.all(updates['kernel'][0] != -0.1))  # Noise on the live row.
+    True
+
+  References:
+    Dufort-Labbé et al., `Maxwell's Demon at Work: Efficient Pruning by
+    Leveraging Saturation of Neurons <https://arxiv.org/abs/2403.07688>`_,
+    2024 (asymmetric noise, Algorithm 1).
+  """
+  _check_nonnegative('variance', variance)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params: optax.Params) -> LiveNoiseState:
+    return LiveNoiseState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.key(seed),
+        inner_state=inner.init(params),
+    )
+
+  def update_fn(
+      updates: optax.Updates,
+      state: LiveNoiseState,
+      params: optax.Params | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, LiveNoiseState]:
+    live = jax.tree.map(lambda g: g != 0, updates)  # Before any penalty.
+    updates, inner_state = inner.update(
+        updates, state.inner_state, params, **extra_args
+    )
+    std = jnp.sqrt(_value_at(variance, state.count))
+    noise = optax.tree.random_like(
+        jax.random.fold_in(state.key, state.count), updates, jax.random.normal
+    )
+
+    def add(u, n, m):
+      noisy = u + (std * n).astype(u.dtype)
+      return noisy if symmetric else jnp.where(m, noisy, u)
+
+    updates = jax.tree.map(add, updates, noise, live)
+    new_state = LiveNoiseState(
+        count=optax.safe_increment(state.count),
+        key=state.key,
+        inner_state=inner_state,
+    )
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def demp_optimizer(
+    base: optax.GradientTransformation,
+    *,
+    penalty_strength: optax.ScalarOrSchedule | None = None,
+    penalty_kind: str = 'lasso',
+    penalty_mask: MaskOrFn = NORM_SCALES,
+    noise_variance: optax.ScalarOrSchedule | None = None,
+    noise_seed: int = 0,
+    symmetric_noise: bool = False,
+) -> optax.GradientTransformation:
+  r"""DemP around a base optimizer: penalty before it, live noise after it.
+
+  Returns ``with_live_noise(optax.chain(add_scheduled_penalty(...), base),
+  ...)``; the penalty is left out when ``penalty_strength`` is None and the
+  noise wrapper when ``noise_variance`` is None (both None returns ``base``).
+  Feed it the raw loss gradients.
+
+  Args:
+    base: the base optimizer, e.g. ``optax.adam(lr)`` (any constant weight
+      decay of the recipe belongs in it).
+    penalty_strength: λ (number or schedule), see
+      :func:`add_scheduled_penalty`; None for no penalty.
+    penalty_kind: ``'lasso'`` or ``'l2'``.
+    penalty_mask: which leaves are penalised; default normalization γ.
+    noise_variance: σ² (number or schedule; a variance, not a standard
+      deviation), see :func:`with_live_noise`; None for no noise.
+    noise_seed: seed of the noise key.
+    symmetric_noise: noise on every parameter (ablation) instead of live ones.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from demp.schedules import one_cycle
+    >>> from demp.transforms import demp_optimizer
+    >>> total_steps = 1000
+    >>> opt = demp_optimizer(
+    ...     optax.adam(1e-3),
+    ...     penalty_strength=one_cycle(5e-3, total_steps),
+    ...     noise_variance=one_cycle(5e-5, total_steps),
+    ... )
+    >>> params = {'Conv_0': {'kernel': jnp.ones((3, 3, 1, 4))},
+    ...           'BatchNorm_0': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}}
+    >>> state = opt.init(params)
+    >>> grads = optax.tree.ones_like(params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int(state.count)
+    1
+
+  References:
+    Dufort-Labbé et al., `Maxwell's Demon at Work: Efficient Pruning by
+    Leveraging Saturation of Neurons <https://arxiv.org/abs/2403.07688>`_,
+    2024.
+  """
+  opt = base
+  if penalty_strength is not None:
+    opt = optax.chain(
+        add_scheduled_penalty(penalty_strength, penalty_kind, penalty_mask),
+        opt,
+    )
+  if noise_variance is not None:
+    opt = with_live_noise(opt, noise_variance, noise_seed, symmetric_noise)
+  return opt
