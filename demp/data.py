@@ -602,6 +602,7 @@ def train_iterator(
     *,
     shard_index: int | None = None,
     num_shards: int | None = None,
+    start_batch: int = 0,
 ) -> Iterator[Batch]:
   """Infinite shuffled, augmented training batches for this host.
 
@@ -611,6 +612,9 @@ def train_iterator(
     seed: shuffling, file order and augmentation all derive from it.
     shard_index: this host's shard; default `jax.process_index()`.
     num_shards: number of disjoint shards; default `jax.process_count()`.
+    start_batch: batches to skip (a resumed run's position): the stream goes on
+      exactly as if they had been consumed; the skipped examples are read but
+      never decoded or augmented.
 
   Returns:
     An iterator of `{'image': float32 [B, H, W, C], 'label': int32 [B]}`,
@@ -631,6 +635,10 @@ def train_iterator(
   buffer = min(cfg.shuffle_buffer, shard_size)
   examples = raw.examples.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
   examples = examples.repeat().enumerate()
+  if start_batch:
+    if start_batch < 0:
+      raise ValueError(f'start_batch={start_batch!r}; allowed: an int >= 0.')
+    examples = examples.skip(start_batch * batch_size)
   base_seed = tf.constant([seed, shard_index], tf.int64)
   augment = TRAIN_PREPROCESS[cfg.augment]
 

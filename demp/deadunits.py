@@ -45,7 +45,15 @@ CRITERIA: dict[str, Callable[[jax.Array, float], jax.Array]] = {
 
 
 def probe(module: nn.Module, name: str, a: jax.Array) -> jax.Array:
-  """Sows ``a`` (units on the last axis) for the death check; returns ``a``."""
+  """Sows ``a`` (units on the last axis) for the death check; returns ``a``.
+
+  When the module is applied with a ``gates`` collection holding a ``[units]``
+  vector under ``name``, returns ``a * gate`` instead: the gradient at a gate of
+  ones is the units' saliency (``baselines.gates``). Without that collection
+  (training, init, the death check) nothing changes and nothing is created.
+  """
+  if module.has_variable('gates', name):
+    a = a * module.get_variable('gates', name)
   module.sow('intermediates', name, a)
   return a
 

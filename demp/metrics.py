@@ -35,6 +35,29 @@ def weight_sparsity(params: PyTree, dense_num_params: int) -> float:
   return 1.0 - num_nonzero(params) / dense_num_params
 
 
+def dead_set(alive: Mapping[str, np.ndarray], unit_ids: Mapping[str, np.ndarray],
+             dense_widths: Mapping[str, int]) -> frozenset[tuple[str, int]]:
+  """Dead units as ``(group, original index)`` pairs, including those already removed.
+
+  ``alive[g]`` is over the units present now; ``unit_ids[g]`` holds their
+  indices in the dense model (missing = none removed yet). A removed unit was
+  dead when it went and cannot revive, so it counts as dead.
+  """
+  dead = set()
+  for name, alive_u in alive.items():
+    ids = np.asarray(unit_ids.get(name, np.arange(np.size(alive_u))))
+    gone = set(range(int(dense_widths[name]))) - set(ids.tolist())
+    dead |= {(name, int(i)) for i in ids[~np.asarray(alive_u, bool)]} | {(name, i) for i in gone}
+  return frozenset(dead)
+
+
+def overlap_ratio(x: frozenset | set | None, y: frozenset | set) -> float | None:
+  """``|X∩Y| / min(|X|, |Y|)`` (paper appendix C); None when either set is empty."""
+  if not x or not y:
+    return None
+  return len(x & y) / min(len(x), len(y))
+
+
 def compiled_flops(compiled) -> float:
   """FLOPs of one call of an AOT-compiled function, from XLA's cost analysis."""
   cost = compiled.cost_analysis()
@@ -107,5 +130,6 @@ def summary_table(summary: Mapping[str, Any]) -> str:
       ('train-step time ratio final/first', f'{summary["step_time_ratio"]:.3f}'),
       ('train-step FLOP ratio final/first', f'{summary["step_flops_ratio"]:.3f}'),
       ('training FLOPs relative to dense', f'{summary["train_flops_rel"]:.3f}'),
+      ('inference FLOPs relative to dense', f'{summary.get("inference_flops_rel", float("nan")):.3f}'),
   ]
   return format_table(rows, title='DemP run summary')

@@ -30,7 +30,7 @@ import optax
 from absl import logging
 
 from demp import data as data_lib
-from demp import deadunits, metrics, models, schedules, surgery, transforms
+from demp import augment, checkpoint, deadunits, flops, metrics, models, parallel, revival, schedules, surgery, transforms
 
 PyTree = Any
 
@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.nesterov = False
   c.optimizer.eps = 1e-8
   c.optimizer.grad_clip_norm = 0.0        # 0 = off
+  c.optimizer.accumulate_steps = 1        # optax.MultiSteps: one update per k steps (schedules count updates)
 
   c.demp = ml_collections.ConfigDict()
   c.demp.penalty = 'lasso'                # lasso | l2 (kinds of demp.transforms.add_scheduled_penalty)
@@ -79,11 +80,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.eps = 0.01
   c.prune.min_width = 1
   c.prune.multiple_of = 1
+  c.prune.dynamic = True                  # False: every check only logs; only the final check (at_end) removes
+  c.prune.revival_patience = 0            # >0: a group starts pruning once its live count stopped rising (demp.revival)
+  c.prune.start_steps = ml_collections.ConfigDict()   # group -> step its pruning starts (overrides patience)
 
+  c.batch_augment = augment.default_config()   # RandAugment / mixup / cutmix in JAX (demp.augment)
   c.log_every = 50
   c.eval_every = 0                        # 0 = only at the end
   c.eval_batch_size = 256
   c.progress_bar = True
+
+  c.checkpoint = ml_collections.ConfigDict()   # demp.checkpoint: <workdir>/checkpoints, resumed automatically
+  c.checkpoint.every = 0                  # save every N steps and at the end; 0 = only on SIGTERM
+  c.checkpoint.keep = 3                   # keep the last N checkpoints
+  c.checkpoint.async_save = True          # write in a background thread while training goes on
+  c.checkpoint.data_resume = 'skip'       # skip: exact (re-reads consumed records) | reseed: instant, not exact
   return c
 
 
@@ -99,9 +110,7 @@ def _positive(key: str, value, *, strict: bool = True) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects a config that cannot work before any compute (errors name the key)."""
-  unknown = set(config.keys()) - set(base_config().keys()) - {'baselines'}
-  if unknown:
-    raise ValueError(f'unknown config keys {sorted(unknown)}; known: {sorted(base_config().keys())}.')
+  _check_keys(config, base_config())
   _allowed('method', config.method, all_methods())
   _allowed('model.name', config.model.name, models.MODELS)
   _allowed('data.source', config.data.source, data_lib.SOURCES)
@@ -113,17 +122,47 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.prune.criterion:
     _allowed('prune.criterion', config.prune.criterion, deadunits.CRITERIA)
   for key in ('num_steps', 'batch_size', 'prune.every', 'prune.num_examples', 'prune.batch_size',
-              'prune.min_width', 'prune.multiple_of', 'log_every', 'eval_batch_size'):
+              'prune.min_width', 'prune.multiple_of', 'log_every', 'eval_batch_size',
+              'optimizer.accumulate_steps'):
     _positive(key, _get(config, key))
   for key in ('demp.peak_lambda', 'demp.noise_variance', 'optimizer.learning_rate',
               'optimizer.weight_decay', 'label_smoothing', 'eval_every', 'prune.eps',
-              'optimizer.grad_clip_norm'):
+              'optimizer.grad_clip_norm', 'prune.revival_patience'):
     _positive(key, _get(config, key), strict=False)
+  for group, step in config.prune.start_steps.items():
+    _positive(f'prune.start_steps.{group}', step, strict=False)
+  augment.validate(config.batch_augment, normalize=config.data.normalize)
   if not 0 < config.demp.span <= 1:
     raise ValueError(f'demp.span={config.demp.span!r} must be in (0, 1].')
-  if config.method == 'demp' and config.prune.every > config.num_steps and not config.prune.at_end:
-    raise ValueError(f'prune.every={config.prune.every} is larger than num_steps='
-                     f'{config.num_steps} and prune.at_end is False: DemP would never prune.')
+  if all_methods()[config.method].when is prune_steps and config.prune.every > config.num_steps:
+    raise ValueError(f'prune.every={config.prune.every} (τ) is larger than num_steps={config.num_steps}: '
+                     f'no death check would run during training. Use prune.every <= num_steps '
+                     f'(prune.every=num_steps checks once, at the end).')
+  _check_checkpoint_config(config.checkpoint)
+  parallel.check_batch_size('batch_size', config.batch_size)
+
+
+# Sub-configs whose keys are free (model kwargs, schedule kwargs, per-group steps, baselines).
+FREE_KEYS = ('model', 'optimizer.lr_kwargs', 'prune.start_steps', 'baselines')
+
+
+def _check_keys(config, base, prefix: str = '') -> None:
+  """Raises on a key (at any depth) that :func:`base_config` does not have."""
+  unknown = set(config.keys()) - set(base.keys()) - ({'baselines'} if not prefix else set())
+  if unknown:
+    raise ValueError(f'unknown config keys {sorted(prefix + k for k in unknown)}; known: '
+                     f'{sorted(prefix + k for k in base.keys())}.')
+  for k, v in base.items():
+    if isinstance(v, ml_collections.ConfigDict) and prefix + k not in FREE_KEYS and k in config:
+      _check_keys(config[k], v, f'{prefix}{k}.')
+
+
+def _check_checkpoint_config(c) -> None:
+  for key, low in (('every', 0), ('keep', 1)):
+    v = c[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      raise ValueError(f'checkpoint.{key}={v!r} must be an int >= {low}.')
+  _allowed('checkpoint.data_resume', c.data_resume, ('skip', 'reseed'))
 
 
 def _get(config, dotted: str):
@@ -160,10 +199,10 @@ def learning_rate_schedule(config) -> optax.Schedule:
   if kind == 'constant':
     return schedules.make_schedule('constant', value=c.learning_rate)
   if kind == 'one_cycle':
-    kwargs.setdefault('total_steps', config.num_steps)
+    kwargs.setdefault('total_steps', num_updates(config))
     return schedules.make_schedule(kind, peak_value=c.learning_rate, **kwargs)
   if kind == 'cosine':
-    kwargs.setdefault('decay_steps', config.num_steps)
+    kwargs.setdefault('decay_steps', num_updates(config))
   return schedules.make_schedule(kind, init_value=c.learning_rate, **kwargs)
 
 
@@ -175,12 +214,29 @@ def base_optimizer(config) -> optax.GradientTransformation:
   return tx
 
 
+def num_updates(config) -> int:
+  """Optimizer updates in the run: ``num_steps // optimizer.accumulate_steps``."""
+  return max(1, config.num_steps // config.optimizer.accumulate_steps)
+
+
+def accumulate(config, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Gradient accumulation around the *whole* method optimizer (``optax.MultiSteps``).
+
+  Outermost, so DemP's penalty, live noise and every schedule act once per
+  update on the mean gradient of ``accumulate_steps`` batches (noise added on
+  every micro-step would move parameters between updates). The accumulator is
+  param-shaped: the surgery slices it like the moments.
+  """
+  k = config.optimizer.accumulate_steps
+  return tx if k == 1 else optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+
+
 def demp_schedules(config) -> tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedule]:
   """λ_t and σ_t² of the config: one-cycle (or constant) shapes over the span."""
   c = config.demp
   if c.schedule == 'constant':
     return c.peak_lambda, c.noise_variance
-  span = max(1, int(round(c.span * config.num_steps)))
+  span = max(1, int(round(c.span * num_updates(config))))
   shape = functools.partial(schedules.one_cycle, total_steps=span, warmup=c.warmup)
   return shape(c.peak_lambda), shape(c.noise_variance)
 
@@ -199,7 +255,7 @@ def _demp_optimizer(config, base: optax.GradientTransformation) -> optax.Gradien
 def prune_steps(config, step: int) -> bool:
   """Every τ steps, and at the last step when ``prune.at_end``."""
   c = config.prune
-  return step % c.every == 0 or (c.at_end and step == config.num_steps)
+  return step > 0 and (step % c.every == 0 or (c.at_end and step == config.num_steps))
 
 
 class Method(NamedTuple):
@@ -207,7 +263,8 @@ class Method(NamedTuple):
 
   ``optimizer(config, base)`` wraps the base optimizer; ``hook(run, step)`` runs
   on the host after the steps where ``when(config, step)`` is true (the only
-  steps, besides logging, where the trainer syncs with the device).
+  steps, besides logging, where the trainer syncs with the device). Step 0 is
+  before the first update (pruning at initialization).
   """
   optimizer: Callable[[ml_collections.ConfigDict, optax.GradientTransformation], optax.GradientTransformation]
   hook: Callable[['Run', int], None] | None = None
@@ -236,9 +293,10 @@ def all_methods() -> dict[str, Method]:
 
 
 def cross_entropy(logits_bk: jax.Array, labels_b: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Per-example loss; labels are class ids ``[B]`` or distributions ``[B, K]`` (mixup)."""
   num_classes = logits_bk.shape[-1]
-  targets_bk = optax.smooth_labels(jax.nn.one_hot(labels_b, num_classes), smoothing) if smoothing \
-      else jax.nn.one_hot(labels_b, num_classes)
+  targets_bk = labels_b if labels_b.ndim == 2 else jax.nn.one_hot(labels_b, num_classes)
+  targets_bk = optax.smooth_labels(targets_bk, smoothing) if smoothing else targets_bk
   return optax.softmax_cross_entropy(logits_bk, targets_bk)
 
 
@@ -256,7 +314,8 @@ def make_train_step(model, tx: optax.GradientTransformation, label_smoothing: fl
         state['params'], state['batch_stats'], batch)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    accuracy = jnp.mean(jnp.argmax(logits_bk, -1) == batch['label'])
+    labels_b = batch['label'] if batch['label'].ndim == 1 else jnp.argmax(batch['label'], -1)
+    accuracy = jnp.mean(jnp.argmax(logits_bk, -1) == labels_b)
     new_state = {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state}
     return new_state, {'loss': loss, 'accuracy': accuracy}
 
@@ -298,6 +357,11 @@ class Run:
   step_flops: float = float('nan')
   events: list = dataclasses.field(default_factory=list)
   log: Callable[[dict], None] = lambda record: None
+  memo: dict = dataclasses.field(default_factory=dict)    # a method's host state between hook calls
+  stats: dict = dataclasses.field(default_factory=dict)   # a method's numbers, copied into the summary
+  unit_ids: dict = dataclasses.field(default_factory=dict)  # group -> dense indices of the units present
+  dead_set: frozenset | None = None       # (group, dense index) dead at the last check
+  mesh: Any = None                        # demp.parallel mesh: batch split on 'data', state replicated
 
   @property
   def variables(self) -> dict:
@@ -307,7 +371,8 @@ class Run:
     """Compiles the train step for the current shapes (AOT); returns seconds."""
     t0 = time.perf_counter()
     step = make_train_step(self.model, self.tx, self.config.label_smoothing)
-    self.compiled = jax.jit(step, donate_argnums=0).lower(self.state, batch).compile()
+    shardings = parallel.step_shardings(self.mesh) if self.mesh is not None else {}
+    self.compiled = jax.jit(step, donate_argnums=0, **shardings).lower(self.state, batch).compile()
     self.step_flops = metrics.compiled_flops(self.compiled)
     return time.perf_counter() - t0
 
@@ -317,8 +382,9 @@ class Run:
     return deadunits.dead_unit_stats(self.model, self.variables, self.death_images,
                                      criterion=criterion, eps=c.eps, batch_size=c.batch_size)
 
-  def prune(self, keeps: Mapping[str, np.ndarray], reason: str = '') -> bool:
+  def prune(self, keeps: Mapping[str, np.ndarray], reason: str = '', **info) -> bool:
     """Removes the units not kept; returns whether any unit was removed."""
+    parallel.assert_same_across_hosts(dict(keeps), 'keep-masks')   # every host cuts the same units
     before = dict(self.model.widths)
     removes = any(int(np.sum(k)) < before[name] for name, k in keeps.items())
     t0 = time.perf_counter()
@@ -328,8 +394,11 @@ class Run:
       self.state = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
                     'opt_state': opt_state}
       self.compiled = None   # compiled again, for the new shapes, before the next step
+      for name, keep in keeps.items():
+        ids = self.unit_ids.get(name, np.arange(before[name]))
+        self.unit_ids[name] = ids[np.asarray(keep, bool)]
     event = {'event': 'prune', 'step': self.step, 'reason': reason, 'removed': removes,
-             'widths': dict(self.model.widths), 'surgery_s': time.perf_counter() - t0}
+             'widths': dict(self.model.widths), 'surgery_s': time.perf_counter() - t0, **info}
     self.events.append(event)
     self.log(event)
     return removes
@@ -341,19 +410,28 @@ class Run:
     check_s = time.perf_counter() - t0
     c = self.config.prune
     keeps = surgery.keep_masks(alive, activity, min_width=c.min_width, multiple_of=c.multiple_of)
-    removed = self.prune(keeps, reason='dead')
-    self.events[-1].update(check_s=check_s, live=deadunits.count(alive))
-    return removed
+    keeps, started = revival.gate(keeps, self.events, self.step, deadunits.count(alive),
+                                  patience=c.revival_patience, fixed=dict(c.start_steps))
+    if not (c.dynamic or (c.at_end and self.step == self.config.num_steps)):
+      keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}   # check and log only
+    dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
+    overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
+    return self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
+                      dead=len(dead), dead_overlap=overlap, started=started)
 
 
 # ----------------------------------------------------------------------------
 # train_and_evaluate.
 
 
-def evaluate(model, variables, config, split: str = 'test') -> dict[str, float]:
+def evaluate(model, variables, config, split: str = 'test', mesh=None) -> dict[str, float]:
+  """Accuracy and loss over ``split``; with a ``mesh`` each batch is split over its devices."""
   eval_step = make_eval_step(model)
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+  split_batch = mesh is not None and config.eval_batch_size % mesh.devices.size == 0
   for batch in data_lib.eval_batches(config.data, split, config.eval_batch_size):
+    if mesh is not None:   # every host holds the whole batch
+      batch = parallel.shard_global(batch, mesh) if split_batch else parallel.replicate(batch, mesh)
     out = eval_step(variables, batch)
     totals = {k: totals[k] + out[k] for k in totals}
   totals = jax.device_get(totals)
@@ -361,53 +439,131 @@ def evaluate(model, variables, config, split: str = 'test') -> dict[str, float]:
           'loss': float(totals['loss_sum'] / totals['count'])}
 
 
-def init_run(config, log=lambda record: None) -> tuple[Run, Any]:
-  """Builds model, optimizer, state and data; returns the run and the train iterator."""
+def init_run(config, log=lambda record: None, *, mesh=None,
+             start_batch: int = 0) -> tuple[Run, Any]:
+  """Builds model, optimizer, state and data; returns the run and the train iterator.
+
+  With a ``mesh`` (:func:`demp.parallel.data_mesh`) the state and the death-check
+  examples are replicated over it, and the iterator yields global batches split
+  over its ``'data'`` axis, each host reading its own shard of the data.
+  ``start_batch``: the data position of a resumed run (batches already consumed).
+  """
   validate_config(config)
   info = data_lib.get_info(config.data)
   model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}
   model = models.build(config.model.name, info.num_classes, **model_kwargs)
   method = all_methods()[config.method]
-  tx = method.optimizer(config, base_optimizer(config))
+  revival.check_groups(config.prune.start_steps, model.widths)
+  tx = accumulate(config, method.optimizer(config, base_optimizer(config)))
   init_key = jax.random.key(config.seed)
   dummy = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
   variables = model.init(init_key, dummy, train=False)
   state = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
            'opt_state': tx.init(variables['params'])}
   examples = data_lib.fixed_examples(config.data, config.prune.num_examples, seed=config.seed)
-  run = Run(config=config, model=model, tx=tx, state=state,
-            death_images=jnp.asarray(examples['image']),
-            dense_widths=dict(model.widths), dense_params=metrics.num_params(state['params']),
-            log=log)
-  train_iter = data_lib.train_iterator(config.data, config.batch_size, seed=config.seed)
+  death_images = jnp.asarray(examples['image'])
+  dense_params = metrics.num_params(state['params'])
+  if mesh is not None:
+    state, death_images = parallel.replicate((state, death_images), mesh)
+  run = Run(config=config, model=model, tx=tx, state=state, death_images=death_images,
+            dense_widths=dict(model.widths), dense_params=dense_params, log=log, mesh=mesh)
+  exact = config.checkpoint.data_resume == 'skip' or not start_batch
+  data_seed = config.seed if exact else int(np.random.SeedSequence(
+      [config.seed, start_batch]).generate_state(1)[0])   # 'reseed': a fresh stream, not a replay
+  train_iter = data_lib.train_iterator(config.data, parallel.host_batch_size(config.batch_size),
+                                       seed=data_seed, start_batch=start_batch if exact else 0)
+  train_iter = augment.wrap_iterator(train_iter, config.batch_augment,
+                                     num_classes=info.num_classes, seed=config.seed,
+                                     start=start_batch)
+  if mesh is not None:
+    train_iter = parallel.global_batches(train_iter, mesh)
   return run, train_iter
 
 
-def _check_finite(step0: int, losses: np.ndarray) -> None:
+def _check_finite(step0: int, losses: np.ndarray, *, params_finite: bool = True,
+                  last_good: str = '') -> None:
+  """Raises FloatingPointError at the first step whose loss, or after which the params, are NaN/Inf.
+
+  ``last_good`` names the last checkpoint saved (all checkpoints are finite: the
+  check runs before every save).
+  """
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size:
     raise FloatingPointError(f'loss is {losses[bad[0]]} at step {step0 + int(bad[0]) + 1}; '
-                             f'stopping. Lower the learning rate or λ, or check the data.')
+                             f'stopping. {last_good}Lower the learning rate or λ, or check the data.')
+  if not params_finite:
+    raise FloatingPointError(f'parameters are NaN/Inf at step {step0 + len(losses)} (after steps '
+                             f'{step0 + 1}..{step0 + len(losses)}, whose losses were finite); '
+                             f'stopping. {last_good}Lower the learning rate or λ, or check the data.')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config.method`` and returns (and writes) the run summary."""
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: int | None = None) -> dict[str, Any]:
+  """Trains ``config.method`` in ``workdir``; returns (and writes) the run summary.
+
+  Resumes from the latest checkpoint in ``<workdir>/checkpoints`` when there is
+  one (it must have been written with the same config, else
+  :class:`demp.checkpoint.CheckpointMismatchError`). Saves every
+  ``checkpoint.every`` steps and at the end (when ``every > 0``), and on
+  SIGTERM: then it saves, waits for the write and returns
+  ``{'preempted': True, 'step': ...}`` without evaluating; run it again with the
+  same workdir to continue. The batch is split over every device of every host
+  (:mod:`demp.parallel`). ``stop_after`` (tests) acts like a SIGTERM after that step.
+  """
+  validate_config(config)
+  mesh = parallel.data_mesh()
   os.makedirs(workdir, exist_ok=True)
-  jsonl = metrics.JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
-  tb = _summary_writer(workdir)
-  run, train_iter = init_run(config, log=jsonl.write)
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+                            async_save=config.checkpoint.async_save)
+  with checkpoint.closing(mngr), checkpoint.Preemption() as preemption:
+    return _train(config, workdir, mesh, mngr, preemption, stop_after)
+
+
+def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None) -> dict[str, Any]:
+  """The loop of :func:`train_and_evaluate` (arguments as built there)."""
+  primary = jax.process_index() == 0
+  meta = checkpoint.read_meta(mngr)              # None for a fresh run; raises when unreadable
+  log_path = os.path.join(workdir, 'metrics.jsonl')
+  if meta is not None:
+    checkpoint.check_config(meta, config, checkpoint.step_dir(mngr, meta['step']))
+    if primary:
+      checkpoint.truncate_log(log_path, meta['step'])   # records written after that checkpoint
+  jsonl = metrics.JsonlWriter(log_path) if primary else _NoWriter()
+  tb = _summary_writer(workdir) if primary else None
+  batches = meta['batches'] if meta else 0       # the data position: batches consumed per host
+  run, train_iter = init_run(config, log=jsonl.write, mesh=mesh, start_batch=batches)
   method = all_methods()[config.method]
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  progress = checkpoint.restore(mngr, meta, run, mesh) if meta else {}
+  checkpoint.encode_host_state(run)              # fails now, not at the first save
+  if meta is not None:
+    jsonl.write({'step': run.step, 'event': 'resume', 'widths': dict(run.model.widths),
+                 **parallel.describe(mesh)})
+  if primary:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   lam_t, var_t = demp_schedules(config)
   lr_t = learning_rate_schedule(config)
   t_start = time.perf_counter()
   timing = {'steps': 0, 'seconds': 0.0, 't0': 0.0, 'widths': {}, 'flops': 0.0}  # current architecture
-  segments = []                           # per architecture: widths, step FLOPs, steps, seconds
-  train_flops = compile_s = 0.0
-  pending, fetched = [], []               # device metrics not yet fetched / fetched since last log
-  bar = _progress(config)
+  segments = list(progress.get('segments', []))   # per architecture: widths, step FLOPs, steps, seconds
+  totals = {'train_flops': progress.get('train_flops', 0.0), 'compile_s': progress.get('compile_s', 0.0)}
+  wall_before = progress.get('wall_s', 0.0)
+  resumed_at = list(progress.get('resumed_at', [])) + ([run.step] if meta else [])
+  pending = []                            # device metrics not yet fetched
+  fetched = [{'loss': np.float32(l), 'accuracy': np.float32(a)}   # fetched since the last log
+             for l, a in progress.get('log_window', [])]
+  last_good = {'text': f'No checkpoint was saved (checkpoint.every={config.checkpoint.every}). '}
+  if meta is not None:
+    last_good['text'] = (f'The last good checkpoint is step {meta["step"]}: '
+                         f'{checkpoint.step_dir(mngr, meta["step"])}. ')
+  bar = _progress(config) if primary else _NoBar()
+  bar.update(run.step)
 
   def close_segment():
     if timing['steps']:
@@ -418,30 +574,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     got = jax.device_get(pending)
     timing['seconds'] += time.perf_counter() - timing['t0']
     timing['steps'] += len(got)
-    _check_finite(run.step - len(got), np.array([m['loss'] for m in got]))
+    _check_finite(run.step - len(got), np.array([m['loss'] for m in got]),
+                  params_finite=bool(_all_finite(run.state['params'])), last_good=last_good['text'])
     bar.update(len(got))
     fetched.extend(got)
     pending.clear()
 
-  for step in range(1, config.num_steps + 1):
+  def save():
+    """Checks the state is finite, then starts an asynchronous checkpoint write."""
+    if pending:
+      flush()
+    else:
+      _check_finite(run.step, np.zeros(0), params_finite=bool(_all_finite(run.state['params'])),
+                    last_good=last_good['text'])
+    current = [{k: timing[k] for k in ('widths', 'flops', 'steps', 'seconds')}] if timing['steps'] else []
+    checkpoint.save(mngr, run, batches=batches, progress={
+        'segments': segments + current, **totals, 'resumed_at': resumed_at,
+        'wall_s': wall_before + time.perf_counter() - t_start,
+        'log_window': [[float(m['loss']), float(m['accuracy'])] for m in fetched]})
+    last_good['text'] = (f'The last good checkpoint is step {run.step}: '
+                         f'{checkpoint.step_dir(mngr, run.step)}. ')
+    timing['t0'] = time.perf_counter()
+
+  if run.step == 0 and method.hook is not None and method.when(run.config, 0):
+    method.hook(run, 0)                   # step 0: before the first update
+  for step in range(run.step + 1, config.num_steps + 1):
     batch = next(train_iter)
+    batches += 1
     if run.compiled is None:
       close_segment()
       timing.update(steps=0, seconds=0.0)
-      compile_s += run.compile(batch)
+      run.state = parallel.replicate(run.state, mesh)   # after a surgery: back onto every device
+      totals['compile_s'] += run.compile(batch)
       timing.update(widths=dict(run.model.widths), flops=run.step_flops, t0=time.perf_counter())
     run.state, step_metrics = run.compiled(run.state, batch)
     run.step = step
-    train_flops += run.step_flops
+    totals['train_flops'] += run.step_flops
     pending.append(step_metrics)
 
     if step % config.log_every == 0 or step == config.num_steps:
       flush()
+      update = step // config.optimizer.accumulate_steps   # the schedules count updates
       record = {'step': step, 'loss': float(np.mean([m['loss'] for m in fetched])),
                 'accuracy': float(np.mean([m['accuracy'] for m in fetched])),
                 'live_units': sum(run.model.widths.values()),
-                'lambda': _value(lam_t, step), 'noise_variance': _value(var_t, step),
-                'learning_rate': _value(lr_t, step)}
+                'lambda': _value(lam_t, update), 'noise_variance': _value(var_t, update),
+                'learning_rate': _value(lr_t, update)}
       fetched.clear()
       jsonl.write(record)
       _tb_write(tb, step, record)
@@ -456,25 +634,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       timing['t0'] = time.perf_counter()
 
     if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-      ev = evaluate(run.model, run.variables, config)
+      ev = evaluate(run.model, run.variables, config, mesh=mesh)
       record = {'step': step, 'test_accuracy': ev['accuracy'], 'test_loss': ev['loss']}
       jsonl.write(record)
       _tb_write(tb, step, record)
       timing['t0'] = time.perf_counter()
+
+    stop = preemption.reached(mngr, step) or (stop_after is not None and step >= stop_after)
+    every = config.checkpoint.every
+    if stop or (every and (step % every == 0 or step == config.num_steps)):
+      save()
+    if stop:
+      bar.close()
+      path = checkpoint.step_dir(mngr, step)
+      jsonl.write({'step': step, 'event': 'preempted', 'checkpoint': path})
+      jsonl.close()
+      logging.warning('stopped after step %d; checkpoint %s. Run again with the same workdir '
+                      'to continue.', step, path)
+      return {'preempted': True, 'step': step, 'checkpoint': path, 'widths': dict(run.model.widths)}
   close_segment()
   bar.close()
-  wall = time.perf_counter() - t_start
+  wall = wall_before + time.perf_counter() - t_start
 
-  ev = evaluate(run.model, run.variables, config)
-  summary = _summary(config, run, ev, segments, train_flops, wall, compile_s)
+  ev = evaluate(run.model, run.variables, config, mesh=mesh)
+  summary = _summary(config, run, ev, segments, totals['train_flops'], wall, totals['compile_s'])
+  summary.update(parallel.describe(mesh), resumed_at=resumed_at)
   jsonl.write({'step': config.num_steps, 'summary': summary})
   jsonl.close()
   if tb is not None:
     tb.close()
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(metrics._to_json(summary), f, indent=2)
-  print(metrics.summary_table(summary), flush=True)
+  if primary:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(metrics._to_json(summary), f, indent=2)
+    print(metrics.summary_table(summary), flush=True)
   return summary
+
+
+class _NoWriter:
+  """The metrics writer of every host but the first."""
+  def write(self, record): pass
+  def close(self): pass
 
 
 def _value(schedule, step: int) -> float:
@@ -489,7 +688,6 @@ def _step_time(segment) -> float:
 
 def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> dict[str, Any]:
   first, final = segments[0], segments[-1]
-  dense_flops = first['flops'] * config.num_steps
   return {
       'method': config.method,
       'steps': config.num_steps,
@@ -512,8 +710,12 @@ def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> di
       'step_flops_first': first['flops'],
       'step_flops_final': final['flops'],
       'step_flops_ratio': final['flops'] / first['flops'],
-      'train_flops_rel': train_flops / dense_flops if dense_flops else float('nan'),
+      **flops.run_flops(model=run.model, tx=run.tx, dense_widths=run.dense_widths,
+                        image_shape=run.death_images.shape[1:], batch_size=config.batch_size,
+                        num_steps=config.num_steps, segments=segments, train_flops=train_flops,
+                        make_step=make_train_step, label_smoothing=config.label_smoothing),
       'segments': segments,
+      'method_stats': dict(run.stats),
   }
 
 

@@ -36,11 +36,11 @@ __all__ = [
     'with_live_noise',
 ]
 
-NORM_SCALES = r'(?i)(?:^|/)[^/]*(?:norm|bn)[^/]*/scale$'
+NORM_SCALES = r'(?i)(?:^|/)(?:[^/]*norm[^/]*|bn[^/]*|[^/]*_bn\d*)/scale$'
 """Regex for the ``scale`` (γ) leaf of every normalization module.
 
-Selects ``scale`` directly under a module whose name contains ``norm`` or
-``bn`` (any case): ``'BatchNorm_0/scale'``, ``'bn1/scale'``,
+Selects ``scale`` directly under a module whose name contains ``norm``, starts
+with ``bn`` or ends in ``_bn``/``_bnN`` (any case; ``subnet`` is no norm): ``'BatchNorm_0/scale'``, ``'bn1/scale'``,
 ``'ConvNet_0/LayerNorm_3/scale'``, ``'norm/scale'``. Offsets (``bias``) are
 never selected. This is DemP's default penalty target.
 """

@@ -9,11 +9,15 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
-from demp.models import convnet, mlp
+from demp.models import convnet, mlp, resnet, vgg, vit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'mlp': mlp.make,
     'convnet': convnet.make,
+    'resnet18': resnet.make_resnet18,
+    'resnet50': resnet.make_resnet50,
+    'vgg16': vgg.make,
+    'vit': vit.make,
 }
 
 

@@ -1,0 +1,266 @@
+"""ResNets (He et al., 2016) whose channels are unit groups, residual streams included.
+
+One class, :class:`ResNet`, covers ResNet-18 (basic blocks, ``[2, 2, 2, 2]``)
+and ResNet-50 (bottleneck blocks with expansion 4, ``[3, 4, 6, 3]``), with the
+CIFAR stem (3x3 conv, stride 1, no max-pool) or the ImageNet stem (7x7 conv,
+stride 2, then a 3x3 max-pool with stride 2). Convolutions have no bias (BN
+follows each); every BN is named ``*bn*`` so DemP's penalty finds its scale.
+The stride of a bottleneck sits on its 3x3 conv (torchvision's "v1.5").
+
+Unit groups (``widths`` holds one entry per group; a pruned model is the same
+class built from smaller widths):
+
+* ``stage{s}_block{b}_conv1`` (basic and bottleneck) and
+  ``stage{s}_block{b}_conv2`` (bottleneck): block-internal channels, each an
+  independent group. Producer: that conv and its BN; consumer: the next conv
+  of the block; site: the block's ``act1`` / ``act2``.
+* ``stage{s}_stream``: the residual-stream channels of stage ``s``, one
+  coupled group. Producers: the last conv + BN of every block of the stage,
+  the projection shortcut conv + BN of its first block (if any) and, when the
+  first stage's shortcut is the identity (ResNet-18), the stem conv + BN.
+  Consumers: ``conv1`` of every later block of the stage (and of the first
+  block when the stem feeds it through the identity), ``conv1`` and the
+  projection conv of the next stage's first block, or the head. Sites: every
+  block output of the stage (after add + activation) and the stem output
+  where it feeds the stream. A channel goes only where it is dead at every
+  site, i.e. where every tensor that carries it is zero.
+* ``stem`` (only when the first block has a projection shortcut, i.e.
+  ResNet-50): the stem's channels, an independent group.
+
+With ``prune_stream=False`` the stream groups are not returned by
+:meth:`ResNet.unit_groups`, so they keep their full width while the
+block-internal channels are pruned.
+
+Which first blocks have a projection shortcut is structural (every stage but
+the first; and the first too for bottlenecks), never inferred from widths, so
+a pruned model keeps exactly the dense model's topology.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from demp.deadunits import probe
+from demp.models import common
+from demp.surgery import Slice, UnitGroup
+
+Path = tuple[str, ...]
+
+BLOCKS = ('basic', 'bottleneck')
+STEMS = ('cifar', 'imagenet')
+# Block kind -> (its internal convs, i.e. those whose channels are a group of their own).
+INTERNAL_CONVS: dict[str, tuple[str, ...]] = {'basic': ('conv1',), 'bottleneck': ('conv1', 'conv2')}
+LAST_CONV: dict[str, str] = {'basic': 'conv2', 'bottleneck': 'conv3'}
+EXPANSION: dict[str, int] = {'basic': 1, 'bottleneck': 4}
+STAGE_SIZES: dict[str, tuple[int, ...]] = {'resnet18': (2, 2, 2, 2), 'resnet50': (3, 4, 6, 3)}
+BASE_WIDTHS = (64, 128, 256, 512)   # per stage: block-internal width (basic: also the stream)
+
+
+def _bn(prefix: Path, name: str) -> tuple[Slice, ...]:
+  return tuple(Slice(prefix + (name, leaf), 0) for leaf in ('scale', 'bias', 'mean', 'var'))
+
+
+def _producer(prefix: Path, conv: str, bn: str) -> tuple[Slice, ...]:
+  """A conv's output channels and its BN (params and batch stats)."""
+  return (Slice(prefix + (conv, 'kernel'), -1),) + _bn(prefix, bn)
+
+
+def _consumer(prefix: Path, conv: str) -> Slice:
+  """A conv's input channels (HWIO kernel)."""
+  return Slice(prefix + (conv, 'kernel'), 2)
+
+
+def block_name(stage: int, block: int) -> str:
+  return f'stage{stage}_block{block}'
+
+
+def has_projection(block: str, stage: int, index: int) -> bool:
+  """Whether block ``index`` of ``stage`` has a 1x1 conv + BN shortcut (structural)."""
+  return index == 0 and (stage > 0 or block == 'bottleneck')
+
+
+def group_names(stage_sizes: Sequence[int], block: str) -> list[str]:
+  """Every unit group, in network order."""
+  names = ['stem'] if has_projection(block, 0, 0) else []
+  for s, n in enumerate(stage_sizes):
+    for b in range(n):
+      names += [f'{block_name(s, b)}_{conv}' for conv in INTERNAL_CONVS[block]]
+    names.append(f'stage{s}_stream')
+  return names
+
+
+class Block(nn.Module):
+  """A basic or bottleneck residual block; widths of its convs given explicitly.
+
+  ``widths``: the internal widths (``conv1``, and ``conv2`` for bottlenecks),
+  then the stream width (output of the last conv, of the shortcut, of the block).
+  """
+  kind: str
+  widths: tuple[int, ...]
+  strides: int
+  projection: bool
+  activation: str
+
+  @nn.compact
+  def __call__(self, x_bhwc: jax.Array, *, train: bool) -> jax.Array:
+    act = common.activation(self.activation)
+    *internal, out = self.widths
+    if self.kind == 'basic':
+      specs = [(internal[0], (3, 3), self.strides), (out, (3, 3), 1)]
+    else:
+      specs = [(internal[0], (1, 1), 1), (internal[1], (3, 3), self.strides), (out, (1, 1), 1)]
+    y_bhwc = x_bhwc
+    for i, (width, kernel, strides) in enumerate(specs, start=1):
+      y_bhwc = nn.Conv(width, kernel, strides=strides, padding='SAME', use_bias=False,
+                       name=f'conv{i}')(y_bhwc)
+      y_bhwc = common.batch_norm(train, f'bn{i}')(y_bhwc)
+      if i < len(specs):
+        y_bhwc = probe(self, f'act{i}', act(y_bhwc))
+    if self.projection:
+      x_bhwc = nn.Conv(out, (1, 1), strides=self.strides, use_bias=False, name='proj_conv')(x_bhwc)
+      x_bhwc = common.batch_norm(train, 'proj_bn')(x_bhwc)
+    return probe(self, 'out', act(y_bhwc + x_bhwc))
+
+
+class ResNet(nn.Module):
+  """A ResNet whose widths are given per unit group (see the module docstring)."""
+  widths: Mapping[str, int]
+  num_classes: int
+  stage_sizes: tuple[int, ...] = STAGE_SIZES['resnet18']
+  block: str = 'basic'
+  stem: str = 'cifar'
+  activation: str = 'relu'
+  prune_stream: bool = True
+
+  @property
+  def names(self) -> list[str]:
+    return group_names(self.stage_sizes, self.block)
+
+  def _stem_width(self) -> int:
+    return self.widths['stem'] if has_projection(self.block, 0, 0) else self.widths['stage0_stream']
+
+  @nn.compact
+  def __call__(self, x_bhwc: jax.Array, *, train: bool) -> jax.Array:
+    if self.block not in BLOCKS:
+      raise ValueError(f'model.block={self.block!r} is not one of {BLOCKS}.')
+    if self.stem not in STEMS:
+      raise ValueError(f'model.stem={self.stem!r} is not one of {STEMS}.')
+    act = common.activation(self.activation)
+    if self.stem == 'cifar':
+      x_bhwc = nn.Conv(self._stem_width(), (3, 3), padding='SAME', use_bias=False,
+                       name='stem_conv')(x_bhwc)
+    else:
+      x_bhwc = nn.Conv(self._stem_width(), (7, 7), strides=2, padding=((3, 3), (3, 3)),
+                       use_bias=False, name='stem_conv')(x_bhwc)
+    x_bhwc = common.batch_norm(train, 'stem_bn')(x_bhwc)
+    x_bhwc = probe(self, 'stem_act', act(x_bhwc))
+    if self.stem == 'imagenet':
+      x_bhwc = nn.max_pool(x_bhwc, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for s, n in enumerate(self.stage_sizes):
+      for b in range(n):
+        name = block_name(s, b)
+        widths = tuple(self.widths[f'{name}_{c}'] for c in INTERNAL_CONVS[self.block])
+        x_bhwc = Block(kind=self.block, widths=widths + (self.widths[f'stage{s}_stream'],),
+                       strides=2 if (s > 0 and b == 0) else 1,
+                       projection=has_projection(self.block, s, b),
+                       activation=self.activation, name=name)(x_bhwc, train=train)
+    x_bd = jnp.mean(x_bhwc, axis=(1, 2))
+    return nn.Dense(self.num_classes, name='head')(x_bd)
+
+  def unit_groups(self) -> tuple[UnitGroup, ...]:
+    kind, groups = self.block, []
+    internal, last = INTERNAL_CONVS[kind], LAST_CONV[kind]
+    stem_in_stream = not has_projection(kind, 0, 0)
+    if not stem_in_stream:
+      first = (block_name(0, 0),)
+      groups.append(UnitGroup(
+          name='stem', sites=(('stem_act',),), producers=_producer((), 'stem_conv', 'stem_bn'),
+          consumers=(_consumer(first, 'conv1'), _consumer(first, 'proj_conv'))))
+    for s, n in enumerate(self.stage_sizes):
+      for b in range(n):
+        prefix = (block_name(s, b),)
+        nexts = internal[1:] + (last,)
+        for i, (conv, nxt) in enumerate(zip(internal, nexts), start=1):
+          groups.append(UnitGroup(
+              name=f'{prefix[0]}_{conv}', sites=(prefix + (f'act{i}',),),
+              producers=_producer(prefix, conv, f'bn{i}'), consumers=(_consumer(prefix, nxt),)))
+      if self.prune_stream:
+        groups.append(self._stream_group(s, stem_in_stream and s == 0))
+    return tuple(groups)
+
+  def _stream_group(self, s: int, with_stem: bool) -> UnitGroup:
+    kind, n = self.block, self.stage_sizes[s]
+    blocks = [(block_name(s, b),) for b in range(n)]
+    producers = [sl for p in blocks for sl in _producer(p, LAST_CONV[kind], f'bn{len(INTERNAL_CONVS[kind]) + 1}')]
+    if has_projection(kind, s, 0):
+      producers += _producer(blocks[0], 'proj_conv', 'proj_bn')
+    sites = [p + ('out',) for p in blocks]
+    consumers = [_consumer(p, 'conv1') for p in blocks[1:]]
+    if with_stem:
+      producers += _producer((), 'stem_conv', 'stem_bn')
+      sites.insert(0, ('stem_act',))
+      consumers.insert(0, _consumer(blocks[0], 'conv1'))
+    if s + 1 < len(self.stage_sizes):
+      nxt = (block_name(s + 1, 0),)
+      consumers.append(_consumer(nxt, 'conv1'))
+      if has_projection(kind, s + 1, 0):
+        consumers.append(_consumer(nxt, 'proj_conv'))
+    else:
+      consumers.append(Slice(('head', 'kernel'), 0))
+    return UnitGroup(name=f'stage{s}_stream', sites=tuple(sites), producers=tuple(producers),
+                     consumers=tuple(consumers))
+
+
+def default_widths(stage_sizes: Sequence[int], block: str,
+                   width_multiplier: float = 1.0) -> dict[str, int]:
+  """The standard widths (64-128-256-512 per stage, streams x expansion), scaled."""
+  scale = lambda w: max(1, int(round(w * width_multiplier)))
+  widths = {'stem': scale(BASE_WIDTHS[0])}
+  for s, n in enumerate(stage_sizes):
+    for b in range(n):
+      for conv in INTERNAL_CONVS[block]:
+        widths[f'{block_name(s, b)}_{conv}'] = scale(BASE_WIDTHS[s])
+    widths[f'stage{s}_stream'] = scale(BASE_WIDTHS[s] * EXPANSION[block])
+  return {k: widths[k] for k in group_names(stage_sizes, block)}
+
+
+def _make(depth: str, block: str, num_classes: int, stem: str, width_multiplier: float,
+          widths: Mapping[str, int] | None, activation: str, prune_stream: bool) -> ResNet:
+  if stem not in STEMS:
+    raise ValueError(f'model.stem={stem!r} is not one of {STEMS}.')
+  if not (isinstance(width_multiplier, (int, float)) and width_multiplier > 0):
+    raise ValueError(f'model.width_multiplier={width_multiplier!r} must be a number > 0.')
+  common.activation(activation)   # fail early on an unknown name
+  stage_sizes = STAGE_SIZES[depth]
+  names = group_names(stage_sizes, block)
+  if widths is None:
+    widths = default_widths(stage_sizes, block, width_multiplier)
+  elif hasattr(widths, 'to_dict'):   # an ml_collections.ConfigDict
+    widths = widths.to_dict()
+  if isinstance(widths, Mapping):
+    extra = set(widths) - set(names)
+    if extra:
+      raise ValueError(f'model.widths has unknown groups {sorted(extra)}; groups are {names}.')
+  return ResNet(widths=common.frozen_widths(names, widths), num_classes=num_classes,
+                stage_sizes=stage_sizes, block=block, stem=stem, activation=activation,
+                prune_stream=bool(prune_stream))
+
+
+def make_resnet18(num_classes: int, stem: str = 'cifar', width_multiplier: float = 1.0,
+                  widths: Mapping[str, int] | None = None, activation: str = 'relu',
+                  prune_stream: bool = True) -> ResNet:
+  """ResNet-18 (basic blocks). ``widths`` (group -> width) overrides ``width_multiplier``."""
+  return _make('resnet18', 'basic', num_classes, stem, width_multiplier, widths, activation,
+               prune_stream)
+
+
+def make_resnet50(num_classes: int, stem: str = 'imagenet', width_multiplier: float = 1.0,
+                  widths: Mapping[str, int] | None = None, activation: str = 'relu',
+                  prune_stream: bool = True) -> ResNet:
+  """ResNet-50 (bottlenecks, expansion 4). ``widths`` overrides ``width_multiplier``."""
+  return _make('resnet50', 'bottleneck', num_classes, stem, width_multiplier, widths, activation,
+               prune_stream)
