@@ -1,0 +1,26 @@
+"""The README's library snippets run as written."""
+
+import pathlib
+import re
+
+import numpy as np
+
+README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
+
+
+def _python_blocks():
+  return re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.S)
+
+
+def test_readme_snippets_run_and_prune():
+  blocks = _python_blocks()
+  assert len(blocks) == 2
+  namespace = {}
+  exec(compile(blocks[0], 'README-snippet-1', 'exec'), namespace)   # pylint: disable=exec-used
+  assert np.isfinite(float(namespace['loss']))
+  # The optimizer state carries the noise key, the penalty count and Adam's moments.
+  assert int(namespace['opt_state'].count) == 3
+  exec(compile(blocks[1], 'README-snippet-2', 'exec'), namespace)   # pylint: disable=exec-used
+  model, alive = namespace['model'], namespace['alive']
+  assert model.widths['hidden'] == max(1, int(alive['hidden'].sum()))
+  assert namespace['variables']['params']['fc2']['kernel'].shape == (model.widths['hidden'], 10)
