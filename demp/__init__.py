@@ -11,13 +11,18 @@ What a user imports::
                                              demp.keep_masks(alive, activity))
 """
 
+import os
+
+# TensorFlow (tf.data, TensorBoard) is only a CPU-side helper here: keep its INFO chatter quiet.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
 from demp.deadunits import CRITERIA, dead_unit_stats, probe
 from demp.schedules import SCHEDULES, make_schedule, one_cycle
 from demp.surgery import Slice, UnitGroup, keep_masks, param_slices, prune, slice_optimizer_state, slice_variables
 from demp.transforms import (ALL_WEIGHTS, NORM_SCALES, LiveNoiseState, ScheduledPenaltyState,
                              add_scheduled_penalty, demp_optimizer, path_mask, with_live_noise)
 
-__version__ = '0.1.0'
+__version__ = "0.1.0"
 
 __all__ = [
     'ALL_WEIGHTS', 'CRITERIA', 'LiveNoiseState', 'NORM_SCALES', 'SCHEDULES', 'ScheduledPenaltyState',

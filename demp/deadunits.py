@@ -53,7 +53,8 @@ def probe(module: nn.Module, name: str, a: jax.Array) -> jax.Array:
   (training, init, the death check) nothing changes and nothing is created.
   """
   if module.has_variable('gates', name):
-    a = a * module.get_variable('gates', name)
+    gate = module.get_variable('gates', name)
+    a = a * gate.reshape((1,) * (a.ndim - 1) + gate.shape)
   module.sow('intermediates', name, a)
   return a
 

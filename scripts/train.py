@@ -3,22 +3,43 @@ r"""Trains one run: ``python -m scripts.train --config configs/quickstart.py --w
 Override any config key on the command line, e.g. ``--config.num_steps=200``
 or ``--config.data.path=../shared/data/cifar10_subset.npz``; a config argument
 follows a colon: ``--config configs/convnet_cifar10.py:smoke=True``.
+
+The same command with the same workdir resumes from the latest checkpoint
+(``--config.checkpoint.every=1000`` saves every 1000 steps; SIGTERM always
+saves, then exits with status 0). The batch is split over every visible device.
+On several hosts, run the same command on each with ``--multihost`` (TPU pod
+slices, SLURM and Open MPI are detected; elsewhere add ``--coordinator_address``,
+``--num_processes`` and ``--process_id``); the workdir must be on a file system
+every host sees.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from demp import train
+from demp import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, summaries and checkpoints.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Start multi-host JAX (jax.distributed.initialize) '
+                               'before anything else.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--multihost '
+                                   'on clusters JAX does not detect).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (--multihost).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _MULTIHOST.value:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif any(f is not None for f in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)):
+    raise app.UsageError('--coordinator_address/--num_processes/--process_id need --multihost.')
+  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if result.get('preempted'):
+    logging.warning('Preempted at step %d; run the same command to resume from %s.',
+                    result['step'], result['checkpoint'])
 
 
 if __name__ == '__main__':

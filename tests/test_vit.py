@@ -43,10 +43,11 @@ def test_variants_groups_and_shapes():
   assert group.name == 'mlp_11' and group.sites == (('block_11', 'mlp', 'act'),)
   model = _tiny()
   x = jnp.zeros((3, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
-  logits, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  logits, state = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), x, train=False, mutable=['params', 'intermediates']))
   assert logits.shape == (3, 10)
   assert state['intermediates']['block_1']['mlp']['act'][0].shape == (3, 65, 12)  # 64 patches + cls
+  assert state['params']['block_1']['mlp']['fc2']['kernel'].shape == (12, 16)
   with pytest.raises(ValueError, match='variant'):
     vit.make(10, 'X/16')
   with pytest.raises(ValueError, match='activation'):
@@ -66,17 +67,14 @@ def _kill(params, block, units, bias):
   return params
 
 
-@pytest.mark.parametrize('accumulate', [1, 2])
-def test_pruning_dead_relu_units_preserves_logits_and_slices_optimizer_state(accumulate):
+def test_pruning_dead_relu_units_preserves_logits_and_slices_optimizer_state():
   model = _tiny('relu')
   x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
   params = model.init(jax.random.key(0), x, train=False)['params']
   dead = {0: [1, 5, 6], 1: [0, 11]}
   for block, units in dead.items():
     params = _kill(params, block, units, bias=-1.0)
-  tx = optax.adamw(1e-3)
-  if accumulate > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
+  tx = optax.MultiSteps(optax.adamw(1e-3), every_k_schedule=2).gradient_transformation()
   opt_state = tx.init(params)
   variables = {'params': params}
 
@@ -96,7 +94,7 @@ def test_pruning_dead_relu_units_preserves_logits_and_slices_optimizer_state(acc
                 if 'fc1' in jax.tree_util.keystr(kp) and 'kernel' in jax.tree_util.keystr(kp)]
   assert p_shapes['block_0']['mlp']['fc1']['kernel'] == (16, 9)
   assert fc1_shapes and all(s in ((16, 9), (16, 10)) for s in fc1_shapes)
-  assert len(fc1_shapes) == 2 * (2 if accumulate == 1 else 3)   # mu, nu (+ acc_grads) x 2 blocks
+  assert len(fc1_shapes) == 2 * 3   # Adam's mu, nu and MultiSteps' acc_grads, x 2 blocks
   # The pruned model trains on: one update with the sliced state works.
   grads = jax.tree.map(jnp.ones_like, new_vars['params'])
   updates, _ = tx.update(grads, new_opt, new_vars['params'])
@@ -105,7 +103,7 @@ def test_pruning_dead_relu_units_preserves_logits_and_slices_optimizer_state(acc
 
 def test_gelu_units_die_by_epsilon_inactivity():
   model = _tiny('gelu')
-  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
   params = model.init(jax.random.key(0), x, train=False)['params']
   params = _kill(params, 1, [2, 3], bias=-6.0)       # |gelu(-6)| ~ 6e-9 < eps on every token
   params = _kill(params, 0, [4], bias=0.5)           # gelu(0.5) = 0.35: constant, yet alive
@@ -232,9 +230,6 @@ def test_randaugment_ops_numbers():
   np.testing.assert_allclose(shifted[:, :9], x[:, 7:], atol=0)
   assert np.all(shifted[:, 9:] == 0)
   np.testing.assert_allclose(augment.apply_op('brightness', jnp.asarray(x), 0), x, atol=1e-6)
-  keys = jax.random.split(jax.random.key(0), 2)
-  out = jax.vmap(lambda k: augment.randaugment(k, jnp.asarray(x), num_ops=2))(keys)
-  assert out.shape == (2, 16, 16, 3)
 
 
 def test_augment_config_validation():
@@ -309,7 +304,7 @@ def test_small_config_runs_end_to_end(tmp_path):
   np.savez(path, train_images=rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
            train_labels=rng.integers(0, 10, 64), test_images=rng.integers(0, 256, (32, 32, 32, 3), np.uint8),
            test_labels=rng.integers(0, 10, 32))
-  c = vit_cifar10_subset.get_config('smoke=True,act=relu,patience=1,accumulate=2')
+  c = vit_cifar10_subset.get_config('smoke=True,act=relu,patience=1')
   c.data.path = str(path)
   c.data.shuffle_buffer = 64
   c.prune.start_steps.mlp_1 = 5

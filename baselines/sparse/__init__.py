@@ -14,10 +14,11 @@ comparison needs with the same algorithms and vocabulary:
 """
 
 from baselines.sparse import algorithms, distributions, flops, schedules, updater
-from baselines.sparse.methods import METHODS, default_config, make_updater, resolve
+from baselines.sparse.methods import METHODS, default_config, flops_summary, make_updater, resolve
 from baselines.sparse.updater import SparseState, SparseUpdater, create_updater, wrap_optax
 
 __all__ = [
     'METHODS', 'SparseState', 'SparseUpdater', 'algorithms', 'create_updater', 'default_config',
-    'distributions', 'flops', 'make_updater', 'resolve', 'schedules', 'updater', 'wrap_optax',
+    'distributions', 'flops', 'flops_summary', 'make_updater', 'resolve', 'schedules', 'updater',
+    'wrap_optax',
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
+import jax
 import ml_collections
 import optax
 
@@ -104,12 +105,36 @@ def parse_custom_sparsity(value) -> dict[str, float]:
   return out
 
 
-def model_layers(config: ml_collections.ConfigDict) -> list[flops.LayerRecord]:
-  """The config's model's kernel-owning layers, in call order, with their shapes."""
+def _model(config: ml_collections.ConfigDict):
   info = data_lib.get_info(config.data)
   kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-  model = models.build(config.model.name, info.num_classes, **kwargs)
-  return flops.layer_records(model, tuple(info.image_shape))
+  return models.build(config.model.name, info.num_classes, **kwargs), tuple(info.image_shape)
+
+
+def model_layers(config: ml_collections.ConfigDict) -> list[flops.LayerRecord]:
+  """The config's model's kernel-owning layers, in call order, with their shapes."""
+  model, image_shape = _model(config)
+  return flops.layer_records(model, image_shape)
+
+
+def flops_summary(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Theoretical FLOPs of ``config.method``'s run relative to dense (see :func:`flops.flops_report`).
+
+  ``{'dense_forward_flops', 'inference_flops_rel', 'training_flops_rel'}``,
+  from the layers' shapes and the target sparsities alone (the masks reach
+  them exactly, up to rounding); a dense method gives 1.0 for both ratios.
+  """
+  model, image_shape = _model(config)
+  records = flops.layer_records(model, image_shape)
+  if config.method not in algorithms.ALGORITHMS:
+    dense = flops.forward_flops(records)
+    return {'dense_forward_flops': dense, 'inference_flops_rel': 1.0, 'training_flops_rel': 1.0}
+  u = make_updater(config.method, config, records)
+  x = jax.numpy.zeros((1,) + image_shape, jax.numpy.float32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))['params']
+  per_module = flops.module_sparsities(u.sparsity_distribution_fn(params))
+  return flops.flops_report(records, per_module, config.method, u.scheduler,
+                            train.num_updates(config))
 
 
 def make_updater(algorithm: str, config: ml_collections.ConfigDict,
@@ -118,7 +143,7 @@ def make_updater(algorithm: str, config: ml_collections.ConfigDict,
   c = resolve(config)
   records = model_layers(config) if records is None else records
   return updater.create_updater(
-      algorithm, sparsity=float(c.target_sparsity), total_steps=config.num_steps,
+      algorithm, sparsity=float(c.target_sparsity), total_steps=train.num_updates(config),
       distribution=c.distribution, schedule=c.schedule or None, update_freq=c.update_every,
       start_fraction=c.start_fraction, end_fraction=c.end_fraction,
       drop_fraction=c.drop_fraction, layer_order=flops.layer_order(records),
