@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     score_batch_size: examples per scoring batch; 0 = ``config.batch_size``.
     steps_per_epoch: 0 = ``num_train // config.batch_size``.
     fallback_epoch: the early variants prune at this epoch if the weight-distance
-      trigger never fired (Rachwan et al.: 100).
+      trigger never fired (Rachwan et al.: 100); 0 = half the run's epochs.
     eps: NEq's ε: a unit whose |velocity| < ε is frozen for the next epoch.
     mu_eq: NEq's velocity momentum μ_eq.
     holdout_fraction: NEq's slice of the training set, as a fraction of it.
@@ -59,15 +59,17 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   given = config.baselines if 'baselines' in config.keys() else {}
   for key in c.keys():
     if key in given:
-      c[key] = given[key]
+      try:
+        c[key] = given[key]
+      except TypeError as e:
+        raise ValueError(f'baselines.{key}={given[key]!r} has the wrong type: {e}') from e
   if c.target_kind not in TARGET_KINDS:
     raise ValueError(f'baselines.target_kind={c.target_kind!r} is not one of {list(TARGET_KINDS)}.')
   if not 0 <= c.target_sparsity < 1:
     raise ValueError(f'baselines.target_sparsity={c.target_sparsity!r} must be in [0, 1).')
-  for key in ('score_batches', 'fallback_epoch'):
-    if not isinstance(c[key], int) or c[key] < 1:
-      raise ValueError(f'baselines.{key}={c[key]!r} must be an int >= 1.')
-  for key in ('score_batch_size', 'steps_per_epoch'):
+  if not isinstance(c.score_batches, int) or c.score_batches < 1:
+    raise ValueError(f'baselines.score_batches={c.score_batches!r} must be an int >= 1.')
+  for key in ('score_batch_size', 'steps_per_epoch', 'fallback_epoch'):
     if not isinstance(c[key], int) or c[key] < 0:
       raise ValueError(f'baselines.{key}={c[key]!r} must be an int >= 0 (0 = derived).')
   if not c.eps >= 0:
@@ -81,6 +83,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not c.score_batch_size:
     c.score_batch_size = config.batch_size
   c.steps_per_epoch = steps_per_epoch(config)
+  if not c.fallback_epoch:
+    c.fallback_epoch = max(1, config.num_steps // c.steps_per_epoch // 2)
   return c
 
 

@@ -158,7 +158,15 @@ def flatten(tree: PyTree, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _table(flat: Mapping[str, Any]) -> dict[str, list]:
-  return {k: [list(np.shape(v)), str(jnp.result_type(v))] for k, v in flat.items()}
+  return {k: [list(np.shape(v)), str(v.dtype if hasattr(v, 'dtype') else np.asarray(v).dtype)]
+          for k, v in flat.items()}
+
+
+def _targets(meta: Mapping, sharding) -> dict[str, Any]:
+  """Restore targets: device arrays on ``sharding``; host-side arrays as numpy (exact dtype)."""
+  return {k: np.empty(tuple(shape), np.dtype(dtype)) if k.startswith('host/')
+          else jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+          for k, (shape, dtype) in meta['arrays'].items()}
 
 
 def _abstract(tree: PyTree, prefix: str) -> dict[str, jax.ShapeDtypeStruct]:
@@ -309,7 +317,7 @@ def save(mngr: ocp.CheckpointManager, run, *, batches: int, progress: Mapping[st
   """
   state_flat, keys = flatten(run.state, 'state')
   host_json, host_arrays = encode_host_state(run)
-  flat = {**state_flat, **{f'host/{k}': v for k, v in host_arrays.items()}}
+  flat = {**state_flat, **{f'host/{k}': np.asarray(v) for k, v in host_arrays.items()}}
   model = run.model
   meta = {
       'format': FORMAT,
@@ -405,9 +413,7 @@ def restore(mngr: ocp.CheckpointManager, meta: Mapping, run, mesh=None) -> dict[
     sharding = parallel.replicated(mesh)
   else:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  targets = {k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
-             for k, (shape, dtype) in meta['arrays'].items()}
-  flat = _restore_arrays(mngr, step, meta, targets)
+  flat = _restore_arrays(mngr, step, meta, _targets(meta, sharding))
 
   leaves = []
   for path_k in expected:
@@ -449,9 +455,7 @@ def load(directory: str, step: int | None = None) -> tuple[Any, dict, dict]:
   model = models.build(cfg['name'], meta['model']['num_classes'], **kwargs)
   model = model.clone(widths=flax.core.FrozenDict(meta['model']['widths']))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  targets = {k: jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d), sharding=sharding)
-             for k, (s, d) in meta['arrays'].items()}
-  flat = _restore_arrays(mngr, meta['step'], meta, targets)
+  flat = _restore_arrays(mngr, meta['step'], meta, _targets(meta, sharding))
   variables = {'params': _nest(flat, 'state/params/'), 'batch_stats': _nest(flat, 'state/batch_stats/')}
   return model, variables, meta
 

@@ -9,8 +9,10 @@ of the config file (``configs/x.py:NAME=VALUE``). Several grids are a union
 Every run gets its own directory under the sweep's workdir, named after its
 overrides, holding the trainer's ``metrics.jsonl`` / ``summary.json`` /
 ``config.json``, the run's ``train.log`` and ``overrides.json``. A run whose
-``summary.json`` exists is skipped, so re-running a sweep resumes it. Runs are
-independent ``python -m scripts.train`` processes, ``parallel`` at a time.
+``summary.json`` exists is skipped, so re-running a sweep resumes it (an
+interrupted run restarts, or continues from its checkpoint when the trainer
+saved one). Runs are independent ``python -m scripts.train`` processes,
+``parallel`` at a time.
 """
 
 from __future__ import annotations
@@ -101,11 +103,18 @@ def is_done(workdir: str, spec: RunSpec) -> bool:
   return os.path.exists(os.path.join(workdir, spec.name, 'summary.json'))
 
 
+def _has_checkpoint(run_dir: str) -> bool:
+  """Whether the trainer will resume this run (a step directory under checkpoints/)."""
+  ckpt = os.path.join(run_dir, 'checkpoints')
+  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
 def _run_one(spec: RunSpec, config: str, workdir: str, cwd: str) -> tuple[str, int, float]:
   run_dir = os.path.join(workdir, spec.name)
   os.makedirs(run_dir, exist_ok=True)
   stale = os.path.join(run_dir, 'metrics.jsonl')
-  if os.path.exists(stale):   # an interrupted attempt: keep it aside, start clean
+  if os.path.exists(stale) and not _has_checkpoint(run_dir):
+    # An interrupted attempt that the trainer cannot resume: keep its log aside, start clean.
     os.replace(stale, stale + f'.interrupted-{int(time.time())}')
   cmd = command(spec, config, workdir)
   with open(os.path.join(run_dir, 'overrides.json'), 'w') as f:

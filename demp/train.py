@@ -279,13 +279,14 @@ METHODS: dict[str, Method] = {
 
 
 def all_methods() -> dict[str, Method]:
-  """:data:`METHODS` plus those the ``baselines`` package registers."""
+  """:data:`METHODS`, the analysis methods (``demp.analysis``) and the ``baselines`` package's."""
   try:
     import baselines  # pylint: disable=g-import-not-at-top
     extra = getattr(baselines, 'METHODS', {})
   except ImportError:
     extra = {}
-  return {**extra, **METHODS}
+  from demp import analysis  # pylint: disable=g-import-not-at-top  (it imports this module)
+  return {**extra, **analysis.METHODS, **METHODS}
 
 
 # ----------------------------------------------------------------------------

@@ -18,6 +18,14 @@ def _tiny(activation='relu', widths=None):
                   activation=activation, widths=widths)
 
 
+def _random_params(model, x, seed=0):
+  """Parameters with the model's shapes, drawn by numpy (no init compile: keeps the test fast)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))['params']
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), jnp.float32),
+                      shapes)
+
+
 def _params_count(model, size):
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                              train=False))
@@ -69,8 +77,8 @@ def _kill(params, block, units, bias):
 
 def test_pruning_dead_relu_units_preserves_logits_and_slices_optimizer_state():
   model = _tiny('relu')
-  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
-  params = model.init(jax.random.key(0), x, train=False)['params']
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 32, 32, 3)), jnp.float32)
+  params = _random_params(model, x)
   dead = {0: [1, 5, 6], 1: [0, 11]}
   for block, units in dead.items():
     params = _kill(params, block, units, bias=-1.0)
@@ -88,23 +96,26 @@ def test_pruning_dead_relu_units_preserves_logits_and_slices_optimizer_state():
   before = model.apply(variables, x, train=False)
   after = pruned.apply(new_vars, x, train=False)
   np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=0, atol=1e-6)
-  # Every param-shaped optimizer leaf (Adam moments, MultiSteps' accumulator) is sliced.
-  p_shapes = jax.tree.map(jnp.shape, new_vars['params'])
-  fc1_shapes = [x.shape for kp, x in jax.tree_util.tree_flatten_with_path(new_opt)[0]
-                if 'fc1' in jax.tree_util.keystr(kp) and 'kernel' in jax.tree_util.keystr(kp)]
-  assert p_shapes['block_0']['mlp']['fc1']['kernel'] == (16, 9)
-  assert fc1_shapes and all(s in ((16, 9), (16, 10)) for s in fc1_shapes)
-  assert len(fc1_shapes) == 2 * 3   # Adam's mu, nu and MultiSteps' acc_grads, x 2 blocks
-  # The pruned model trains on: one update with the sliced state works.
-  grads = jax.tree.map(jnp.ones_like, new_vars['params'])
-  updates, _ = tx.update(grads, new_opt, new_vars['params'])
-  assert jax.tree.map(jnp.shape, updates) == p_shapes
+  # Every param-shaped optimizer leaf (Adam's mu and nu, MultiSteps' accumulator) is sliced
+  # like its parameter, and nothing else changes shape.
+  p_shapes = {jax.tree_util.keystr(kp): x.shape
+              for kp, x in jax.tree_util.tree_flatten_with_path(new_vars['params'])[0]}
+  assert p_shapes["['block_0']['mlp']['fc1']['kernel']"] == (16, 9)
+  assert p_shapes["['block_1']['mlp']['fc2']['kernel']"] == (10, 16)
+  matched = 0
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(new_opt)[0]:
+    key = jax.tree_util.keystr(kp)
+    hits = [p for p in p_shapes if key.endswith(p)]
+    if hits and np.ndim(leaf):
+      assert leaf.shape == p_shapes[hits[0]], key
+      matched += 1
+  assert matched == 3 * len(p_shapes)
 
 
 def test_gelu_units_die_by_epsilon_inactivity():
   model = _tiny('gelu')
-  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
-  params = model.init(jax.random.key(0), x, train=False)['params']
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 32, 32, 3)), jnp.float32)
+  params = _random_params(model, x)
   params = _kill(params, 1, [2, 3], bias=-6.0)       # |gelu(-6)| ~ 6e-9 < eps on every token
   params = _kill(params, 0, [4], bias=0.5)           # gelu(0.5) = 0.35: constant, yet alive
   alive, _ = deadunits.dead_unit_stats(model, {'params': params}, x,
@@ -170,16 +181,17 @@ def test_plot_live_units_writes_a_png(tmp_path):
 
 
 def _batch(n=6, size=16, k=5):
-  images = jax.random.uniform(jax.random.key(3), (n, size, size, 3))
+  images = jnp.asarray(np.random.default_rng(3).uniform(size=(n, size, size, 3)), jnp.float32)
   return {'image': images, 'label': jnp.arange(n) % k}
 
 
 def test_augment_batch_is_deterministic_and_labels_are_distributions():
   fn = jax.jit(lambda key, b: augment.augment_batch(
-      key, b, num_classes=5, randaugment_ops=2, randaugment_magnitude=9, mixup_alpha=0.2,
+      key, b, num_classes=5, randaugment_ops=1, randaugment_magnitude=9, mixup_alpha=0.2,
       cutmix_alpha=1.0))
   batch = _batch()
-  a, b, c = fn(jax.random.key(0), batch), fn(jax.random.key(0), batch), fn(jax.random.key(1), batch)
+  key = lambda seed: jax.random.key(seed, impl='rbg')   # compiles faster on CPU than threefry
+  a, b, c = fn(key(0), batch), fn(key(0), batch), fn(key(1), batch)
   np.testing.assert_array_equal(np.asarray(a['image']), np.asarray(b['image']))
   np.testing.assert_array_equal(np.asarray(a['label']), np.asarray(b['label']))
   assert not np.array_equal(np.asarray(a['image']), np.asarray(c['image']))
@@ -197,7 +209,7 @@ def test_mix_labels_match_the_mixed_pixels(kind):
   labels = jax.nn.one_hot(jnp.arange(n), n)
   fn = getattr(augment, kind)
   for seed in range(5):
-    mixed, soft = fn(jax.random.key(seed), images, labels, 1.0)
+    mixed, soft = jax.jit(fn, static_argnums=3)(jax.random.key(seed, impl='rbg'), images, labels, 1.0)
     soft = np.asarray(soft)
     np.testing.assert_allclose(soft.sum(-1), 1.0, atol=1e-6)
     for i in range(n):
@@ -218,7 +230,7 @@ def _equalize_reference(x):
 
 
 def test_randaugment_ops_numbers():
-  x = np.asarray(jax.random.uniform(jax.random.key(5), (16, 16, 3))) ** 2
+  x = np.random.default_rng(5).uniform(size=(16, 16, 3)).astype(np.float32) ** 2
   np.testing.assert_allclose(augment.apply_op('solarize', jnp.asarray(x), 9),
                              np.where(x >= 0.7, 1 - x, x), atol=1e-6)
   x8 = np.round(x * 255).astype(int)
@@ -244,7 +256,7 @@ def test_augment_config_validation():
 
 
 def test_cross_entropy_accepts_distributions():
-  logits = jax.random.normal(jax.random.key(0), (5, 4))
+  logits = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)), jnp.float32)
   labels = jnp.array([0, 3, 1, 2, 2])
   hard = train.cross_entropy(logits, labels, 0.11)
   soft = train.cross_entropy(logits, jax.nn.one_hot(labels, 4), 0.11)
@@ -304,7 +316,7 @@ def test_small_config_runs_end_to_end(tmp_path):
   np.savez(path, train_images=rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
            train_labels=rng.integers(0, 10, 64), test_images=rng.integers(0, 256, (32, 32, 32, 3), np.uint8),
            test_labels=rng.integers(0, 10, 32))
-  c = vit_cifar10_subset.get_config('smoke=True,act=relu,patience=1')
+  c = vit_cifar10_subset.get_config('smoke=True,act=relu,patience=1,noise=0')
   c.data.path = str(path)
   c.data.shuffle_buffer = 64
   c.prune.start_steps.mlp_1 = 5

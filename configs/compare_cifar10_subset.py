@@ -1,0 +1,46 @@
+r"""Dense, DemP and every structured baseline and NEq on the CIFAR-10 subset: one recipe.
+
+    PYTHONPATH=. python -m scripts.compare --workdir /tmp/compare          # the whole table
+    PYTHONPATH=. python -m scripts.train --config configs/compare_cifar10_subset.py:method=snap \
+        --workdir /tmp/snap                                                # one row
+
+The recipe of ``configs/analysis/convnet_cifar10_subset.py`` (ConvNet
+32-64-128-256, AdamW 5e-3 one-cycle, weight decay 5e-4, batch 128, crop+flip,
+600 steps, ``data.path`` = ``../shared/data/cifar10_subset.npz``), for every
+method with the same steps and seed, plus ``config.baselines``.
+
+Arguments: ``method``, ``steps``, ``seed``, ``lam`` (DemP's peak λ), ``target``
+and ``kind`` (the baselines' ``target_sparsity`` / ``target_kind``;
+``scripts.compare`` sets them to DemP's weight sparsity), ``fallback`` (the
+early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
+``p`` (``neq_stochastic``'s frozen fraction), ``path`` (the .npz), ``smoke``.
+"""
+
+from baselines import config as baselines_config
+from configs.analysis import convnet_cifar10_subset, parse
+
+DEFAULTS = dict(method='dense', steps=600, seed=0, lam=3e-2, target=0.5, kind='units', fallback=0,
+                eps=1e-3, mu=0.5, p=0.2, path='../shared/data/cifar10_subset.npz', smoke=False)
+
+
+def get_config(arg: str | None = None):
+  args = parse(arg, **DEFAULTS)
+  c = convnet_cifar10_subset.build(parse(
+      f"method={args['method']},steps={args['steps']},lam={args['lam']},smoke={args['smoke']}",
+      **convnet_cifar10_subset.DEFAULTS))
+  c.seed = args['seed']
+  c.data.path = args['path']
+  b = baselines_config.default_config()
+  b.target_sparsity = args['target']
+  b.target_kind = args['kind']
+  b.eps = args['eps']
+  b.mu_eq = args['mu']
+  b.stochastic_fraction = args['p']
+  if args['smoke']:
+    b.score_batches = 2
+    b.score_batch_size = 16
+    b.steps_per_epoch = 2
+    b.holdout_fraction = 0.004
+  b.fallback_epoch = args['fallback']
+  c.baselines = b
+  return c

@@ -1,0 +1,218 @@
+"""Speed of pruned models, measured side by side: the train step and the prune event.
+
+* :func:`step_times`: the jitted train step of the dense model and of copies
+  pruned by the real surgery (random units removed from every unit group at
+  given neuron sparsities), timed in interleaved rounds so that a shared
+  machine's load drifts over every variant alike, next to the FLOPs of the
+  compiled step from XLA's cost analysis.
+* :func:`prune_event_time`: one prune event as the trainer runs it -- death
+  check on the fixed examples (compiled for the current architecture, then
+  run), surgery, and compiling the train step for the new shapes -- to set
+  against ``τ`` train steps.
+
+Parameter values do not change the timings, so the models start from
+:func:`numpy_init` (random kernels drawn by numpy, default BN), which needs no
+compiled initializer: on a busy 2-core CPU compiling Flax's initializers for a
+ResNet-50 takes minutes.
+
+Example::
+
+    rows = step_times('resnet18', num_classes=10, image_hw=32, batch_size=128,
+                      sparsities=(0.25, 0.5, 0.75))
+    print(format_step_table(rows))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from demp import deadunits, metrics, models, surgery, train
+
+PyTree = Any
+
+
+def numpy_init(model, x_bhwc: jax.Array, seed: int = 0) -> dict[str, PyTree]:
+  """Variables of ``model`` without compiling an initializer (shapes by ``eval_shape``).
+
+  Kernels ~ N(0, 1/fan_in), biases 0, BN scale 1 / offset 0 / mean 0 / var 1.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x_bhwc, train=False))
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      return jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape), s.dtype)
+    return jnp.ones(s.shape, s.dtype) if name in ('scale', 'var') else jnp.zeros(s.shape, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def random_keeps(model, sparsity: float, seed: int = 0) -> dict[str, np.ndarray]:
+  """Keep-masks removing ``round(sparsity * width)`` random units of every unit group."""
+  if not 0 <= sparsity < 1:
+    raise ValueError(f'sparsity={sparsity!r} must be in [0, 1).')
+  rng = np.random.default_rng(seed)
+  keeps = {}
+  for g in model.unit_groups():
+    width = model.widths[g.name]
+    n_keep = max(1, width - int(round(sparsity * width)))
+    keep = np.zeros(width, bool)
+    keep[rng.choice(width, n_keep, replace=False)] = True
+    keeps[g.name] = keep
+  return keeps
+
+
+def demp_optimizer(config: ml_collections.ConfigDict | None = None) -> optax.GradientTransformation:
+  """The DemP optimizer of ``config`` (default: Adam, penalty and live noise on)."""
+  if config is None:
+    config = train.base_config()
+    config.method = 'demp'
+  return train.METHODS['demp'].optimizer(config, train.base_optimizer(config))
+
+
+def _state(model, tx, x_bhwc, seed):
+  variables = numpy_init(model, x_bhwc, seed)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
+          'opt_state': tx.init(variables['params'])}
+
+
+def _batch(batch_size: int, image_hw: int, num_classes: int, seed: int = 0) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(seed)
+  return {'image': jnp.asarray(rng.normal(size=(batch_size, image_hw, image_hw, 3)), jnp.float32),
+          'label': jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32)}
+
+
+def _compile(model, tx, state, batch):
+  t0 = time.perf_counter()
+  step = jax.jit(train.make_train_step(model, tx), donate_argnums=0)
+  compiled = step.lower(state, batch).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
+               batch_size: int = 128, sparsities: Sequence[float] = (0.25, 0.5, 0.75),
+               rounds: int = 3, steps_per_round: int = 2, seed: int = 0,
+               model_kwargs: Mapping[str, Any] | None = None,
+               config: ml_collections.ConfigDict | None = None) -> list[dict[str, Any]]:
+  """Train-step seconds and FLOPs of the dense model and of randomly pruned copies.
+
+  Every variant is compiled and warmed up first; then ``rounds`` rounds each run
+  ``steps_per_round`` steps of every variant in turn. A variant's time is the
+  median over rounds of its per-step mean; ratios are to the dense model.
+  """
+  tx = demp_optimizer(config)
+  dense = models.build(model_name, num_classes, **dict(model_kwargs or {}))
+  batch = _batch(batch_size, image_hw, num_classes, seed)
+  dense_state = _state(dense, tx, batch['image'][:1], seed)
+  pruned = [(0.0, dense, dense_state)]
+  for s in sparsities:       # all pruned before any step runs: the steps donate their state
+    model, variables, opt_state = surgery.prune(
+        dense, {k: dense_state[k] for k in ('params', 'batch_stats')},
+        dense_state['opt_state'], random_keeps(dense, s, seed))
+    pruned.append((s, model, {**variables, 'opt_state': opt_state}))
+  variants = []
+  for s, model, state in pruned:
+    compiled, compile_s = _compile(model, tx, state, batch)
+    state, _ = compiled(state, batch)        # warm-up
+    jax.block_until_ready(state)
+    variants.append({'sparsity': s, 'model': model, 'state': state, 'compiled': compiled,
+                     'compile_s': compile_s, 'flops': metrics.compiled_flops(compiled),
+                     'params': metrics.num_params(state['params']), 'times': []})
+  for _ in range(rounds):
+    for v in variants:
+      t0 = time.perf_counter()
+      for _ in range(steps_per_round):
+        v['state'], out = v['compiled'](v['state'], batch)
+      jax.block_until_ready(out)
+      v['times'].append((time.perf_counter() - t0) / steps_per_round)
+  base = variants[0]
+  base_t, base_f = float(np.median(base['times'])), base['flops']
+  rows = []
+  for v in variants:
+    t = float(np.median(v['times']))
+    rows.append({'model': model_name, 'sparsity': v['sparsity'],
+                 'neuron_sparsity': metrics.neuron_sparsity(v['model'].widths, dense.widths),
+                 'params': v['params'], 'param_ratio': v['params'] / base['params'],
+                 'step_s': t, 'time_ratio': t / base_t, 'flops': v['flops'],
+                 'flop_ratio': v['flops'] / base_f, 'compile_s': v['compile_s'],
+                 'round_times_s': v['times']})
+  return rows
+
+
+def prune_event_time(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
+                     batch_size: int = 128, sparsity: float = 0.25, num_examples: int = 512,
+                     check_batch_size: int = 128, seed: int = 0,
+                     model_kwargs: Mapping[str, Any] | None = None,
+                     config: ml_collections.ConfigDict | None = None) -> dict[str, float]:
+  """Seconds of one prune event that removes ``sparsity`` of the units, by phase.
+
+  ``check_compile_s``: the death check's first call for this architecture
+  (compile + run; every architecture gets one), ``check_s``: a second call (run
+  only), ``surgery_s``: :func:`demp.surgery.prune` (params, batch stats and
+  optimizer state), ``recompile_s``: compiling the train step at the new widths,
+  ``step_s``: one step of the pruned model (for the τ-steps comparison).
+  """
+  tx = demp_optimizer(config)
+  model = models.build(model_name, num_classes, **dict(model_kwargs or {}))
+  batch = _batch(batch_size, image_hw, num_classes, seed)
+  state = _state(model, tx, batch['image'][:1], seed)
+  images = _batch(num_examples, image_hw, num_classes, seed + 1)['image']
+  variables = {k: state[k] for k in ('params', 'batch_stats')}
+  criterion = deadunits.criterion_for(model.activation)
+
+  def check():
+    t0 = time.perf_counter()
+    deadunits.dead_unit_stats(model, variables, images, criterion=criterion,
+                              batch_size=check_batch_size)
+    return time.perf_counter() - t0
+
+  check_compile_s, check_s = check(), check()
+  t0 = time.perf_counter()
+  new_model, new_vars, new_opt = surgery.prune(model, variables, state['opt_state'],
+                                               random_keeps(model, sparsity, seed))
+  jax.block_until_ready((new_vars, new_opt))
+  surgery_s = time.perf_counter() - t0
+  new_state = {**new_vars, 'opt_state': new_opt}
+  compiled, recompile_s = _compile(new_model, tx, new_state, batch)
+  new_state, _ = compiled(new_state, batch)
+  jax.block_until_ready(new_state)
+  t0 = time.perf_counter()
+  new_state, out = compiled(new_state, batch)
+  jax.block_until_ready(out)
+  step_s = time.perf_counter() - t0
+  return {'model': model_name, 'sparsity': sparsity, 'num_examples': num_examples,
+          'check_compile_s': check_compile_s, 'check_s': check_s, 'surgery_s': surgery_s,
+          'recompile_s': recompile_s,
+          'event_s': check_compile_s + surgery_s + recompile_s, 'step_s': step_s}
+
+
+def format_step_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  lines = ['| model | neuron sparsity | params | step [s] | time ratio | FLOP ratio | compile [s] |',
+           '|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['neuron_sparsity']:.2f} | {r['params']:,} | "
+                 f"{r['step_s']:.3f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | "
+                 f"{r['compile_s']:.1f} |")
+  return '\n'.join(lines)
+
+
+def format_event_table(rows: Sequence[Mapping[str, Any]], taus: Mapping[str, int]) -> str:
+  lines = ['| model | death check (compile+run) [s] | death check (run) [s] | surgery [s] | '
+           'recompile [s] | event [s] | τ | τ steps [s] | event / τ steps |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    tau = taus[r['model']]
+    tau_s = tau * r['step_s']
+    lines.append(f"| {r['model']} | {r['check_compile_s']:.2f} | {r['check_s']:.2f} | "
+                 f"{r['surgery_s']:.2f} | {r['recompile_s']:.2f} | {r['event_s']:.2f} | {tau} | "
+                 f"{tau_s:.0f} | {r['event_s'] / tau_s:.4f} |")
+  return '\n'.join(lines)

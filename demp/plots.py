@@ -1,0 +1,309 @@
+"""The paper's figures from a directory of runs (matplotlib; PNG and PDF).
+
+Every function takes runs (:func:`demp.report.load_runs`) and an output path
+without extension, writes ``path.png`` and ``path.pdf``, and returns the
+figure. Seeds of one setting (a :class:`demp.report.Group`) are averaged;
+error bars and bands are ± one sample std over seeds.
+
+* :func:`tradeoff` -- test accuracy vs neuron sparsity and vs weight sparsity,
+  one colour per method (Fig. 3) or per value of any config key: the schedule
+  (Fig. 4), ``prune.dynamic`` (Fig. 7), ``demp.noise_symmetric`` (Fig. 13).
+* :func:`dead_over_steps` -- dead-unit ratio (or count) at each death check
+  (Figs. 1, 9, 12).
+* :func:`live_per_group` -- live units of each unit group (layer) over steps.
+* :func:`final_vs` -- a final quantity (dead ratio, neuron sparsity,
+  accuracy) against a config value, one line per value of another key
+  (Fig. 2: peak λ by noise variance; Fig. 10: learning rate, batch size;
+  Fig. 11: Adam ε by learning rate).
+* :func:`overlap_over_steps` -- the dead-set overlap ratio between
+  consecutive checks (Fig. 8).
+
+Dead units come from the trainer's prune events (``live`` per group at each
+check), so they exist for ``demp`` runs and for any run with
+``prune.dynamic=False`` checks (dead units over time without pruning).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from demp import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+RunResult = report.RunResult
+
+
+# ----------------------------------------------------------------------------
+# Quantities of one run.
+
+
+def check_events(run: RunResult) -> list[dict]:
+  """The prune events that carry a death check (``live`` per group), in step order."""
+  return sorted((e for e in run.summary.get('events', []) if e.get('live')),
+                key=lambda e: e['step'])
+
+
+def dead_curve(run: RunResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(steps, dead ratio, dead count)`` at each death check, relative to the dense widths.
+
+  A removed unit counts as dead (it was dead when it went).
+  """
+  dense = sum(run.summary['dense_widths'].values())
+  events = check_events(run)
+  steps = np.array([e['step'] for e in events], np.int64)
+  dead = np.array([dense - sum(e['live'].values()) for e in events], np.float64)
+  return steps, dead / dense, dead
+
+
+def live_curves(run: RunResult) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """``(steps, {group: live units})`` at each death check."""
+  events = check_events(run)
+  steps = np.array([e['step'] for e in events], np.int64)
+  names = list(run.summary['dense_widths'])
+  return steps, {n: np.array([e['live'].get(n, np.nan) for e in events], np.float64)
+                 for n in names}
+
+
+def overlap_curve(run: RunResult) -> tuple[np.ndarray, np.ndarray]:
+  """``(steps, |X∩Y|/min(|X|,|Y|))`` between consecutive checks (NaN where undefined)."""
+  events = [e for e in check_events(run) if 'dead_overlap' in e]
+  steps = np.array([e['step'] for e in events], np.int64)
+  vals = np.array([np.nan if e['dead_overlap'] is None else e['dead_overlap'] for e in events])
+  return steps, vals
+
+
+def final_dead_ratio(run: RunResult) -> float:
+  """Dead ratio at the last check; the neuron sparsity when the run has no checks."""
+  _, ratio, _ = dead_curve(run)
+  return float(ratio[-1]) if ratio.size else float(run.summary.get('neuron_sparsity', np.nan))
+
+
+# What ``final_vs`` can put on its y axis.
+FINAL_METRICS: dict[str, Callable[[RunResult], float]] = {
+    'dead_ratio': final_dead_ratio,
+    'neuron_sparsity': lambda r: float(r.summary['neuron_sparsity']),
+    'weight_sparsity': lambda r: float(r.summary['weight_sparsity']),
+    'test_accuracy': lambda r: float(r.summary['test_accuracy']),
+    'live_ratio': lambda r: 1.0 - final_dead_ratio(r),
+}
+
+_LABELS = {'dead_ratio': 'Dead units ratio', 'neuron_sparsity': 'Neuron sparsity',
+           'weight_sparsity': 'Weight sparsity', 'test_accuracy': 'Test accuracy',
+           'live_ratio': 'Live units ratio'}
+
+
+def value(run: RunResult, key: str) -> Any:
+  """A config value of a run (``method``, ``demp.peak_lambda``...), or a summary field."""
+  if key in run.config:
+    return run.config[key]
+  if key in run.summary:
+    return run.summary[key]
+  raise KeyError(f'{key!r} is neither a config key nor a summary field of {run.path}.')
+
+
+def select(runs: Sequence[RunResult], where: dict[str, str]) -> list[RunResult]:
+  """Runs whose config values equal ``where``'s (compared as strings, e.g. ``method=demp``)."""
+  def ok(r):
+    return all(_same(value(r, k), v) for k, v in where.items())
+  out = [r for r in runs if ok(r)]
+  if not out:
+    raise ValueError(f'no run matches {where}.')
+  return out
+
+
+def _same(v, text: str) -> bool:
+  if isinstance(v, bool) or v is None:
+    return str(v).lower() == text.lower()
+  if isinstance(v, (int, float)):
+    try:
+      return float(v) == float(text)
+    except ValueError:
+      return False
+  return str(v) == text
+
+
+# ----------------------------------------------------------------------------
+# Figures.
+
+
+def save(fig, path: str) -> list[str]:
+  """Writes ``path.png`` and ``path.pdf``; returns both paths."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  out = []
+  for ext in ('png', 'pdf'):
+    fig.savefig(f'{path}.{ext}', dpi=150, bbox_inches='tight')
+    out.append(f'{path}.{ext}')
+  return out
+
+
+def _mean_std(vals: Sequence[float]) -> tuple[float, float]:
+  vals = np.asarray(vals, np.float64)
+  return float(np.mean(vals)), float(np.std(vals, ddof=1)) if vals.size > 1 else 0.0
+
+
+def _fmt(v) -> str:
+  return f'{v:g}' if isinstance(v, float) else str(v)
+
+
+def _colors(keys: Sequence[Any]) -> dict[Any, Any]:
+  cmap = plt.get_cmap('tab10')
+  return {k: cmap(i % 10) for i, k in enumerate(keys)}
+
+
+def tradeoff(runs: Sequence[RunResult], path: str, *, color_by: str = 'method',
+             xs: Sequence[str] = ('neuron_sparsity', 'weight_sparsity'), title: str = ''):
+  """Test accuracy vs sparsity, one point per setting, a line per ``color_by`` value.
+
+  Dense runs are a horizontal line with a ± std band (they have no sparsity).
+  """
+  groups = report.group_runs(runs)
+  dense = [r for r in runs if r.method == 'dense']
+  others = [g for g in groups if g.method != 'dense']
+  keys = list(dict.fromkeys(_fmt(value(g.runs[0], color_by)) for g in others))
+  colors = _colors(keys)
+  fig, axes = plt.subplots(1, len(xs), figsize=(5 * len(xs), 4), squeeze=False)
+  for ax, x in zip(axes[0], xs):
+    if dense:
+      m, s = _mean_std([r.summary['test_accuracy'] for r in dense])
+      ax.axhline(m, color='k', ls='--', lw=1, label=f'dense ({len(dense)} runs)')
+      ax.axhspan(m - s, m + s, color='k', alpha=0.1)
+    for key in keys:
+      mine = [g for g in others if _fmt(value(g.runs[0], color_by)) == key]
+      pts = []
+      for g in mine:
+        xm, xsd = _mean_std([100 * r.summary[x] for r in g.runs])
+        ym, ysd = _mean_std([r.summary['test_accuracy'] for r in g.runs])
+        pts.append((xm, ym))
+        ax.errorbar(xm, ym, xerr=xsd, yerr=ysd, fmt='o', color=colors[key], capsize=3)
+        for r in g.runs:   # each seed, faint
+          ax.plot(100 * r.summary[x], r.summary['test_accuracy'], '.', color=colors[key], alpha=0.35)
+      pts.sort()
+      name = report.DISPLAY_NAMES.get(key, key) if color_by == 'method' else f'{color_by}={key}'
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], '-', color=colors[key], label=name)
+    ax.set_xlabel(f'{_LABELS.get(x, x)} (%)')
+    ax.set_ylabel('Test accuracy')
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  save(fig, path)
+  return fig
+
+
+def _group_curves(group: report.Group, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Mean and std over seeds of a per-check curve, on the steps all seeds share."""
+  curves = [fn(r) for r in group.runs]
+  common = set(curves[0][0].tolist())
+  for steps, _ in curves[1:]:
+    common &= set(steps.tolist())
+  steps = np.array(sorted(common), np.int64)
+  ys = np.array([[dict(zip(s.tolist(), y))[t] for t in steps] for s, y in curves], np.float64)
+  std = ys.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+  return steps, ys.mean(axis=0), std
+
+
+def _curve_figure(groups, fn, ylabel: str, path: str, title: str):
+  fig, ax = plt.subplots(figsize=(6, 4))
+  colors = _colors([g.label for g in groups])
+  for g in groups:
+    steps, mean, std = _group_curves(g, fn)
+    if not steps.size:
+      continue
+    ax.plot(steps, mean, '-o', ms=3, color=colors[g.label], label=f'{g.label} ({len(g.runs)})')
+    ax.fill_between(steps, mean - std, mean + std, color=colors[g.label], alpha=0.15)
+  ax.set_xlabel('Training step')
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  if title:
+    ax.set_title(title)
+  save(fig, path)
+  return fig
+
+
+def _with_checks(runs: Sequence[RunResult]) -> list[report.Group]:
+  groups = [g for g in report.group_runs(runs) if all(check_events(r) for r in g.runs)]
+  if not groups:
+    raise ValueError('no run has death checks (prune events with live units).')
+  return groups
+
+
+def dead_over_steps(runs: Sequence[RunResult], path: str, *, count: bool = False, title: str = ''):
+  """Dead-unit ratio (or count) at each death check, one line per setting (Figs. 1, 9, 12)."""
+  idx = 2 if count else 1
+  return _curve_figure(_with_checks(runs), lambda r: (dead_curve(r)[0], dead_curve(r)[idx]),
+                       'Dead units' if count else 'Dead units ratio', path, title)
+
+
+def overlap_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
+  """|X∩Y|/min(|X|,|Y|) of the dead sets of consecutive checks (Fig. 8)."""
+  return _curve_figure(_with_checks(runs), overlap_curve, 'Dead-set overlap ratio', path, title)
+
+
+def live_per_group(runs: Sequence[RunResult], path: str, *, max_panels: int = 6, title: str = ''):
+  """Live units of every unit group over steps, one panel per setting (mean over seeds)."""
+  groups = _with_checks(runs)[:max_panels]
+  fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
+  for ax, g in zip(axes[0], groups):
+    names = list(g.runs[0].summary['dense_widths'])
+    colors = _colors(names)
+    for n in names:
+      steps, mean, std = _group_curves(g, lambda r, n=n: (live_curves(r)[0], live_curves(r)[1][n]))
+      ax.plot(steps, mean, '-o', ms=3, color=colors[n],
+              label=f'{n} ({g.runs[0].summary["dense_widths"][n]})')
+      ax.fill_between(steps, mean - std, mean + std, color=colors[n], alpha=0.15)
+    ax.set_title(g.label, fontsize=8)
+    ax.set_xlabel('Training step')
+    ax.set_yscale('log', base=2)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel('Live units')
+  axes[0][-1].legend(fontsize=7, title='group (dense width)', title_fontsize=7)
+  if title:
+    fig.suptitle(title)
+  save(fig, path)
+  return fig
+
+
+def final_vs(runs: Sequence[RunResult], path: str, *, x: str, y: str = 'dead_ratio',
+             by: str | None = None, logx: bool = False, title: str = ''):
+  """A final quantity against a config value, mean ± std over seeds, a line per ``by`` value."""
+  if y not in FINAL_METRICS:
+    raise ValueError(f'y={y!r} is not one of {sorted(FINAL_METRICS)}.')
+  lines: dict[str, dict[float, list[float]]] = {}
+  for r in runs:
+    line = _fmt(value(r, by)) if by else ''
+    lines.setdefault(line, {}).setdefault(float(value(r, x)), []).append(FINAL_METRICS[y](r))
+  colors = _colors(list(lines))
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for line, pts in lines.items():
+    xs = sorted(pts)
+    stats = [_mean_std(pts[v]) for v in xs]
+    ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], fmt='-o', capsize=3,
+                color=colors[line], label=f'{by}={line}' if by else None)
+  if logx:
+    ax.set_xscale('log')
+  ax.set_xlabel(x)
+  ax.set_ylabel(_LABELS.get(y, y))
+  ax.grid(alpha=0.3)
+  if by:
+    ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title)
+  save(fig, path)
+  return fig
+
+
+FIGURES: dict[str, Callable[..., Any]] = {
+    'tradeoff': tradeoff,
+    'dead': dead_over_steps,
+    'live': live_per_group,
+    'final_vs': final_vs,
+    'overlap': overlap_over_steps,
+}

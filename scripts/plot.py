@@ -1,0 +1,52 @@
+r"""Draws one of the paper's figures from a directory of runs (PNG and PDF).
+
+    python -m scripts.plot --runs /tmp/sweep --figure tradeoff --out docs/figures/fig3
+    python -m scripts.plot --runs /tmp/sweep --figure dead --where method=demp --out docs/figures/fig1
+    python -m scripts.plot --runs /tmp/sweep --figure final_vs --x demp.peak_lambda \
+        --by demp.noise_variance --y dead_ratio --logx --out docs/figures/fig2
+
+Figures (``demp/plots.py``): tradeoff (accuracy vs neuron / weight sparsity,
+coloured by ``--by``, default the method), dead (dead-unit ratio over steps;
+``--count`` for counts), live (live units per layer over steps), final_vs (a
+final quantity ``--y`` against ``--x``, a line per ``--by``), overlap (dead-set
+overlap between checks).
+"""
+
+from absl import app, flags
+
+from demp import plots, report
+
+_RUNS = flags.DEFINE_string('runs', None, 'Directory holding runs (searched recursively).')
+_FIGURE = flags.DEFINE_enum('figure', 'tradeoff', sorted(plots.FIGURES), 'Which figure.')
+_OUT = flags.DEFINE_string('out', None, 'Output path without extension (.png and .pdf).')
+_WHERE = flags.DEFINE_list('where', [], 'Keep runs with KEY=VALUE (config keys), e.g. method=demp.')
+_BY = flags.DEFINE_string('by', None, 'tradeoff: colour key (default method); final_vs: line key.')
+_X = flags.DEFINE_string('x', None, 'final_vs: the config key on the x axis.')
+_Y = flags.DEFINE_string('y', 'dead_ratio', f'final_vs: one of {sorted(plots.FINAL_METRICS)}.')
+_LOGX = flags.DEFINE_bool('logx', False, 'final_vs: logarithmic x axis.')
+_COUNT = flags.DEFINE_bool('count', False, 'dead: dead-unit counts instead of ratios.')
+_TITLE = flags.DEFINE_string('title', '', 'Figure title.')
+flags.mark_flags_as_required(['runs', 'out'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runs = report.load_runs(_RUNS.value)
+  if _WHERE.value:
+    runs = plots.select(runs, dict(kv.split('=', 1) for kv in _WHERE.value))
+  kind, kw = _FIGURE.value, {'title': _TITLE.value}
+  if kind == 'tradeoff':
+    kw['color_by'] = _BY.value or 'method'
+  elif kind == 'dead':
+    kw['count'] = _COUNT.value
+  elif kind == 'final_vs':
+    if not _X.value:
+      raise app.UsageError('--figure final_vs needs --x.')
+    kw.update(x=_X.value, y=_Y.value, by=_BY.value, logx=_LOGX.value)
+  plots.FIGURES[kind](runs, _OUT.value, **kw)
+  print(f'wrote {_OUT.value}.png and {_OUT.value}.pdf')
+
+
+if __name__ == '__main__':
+  app.run(main)
