@@ -121,6 +121,7 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
     pruned.append((s, model, {**variables, 'opt_state': opt_state}))
   variants = []
   for s, model, state in pruned:
+    state = jax.tree.map(jnp.copy, state)   # the surgery shares untouched leaves; steps donate
     compiled, compile_s = _compile(model, tx, state, batch)
     state, _ = compiled(state, batch)        # warm-up
     jax.block_until_ready(state)

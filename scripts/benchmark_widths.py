@@ -7,7 +7,11 @@ Both train steps are built exactly as the trainer builds them (same model
 family, optimizer and method transforms, same batch shapes), compiled ahead
 of time, then timed in alternating rounds of ``--steps`` steps in one process
 (so load on a shared machine hits both alike); prints the median step time of
-each, their ratio, and XLA's FLOP counts.
+each, their ratio, and XLA's FLOP counts. Without a run, ``--keep_fraction``
+benchmarks hypothetical final widths (every group at that fraction), e.g.
+0.094 for the paper's 90.6 % of ViT-B/16 MLP units pruned::
+
+    python -m scripts.benchmark_widths --config configs/vit_cifar10_subset.py --keep_fraction 0.094
 """
 
 import json
@@ -25,9 +29,11 @@ from demp import metrics, models, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
 _SUMMARY = flags.DEFINE_string('summary', None, 'summary.json of the run (dense and final widths).')
+_KEEP = flags.DEFINE_float('keep_fraction', None, 'Instead of --summary: final widths = this '
+                           'fraction of the dense widths (hypothetical, not from a run).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 7, 'Alternating rounds (the median is reported).')
-flags.mark_flags_as_required(['config', 'summary'])
+flags.mark_flags_as_required(['config'])
 
 
 def _compiled_step(config, model, batch):
@@ -53,11 +59,19 @@ def _time(compiled, state, batch, steps):
 def main(argv):
   del argv
   config = _CONFIG.value
-  with open(_SUMMARY.value) as f:
-    summary = json.load(f)
+  if (_SUMMARY.value is None) == (_KEEP.value is None):
+    raise app.UsageError('give exactly one of --summary and --keep_fraction.')
   info = data_lib.get_info(config.data)
   kwargs = {k: v for k, v in config.model.items() if k != 'name'}
   dense = models.build(config.model.name, info.num_classes, **kwargs)
+  if _SUMMARY.value is not None:
+    with open(_SUMMARY.value) as f:
+      summary = json.load(f)
+  else:
+    if not 0 < _KEEP.value <= 1:
+      raise app.UsageError(f'--keep_fraction={_KEEP.value} must be in (0, 1].')
+    summary = {'dense_widths': dict(dense.widths),
+               'widths': {k: max(1, round(_KEEP.value * w)) for k, w in dense.widths.items()}}
   archs = {'dense': dense.clone(widths=flax.core.FrozenDict(summary['dense_widths'])),
            'final': dense.clone(widths=flax.core.FrozenDict(summary['widths']))}
   rng = np.random.default_rng(0)

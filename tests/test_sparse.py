@@ -275,6 +275,11 @@ def test_config_errors_name_the_key():
   c.baselines = {'custom_sparsity': 'conv_1=0.5;head'}
   with pytest.raises(ValueError, match='baselines.custom_sparsity'):
     sparse.resolve(c)
+  c.baselines = {'custom_sparsity': '^conv_0/=0.3;head=0.5', 'update_every': 7}
+  r = sparse.resolve(c)
+  assert dict(r.custom_sparsity) == {'^conv_0/': 0.3, 'head': 0.5} and r.update_every == 7
+  c.baselines = {'custom_sparsity': {'conv_[12]/kernel': 0.5}}
+  assert dict(sparse.resolve(c).custom_sparsity) == {'conv_[12]/kernel': 0.5}
 
 
 @pytest.mark.parametrize('method', ['magnitude', 'saliency', 'set', 'rigl'])

@@ -83,13 +83,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                      f'{c.end_fraction!r} must satisfy 0 <= start <= end <= 1.')
   if not 0 <= c.drop_fraction <= 1:
     raise ValueError(f'baselines.drop_fraction={c.drop_fraction!r} must be in [0, 1].')
-  c.custom_sparsity = parse_custom_sparsity(c.custom_sparsity)
+  c.custom_sparsity = tuple(parse_custom_sparsity(c.custom_sparsity).items())   # (regex, s) pairs
   return c
 
 
 def parse_custom_sparsity(value) -> dict[str, float]:
   """``{regex: sparsity}`` from a mapping or from ``'regex=s;regex=s'``."""
-  if isinstance(value, Mapping):
+  if isinstance(value, Mapping) or hasattr(value, 'items'):   # a dict or a ConfigDict
     return {str(k): float(v) for k, v in value.items()}
   if not value:
     return {}
@@ -148,7 +148,7 @@ def make_updater(algorithm: str, config: ml_collections.ConfigDict,
       start_fraction=c.start_fraction, end_fraction=c.end_fraction,
       drop_fraction=c.drop_fraction, layer_order=flops.layer_order(records),
       prune_first_layer=c.prune_first_layer, prune_last_layer=c.prune_last_layer,
-      custom_sparsity=c.custom_sparsity, seed=config.seed + 2)
+      custom_sparsity=dict(c.custom_sparsity), seed=config.seed + 2)
 
 
 def _optimizer(algorithm: str, config: ml_collections.ConfigDict,
