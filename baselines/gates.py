@@ -8,13 +8,13 @@ the loss w.r.t. a scalar scaling the unit's output.
 
 * :func:`snap_scores`: ``|Σ_b ∂L_b/∂c|`` (Verdenius et al., 2020).
 * :func:`crop_s_scores`: ``|Σ_b ∂/∂c (gᵀ ∇_θ L_b)|`` with ``g = Σ_b ∇_θ L_b``
-  held fixed (Rachwan et al., 2022): a mixed gate/parameter Hessian-gradient
-  product, computed as the gate gradient of a ``jax.jvp`` of the loss along
-  ``g`` (reverse over forward), never a materialised Hessian.
+  held fixed and ``θ`` the conv/dense kernels, as in the authors' code
+  (Rachwan et al., 2022): a mixed gate/parameter Hessian-gradient product,
+  computed as the gate gradient of a ``jax.jvp`` of the loss along ``g``
+  (reverse over forward), never a materialised Hessian.
 
 Both run in eval mode (BN running statistics) over ``[n_batches, B, ...]``
-images, each batch's loss the mean cross-entropy and the total their sum; the
-gradients w.r.t. ``θ`` are w.r.t. ``params`` (not BN statistics).
+images, each batch's loss the mean cross-entropy and the total their sum.
 
 References:
   Verdenius et al., `Pruning via Iterative Ranking of Sensitivity Statistics
@@ -102,7 +102,7 @@ def crop_s_scores(model, variables: Mapping[str, PyTree], images_nbhwc: jax.Arra
   params = variables['params']
   c = ones(model) if at is None else at
   g = _sum_over_batches(lambda x, y: jax.grad(loss)(params, c, x, y), images_nbhwc, labels_nb)
-  g = jax.lax.stop_gradient(g)
+  g = jax.lax.stop_gradient(kernels_only(g))
 
   def directional(c, x, y):   # gᵀ ∇_θ L(θ, c) as a forward-mode derivative along g
     return jax.jvp(lambda p: loss(p, c, x, y), (params,), (g,))[1]
@@ -110,6 +110,12 @@ def crop_s_scores(model, variables: Mapping[str, PyTree], images_nbhwc: jax.Arra
   total = _sum_over_batches(lambda x, y: jax.grad(directional)(c, x, y),
                             images_nbhwc, labels_nb)
   return jax.tree.map(jnp.abs, total)
+
+
+def kernels_only(tree: PyTree) -> PyTree:
+  """Zeros every leaf but the conv/dense ``kernel`` leaves (CroP's θ: the weights)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: x if str(getattr(kp[-1], 'key', '')) == 'kernel' else jnp.zeros_like(x), tree)
 
 
 SCORES: dict[str, Callable[..., dict[str, jax.Array]]] = {

@@ -9,7 +9,8 @@ The recipe of ``configs/analysis/convnet_cifar10_subset.py`` (ConvNet
 600 steps, ``data.path`` = ``../shared/data/cifar10_subset.npz``), for every
 method with the same steps and seed, plus ``config.baselines``.
 
-Arguments: ``method``, ``steps``, ``seed``, ``lam`` (DemP's peak λ), ``target``
+Arguments: ``method``, ``steps``, ``seed``, ``lam`` (DemP's peak λ), ``width``
+(multiplier of the ConvNet's widths), ``target``
 and ``kind`` (the baselines' ``target_sparsity`` / ``target_kind``;
 ``scripts.compare`` sets them to DemP's weight sparsity), ``fallback`` (the
 early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
@@ -19,14 +20,16 @@ early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
 from baselines import config as baselines_config
 from configs.analysis import convnet_cifar10_subset, parse
 
-DEFAULTS = dict(method='dense', steps=600, seed=0, lam=3e-2, target=0.5, kind='units', fallback=0,
-                eps=1e-3, mu=0.5, p=0.2, path='../shared/data/cifar10_subset.npz', smoke=False)
+DEFAULTS = dict(method='dense', steps=600, seed=0, lam=3e-2, width=1.0, target=0.5, kind='units',
+                fallback=0, eps=1e-3, mu=0.5, p=0.2, path='../shared/data/cifar10_subset.npz',
+                smoke=False)
 
 
 def get_config(arg: str | None = None):
   args = parse(arg, **DEFAULTS)
   c = convnet_cifar10_subset.build(parse(
-      f"method={args['method']},steps={args['steps']},lam={args['lam']},smoke={args['smoke']}",
+      f"method={args['method']},steps={args['steps']},lam={args['lam']},width={args['width']},"
+      f"smoke={args['smoke']}",
       **convnet_cifar10_subset.DEFAULTS))
   c.seed = args['seed']
   c.data.path = args['path']

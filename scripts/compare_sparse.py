@@ -17,7 +17,8 @@ side-by-side benchmark (interleaved rounds, same batch, same process) of the
 dense step, a sparse step without a mask update and a sparse step with one:
 on dense hardware the masks buy no wall-clock time.
 
-``--steps`` shortens the runs (say so when quoting the numbers).
+``--steps`` shortens the runs and ``--width`` narrows the model (say so when
+quoting the numbers).
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ _ALGORITHMS = flags.DEFINE_list('algorithms', ['magnitude', 'saliency', 'set', '
 _DISTRIBUTION = flags.DEFINE_string('distribution', 'erk', 'uniform | erk.')
 _UPDATE_EVERY = flags.DEFINE_integer('update_every', 50, 'Steps between mask updates.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run.')
+_WIDTH = flags.DEFINE_float('width', 1.0, 'Multiplier of the ConvNet widths 32-64-128-256.')
 _BENCH_ROUNDS = flags.DEFINE_integer('bench_rounds', 6, 'Interleaved rounds of the step benchmark.')
 _BENCH_STEPS = flags.DEFINE_integer('bench_steps', 4, 'Steps per variant per round.')
 
 
 def make_config(method: str, steps: int, sparsity: float = 0.0, **baselines):
-  c = convnet_cifar10_subset.get_config(f'method={method},steps={steps}')
+  c = convnet_cifar10_subset.get_config(f'method={method},steps={steps},width={_WIDTH.value}')
   c.seed = _SEED.value
   c.progress_bar = False
   c.log_every = max(1, steps // 4)
@@ -100,7 +102,8 @@ def main(argv):
   train_wall = time.perf_counter() - t_start
 
   dense_step = dense['step_time_first_s']
-  lines = [f'CIFAR-10 subset, ConvNet 32-64-128-256, {steps} steps, batch 128, seed '
+  widths = '-'.join(str(w) for w in make_config('dense', steps).model.widths)
+  lines = [f'CIFAR-10 subset, ConvNet {widths}, {steps} steps, batch 128, seed '
            f'{_SEED.value}, {_DISTRIBUTION.value}, masks updated every {_UPDATE_EVERY.value} '
            f'steps from 0.3 T to 0.8 T; training wall time {train_wall:.0f} s',
            '',

@@ -80,6 +80,7 @@ def _crop_s_closed_form(variables, images, labels):
       gb2 += e / len(xb)
       gw1 += np.outer(xn, dpre) / len(xb)
       gb1 += dpre / len(xb)
+  gb1[:], gb2[:] = 0.0, 0.0                            # θ = the kernels (CroP's weights) only
   # F_n(c) = aᵀ gW2 e + gb2ᵀ e + rᵀ δpre with a = c ⊙ h, δpre = m ⊙ c ⊙ W2 e, r = gW1ᵀ x + gb1.
   total = np.zeros(5)
   for xb, yb in zip(x, y):

@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from configs import quickstart
 from demp import checkpoint, data, parallel, train
@@ -64,6 +65,29 @@ def _assert_same_final_params(workdir, reference):
     assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
 
+CACHE_OPTIONS = {'jax_persistent_cache_min_compile_time_secs': 0,
+                 'jax_persistent_cache_min_entry_size_bytes': -1}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """A persistent XLA cache shared by this module's runs and child processes.
+
+  Only saves time: an executable compiled from the same program is the same,
+  so a resumed run computes exactly what a fresh compile would (the reference
+  run compiles everything fresh). Restored afterwards.
+  """
+  path = str(tmp_path_factory.mktemp('xla_cache'))
+  saved = {k: getattr(jax.config, k) for k in ('jax_compilation_cache_dir', *CACHE_OPTIONS)}
+  for k, v in {'jax_compilation_cache_dir': path, **CACHE_OPTIONS}.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+  yield path
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
   """The uninterrupted run."""
@@ -98,8 +122,10 @@ def test_resume_is_bit_identical_across_prune_events(reference, tmp_path):
   assert mngr.all_steps() == [30, 40, 60]                 # keep-last-3: 10 and 20 were deleted
 
 
-def _run_child(code: str, timeout: float = 240, **popen):
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
+def _run_child(code: str, **popen):
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+         'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+         **{k.upper(): str(v) for k, v in CACHE_OPTIONS.items()}}
   prelude = f'import sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
   return subprocess.Popen([sys.executable, '-c', prelude + textwrap.dedent(code)], cwd=REPO,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,0 +1,72 @@
+r"""A width-0.25 ResNet-18 on the local CIFAR-10 subset: real images, about 15 minutes on 2 CPU cores.
+
+    python -m scripts.train --config configs/resnet18_cifar10_subset.py \
+        --config.data.path=../shared/data/cifar10_subset.npz --workdir /tmp/r18_subset_demp
+    python -m scripts.train --config configs/resnet18_cifar10_subset.py:method=dense \
+        --config.data.path=../shared/data/cifar10_subset.npz --workdir /tmp/r18_subset_dense
+    python -m scripts.train --config configs/resnet18_cifar10_subset.py:stream=False \
+        --config.data.path=../shared/data/cifar10_subset.npz --workdir /tmp/r18_subset_nostream
+
+The ResNet-18/CIFAR-10 recipe (``resnet18_cifar10.py``) scaled down to the
+5,085-image subset: CIFAR stem, widths 16-32-64-128 (``width_multiplier``
+0.25), batch 128, 1200 steps (30 epochs), Adam at 0.005 divided by 5 at the
+same fractions of the run as the recipe (every 77/250 of it), weight decay
+5e-4, crop + flip. DemP: a short run needs a larger peak λ than the paper's
+(2e-2; METHOD_NOTES: 1e-2 ... 5e-2 for a few thousand steps), noise peak
+variance 5e-5, τ = num_steps / 4 = 300, death check on 512 training images. ``data.path``
+has no default: pass it by flag.
+
+Arguments: method=demp|dense|<a baseline>, opt=adam|sgdm, lam=<peak λ>,
+act=relu|leaky_relu|swish|gelu, stream=True|False, steps=<num_steps>, smoke=True.
+"""
+
+import ml_collections
+
+from configs import common
+from configs.analysis import parse
+from demp.train import base_config
+
+LEARNING_RATE = {'adam': 5e-3, 'sgdm': 0.1}
+ARGS = dict(method='demp', opt='adam', lam=2e-2, act='relu', stream=True, steps=1200, smoke=False)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = parse(arg, **ARGS)
+  c = base_config()
+  c.method = a['method']
+  c.model.name = 'resnet18'
+  c.model.stem = 'cifar'
+  c.model.width_multiplier = 0.25
+  c.model.activation = a['act']
+  c.model.prune_stream = a['stream']
+
+  c.data.source = 'npz'
+  c.data.name = 'cifar10'
+  c.data.path = None                      # by flag: --config.data.path=...
+  c.data.augment = 'crop_flip'
+  c.data.normalize = True
+
+  c.batch_size = 128
+  c.num_steps = a['steps']
+  c.optimizer.name = common.optimizer_name(a['opt'])
+  c.optimizer.learning_rate = LEARNING_RATE[a['opt']]
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.lr_schedule = 'step'
+  c.optimizer.lr_kwargs = ml_collections.ConfigDict(
+      {'step_size': max(1, round(77 / 250 * c.num_steps)), 'decay_factor': 0.2})
+
+  c.demp.penalty = 'lasso'
+  c.demp.peak_lambda = a['lam']
+  c.demp.noise_variance = 5e-5
+  c.prune.every = max(1, c.num_steps // 4)
+  c.prune.num_examples = 512
+  c.prune.batch_size = 128
+  c.eval_batch_size = 339                 # the 1,017 test images in 3 batches, no padding
+  c.log_every = 50
+
+  if a['smoke']:
+    common.shrink_for_smoke(c)
+    c.model.width_multiplier = 1 / 16
+    c.optimizer.lr_kwargs.step_size = 2
+  return c

@@ -1,0 +1,163 @@
+"""Data parallelism: 4 forced host devices vs 1, and two processes (multi-host) on one machine.
+
+Every run happens in a child process (this file run as a script), with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before JAX starts, so
+the pytest worker's own JAX keeps its single device.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 400
+
+
+def tiny_config():
+  """DemP on an MLP over digits: 60 steps, τ = 20, units removed at 20, 40 and 60."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  c = quickstart.get_config()
+  c.num_steps = 60
+  c.batch_size = 32
+  c.model.widths = [32, 32]
+  c.prune.every = 20
+  c.prune.num_examples = 64
+  c.prune.batch_size = 32
+  c.log_every = 10
+  c.eval_batch_size = 120
+  c.progress_bar = False
+  c.demp.peak_lambda = 0.5
+  c.optimizer.learning_rate = 0.05
+  c.checkpoint.every = 20
+  return c
+
+
+# ----------------------------------------------------------------------------
+# The child process.
+
+
+def _worker(out: str, workdir: str, multihost: str | None) -> None:
+  """Runs the tiny config on every visible device; writes what the tests compare."""
+  from demp import checkpoint, parallel, train  # pylint: disable=g-import-not-at-top
+  if multihost:
+    port, pid = multihost.split(':')
+    parallel.initialize_distributed(f'localhost:{port}', 2, int(pid))
+  masks, shardings = [], []
+  dead_units, compile_ = train.Run.dead_units, train.Run.compile
+
+  def record_dead_units(run):
+    alive, activity = dead_units(run)
+    masks.append({k: np.asarray(v).astype(int).tolist() for k, v in alive.items()})
+    return alive, activity
+
+  def record_compile(run, batch):
+    seconds = compile_(run, batch)
+    shardings.append({'batch': str(run.compiled.input_shardings[0][1]['image']),
+                      'state': str(jax.tree.leaves(run.compiled.input_shardings[0][0])[0])})
+    return seconds
+
+  train.Run.dead_units, train.Run.compile = record_dead_units, record_compile
+  result = {'devices': jax.device_count(), 'processes': jax.process_count()}
+  bad = tiny_config()
+  bad.batch_size = 30
+  try:
+    train.validate_config(bad)
+  except ValueError as e:
+    result['bad_batch_error'] = str(e)
+  if multihost:                          # interrupted and resumed, across hosts
+    stopped = train.train_and_evaluate(tiny_config(), workdir, stop_after=30)
+    result['stopped_at'] = stopped['step']
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  result.update(masks=masks, shardings=shardings, widths=summary['widths'],
+                events=[e['widths'] for e in summary['events']],
+                test_accuracy=summary['test_accuracy'], resumed_at=summary['resumed_at'],
+                summary_devices=summary['devices'], summary_processes=summary['processes'])
+  if jax.process_index() == 0:
+    records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+    result['losses'] = [[r['step'], r['loss']] for r in records if 'loss' in r]
+    _, variables, _ = checkpoint.load(workdir)
+    flat = {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(variables)}
+    np.savez(out + '.npz', **flat)
+  with open(out, 'w') as f:
+    json.dump(result, f)
+
+
+# ----------------------------------------------------------------------------
+# The tests.
+
+
+def _start(tmp_path, name: str, devices: int, multihost: str | None = None):
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  args = [sys.executable, os.path.abspath(__file__), str(tmp_path / f'{name}.json'),
+          str(tmp_path / 'run' if multihost else tmp_path / name)]
+  if multihost:
+    args.append(multihost)
+  log = open(tmp_path / f'{name}.log', 'w')
+  return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(tmp_path, name: str, child) -> dict:
+  rc = child.wait(timeout=TIMEOUT_S)
+  assert rc == 0, open(tmp_path / f'{name}.log').read()[-4000:]
+  return json.load(open(tmp_path / f'{name}.json'))
+
+
+def test_four_devices_match_one_device(tmp_path):
+  """Same losses (rtol 1e-5), death masks and widths (exact), final params (atol 1e-5).
+
+  Only the order of floating-point reductions differs (the batch mean of the
+  loss and of BatchNorm's statistics become all-reduces over 4 shards).
+  """
+  children = {n: _start(tmp_path, n, d) for n, d in (('one', 1), ('four', 4))}
+  one, four = (_finish(tmp_path, n, children[n]) for n in ('one', 'four'))
+  assert (one['devices'], four['devices'], four['summary_devices']) == (1, 4, 4)
+  assert "PartitionSpec('data',)" in four['shardings'][0]['batch']      # the batch is split
+  assert 'PartitionSpec()' in four['shardings'][0]['state']             # the state replicated
+  assert len(four['shardings']) == 3                                    # dense + after 20, 40
+  assert four['bad_batch_error'].startswith('batch_size=30 is not divisible by the device count 4')
+  assert 'bad_batch_error' not in one                                   # 30 is fine on 1 device
+
+  assert four['masks'] == one['masks'] and len(one['masks']) == 3
+  assert four['events'] == one['events'] and four['widths'] == one['widths']
+  assert sum(four['widths'].values()) < 64                              # units were removed
+  steps_one, losses_one = zip(*one['losses'])
+  steps_four, losses_four = zip(*four['losses'])
+  assert steps_four == steps_one == tuple(range(10, 61, 10))
+  np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+  params_one, params_four = np.load(tmp_path / 'one.json.npz'), np.load(tmp_path / 'four.json.npz')
+  assert sorted(params_four.files) == sorted(params_one.files)
+  for k in params_one.files:
+    np.testing.assert_allclose(params_four[k], params_one[k], atol=1e-5, rtol=0, err_msg=k)
+  assert abs(four['test_accuracy'] - one['test_accuracy']) <= 1 / 360   # at most one test image
+
+
+def test_two_processes_agree_and_resume(tmp_path):
+  """Two hosts x 2 devices: per-host data, identical masks on both, checkpoint save/restore."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  children = [_start(tmp_path, f'host{i}', 2, f'{port}:{i}') for i in range(2)]
+  host0, host1 = (_finish(tmp_path, f'host{i}', c) for i, c in enumerate(children))
+  for h in (host0, host1):
+    assert (h['devices'], h['processes'], h['summary_processes']) == (4, 2, 2)
+    assert h['stopped_at'] == 30 and h['resumed_at'] == [30]
+  assert host0['masks'] == host1['masks'] and len(host0['masks']) >= 2
+  assert host0['widths'] == host1['widths'] and host0['events'] == host1['events']
+  assert host0['test_accuracy'] == host1['test_accuracy']
+  assert "PartitionSpec('data',)" in host0['shardings'][0]['batch']
+  assert [s for s, _ in host0['losses']] == list(range(10, 61, 10))  # one metrics writer
+  assert 'losses' not in host1
+
+
+if __name__ == '__main__':
+  _worker(*sys.argv[1:3], sys.argv[3] if len(sys.argv) > 3 else None)
