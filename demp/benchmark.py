@@ -71,11 +71,19 @@ def random_keeps(model, sparsity: float, seed: int = 0) -> dict[str, np.ndarray]
   return keeps
 
 
-def demp_optimizer(config: ml_collections.ConfigDict | None = None) -> optax.GradientTransformation:
-  """The DemP optimizer of ``config`` (default: Adam, penalty and live noise on)."""
+def demp_optimizer(config: ml_collections.ConfigDict | None = None, *,
+                   noise: bool = True) -> optax.GradientTransformation:
+  """The DemP optimizer of ``config`` (default: Adam + Lasso(γ) penalty + live noise).
+
+  ``noise=False`` drops the live-noise transform (its per-leaf random draws
+  dominate XLA:CPU compile time; the step's arithmetic barely changes).
+  """
   if config is None:
     config = train.base_config()
     config.method = 'demp'
+  if not noise:
+    config = config.copy_and_resolve_references()
+    config.demp.noise_variance = 0.0
   return train.METHODS['demp'].optimizer(config, train.base_optimizer(config))
 
 
@@ -102,14 +110,15 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
                batch_size: int = 128, sparsities: Sequence[float] = (0.25, 0.5, 0.75),
                rounds: int = 3, steps_per_round: int = 2, seed: int = 0,
                model_kwargs: Mapping[str, Any] | None = None,
-               config: ml_collections.ConfigDict | None = None) -> list[dict[str, Any]]:
+               config: ml_collections.ConfigDict | None = None,
+               noise: bool = True) -> list[dict[str, Any]]:
   """Train-step seconds and FLOPs of the dense model and of randomly pruned copies.
 
   Every variant is compiled and warmed up first; then ``rounds`` rounds each run
   ``steps_per_round`` steps of every variant in turn. A variant's time is the
   median over rounds of its per-step mean; ratios are to the dense model.
   """
-  tx = demp_optimizer(config)
+  tx = demp_optimizer(config, noise=noise)
   dense = models.build(model_name, num_classes, **dict(model_kwargs or {}))
   batch = _batch(batch_size, image_hw, num_classes, seed)
   dense_state = _state(dense, tx, batch['image'][:1], seed)
@@ -153,7 +162,8 @@ def prune_event_time(model_name: str, *, num_classes: int = 10, image_hw: int = 
                      batch_size: int = 128, sparsity: float = 0.25, num_examples: int = 512,
                      check_batch_size: int = 128, seed: int = 0,
                      model_kwargs: Mapping[str, Any] | None = None,
-                     config: ml_collections.ConfigDict | None = None) -> dict[str, float]:
+                     config: ml_collections.ConfigDict | None = None,
+                     noise: bool = True) -> dict[str, float]:
   """Seconds of one prune event that removes ``sparsity`` of the units, by phase.
 
   ``check_compile_s``: the death check's first call for this architecture
@@ -162,7 +172,7 @@ def prune_event_time(model_name: str, *, num_classes: int = 10, image_hw: int = 
   optimizer state), ``recompile_s``: compiling the train step at the new widths,
   ``step_s``: one step of the pruned model (for the τ-steps comparison).
   """
-  tx = demp_optimizer(config)
+  tx = demp_optimizer(config, noise=noise)
   model = models.build(model_name, num_classes, **dict(model_kwargs or {}))
   batch = _batch(batch_size, image_hw, num_classes, seed)
   state = _state(model, tx, batch['image'][:1], seed)

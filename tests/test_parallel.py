@@ -121,8 +121,8 @@ def test_four_devices_match_one_device(tmp_path):
   children = {n: _start(tmp_path, n, d) for n, d in (('one', 1), ('four', 4))}
   one, four = (_finish(tmp_path, n, children[n]) for n in ('one', 'four'))
   assert (one['devices'], four['devices'], four['summary_devices']) == (1, 4, 4)
-  assert "PartitionSpec('data',)" in four['shardings'][0]['batch']      # the batch is split
-  assert 'PartitionSpec()' in four['shardings'][0]['state']             # the state replicated
+  assert "spec=P('data',)" in four['shardings'][0]['batch']      # the batch is split
+  assert 'spec=P()' in four['shardings'][0]['state']             # the state replicated
   assert len(four['shardings']) == 3                                    # dense + after 20, 40
   assert four['bad_batch_error'].startswith('batch_size=30 is not divisible by the device count 4')
   assert 'bad_batch_error' not in one                                   # 30 is fine on 1 device
@@ -154,7 +154,7 @@ def test_two_processes_agree_and_resume(tmp_path):
   assert host0['masks'] == host1['masks'] and len(host0['masks']) >= 2
   assert host0['widths'] == host1['widths'] and host0['events'] == host1['events']
   assert host0['test_accuracy'] == host1['test_accuracy']
-  assert "PartitionSpec('data',)" in host0['shardings'][0]['batch']
+  assert "spec=P('data',)" in host0['shardings'][0]['batch']
   assert [s for s, _ in host0['losses']] == list(range(10, 61, 10))  # one metrics writer
   assert 'losses' not in host1
 

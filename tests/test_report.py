@@ -167,23 +167,23 @@ def _mlp_run(tmp_path, **prune):
   return run
 
 
-def _kill(run, units):
-  """Zero the BN scale and offset of ``hidden_0`` units: their ReLU output is 0 (dead)."""
-  params = jax.tree.map(lambda x: x, run.state['params'])
-  for leaf in ('scale', 'bias'):
-    v = np.array(params['norm_0'][leaf])
-    v[units] = 0.0
-    params['norm_0'][leaf] = v
+def _set_dead(run, units):
+  """Constant BN outputs: ``hidden_0`` units in ``units`` give ReLU(0) = 0 (dead), all others 5."""
+  params = jax.tree.map(np.array, run.state['params'])
+  for norm, dead in (('norm_0', units), ('norm_1', [])):
+    params[norm]['scale'][:] = 0.0
+    params[norm]['bias'][:] = 5.0
+    params[norm]['bias'][dead] = 0.0
   run.state = {**run.state, 'params': params}
 
 
 def test_run_tracks_dead_sets_by_dense_index_through_surgery(tmp_path):
   run = _mlp_run(tmp_path)
-  _kill(run, [1, 3])
+  _set_dead(run, [1, 3])
   assert run.prune_dead()
   np.testing.assert_array_equal(run.unit_ids['hidden_0'], [0, 2, 4, 5])
   assert run.events[-1]['dead'] == 2 and run.events[-1]['dead_overlap'] is None
-  _kill(run, [3])                                   # now at position 3: dense unit 5
+  _set_dead(run, [3])                               # now at position 3: dense unit 5
   run.prune_dead()
   np.testing.assert_array_equal(run.unit_ids['hidden_0'], [0, 2, 4])
   assert run.dead_set == {('hidden_0', 1), ('hidden_0', 3), ('hidden_0', 5)}
@@ -192,15 +192,11 @@ def test_run_tracks_dead_sets_by_dense_index_through_surgery(tmp_path):
 
 def test_check_only_logs_and_measures_revival(tmp_path):
   run = _mlp_run(tmp_path, dynamic=False)
-  _kill(run, [1, 3])
+  _set_dead(run, [1, 3])
   assert not run.prune_dead()                       # checked, logged, nothing removed
   assert dict(run.model.widths) == {'hidden_0': 6, 'hidden_1': 4}
   assert run.events[-1]['live'] == {'hidden_0': 4, 'hidden_1': 4}
-  restored = jax.tree.map(lambda x: x, run.state['params'])
-  restored['norm_0']['scale'] = np.ones(6, np.float32)
-  restored['norm_0']['bias'] = np.zeros(6, np.float32)
-  restored['norm_0']['bias'][[0, 2, 3, 5]] = 5.0    # unit 3 revives, 1 and 4 dead
-  run.state = {**run.state, 'params': restored}
+  _set_dead(run, [1, 4])                            # unit 3 revives, 4 dies
   run.prune_dead()
   assert run.dead_set == {('hidden_0', 1), ('hidden_0', 4)}
   assert run.events[-1]['dead_overlap'] == 0.5      # |{1,3} ∩ {1,4}| / 2

@@ -130,7 +130,7 @@ DISTRIBUTIONS: dict[str, Callable[[Shapes, float], dict[str, float]]] = {
 def prunable_shapes(params: PyTree, *, layer_order: Sequence[str] | None = None,
                     prune_first_layer: bool = False, prune_last_layer: bool = False,
                     ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-  """``(pruned, held)``: shapes of the weights to prune, and of those held dense as first/last layer.
+  """``(pruned, held)``: shapes of the weights to prune, and of the first/last layers held dense.
 
   ``layer_order`` lists module paths in forward order (e.g. from
   :func:`baselines.sparse.flops.layer_records`); by default the params'

@@ -118,7 +118,7 @@ def model_layers(config: ml_collections.ConfigDict) -> list[flops.LayerRecord]:
 
 
 def flops_summary(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Theoretical FLOPs of ``config.method``'s run relative to dense (see :func:`flops.flops_report`).
+  """Theoretical FLOPs of ``config.method``'s run relative to dense (:func:`flops.flops_report`).
 
   ``{'dense_forward_flops', 'inference_flops_rel', 'training_flops_rel'}``,
   from the layers' shapes and the target sparsities alone (the masks reach

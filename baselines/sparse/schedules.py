@@ -67,7 +67,7 @@ class OneShotSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class PeriodicSchedule:
-  """Every ``update_freq`` steps from ``update_start_step`` to ``update_end_step``, at the target."""
+  """Every ``update_freq`` steps in ``[update_start_step, update_end_step]``, at the target."""
 
   update_freq: int
   update_start_step: int
@@ -160,7 +160,8 @@ def _periodic(total_steps, update_freq, start_fraction, end_fraction):
 
 
 def _polynomial(total_steps, update_freq, start_fraction, end_fraction):
-  return PolynomialSchedule(update_freq, *window(total_steps, start_fraction, end_fraction), power=3.0)
+  start, end = window(total_steps, start_fraction, end_fraction)
+  return PolynomialSchedule(update_freq, start, end, power=3.0)
 
 
 SCHEDULES: dict[str, Callable[[int, int, float, float], Schedule]] = {

@@ -146,8 +146,9 @@ class SparseUpdater:
         masks, inner_state = operand
         candidate = jax.tree.map(lambda w, u: w + u, params, updates)
         new = self.update_masks(masks, candidate, grads, state.target_sparsities, step)
-        grown = jax.tree.map(lambda old, n, w: jnp.zeros((), jnp.bool_) if old is None else n & ~old,
-                             masks, new, params, is_leaf=_is_none)
+        grown = jax.tree.map(
+            lambda old, n, w: jnp.zeros((), jnp.bool_) if old is None else n & ~old,
+            masks, new, params, is_leaf=_is_none)
         inner_state = optax.tree.map_params(inner, _zero_where, inner_state, grown)
         return new, inner_state
 
