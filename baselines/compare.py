@@ -3,18 +3,25 @@
 :func:`run_methods` trains each method with one config function, in order:
 dense and DemP first, then the structured baselines with ``target_kind =
 'weights'`` and ``target_sparsity`` = DemP's final weight sparsity (so every
-pruned row sits at about the same weight sparsity), then NEq. :func:`table`
-formats the summaries as one Markdown table. ``scripts/compare.py`` is the
-command line.
+pruned row sits at about the same weight sparsity), then NEq.
+:func:`step_benchmark` times every run's final architecture side by side
+(interleaved rounds in one process: the same machine load for all, unlike the
+runs' own wall times). :func:`table` formats it all as one Markdown table.
+``scripts/compare.py`` is the command line.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from demp import train
 
@@ -23,14 +30,24 @@ METHODS = ('dense', 'demp') + STRUCTURED + ('neq', 'neq_stochastic')
 
 
 def run_methods(make_config: Callable[[str], ml_collections.ConfigDict], methods: Sequence[str],
-                workdir: str, *, match_weight_sparsity: bool = True) -> dict[str, dict[str, Any]]:
-  """Trains every method (``make_config(method)``); returns method -> run summary."""
+                workdir: str, *, match_weight_sparsity: bool = True,
+                reuse: bool = False) -> dict[str, dict[str, Any]]:
+  """Trains every method (``make_config(method)``); returns method -> run summary.
+
+  ``reuse``: a method whose ``workdir/<method>/summary.json`` exists is not
+  trained again; its summary is read back.
+  """
   unknown = set(methods) - set(train.all_methods())
   if unknown:
     raise ValueError(f'--methods: {sorted(unknown)} are not methods; known: {sorted(train.all_methods())}.')
   order = sorted(methods, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
   summaries: dict[str, dict[str, Any]] = {}
   for method in order:
+    path = os.path.join(workdir, method, 'summary.json')
+    if reuse and os.path.exists(path):
+      with open(path) as f:
+        summaries[method] = json.load(f)
+      continue
     config = make_config(method)
     if match_weight_sparsity and method in STRUCTURED and 'demp' in summaries:
       config.baselines.target_kind = 'weights'
@@ -39,25 +56,59 @@ def run_methods(make_config: Callable[[str], ml_collections.ConfigDict], methods
   return summaries
 
 
+def step_benchmark(make_config: Callable[[str], ml_collections.ConfigDict],
+                   summaries: Mapping[str, Mapping[str, Any]], *, rounds: int = 3,
+                   steps: int = 3) -> dict[str, float]:
+  """Median seconds per train step of each run's final architecture, interleaved.
+
+  Each method's own train step (its optimizer wrapper included: NEq's masking)
+  at its final widths, on the same batch, in ``rounds`` rounds of ``steps``
+  steps per method, so that load changes hit every method alike.
+  """
+  runs = {}
+  for method, summary in summaries.items():
+    run, batches = train.init_run(make_config(method))
+    run.prune({k: np.arange(w) < summary['widths'][k] for k, w in run.model.widths.items()},
+              reason='benchmark: final widths')
+    batch = next(batches)
+    run.compile(batch)
+    run.state, _ = run.compiled(run.state, batch)          # warm-up
+    jax.block_until_ready(run.state)
+    runs[method] = (run, batch)
+  times: dict[str, list[float]] = {m: [] for m in runs}
+  for _ in range(rounds):
+    for method, (run, batch) in runs.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        run.state, _ = run.compiled(run.state, batch)
+      jax.block_until_ready(run.state)
+      times[method].append((time.perf_counter() - t0) / steps)
+  return {m: statistics.median(t) for m, t in times.items()}
+
+
 def _widths(summary) -> str:
   return '-'.join(str(w) for w in summary['widths'].values())
 
 
-def table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+def table(summaries: Mapping[str, Mapping[str, Any]],
+          step_times: Mapping[str, float] | None = None) -> str:
   """A Markdown table; times and FLOPs relative to the dense row when there is one."""
   dense = summaries.get('dense')
+  step_times = step_times or {}
   lines = ['| method | test acc | neuron sparsity | weight sparsity | widths | wall [s] | '
-           'wall vs dense | train FLOPs vs dense | inference FLOPs vs dense | '
-           'units frozen (mean) | bprop FLOPs saved |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           'wall vs dense | final step vs dense (side by side) | train FLOPs vs dense | '
+           'inference FLOPs vs dense | units frozen (mean) | bprop FLOPs saved |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for method, s in summaries.items():
     stats = s.get('method_stats', {})
     wall_rel = f'{s["wall_time_s"] / dense["wall_time_s"]:.2f}x' if dense else '-'
     frozen = f'{stats["frozen_fraction_mean"]:.3f}' if 'frozen_fraction_mean' in stats else '-'
     saved = f'{stats["bprop_flops_saved_frac"]:.3f}' if 'bprop_flops_saved_frac' in stats else '-'
+    step = (f'{step_times[method] / step_times["dense"]:.2f}x'
+            if method in step_times and 'dense' in step_times else '-')
     lines.append(
         f'| {method} | {s["test_accuracy"]:.4f} | {s["neuron_sparsity"]:.3f} | '
-        f'{s["weight_sparsity"]:.3f} | {_widths(s)} | {s["wall_time_s"]:.0f} | {wall_rel} | '
+        f'{s["weight_sparsity"]:.3f} | {_widths(s)} | {s["wall_time_s"]:.0f} | {wall_rel} | {step} | '
         f'{s.get("train_flops_rel", float("nan")):.2f}x | '
         f'{s.get("inference_flops_rel", float("nan")):.2f}x | {frozen} | {saved} |')
   return '\n'.join(lines)

@@ -17,7 +17,7 @@ Example::
     tx = freeze(optax.adamw(1e-3, weight_decay=1e-4))
     state = tx.init(params)
     frozen = unit_masks(params, model.unit_groups(), {'hidden_0': frozen_u})
-    state = state._replace(frozen=frozen)
+    state = with_frozen(state, frozen)      # wherever the FreezeState is nested
 """
 
 from __future__ import annotations
@@ -59,6 +59,17 @@ def freeze(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     return new_updates, FreezeState(frozen=state.frozen, inner=new_inner)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def with_frozen(opt_state: PyTree, frozen: PyTree) -> PyTree:
+  """``opt_state`` with the masks of its :class:`FreezeState` (wherever it is nested) replaced."""
+  is_freeze = lambda x: isinstance(x, FreezeState)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_freeze) if is_freeze(x)]
+  if len(found) != 1:
+    raise ValueError(f'expected one FreezeState in the optimizer state, found {len(found)}: '
+                     'wrap the optimizer with baselines.freeze.freeze.')
+  return jax.tree.map(lambda x: x._replace(frozen=frozen) if is_freeze(x) else x, opt_state,
+                      is_leaf=is_freeze)
 
 
 def unit_masks(params: PyTree, groups, frozen_units: Mapping[str, np.ndarray]) -> PyTree:

@@ -141,7 +141,7 @@ def set_frozen(run: train.Run, step: int, frozen_units: Mapping[str, np.ndarray]
   c = config_lib.resolve(run.config)
   params = run.state['params']
   masks = freeze.unit_masks(params, run.model.unit_groups(), frozen_units)
-  run.state = {**run.state, 'opt_state': run.state['opt_state']._replace(frozen=masks)}
+  run.state = {**run.state, 'opt_state': freeze.with_frozen(run.state['opt_state'], masks)}
 
   memo = run.memo
   if 'unit_flops' not in memo:

@@ -29,12 +29,8 @@ def fixture_npz(tmp_path_factory):
   return path
 
 
-def _config(name, arg, npz=None):
-  module = importlib.import_module(f'configs.analysis.{name}')
-  config = module.get_config(arg)
-  if npz is not None:
-    config.data.path = npz
-  return config
+def _config(name, arg):
+  return importlib.import_module(f'configs.analysis.{name}').get_config(arg)
 
 
 def _checks(summary):
@@ -54,14 +50,13 @@ def test_noise_study_smoke(mode, tmp_path):
 
 
 @pytest.mark.parametrize('name,arg', [
-    ('convnet_cifar10_subset', ''),
     ('dead_units', 'act=leaky_relu,bs=8'),
     ('adam_eps', 'eps=1e-4'),
     ('death_check', 'examples=all'),
-    ('dynamic_pruning', 'dynamic=False,lam=0.5'),
+    ('dynamic_pruning', 'dynamic=True,lam=0.5'),
 ])
 def test_convnet_analysis_smoke(name, arg, npz, tmp_path):
-  config = _config(name, ','.join(a for a in (arg, 'smoke=True') if a), npz)
+  config = _config(name, f'{arg},path={npz},smoke=True')
   summary = train_lib.train_and_evaluate(config, str(tmp_path))
   checks = _checks(summary)
   assert [e['step'] for e in checks] == [3, 6]

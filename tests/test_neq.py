@@ -172,3 +172,13 @@ def test_end_to_end(method, tmp_path):
   assert stats['bprop_flops_saved_frac'] == pytest.approx(want / 24 / stats['bprop_flops_per_step'])
   if method == 'neq_stochastic':
     assert stats['bprop_flops_saved_frac'] > 0
+
+
+def test_with_frozen_finds_the_masks_inside_gradient_accumulation():
+  params = {'dense': {'kernel': jnp.ones((2, 3))}}
+  tx = optax.MultiSteps(freeze.freeze(optax.adam(1e-3)), every_k_schedule=2).gradient_transformation()
+  masks = {'dense': {'kernel': jnp.array([[True, False, False]] * 2)}}
+  state = freeze.with_frozen(tx.init(params), masks)
+  np.testing.assert_array_equal(state.inner_opt_state.frozen['dense']['kernel'], masks['dense']['kernel'])
+  with pytest.raises(ValueError, match='FreezeState'):
+    freeze.with_frozen(optax.adam(1e-3).init(params), masks)

@@ -281,3 +281,16 @@ def test_resnet18_training_continues_identically_after_pruning():
       pruned.apply({k: pruned_state[k] for k in ('params', 'batch_stats')}, x, train=False),
       model.apply({k: state[k] for k in ('params', 'batch_stats')}, x, train=False),
       atol=1e-4, rtol=1e-4)
+
+
+def test_benchmark_random_keeps_remove_the_fraction_of_every_group():
+  from demp import benchmark  # pylint: disable=g-import-not-at-top
+  model = models.build('resnet18', 10, width_multiplier=0.25)
+  keeps = benchmark.random_keeps(model, 0.75, seed=0)
+  assert set(keeps) == set(model.widths)
+  for name, keep in keeps.items():
+    assert keep.sum() == model.widths[name] - round(0.75 * model.widths[name]), name
+  assert not all(np.array_equal(keeps[n], benchmark.random_keeps(model, 0.75, seed=1)[n])
+                 for n in keeps)
+  with pytest.raises(ValueError, match='sparsity'):
+    benchmark.random_keeps(model, 1.0)
