@@ -116,10 +116,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def load_runs(root: str) -> list[RunResult]:
-  """Every run below ``root`` (directories with a ``summary.json``), sorted by path."""
+def load_runs(roots: str | Sequence[str]) -> list[RunResult]:
+  """Every run below ``roots`` (directories with a ``summary.json``), sorted by path."""
+  roots = [roots] if isinstance(roots, str) else list(roots)
   runs = []
-  for dirpath, dirnames, filenames in os.walk(root):
+  for dirpath, dirnames, filenames in (w for root in roots for w in os.walk(root)):
     dirnames[:] = sorted(d for d in dirnames if d != 'checkpoints')
     if 'summary.json' not in filenames:
       continue
@@ -131,7 +132,7 @@ def load_runs(root: str) -> list[RunResult]:
         config = flatten(json.load(f))
     runs.append(RunResult(dirpath, config, summary))
   if not runs:
-    raise ValueError(f'no runs (directories with summary.json) under {root!r}.')
+    raise ValueError(f'no runs (directories with summary.json) under {roots!r}.')
   return sorted(runs, key=lambda r: r.path)
 
 
@@ -286,7 +287,7 @@ def to_csv(rows: Sequence[Row]) -> str:
   return buf.getvalue()
 
 
-def write_report(runs_dir: str, out_prefix: str, targets: Sequence[float] = (0.8,), *,
+def write_report(runs_dir: str | Sequence[str], out_prefix: str, targets: Sequence[float] = (0.8,), *,
                  all_groups: bool = False) -> str:
   """Writes ``<out_prefix>.md`` and ``<out_prefix>.csv``; returns the Markdown."""
   rows = table_rows(load_runs(runs_dir), targets, all_groups=all_groups)

@@ -16,7 +16,7 @@ from absl import app, flags
 
 from demp import plots, report
 
-_RUNS = flags.DEFINE_string('runs', None, 'Directory holding runs (searched recursively).')
+_RUNS = flags.DEFINE_list('runs', None, 'Directories holding runs (searched recursively).')
 _FIGURE = flags.DEFINE_enum('figure', 'tradeoff', sorted(plots.FIGURES), 'Which figure.')
 _OUT = flags.DEFINE_string('out', None, 'Output path without extension (.png and .pdf).')
 _WHERE = flags.DEFINE_list('where', [], 'Keep runs with KEY=VALUE (config keys), e.g. method=demp.')

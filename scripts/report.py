@@ -12,7 +12,7 @@ from absl import app, flags
 
 from demp import report
 
-_RUNS = flags.DEFINE_string('runs', None, 'Directory holding runs (searched recursively).')
+_RUNS = flags.DEFINE_list('runs', None, 'Directories holding runs (searched recursively).')
 _TARGETS = flags.DEFINE_list('target_weight_sparsity', ['0.8'], 'Target weight sparsities (0..1).')
 _OUT = flags.DEFINE_string('out', None, 'Write OUT.md and OUT.csv (default: print only).')
 _ALL = flags.DEFINE_bool('all_groups', False, 'One row per setting instead of the closest ones.')
