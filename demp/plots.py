@@ -264,7 +264,7 @@ def live_per_group(runs: Sequence[RunResult], path: str, *, max_panels: int = 6,
     ax.set_yscale('log', base=2)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel('Live units')
-  axes[0][-1].legend(fontsize=7, title='group (dense width)', title_fontsize=7)
+  axes[0][-1].legend(fontsize=7, title='group (dense width)', title_fontsize=7, loc='lower left')
   if title:
     fig.suptitle(title)
   save(fig, path)

@@ -355,10 +355,14 @@ def test_noise_rng_contract_deterministic_and_varied():
     assert not np.any(np.asarray(x["a"]) == np.asarray(y["a"]))
   assert not np.any(np.asarray(first[0]["a"]) == np.asarray(first[1]["a"]))
   assert not np.any(np.asarray(first[0]["a"]) == np.asarray(first[0]["b"][:8]))
-  # The documented contract: step t draws from fold_in(key(seed), t), split
-  # per leaf, scaled by σ = sqrt(variance) = 2.
+  # The documented contract: step t draws one flat N(0, 1) vector from
+  # fold_in(key(seed), t), split over the leaves in tree order, scaled by
+  # σ = sqrt(variance) = 2.
   step_key = jax.random.fold_in(jax.random.key(0), 2)
-  expected = optax.tree.random_like(step_key, params, jax.random.normal)
+  sizes = [x.size for x in jax.tree.leaves(params)]
+  flat = jax.random.normal(step_key, (sum(sizes),), jnp.float32)
+  expected = {"a": flat[:sizes[0]].reshape(params["a"].shape),
+              "b": flat[sizes[0]:].reshape(params["b"].shape)}
   for leaf in ("a", "b"):
     np.testing.assert_allclose(first[2][leaf], 2.0 * expected[leaf],
                                rtol=1e-6)
