@@ -75,8 +75,8 @@ def demp_optimizer(config: ml_collections.ConfigDict | None = None, *,
                    noise: bool = True) -> optax.GradientTransformation:
   """The DemP optimizer of ``config`` (default: Adam + Lasso(γ) penalty + live noise).
 
-  ``noise=False`` drops the live-noise transform (its per-leaf random draws
-  dominate XLA:CPU compile time; the step's arithmetic barely changes).
+  ``noise=False`` drops the live-noise transform (one normal draw per parameter
+  per step: the only part of the step whose cost is not in the model's FLOPs).
   """
   if config is None:
     config = train.base_config()

@@ -273,13 +273,19 @@ def live_per_group(runs: Sequence[RunResult], path: str, *, max_panels: int = 6,
 
 def final_vs(runs: Sequence[RunResult], path: str, *, x: str, y: str = 'dead_ratio',
              by: str | None = None, logx: bool = False, title: str = ''):
-  """A final quantity against a config value, mean ± std over seeds, a line per ``by`` value."""
+  """A final quantity against a config value, mean ± std over seeds, a line per ``by`` value.
+
+  A list-valued ``x`` (``model.widths``) is plotted by its first entry, the
+  first layer's width, as in the paper's Fig. 10.
+  """
   if y not in FINAL_METRICS:
     raise ValueError(f'y={y!r} is not one of {sorted(FINAL_METRICS)}.')
   lines: dict[str, dict[float, list[float]]] = {}
   for r in runs:
     line = _fmt(value(r, by)) if by else ''
-    lines.setdefault(line, {}).setdefault(float(value(r, x)), []).append(FINAL_METRICS[y](r))
+    xv = value(r, x)
+    xv = xv[0] if isinstance(xv, (list, tuple)) else xv    # widths: the first layer's (Fig. 10)
+    lines.setdefault(line, {}).setdefault(float(xv), []).append(FINAL_METRICS[y](r))
   colors = _colors(list(lines))
   fig, ax = plt.subplots(figsize=(6, 4))
   for line, pts in lines.items():

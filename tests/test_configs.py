@@ -136,9 +136,7 @@ def test_bad_config_argument_fails_loudly():
 @pytest.mark.parametrize('path', SMOKE)
 def test_smoke_runs_end_to_end(path, tiny_npz, tmp_path):
   config = _load(os.path.join(ROOT, path)).get_config('smoke=True')
-  # Live noise is covered by tests/test_transforms.py; off here because XLA:CPU takes
-  # minutes to compile its per-leaf random draws for a ResNet on a busy 2-core machine.
-  config.demp.noise_variance = 0.0
+  assert config.method == 'demp' and config.demp.noise_variance > 0 and config.demp.peak_lambda > 0
   with _local_data(config, tiny_npz):
     summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['steps'] == config.num_steps
