@@ -412,7 +412,7 @@ def restore(mngr: ocp.CheckpointManager, meta: Mapping, run, mesh=None) -> dict[
     from demp import parallel  # pylint: disable=g-import-not-at-top
     sharding = parallel.replicated(mesh)
   else:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   flat = _restore_arrays(mngr, step, meta, _targets(meta, sharding))
 
   leaves = []
@@ -454,7 +454,7 @@ def load(directory: str, step: int | None = None) -> tuple[Any, dict, dict]:
   kwargs = {k: v for k, v in cfg.items() if k != 'name'}
   model = models.build(cfg['name'], meta['model']['num_classes'], **kwargs)
   model = model.clone(widths=flax.core.FrozenDict(meta['model']['widths']))
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   flat = _restore_arrays(mngr, meta['step'], meta, _targets(meta, sharding))
   variables = {'params': _nest(flat, 'state/params/'), 'batch_stats': _nest(flat, 'state/batch_stats/')}
   return model, variables, meta

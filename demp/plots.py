@@ -209,7 +209,7 @@ def _group_curves(group: report.Group, fn) -> tuple[np.ndarray, np.ndarray, np.n
   return steps, ys.mean(axis=0), std
 
 
-def _curve_figure(groups, fn, ylabel: str, path: str, title: str):
+def _curve_figure(groups, fn, ylabel: str, path: str, title: str, logy: bool = False):
   fig, ax = plt.subplots(figsize=(6, 4))
   colors = _colors([g.label for g in groups])
   for g in groups:
@@ -220,8 +220,10 @@ def _curve_figure(groups, fn, ylabel: str, path: str, title: str):
     ax.fill_between(steps, mean - std, mean + std, color=colors[g.label], alpha=0.15)
   ax.set_xlabel('Training step')
   ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale('symlog', linthresh=1 if 'ratio' not in ylabel else 1e-2)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))
   if title:
     ax.set_title(title)
   save(fig, path)
@@ -235,11 +237,12 @@ def _with_checks(runs: Sequence[RunResult]) -> list[report.Group]:
   return groups
 
 
-def dead_over_steps(runs: Sequence[RunResult], path: str, *, count: bool = False, title: str = ''):
+def dead_over_steps(runs: Sequence[RunResult], path: str, *, count: bool = False,
+                    logy: bool = False, title: str = ''):
   """Dead-unit ratio (or count) at each death check, one line per setting (Figs. 1, 9, 12)."""
   idx = 2 if count else 1
   return _curve_figure(_with_checks(runs), lambda r: (dead_curve(r)[0], dead_curve(r)[idx]),
-                       'Dead units' if count else 'Dead units ratio', path, title)
+                       'Dead units' if count else 'Dead units ratio', path, title, logy)
 
 
 def overlap_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):

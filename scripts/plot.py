@@ -7,7 +7,7 @@ r"""Draws one of the paper's figures from a directory of runs (PNG and PDF).
 
 Figures (``demp/plots.py``): tradeoff (accuracy vs neuron / weight sparsity,
 coloured by ``--by``, default the method), dead (dead-unit ratio over steps;
-``--count`` for counts), live (live units per layer over steps), final_vs (a
+``--count`` for counts, ``--logy``), live (live units per layer over steps), final_vs (a
 final quantity ``--y`` against ``--x``, a line per ``--by``), overlap (dead-set
 overlap between checks).
 """
@@ -25,6 +25,7 @@ _X = flags.DEFINE_string('x', None, 'final_vs: the config key on the x axis.')
 _Y = flags.DEFINE_string('y', 'dead_ratio', f'final_vs: one of {sorted(plots.FINAL_METRICS)}.')
 _LOGX = flags.DEFINE_bool('logx', False, 'final_vs: logarithmic x axis.')
 _COUNT = flags.DEFINE_bool('count', False, 'dead: dead-unit counts instead of ratios.')
+_LOGY = flags.DEFINE_bool('logy', False, 'dead: symmetric-log y axis.')
 _TITLE = flags.DEFINE_string('title', '', 'Figure title.')
 flags.mark_flags_as_required(['runs', 'out'])
 
@@ -39,7 +40,7 @@ def main(argv):
   if kind == 'tradeoff':
     kw['color_by'] = _BY.value or 'method'
   elif kind == 'dead':
-    kw['count'] = _COUNT.value
+    kw.update(count=_COUNT.value, logy=_LOGY.value)
   elif kind == 'final_vs':
     if not _X.value:
       raise app.UsageError('--figure final_vs needs --x.')

@@ -122,6 +122,17 @@ def test_resume_is_bit_identical_across_prune_events(reference, tmp_path):
   assert mngr.all_steps() == [30, 40, 60]                 # keep-last-3: 10 and 20 were deleted
 
 
+@pytest.fixture
+def children():
+  """Child processes started by a test; killed if the test ends before they do."""
+  started = []
+  yield started
+  for child in started:
+    if child.poll() is None:
+      child.kill()
+      child.wait()
+
+
 def _run_child(code: str, **popen):
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
          'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
@@ -132,7 +143,7 @@ def _run_child(code: str, **popen):
                           **popen)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path, children):
   """A real SIGTERM (sent at step 25, between prune events) -> checkpoint 25, status 0, resume."""
   workdir = str(tmp_path)
   child = _run_child(f"""
@@ -148,6 +159,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
       out = train.train_and_evaluate(tiny_config(log_every=5), {workdir!r})
       print('RESULT', out.get('preempted'), out.get('step'))
   """)
+  children.append(child)
   output, _ = child.communicate(timeout=240)
   assert child.returncode == 0, output[-3000:]
   assert 'RESULT True 25' in output, output[-3000:]
@@ -159,7 +171,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
   _assert_same_final_params(workdir, reference)
 
 
-def test_kill9_during_a_save_leaves_the_previous_checkpoint_usable(reference, tmp_path):
+def test_kill9_during_a_save_leaves_the_previous_checkpoint_usable(reference, tmp_path, children):
   """kill -9 while step 20 is being written: step 10 restores and the run ends identically."""
   workdir = str(tmp_path / 'run')
   marker = str(tmp_path / 'saving20')
@@ -177,6 +189,7 @@ def test_kill9_during_a_save_leaves_the_previous_checkpoint_usable(reference, tm
       atomicity.AtomicRenameTemporaryPath.finalize = finalize_slowly
       train.train_and_evaluate(tiny_config(**{{'checkpoint.every': 10}}), {workdir!r})
   """)
+  children.append(child)
   t0 = time.time()
   while not os.path.exists(marker):
     assert child.poll() is None, child.communicate()[0][-3000:]
@@ -249,6 +262,29 @@ def test_mismatched_config_or_code_is_rejected(reference, tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r'does not fit.*opt_state'):
     checkpoint.restore(mngr, checkpoint.read_meta(mngr), run)
   assert _tree_digest(workdir) == before
+
+
+def test_a_finished_run_resumes_to_the_same_summary(reference, tmp_path):
+  workdir = str(tmp_path)
+  shutil.copytree(os.path.join(reference['workdir'], 'checkpoints'),
+                  os.path.join(workdir, 'checkpoints'))
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  ref = reference['summary']
+  assert summary['resumed_at'] == [60]
+  for key in ('test_accuracy', 'test_loss', 'widths', 'final_params', 'prune_events'):
+    assert summary[key] == ref[key], key
+  assert summary['segments'] == ref['segments']        # the time segments travel in the checkpoint
+
+
+def test_reseed_data_resume_starts_a_fresh_stream():
+  exact = train.init_run(tiny_config(), start_batch=7)[1]
+  reseeded = train.init_run(tiny_config(**{'checkpoint.data_resume': 'reseed'}), start_batch=7)[1]
+  consumed = train.init_run(tiny_config())[1]
+  for _ in range(7):
+    next(consumed)
+  expected = next(consumed)
+  assert np.array_equal(next(exact)['image'], expected['image'])
+  assert not np.array_equal(next(reseeded)['image'], expected['image'])
 
 
 def test_nan_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):

@@ -95,10 +95,10 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
                 events=[e['widths'] for e in summary['events']],
                 test_accuracy=summary['test_accuracy'], resumed_at=summary['resumed_at'],
                 summary_devices=summary['devices'], summary_processes=summary['processes'])
+  _, variables, _ = checkpoint.load(workdir)   # every process: orbax synchronizes them
   if jax.process_index() == 0:
     records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
     result['losses'] = [[r['step'], r['loss']] for r in records if 'loss' in r]
-    _, variables, _ = checkpoint.load(workdir)
     flat = {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_leaves_with_path(variables)}
     np.savez(out + '.npz', **flat)
@@ -122,20 +122,37 @@ def _start(tmp_path, name: str, devices: int, multihost: str | None = None):
 
 
 def _finish(tmp_path, name: str, child) -> dict:
-  rc = child.wait(timeout=TIMEOUT_S)
+  try:
+    rc = child.wait(timeout=TIMEOUT_S)
+  finally:
+    if child.poll() is None:
+      child.kill()
+      child.wait()
   assert rc == 0, open(tmp_path / f'{name}.log').read()[-4000:]
   return json.load(open(tmp_path / f'{name}.json'))
 
 
-def test_four_devices_match_one_device(tmp_path):
+@pytest.fixture
+def children():
+  """Child processes started by a test; killed if the test ends before they do."""
+  started = []
+  yield started
+  for child in started:
+    if child.poll() is None:
+      child.kill()
+      child.wait()
+
+
+def test_four_devices_match_one_device(tmp_path, children):
   """Same losses (rtol 1e-3), death masks and widths (exact), final params (atol 1e-3).
 
   Only the order of floating-point reductions differs (the batch mean of the
   loss and of BatchNorm's statistics become all-reduces over 4 shards); see
   :func:`tiny_config` for why this comparison trains with SGD and no noise.
   """
-  children = {n: _start(tmp_path, n, d) for n, d in (('one', 1), ('four', 4))}
-  one, four = (_finish(tmp_path, n, children[n]) for n in ('one', 'four'))
+  started = {n: _start(tmp_path, n, d) for n, d in (('one', 1), ('four', 4))}
+  children.extend(started.values())
+  one, four = (_finish(tmp_path, n, started[n]) for n in ('one', 'four'))
   assert (one['devices'], four['devices'], four['summary_devices']) == (1, 4, 4)
   assert "spec=P('data',)" in four['shardings'][0]['batch']      # the batch is split
   assert 'spec=P()' in four['shardings'][0]['state']             # the state replicated
@@ -159,12 +176,12 @@ def test_four_devices_match_one_device(tmp_path):
         max(float(np.abs(params_four[k] - params_one[k]).max()) for k in params_one.files))
 
 
-def test_two_processes_agree_and_resume(tmp_path):
+def test_two_processes_agree_and_resume(tmp_path, children):
   """Two hosts x 2 devices: per-host data, identical masks on both, checkpoint save/restore."""
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  children = [_start(tmp_path, f'host{i}', 2, f'{port}:{i}') for i in range(2)]
+  children.extend(_start(tmp_path, f'host{i}', 2, f'{port}:{i}') for i in range(2))
   host0, host1 = (_finish(tmp_path, f'host{i}', c) for i, c in enumerate(children))
   for h in (host0, host1):
     assert (h['devices'], h['processes'], h['summary_processes']) == (4, 2, 2)
