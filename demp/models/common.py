@@ -38,3 +38,15 @@ def frozen_widths(names: list[str], widths) -> flax.core.FrozenDict:
   if len(widths) != len(names) or min(widths, default=1) < 1:
     raise ValueError(f'model.widths={widths} must give {len(names)} positive widths.')
   return flax.core.FrozenDict(zip(names, widths))
+
+
+HEADS = ('global', 'flatten')
+
+
+def head_features(x_bhwc: jax.Array, head: str) -> jax.Array:
+  """The classifier's input: global average pool, or flatten with channels innermost."""
+  if head == 'global':
+    return x_bhwc.mean(axis=(1, 2))
+  if head == 'flatten':
+    return x_bhwc.reshape((x_bhwc.shape[0], -1))   # (h, w, c): channels innermost
+  raise ValueError(f'model.head={head!r} is not one of {HEADS}.')

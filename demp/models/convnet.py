@@ -17,7 +17,7 @@ from demp.deadunits import probe
 from demp.models import common
 from demp.surgery import UnitGroup, param_slices
 
-HEADS = ('global', 'flatten')
+HEADS = common.HEADS
 
 
 class ConvNet(nn.Module):
@@ -42,12 +42,7 @@ class ConvNet(nn.Module):
       x_bhwc = probe(self, f'{name}_act', act(x_bhwc))
       if self.pool:
         x_bhwc = nn.max_pool(x_bhwc, (2, 2), strides=(2, 2))
-    if self.head == 'global':
-      x_bd = x_bhwc.mean(axis=(1, 2))
-    elif self.head == 'flatten':
-      x_bd = x_bhwc.reshape((x_bhwc.shape[0], -1))   # (h, w, c): channels innermost
-    else:
-      raise ValueError(f'model.head={self.head!r} is not one of {HEADS}.')
+    x_bd = common.head_features(x_bhwc, self.head)
     return nn.Dense(self.num_classes, name='head')(x_bd)
 
   def unit_groups(self) -> tuple[UnitGroup, ...]:

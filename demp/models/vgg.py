@@ -28,7 +28,7 @@ from demp.surgery import UnitGroup, param_slices
 # Conv widths; 'M' marks a 2x2 max-pool.
 VGG16: tuple[int | str, ...] = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',
                                 512, 512, 512, 'M', 512, 512, 512, 'M')
-HEADS = ('flatten', 'global')
+HEADS = common.HEADS
 NUM_CONVS = sum(1 for v in VGG16 if v != 'M')
 
 
@@ -58,12 +58,7 @@ class VGG(nn.Module):
       x_bhwc = common.batch_norm(train, f'norm_{i}')(x_bhwc)
       x_bhwc = probe(self, f'{name}_act', act(x_bhwc))
       i += 1
-    if self.head == 'flatten':
-      x_bd = x_bhwc.reshape((x_bhwc.shape[0], -1))   # (h, w, c): channels innermost
-    elif self.head == 'global':
-      x_bd = x_bhwc.mean(axis=(1, 2))
-    else:
-      raise ValueError(f'model.head={self.head!r} is not one of {HEADS}.')
+    x_bd = common.head_features(x_bhwc, self.head)
     return nn.Dense(self.num_classes, name='head')(x_bd)
 
   def unit_groups(self) -> tuple[UnitGroup, ...]:
