@@ -29,7 +29,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from demp import checkpoint, data, train
 
@@ -163,6 +163,8 @@ def data_skip(config, batches: int) -> dict:
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:   # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   config = _config()
   out = {'model': _MODEL.value, 'width_multiplier': _WIDTH.value, 'sparsity': _SPARSITY.value,
          'backend': jax.default_backend(), 'devices': jax.device_count()}

@@ -12,7 +12,10 @@ window; their 500-step period is scaled down to the short run).
 Prints one Markdown table: test accuracy, weight sparsity over all parameters
 (counted nonzeros), theoretical inference and training FLOPs relative to
 dense (per layer, dense FLOPs x density, from the layers' shapes), and the
-measured mean train-step time of each run relative to the dense run. Then a
+measured mean train-step time of each run (at its final architecture)
+relative to the dense run. DemP rows (``--demp_lams``, peak λ values) sit
+beside them at the weight sparsity they reach, with XLA's FLOPs of the
+network as it shrank. Then a
 side-by-side benchmark (interleaved rounds, same batch, same process) of the
 dense step, a sparse step without a mask update and a sparse step with one:
 on dense hardware the masks buy no wall-clock time.
@@ -44,12 +47,16 @@ _DISTRIBUTION = flags.DEFINE_string('distribution', 'erk', 'uniform | erk.')
 _UPDATE_EVERY = flags.DEFINE_integer('update_every', 50, 'Steps between mask updates.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run.')
 _WIDTH = flags.DEFINE_float('width', 1.0, 'Multiplier of the ConvNet widths 32-64-128-256.')
+_DEMP_LAMS = flags.DEFINE_list('demp_lams', ['0.1', '0.3'],
+                                'Peak λ of the DemP rows (pick values whose weight sparsity '
+                                'lands near --sparsities); empty for none.')
 _BENCH_ROUNDS = flags.DEFINE_integer('bench_rounds', 6, 'Interleaved rounds of the step benchmark.')
 _BENCH_STEPS = flags.DEFINE_integer('bench_steps', 4, 'Steps per variant per round.')
 
 
-def make_config(method: str, steps: int, sparsity: float = 0.0, **baselines):
-  c = convnet_cifar10_subset.get_config(f'method={method},steps={steps},width={_WIDTH.value}')
+def make_config(method: str, steps: int, sparsity: float = 0.0, lam: float = 0.0, **baselines):
+  c = convnet_cifar10_subset.get_config(
+      f'method={method},steps={steps},width={_WIDTH.value}' + (f',lam={lam}' if lam else ''))
   c.seed = _SEED.value
   c.progress_bar = False
   c.log_every = max(1, steps // 4)
@@ -99,9 +106,16 @@ def main(argv):
       config = make_config(algorithm, steps, s)
       summary = train.train_and_evaluate(config, os.path.join(workdir, f'{algorithm}_{s}'))
       rows.append((algorithm, f'{s:.2f}', summary, sparse.flops_summary(config)))
+  for lam in (float(x) for x in _DEMP_LAMS.value):
+    # DemP removes units physically: its FLOPs are XLA's, integrated as the network shrinks.
+    summary = train.train_and_evaluate(make_config('demp', steps, lam=lam),
+                                       os.path.join(workdir, f'demp_{lam:g}'))
+    rows.append((f'demp (λ={lam:g})', '-', summary,
+                 {'inference_flops_rel': summary['inference_flops_rel'],
+                  'training_flops_rel': summary['train_flops_rel']}))
   train_wall = time.perf_counter() - t_start
 
-  dense_step = dense['step_time_first_s']
+  dense_step = dense['step_time_final_s']
   widths = '-'.join(str(w) for w in make_config('dense', steps).model.widths)
   lines = [f'CIFAR-10 subset, ConvNet {widths}, {steps} steps, batch 128, seed '
            f'{_SEED.value}, {_DISTRIBUTION.value}, masks updated every {_UPDATE_EVERY.value} '
@@ -111,12 +125,14 @@ def main(argv):
            '| inference FLOPs | training FLOPs | step time [ms] | step time vs dense |',
            '|---|---|---|---|---|---|---|---|']
   for name, target, summary, fl in rows:
-    step = summary['step_time_first_s']
+    step = summary['step_time_final_s']
     lines.append(f'| {name} | {target} | {summary["weight_sparsity"]:.3f} | '
                  f'{summary["test_accuracy"]:.3f} | {fl["inference_flops_rel"]:.2f}x | '
                  f'{fl["training_flops_rel"]:.2f}x | {1e3 * step:.0f} | {step / dense_step:.2f}x |')
-  lines += ['', 'FLOPs: theoretical (conv/dense kernels, dense FLOPs x density per layer). Step '
-            'time: mean over each run (runs are sequential, so the machine load differs).', '']
+  lines += ['', 'FLOPs: theoretical for the masked methods (conv/dense kernels, dense FLOPs x '
+            'density per layer); for DemP, XLA\'s cost analysis of the compiled steps of the '
+            'shrinking network. Step time: mean over each run (runs are sequential, so the '
+            'machine load differs).', '']
   bench = step_benchmark(steps)
   base = bench[0][1]
   lines += ['Side-by-side step benchmark (interleaved rounds, same batch, median):', '',
@@ -129,7 +145,7 @@ def main(argv):
   with open(os.path.join(workdir, 'compare_sparse.json'), 'w') as f:
     json.dump({'rows': [{'method': n, 'target': t, 'test_accuracy': s['test_accuracy'],
                          'weight_sparsity': s['weight_sparsity'],
-                         'step_time_s': s['step_time_first_s'], **fl}
+                         'step_time_s': s['step_time_final_s'], **fl}
                         for n, t, s, fl in rows],
                'benchmark': dict(bench)}, f, indent=2)
 
