@@ -47,16 +47,17 @@ _DISTRIBUTION = flags.DEFINE_string('distribution', 'erk', 'uniform | erk.')
 _UPDATE_EVERY = flags.DEFINE_integer('update_every', 50, 'Steps between mask updates.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run.')
 _WIDTH = flags.DEFINE_float('width', 1.0, 'Multiplier of the ConvNet widths 32-64-128-256.')
-_DEMP_LAMS = flags.DEFINE_list('demp_lams', ['0.1', '0.3'],
+_DEMP_LAMS = flags.DEFINE_list('demp_lams', ['0.1', '0.2'],
                                 'Peak λ of the DemP rows (pick values whose weight sparsity '
                                 'lands near --sparsities); empty for none.')
 _BENCH_ROUNDS = flags.DEFINE_integer('bench_rounds', 6, 'Interleaved rounds of the step benchmark.')
 _BENCH_STEPS = flags.DEFINE_integer('bench_steps', 4, 'Steps per variant per round.')
 
 
-def make_config(method: str, steps: int, sparsity: float = 0.0, lam: float = 0.0, **baselines):
-  c = convnet_cifar10_subset.get_config(
-      f'method={method},steps={steps},width={_WIDTH.value}' + (f',lam={lam}' if lam else ''))
+def make_config(method: str, steps: int, sparsity: float = 0.0, lam: float | None = None,
+                **baselines):
+  lam_arg = '' if lam is None else f',lam={lam}'
+  c = convnet_cifar10_subset.get_config(f'method={method},steps={steps},width={_WIDTH.value}{lam_arg}')
   c.seed = _SEED.value
   c.progress_bar = False
   c.log_every = max(1, steps // 4)
