@@ -13,7 +13,7 @@ The ResNet-18/CIFAR-10 recipe (``resnet18_cifar10.py``) scaled down to the
 same fractions of the run as the recipe (every 77/250 of it), weight decay
 5e-4, crop + flip. DemP: a short run needs a larger peak λ than the paper's
 (2e-2; METHOD_NOTES: 1e-2 ... 5e-2 for a few thousand steps), noise peak
-variance 5e-5, τ = num_steps / 4 = 300, death check on 512 training images. ``data.path``
+std 5e-5, τ = num_steps / 4 = 300, death check on 512 training images. ``data.path``
 has no default: pass it by flag.
 
 Arguments: method=demp|dense|<a baseline>, opt=adam|sgdm, lam=<peak λ>,
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.demp.penalty = 'lasso'
   c.demp.peak_lambda = a['lam']
-  c.demp.noise_variance = 5e-5
+  c.demp.noise_std = 5e-5   # peak std (authors' code); paper text: 7.07e-3
   c.prune.every = max(1, c.num_steps // 4)
   c.prune.num_examples = 512
   c.prune.batch_size = 128

@@ -9,7 +9,7 @@ multiplied by 0.1 at epochs 30, 70 and 90, label smoothing 0.1, constant weight
 decay 1e-4, random resize of the shorter side to [256, 480] -> random 224 crop
 -> horizontal flip -> normalization (``data.augment='imagenet'``; evaluation:
 shorter side 256, central 224 crop). DemP: Lasso on the BN scales, one-cycle
-λ_t over the run, live-only noise of peak variance 5e-5, τ = 5000, death check
+λ_t over the run, live-only noise of peak std 5e-5, τ = 5000, death check
 on 2048 training images.
 
 ImageNet needs a manual download: put ``ILSVRC2012_img_train.tar`` and
@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.demp.penalty = 'lasso'
   c.demp.peak_lambda = a['lam']
-  c.demp.noise_variance = 5e-5
+  c.demp.noise_std = 5e-5   # peak std (authors' code); paper text: 7.07e-3
   c.prune.every = 5000
   c.prune.num_examples = 2048
   c.prune.batch_size = 256

@@ -9,7 +9,7 @@ rate peaking at 0.005 (Adam) or 0.1 (SGDM), images normalized, resized to
 head is a dense layer on the flattened 2x2x512 map (``demp.models.vgg``).
 Appendix I.2 states no weight decay for VGG; we keep the ResNet-18 recipe's
 5e-4 (set ``--config.optimizer.weight_decay=0`` to drop it). DemP: Lasso on
-the BN scales, one-cycle λ_t, live-only noise of peak variance 5e-5, τ = 1000
+the BN scales, one-cycle λ_t, live-only noise of peak std 5e-5, τ = 1000
 (the reference runs' value for VGG), death check on 512 training images.
 
 Arguments: opt=adam|sgdm, method=demp|dense|<a baseline>, lam=<peak λ>,
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.demp.penalty = 'lasso'
   c.demp.peak_lambda = a['lam']
-  c.demp.noise_variance = 5e-5
+  c.demp.noise_std = 5e-5   # peak std (authors' code); paper text: 7.07e-3
   c.prune.every = 1000
   c.prune.num_examples = 512
   c.prune.batch_size = 128

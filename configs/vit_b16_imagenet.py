@@ -30,7 +30,7 @@ image per step). ``smoke=True`` shrinks the model and steps to check the
 wiring on the real data.
 
 Arguments: ``method`` (dense | demp), ``act`` (gelu | relu), ``noise`` (peak
-σ² variance), ``patience``, ``every`` (death checks, in optimizer updates),
+noise std; the authors' 5e-5), ``patience``, ``every`` (death checks, in optimizer updates),
 ``start`` (``group:step;group:step``), ``smoke``.
 """
 
@@ -79,7 +79,7 @@ def get_config(arg: str | None = None):
   c.optimizer.accumulate_steps = ACCUMULATE
 
   c.demp.peak_lambda = 0.0           # noise only (Table 3)
-  c.demp.noise_variance = a['noise']
+  c.demp.noise_std = a['noise']
   c.prune.every = a['every'] * ACCUMULATE
   c.prune.num_examples = 2048
   c.prune.batch_size = 256

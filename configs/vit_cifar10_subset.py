@@ -18,7 +18,7 @@ The data is ``data.path`` (``../shared/data/cifar10_subset.npz`` from the
 repository root by default). ``smoke=True`` shrinks everything to seconds.
 
 Arguments: ``method`` (dense | demp), ``act`` (gelu | relu), ``noise`` (peak
-σ² variance), ``lr``, ``steps``, ``batch``, ``every`` (τ), ``patience``,
+noise std), ``lr``, ``steps``, ``batch``, ``every`` (τ), ``patience``,
 ``dim``, ``depth``, ``heads``, ``mlp``, ``aug``, ``accumulate``, ``smoke``.
 """
 
@@ -29,7 +29,7 @@ DEFAULT_PATH = '../shared/data/cifar10_subset.npz'
 
 
 def get_config(arg: str | None = None):
-  a = parse(arg, method='demp', act='gelu', noise=1e-6, lr=1e-3, steps=600, batch=64,
+  a = parse(arg, method='demp', act='gelu', noise=1e-3, lr=1e-3, steps=600, batch=64,
             every=50, patience=2, dim=128, depth=4, heads=4, mlp=512, aug=False, accumulate=1,
             smoke=False)
   c = base_config()
@@ -65,7 +65,7 @@ def get_config(arg: str | None = None):
   c.optimizer.accumulate_steps = a['accumulate']
 
   c.demp.peak_lambda = 0.0               # noise only, as the paper's ViT runs
-  c.demp.noise_variance = a['noise']
+  c.demp.noise_std = a['noise']
   c.prune.every = a['every']
   c.prune.num_examples = 512
   c.prune.batch_size = 128

@@ -5,7 +5,7 @@ What a user imports::
     import demp
     tx = demp.demp_optimizer(optax.adam(1e-3),
                              penalty_strength=demp.one_cycle(5e-3, total_steps),
-                             noise_variance=demp.one_cycle(5e-5, total_steps))
+                             noise_std=demp.one_cycle(5e-5, total_steps))
     alive, activity = demp.dead_unit_stats(model, variables, images)
     model, variables, opt_state = demp.prune(model, variables, opt_state,
                                              demp.keep_masks(alive, activity))
@@ -19,14 +19,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 from demp.deadunits import CRITERIA, dead_unit_stats, probe
 from demp.schedules import SCHEDULES, make_schedule, one_cycle
 from demp.surgery import Slice, UnitGroup, keep_masks, param_slices, prune, slice_optimizer_state, slice_variables
-from demp.transforms import (ALL_WEIGHTS, NORM_SCALES, LiveNoiseState, ScheduledPenaltyState,
+from demp.transforms import (ALL_WEIGHTS, AUTHORS_NOISE_STD, NORM_SCALES, PAPER_TEXT_NOISE_STD, LiveNoiseState, ScheduledPenaltyState,
                              add_scheduled_penalty, demp_optimizer, path_mask, with_live_noise)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    'ALL_WEIGHTS', 'CRITERIA', 'LiveNoiseState', 'NORM_SCALES', 'SCHEDULES', 'ScheduledPenaltyState',
+    'ALL_WEIGHTS', 'AUTHORS_NOISE_STD', 'CRITERIA', 'LiveNoiseState', 'NORM_SCALES', 'SCHEDULES', 'ScheduledPenaltyState',
     'Slice', 'UnitGroup', 'add_scheduled_penalty', 'dead_unit_stats', 'demp_optimizer', 'keep_masks',
-    'make_schedule', 'one_cycle', 'param_slices', 'path_mask', 'probe', 'prune',
+    'make_schedule', 'one_cycle', 'PAPER_TEXT_NOISE_STD', 'param_slices', 'path_mask', 'probe', 'prune',
     'slice_optimizer_state', 'slice_variables', 'with_live_noise',
 ]

@@ -83,7 +83,7 @@ def demp_optimizer(config: ml_collections.ConfigDict | None = None, *,
     config.method = 'demp'
   if not noise:
     config = config.copy_and_resolve_references()
-    config.demp.noise_variance = 0.0
+    config.demp.noise_std = 0.0
   return train.METHODS['demp'].optimizer(config, train.base_optimizer(config))
 
 

@@ -1,4 +1,4 @@
-"""Schedules for the learning rate, the penalty strength λ_t and the noise σ_t².
+"""Schedules for the learning rate, the penalty strength λ_t and the noise std σ_t.
 
 DemP drives both its regularization strength and its noise variance with a
 one-cycle schedule (:func:`one_cycle`); the base recipes drive their learning
@@ -116,7 +116,7 @@ def one_cycle(
 
     Dufort-Labbé et al., `Maxwell's Demon at Work: Efficient Pruning by
     Leveraging Saturation of Neurons <https://arxiv.org/abs/2403.07688>`_,
-    2024 (the one-cycle λ_t and σ_t² of DemP).
+    2024 (the one-cycle λ_t and σ_t of DemP).
   """
   _check_nonnegative('peak_value', peak_value)
   total_steps = _check_positive_int('total_steps', total_steps)

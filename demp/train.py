@@ -65,9 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.demp.penalty = 'lasso'                # lasso | l2 (kinds of demp.transforms.add_scheduled_penalty)
   c.demp.penalty_mask = transforms.NORM_SCALES   # regex over param paths
   c.demp.peak_lambda = 5e-3               # peak of λ_t
-  c.demp.noise_variance = 5e-5            # peak of σ_t² (a variance, not a std)
+  c.demp.noise_std = transforms.AUTHORS_NOISE_STD   # peak σ_t, a standard deviation (authors' code: 5e-5;
+                                          # the paper's text prints 5e-5 as a variance: 7.07e-3)
   c.demp.noise_symmetric = False
-  c.demp.schedule = 'one_cycle'           # shape of λ_t and σ_t²: one_cycle | constant
+  c.demp.schedule = 'one_cycle'           # shape of λ_t and σ_t: one_cycle | constant
   c.demp.warmup = 'cosine'                # one-cycle warm-up: cosine (reference code) | linear (paper text)
   c.demp.span = 1.0                       # the one-cycle spans this fraction of the run
 
@@ -125,7 +126,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               'prune.min_width', 'prune.multiple_of', 'log_every', 'eval_batch_size',
               'optimizer.accumulate_steps'):
     _positive(key, _get(config, key))
-  for key in ('demp.peak_lambda', 'demp.noise_variance', 'optimizer.learning_rate',
+  for key in ('demp.peak_lambda', 'demp.noise_std', 'optimizer.learning_rate',
               'optimizer.weight_decay', 'label_smoothing', 'eval_every', 'prune.eps',
               'optimizer.grad_clip_norm', 'prune.revival_patience'):
     _positive(key, _get(config, key), strict=False)
@@ -232,23 +233,23 @@ def accumulate(config, tx: optax.GradientTransformation) -> optax.GradientTransf
 
 
 def demp_schedules(config) -> tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedule]:
-  """λ_t and σ_t² of the config: one-cycle (or constant) shapes over the span."""
+  """λ_t and σ_t (noise std) of the config: one-cycle (or constant) shapes over the span."""
   c = config.demp
   if c.schedule == 'constant':
-    return c.peak_lambda, c.noise_variance
+    return c.peak_lambda, c.noise_std
   span = max(1, int(round(c.span * num_updates(config))))
   shape = functools.partial(schedules.one_cycle, total_steps=span, warmup=c.warmup)
-  return shape(c.peak_lambda), shape(c.noise_variance)
+  return shape(c.peak_lambda), shape(c.noise_std)
 
 
 def _demp_optimizer(config, base: optax.GradientTransformation) -> optax.GradientTransformation:
-  lam, var = demp_schedules(config)
+  lam, std = demp_schedules(config)
   c = config.demp
   return transforms.demp_optimizer(
       base,
       penalty_strength=lam if c.peak_lambda > 0 else None,
       penalty_kind=c.penalty, penalty_mask=c.penalty_mask,
-      noise_variance=var if c.noise_variance > 0 else None,
+      noise_std=std if c.noise_std > 0 else None,
       noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric)
 
 
@@ -548,7 +549,7 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  lam_t, var_t = demp_schedules(config)
+  lam_t, std_t = demp_schedules(config)
   lr_t = learning_rate_schedule(config)
   t_start = time.perf_counter()
   timing = {'steps': 0, 'seconds': 0.0, 't0': 0.0, 'widths': {}, 'flops': 0.0}  # current architecture
@@ -619,7 +620,7 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None)
       record = {'step': step, 'loss': float(np.mean([m['loss'] for m in fetched])),
                 'accuracy': float(np.mean([m['accuracy'] for m in fetched])),
                 'live_units': sum(run.model.widths.values()),
-                'lambda': _value(lam_t, update), 'noise_variance': _value(var_t, update),
+                'lambda': _value(lam_t, update), 'noise_std': _value(std_t, update),
                 'learning_rate': _value(lr_t, update)}
       fetched.clear()
       jsonl.write(record)

@@ -3,7 +3,7 @@ r"""Draws one of the paper's figures from a directory of runs (PNG and PDF).
     python -m scripts.plot --runs /tmp/sweep --figure tradeoff --out docs/figures/fig3
     python -m scripts.plot --runs /tmp/sweep --figure dead --where method=demp --out docs/figures/fig1
     python -m scripts.plot --runs /tmp/sweep --figure final_vs --x demp.peak_lambda \
-        --by demp.noise_variance --y dead_ratio --logx --out docs/figures/fig2
+        --by demp.noise_std --y dead_ratio --logx --out docs/figures/fig2
 
 Figures (``demp/plots.py``): tradeoff (accuracy vs neuron / weight sparsity,
 coloured by ``--by``, default the method), dead (dead-unit ratio over steps;

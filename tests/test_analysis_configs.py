@@ -68,7 +68,7 @@ def test_convnet_analysis_smoke(name, arg, npz, tmp_path):
   if name == 'death_check':
     assert config.prune.num_examples == NUM_TRAIN and config.prune.batch_size == 96
   if name == 'dead_units':
-    assert (config.demp.peak_lambda, config.demp.noise_variance, config.optimizer.name,
+    assert (config.demp.peak_lambda, config.demp.noise_std, config.optimizer.name,
             config.model.activation) == (0.0, 0.0, 'adam', 'leaky_relu')
 
 

@@ -50,7 +50,7 @@ def tiny_config(comparable: bool = False):
   if comparable:
     c.optimizer.name = 'sgd'
     c.optimizer.learning_rate = 0.1
-    c.demp.noise_variance = 0.0
+    c.demp.noise_std = 0.0
   return c
 
 

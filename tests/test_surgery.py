@@ -97,7 +97,7 @@ def test_optimizer_state_slicing_covers_every_param_shaped_leaf():
   params = variables['params']
   tx = transforms.demp_optimizer(
       optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9)),
-      penalty_strength=1e-3, noise_variance=1e-4)
+      penalty_strength=1e-3, noise_std=1e-2)
   opt_state = tx.init(params)
   # Fill every param-shaped leaf with values that identify their position.
   opt_state = jax.tree.map(

@@ -266,7 +266,7 @@ def _inner():
 def test_live_noise_is_exactly_zero_on_dead_entries():
   params, grads = _dead_params_and_grads()
   inner = _inner()
-  tx = with_live_noise(inner, variance=1e-2, seed=3)
+  tx = with_live_noise(inner, std=0.1, seed=3)
   updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
   ref, _ = inner.update(grads, inner.init(params), params)
   assert isinstance(state, LiveNoiseState)
@@ -283,7 +283,7 @@ def test_live_noise_is_exactly_zero_on_dead_entries():
 def test_symmetric_noise_reaches_dead_entries():
   params, grads = _dead_params_and_grads()
   inner = _inner()
-  tx = with_live_noise(inner, variance=1e-2, seed=3, symmetric=True)
+  tx = with_live_noise(inner, std=0.1, seed=3, symmetric=True)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   ref, _ = inner.update(grads, inner.init(params), params)
   for name in ("kernel", "bias"):
@@ -291,11 +291,11 @@ def test_symmetric_noise_reaches_dead_entries():
                   != np.asarray(ref["Dense_0"][name]))
 
 
-def test_noise_variance_follows_schedule():
-  variance = one_cycle(5e-5, total_steps=10, warmup="linear")
+def test_noise_std_follows_schedule():
+  std = one_cycle(7e-3, total_steps=10, warmup="linear")
   params = {"w": jnp.zeros((400, 500))}  # 200k entries.
   grads = {"w": jnp.ones((400, 500))}  # All live.
-  tx = with_live_noise(optax.sgd(0.0), variance, seed=0)
+  tx = with_live_noise(optax.sgd(0.0), std, seed=0)
   update = jax.jit(tx.update)
   state = tx.init(params)
   measured = {}
@@ -304,7 +304,7 @@ def test_noise_variance_follows_schedule():
     if step in (0, 3, 7):
       noise = np.asarray(updates["w"], np.float64)  # sgd(0) gives 0 updates.
       measured[step] = (noise.mean(), noise.var())
-  expected = {s: float(variance(s)) for s in measured}
+  expected = {s: float(std(s))**2 for s in measured}   # σ_t² from the std schedule
   assert len(set(expected.values())) == 3  # Three different variances.
   for step, (mean, var) in measured.items():
     np.testing.assert_allclose(var, expected[step], rtol=0.03,
@@ -319,7 +319,7 @@ def test_noise_is_not_scaled_by_learning_rate():
   zeros = optax.tree.zeros_like(params)
   out = {}
   for lr in (1e-3, 1.0):
-    tx = with_live_noise(optax.sgd(lr), 1e-2, seed=5, symmetric=True)
+    tx = with_live_noise(optax.sgd(lr), 0.1, seed=5, symmetric=True)
     out[lr], _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_array_equal(out[1e-3]["w"], out[1.0]["w"])
   np.testing.assert_allclose(np.std(out[1.0]["w"]), 0.1, rtol=0.05)
@@ -328,7 +328,7 @@ def test_noise_is_not_scaled_by_learning_rate():
   noise = {}
   for lr in (1e-3, 1.0):
     inner = optax.sgd(lr)
-    tx = with_live_noise(inner, 1e-2, seed=5)
+    tx = with_live_noise(inner, 0.1, seed=5)
     updates, _ = tx.update(grads, tx.init(params), params)
     ref, _ = inner.update(grads, inner.init(params), params)
     noise[lr] = np.asarray(updates["w"]) - np.asarray(ref["w"])
@@ -341,7 +341,7 @@ def test_noise_rng_contract_deterministic_and_varied():
   grads = optax.tree.ones_like(params)
 
   def run(seed, steps=3):
-    tx = with_live_noise(optax.sgd(0.0), 4.0, seed=seed)
+    tx = with_live_noise(optax.sgd(0.0), 2.0, seed=seed)
     state, out = tx.init(params), []
     for _ in range(steps):
       updates, state = tx.update(grads, state, params)
@@ -357,7 +357,7 @@ def test_noise_rng_contract_deterministic_and_varied():
   assert not np.any(np.asarray(first[0]["a"]) == np.asarray(first[0]["b"][:8]))
   # The documented contract: step t draws one flat N(0, 1) vector from
   # fold_in(key(seed), t), split over the leaves in tree order, scaled by
-  # σ = sqrt(variance) = 2.
+  # σ = std = 2.
   step_key = jax.random.fold_in(jax.random.key(0), 2)
   sizes = [x.size for x in jax.tree.leaves(params)]
   flat = jax.random.normal(step_key, (sum(sizes),), jnp.float32)
@@ -371,17 +371,17 @@ def test_noise_rng_contract_deterministic_and_varied():
 def test_noise_dtype_follows_updates():
   params = {"w": jnp.zeros(8, jnp.bfloat16)}
   grads = {"w": jnp.ones(8, jnp.bfloat16)}
-  tx = with_live_noise(optax.sgd(0.1), 1e-2)
+  tx = with_live_noise(optax.sgd(0.1), 0.1)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   assert updates["w"].dtype == jnp.bfloat16
   assert np.all(np.asarray(updates["w"], np.float32) != -0.1)
 
 
-@pytest.mark.parametrize("variance", [-1e-5, float("nan")])
-def test_live_noise_bad_variance_raises(variance):
-  with pytest.raises(ValueError, match="variance") as info:
-    with_live_noise(optax.sgd(0.1), variance)
-  assert repr(variance) in str(info.value)
+@pytest.mark.parametrize("std", [-1e-5, float("nan")])
+def test_live_noise_bad_std_raises(std):
+  with pytest.raises(ValueError, match="std") as info:
+    with_live_noise(optax.sgd(0.1), std)
+  assert repr(std) in str(info.value)
 
 
 # jit: one trace for a changing λ_t, lr_t and σ_t² ----------------------------
@@ -448,7 +448,7 @@ def test_demp_optimizer_equals_manual_composition(with_penalty, with_noise):
       penalty_strength=lam if with_penalty else None,
       penalty_kind="l2",
       penalty_mask=ALL_WEIGHTS,
-      noise_variance=var if with_noise else None,
+      noise_std=var if with_noise else None,
       noise_seed=7,
       symmetric_noise=True,
   )
@@ -470,9 +470,9 @@ def test_demp_optimizer_equals_manual_composition(with_penalty, with_noise):
 def test_demp_optimizer_passes_seed_and_defaults():
   var = 1e-2
   a, _ = _run(demp_optimizer(optax.sgd(0.1), penalty_strength=0.1,
-                             noise_variance=var, noise_seed=0), steps=1)
+                             noise_std=var, noise_seed=0), steps=1)
   b, _ = _run(demp_optimizer(optax.sgd(0.1), penalty_strength=0.1,
-                             noise_variance=var, noise_seed=1), steps=1)
+                             noise_std=var, noise_seed=1), steps=1)
   assert not np.array_equal(np.asarray(a[0]["ConvNet_0"]["Conv_0"]["kernel"]),
                             np.asarray(b[0]["ConvNet_0"]["Conv_0"]["kernel"]))
   # Default: asymmetric noise, so the zero-gradient BN bias entry (index 1)

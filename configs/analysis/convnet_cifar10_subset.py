@@ -14,7 +14,7 @@ the training-set size from ``path`` when the config is built);
 ``steps=19550`` = 50 epochs of 50 000 at batch 128, ``every=1000``).
 
 Arguments: ``method`` (dense | demp | a baseline), ``lam`` (peak λ), ``noise``
-(peak σ² variance), ``symmetric``, ``schedule`` (one_cycle | constant),
+(peak noise std: 5e-5 the authors' code, 7.07e-3 the paper text's variance 5e-5), ``symmetric``, ``schedule`` (one_cycle | constant),
 ``warmup`` (cosine | linear), ``steps``, ``every`` (τ), ``examples`` (death
 check: a number, or ``all`` = the whole training set), ``dynamic`` (remove
 dead units at every check, or only at the end), ``lr``, ``bs``, ``eps`` (Adam
@@ -59,7 +59,7 @@ def build(args: dict):
   c.optimizer.weight_decay = args['wd']
   c.optimizer.eps = args['eps']
   c.demp.peak_lambda = args['lam']
-  c.demp.noise_variance = args['noise']
+  c.demp.noise_std = args['noise']
   c.demp.noise_symmetric = args['symmetric']
   c.demp.schedule = args['schedule']
   c.demp.warmup = args['warmup']

@@ -47,7 +47,7 @@ def get_config(arg: str | None = None):
   c.optimizer.lr_schedule = 'constant'
   c.demp.peak_lambda = 0.0
   c.demp.schedule = 'constant'
-  c.demp.noise_variance = args['variance'] if args['mode'] == 'gaussian' else 0.0
+  c.demp.noise_std = args['variance']**0.5 if args['mode'] == 'gaussian' else 0.0   # the std of that variance
   c.demp.noise_symmetric = args['symmetric']
   c.prune.every = args['every']
   c.prune.dynamic = False
