@@ -14,26 +14,36 @@ Arguments: ``method``, ``steps``, ``seed``, ``lam`` (DemP's peak λ), ``width``
 and ``kind`` (the baselines' ``target_sparsity`` / ``target_kind``;
 ``scripts.compare`` sets them to DemP's weight sparsity), ``fallback`` (the
 early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
-``p`` (``neq_stochastic``'s frozen fraction), ``path`` (the .npz), ``smoke``.
+``p`` (``neq_stochastic``'s frozen fraction), ``opt`` (adamw | sgd) / ``lr`` /
+``every`` (τ) as in the analysis config, ``path`` (the .npz), ``smoke``. The
+unstructured baselines (``magnitude``, ``rigl``, ...) read ``target`` over their
+pruned weights and update their masks every ``steps // 24`` steps.
 """
 
 from baselines import config as baselines_config
+from baselines import sparse
 from configs.analysis import convnet_cifar10_subset, parse
 
 DEFAULTS = dict(method='dense', steps=600, seed=0, lam=3e-2, width=1.0, target=0.5, kind='units',
-                fallback=0, eps=1e-3, mu=0.5, p=0.2, path='../shared/data/cifar10_subset.npz',
-                smoke=False)
+                fallback=0, eps=1e-3, mu=0.5, p=0.2, opt='adamw', lr=5e-3, every=100,
+                path='../shared/data/cifar10_subset.npz', smoke=False)
 
 
 def get_config(arg: str | None = None):
   args = parse(arg, **DEFAULTS)
   c = convnet_cifar10_subset.build(parse(
       f"method={args['method']},steps={args['steps']},lam={args['lam']},width={args['width']},"
-      f"smoke={args['smoke']}",
+      f"opt={args['opt']},lr={args['lr']},every={args['every']},smoke={args['smoke']}",
       **convnet_cifar10_subset.DEFAULTS))
   c.seed = args['seed']
   c.data.path = args['path']
   b = baselines_config.default_config()
+  # The unstructured baselines' keys too; their masks change every steps/24 steps (the
+  # DemP authors' 500 is for ~100k-step runs): 12 mask updates in the 0.3T..0.8T window.
+  for key, value in sparse.default_config().items():
+    if key not in b:
+      b[key] = value
+  b.update_every = max(1, args['steps'] // 24)
   b.target_sparsity = args['target']
   b.target_kind = args['kind']
   b.eps = args['eps']
