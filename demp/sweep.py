@@ -13,6 +13,13 @@ overrides, holding the trainer's ``metrics.jsonl`` / ``summary.json`` /
 interrupted run restarts, or continues from its checkpoint when the trainer
 saved one). Runs are independent ``python -m scripts.train`` processes,
 ``parallel`` at a time.
+
+Long sweeps outlive sessions and scratch disks: with a ``results_dir`` (e.g.
+a folder under version control), each finished run's small outputs
+(:data:`RESULT_FILES`) are copied to ``<results_dir>/<run name>/`` as the run
+completes, and a run already there counts as done, so a sweep restarted on a
+fresh machine with the same ``results_dir`` skips it. :func:`collect` copies
+what a running or finished sweep has done so far.
 """
 
 from __future__ import annotations
@@ -23,12 +30,16 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
 ARG_PREFIX = 'arg.'
+
+RESULT_FILES = ('summary.json', 'metrics.jsonl', 'config.json')
+"""What :func:`collect` keeps of a finished run: small, and enough for the reports."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +110,48 @@ def command(spec: RunSpec, config: str, workdir: str, python: str = sys.executab
   return cmd
 
 
-def is_done(workdir: str, spec: RunSpec) -> bool:
-  return os.path.exists(os.path.join(workdir, spec.name, 'summary.json'))
+def is_done(workdir: str, spec: RunSpec, results_dir: str | None = None) -> bool:
+  """Whether the run finished: its ``summary.json`` is in ``workdir`` or ``results_dir``."""
+  dirs = (workdir,) if results_dir is None else (workdir, results_dir)
+  return any(os.path.exists(os.path.join(d, spec.name, 'summary.json')) for d in dirs)
+
+
+def collect_run(run_dir: str, results_dir: str) -> bool:
+  """Copies one finished run's :data:`RESULT_FILES` to ``results_dir/<name>``; False if unfinished.
+
+  ``summary.json`` is copied last, so a copy interrupted half-way does not
+  count as done.
+  """
+  if not os.path.exists(os.path.join(run_dir, 'summary.json')):
+    return False
+  dest = os.path.join(results_dir, os.path.basename(os.path.normpath(run_dir)))
+  os.makedirs(dest, exist_ok=True)
+  for name in sorted(RESULT_FILES, key=lambda n: n == 'summary.json'):
+    src = os.path.join(run_dir, name)
+    if os.path.exists(src):
+      shutil.copyfile(src, os.path.join(dest, name))
+  return True
+
+
+def collect(workdir: str, results_dir: str) -> list[str]:
+  """Copies every finished run of the sweep in ``workdir`` to ``results_dir``; returns their names.
+
+  Runs already in ``results_dir`` with the same ``summary.json`` are left alone.
+  """
+  done = []
+  for name in sorted(os.listdir(workdir)):
+    run_dir = os.path.join(workdir, name)
+    summary = os.path.join(run_dir, 'summary.json')
+    if not os.path.isfile(summary):
+      continue
+    kept = os.path.join(results_dir, name, 'summary.json')
+    if os.path.isfile(kept):
+      with open(summary, 'rb') as a, open(kept, 'rb') as b:
+        if a.read() == b.read():
+          continue
+    collect_run(run_dir, results_dir)
+    done.append(name)
+  return done
 
 
 def _has_checkpoint(run_dir: str) -> bool:
@@ -128,11 +179,14 @@ def _run_one(spec: RunSpec, config: str, workdir: str, cwd: str) -> tuple[str, i
 
 
 def run_sweep(config: str, grids: Sequence[str], workdir: str, *, parallel: int = 1,
-              dry_run: bool = False, cwd: str | None = None, echo=print) -> dict[str, int]:
+              dry_run: bool = False, cwd: str | None = None, echo=print,
+              results_dir: str | None = None) -> dict[str, int]:
   """Runs every run of the grids not done yet; returns ``{name: return code}``.
 
   A failed run is reported and the sweep goes on; its directory has no
-  ``summary.json``, so the next invocation retries it.
+  ``summary.json``, so the next invocation retries it. With ``results_dir``,
+  a finished run's small outputs are copied there as it completes, and runs
+  found there are not run again (see the module docstring).
   """
   if parallel < 1:
     raise ValueError(f'parallel={parallel} must be >= 1.')
@@ -141,7 +195,7 @@ def run_sweep(config: str, grids: Sequence[str], workdir: str, *, parallel: int 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
     json.dump({'config': config, 'grids': list(grids), 'runs': [s.name for s in specs]}, f, indent=2)
-  todo = [s for s in specs if not is_done(workdir, s)]
+  todo = [s for s in specs if not is_done(workdir, s, results_dir)]
   echo(f'{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run '
        f'({parallel} at a time) in {workdir}')
   if dry_run:
@@ -154,6 +208,8 @@ def run_sweep(config: str, grids: Sequence[str], workdir: str, *, parallel: int 
     for fut in concurrent.futures.as_completed(futures):
       name, rc, seconds = fut.result()
       results[name] = rc
+      if rc == 0 and results_dir is not None:
+        collect_run(os.path.join(workdir, name), results_dir)
       status = 'ok' if rc == 0 else f'FAILED (exit {rc}; see {os.path.join(workdir, name, "train.log")})'
       echo(f'[{len(results)}/{len(todo)}] {name}: {status} in {seconds:.0f} s')
   return results

@@ -203,3 +203,26 @@ def test_check_only_logs_and_measures_revival(tmp_path):
   run.step = run.config.num_steps                   # the final check removes (prune.at_end)
   assert run.prune_dead()
   assert dict(run.model.widths) == {'hidden_0': 4, 'hidden_1': 4}
+
+
+def test_sweep_results_dir_collects_and_skips(tmp_path):
+  """Finished runs are copied (summary last) and count as done on a fresh workdir."""
+  workdir, kept = str(tmp_path / 'scratch'), str(tmp_path / 'kept')
+  specs = sweep.expand(['method=dense;seed=0,1,2'])
+  for spec, finished in zip(specs, (True, False, True)):
+    run_dir = os.path.join(workdir, spec.name)
+    os.makedirs(os.path.join(run_dir, 'checkpoints'))
+    for name in ('metrics.jsonl', 'config.json', 'train.log') + (('summary.json',) if finished else ()):
+      with open(os.path.join(run_dir, name), 'w') as f:
+        f.write(f'{spec.name} {name}')
+  assert sweep.collect(workdir, kept) == [specs[0].name, specs[2].name]
+  assert sorted(os.listdir(kept)) == [specs[0].name, specs[2].name]
+  assert sorted(os.listdir(os.path.join(kept, specs[0].name))) == sorted(sweep.RESULT_FILES)
+  with open(os.path.join(kept, specs[2].name, 'metrics.jsonl')) as f:
+    assert f.read() == f'{specs[2].name} metrics.jsonl'
+  assert sweep.collect(workdir, kept) == []                  # unchanged: nothing copied again
+  echoed = []
+  sweep.run_sweep('c.py', ['method=dense;seed=0,1,2'], str(tmp_path / 'fresh'), dry_run=True,
+                  echo=echoed.append, results_dir=kept)
+  assert echoed[0].startswith('3 runs, 2 done, 1 to run')
+  assert specs[1].name in echoed[1] and len(echoed) == 2
