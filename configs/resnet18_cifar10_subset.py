@@ -17,17 +17,22 @@ std 5e-5, τ = num_steps / 4 = 300, death check on 512 training images. ``data.p
 has no default: pass it by flag.
 
 Arguments: method=demp|dense|<a baseline>, opt=adam|sgdm, lam=<peak λ>,
-act=relu|leaky_relu|swish|gelu, stream=True|False, steps=<num_steps>, smoke=True.
+act=relu|leaky_relu|swish|gelu, stream=True|False, steps=<num_steps>,
+path=<the .npz> (same as ``--config.data.path``), target / kind (the
+baselines' ``target_sparsity`` / ``target_kind``), fallback (the early
+variants' fallback epoch; 0 = half the run), smoke=True.
 """
 
 import ml_collections
 
+from baselines import config as baselines_config
 from configs import common
 from configs.analysis import parse
 from demp.train import base_config
 
 LEARNING_RATE = {'adam': 5e-3, 'sgdm': 0.1}
-ARGS = dict(method='demp', opt='adam', lam=2e-2, act='relu', stream=True, steps=1200, smoke=False)
+ARGS = dict(method='demp', opt='adam', lam=2e-2, act='relu', stream=True, steps=1200, path='',
+            target=0.5, kind='units', fallback=0, smoke=False)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data.source = 'npz'
   c.data.name = 'cifar10'
-  c.data.path = None                      # by flag: --config.data.path=...
+  c.data.path = a['path'] or None         # or by flag: --config.data.path=...
   c.data.augment = 'crop_flip'
   c.data.normalize = True
 
@@ -64,6 +69,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prune.batch_size = 128
   c.eval_batch_size = 339                 # the 1,017 test images in 3 batches, no padding
   c.log_every = 50
+
+  b = baselines_config.default_config()   # read only when method is a baseline
+  b.target_sparsity = a['target']
+  b.target_kind = a['kind']
+  b.fallback_epoch = a['fallback']
+  c.baselines = b
 
   if a['smoke']:
     common.shrink_for_smoke(c)

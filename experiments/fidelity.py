@@ -1,0 +1,143 @@
+r"""The reduced reproduction of DemP's trade-off on the CIFAR-10 subset, stage by stage.
+
+    python -m experiments.fidelity --data_path=/path/to/cifar10_subset.npz \
+        --results_dir=docs/results/fidelity --workdir=/tmp/fidelity [--stages=convnet_adam,...]
+
+Every stage is a :func:`demp.sweep.run_sweep` grid (≥ 3 seeds per row) whose
+finished runs are copied to ``<results_dir>/<stage>/<run>/`` (summary.json,
+metrics.jsonl, config.json) as they complete; a run found there is skipped, so
+the command resumes on any machine from what is committed. Stages run in the
+order of :data:`STAGES` (seed 0 of every row first, so a partial sweep already
+shows every method). ``--stages`` picks some; ``--dry_run`` lists the runs.
+
+Stages whose baselines are trained "at DemP's sparsities" read DemP's mean
+weight sparsity per λ from the stage named in ``after`` and round it to 0.05;
+until every seed of that stage is done they are skipped with a message.
+
+The reports and figures: ``python -m scripts.report --runs <results_dir>/<stage>
+--target_weight_sparsity 0.5,0.7,0.9`` and ``python -m scripts.plot --runs ...
+--figure tradeoff`` (see docs/results.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from demp import sweep
+
+SEEDS = (0, 1, 2)
+CONVNET = 'configs/compare_cifar10_subset.py:steps={steps},width=0.5,kind=weights,path={path}'
+RESNET = 'configs/resnet18_cifar10_subset.py:kind=weights,path={path}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One sweep: a config (``{path}`` is the data file) and grids per seed."""
+
+  config: str
+  grids: tuple[str, ...]      # each with '{s}' for the seed
+  after: str = ''             # the DemP stage whose sparsities set this stage's targets
+  baselines: tuple[str, ...] = ()
+  seeds: tuple[int, ...] = SEEDS
+
+  def expand(self, targets: str = '') -> list[str]:
+    grids = list(self.grids)
+    if self.after:
+      grids = [f'arg.method={",".join(self.baselines)};arg.target={targets};seed={{s}}']
+    return [g.format(s=s) for s in self.seeds for g in grids]
+
+
+STAGES: dict[str, Stage] = {
+    # ConvNet (width 0.5), AdamW 5e-3 one-cycle, 1200 steps (30 epochs), τ = 100.
+    'convnet_adam': Stage(CONVNET.replace('{steps}', '1200'), (
+        'arg.method=dense;seed={s}',
+        'arg.method=demp;arg.lam=0.02,0.04,0.08,0.16;seed={s}',
+        'arg.method=early_crop_s,early_snap;arg.target=0.5,0.7,0.9;seed={s}',
+        'arg.method=crop_s,snap;arg.target=0.5,0.7,0.9;seed={s}',
+        'arg.method=magnitude,rigl;arg.target=0.7,0.9;seed={s}',
+    )),
+    # The same ConvNet with SGD-momentum 0.1 one-cycle: dense and DemP, then EarlyCroP-S
+    # at DemP's sparsities. λ is ~10x smaller than with Adam: SGD does not normalize the
+    # penalty, and momentum 0.9 multiplies it by 10 (shrink per step ≈ lr·λ/(1−β)).
+    'convnet_sgdm': Stage(CONVNET.replace('{steps}', '1200') + ',opt=sgd,lr=0.1', (
+        'arg.method=dense;seed={s}',
+        'arg.method=demp;arg.lam=5e-4,1e-3,2e-3,4e-3;seed={s}',
+    )),
+    'convnet_sgdm_baselines': Stage(CONVNET.replace('{steps}', '1200') + ',opt=sgd,lr=0.1', (),
+                                    after='convnet_sgdm', baselines=('early_crop_s',)),
+    # ResNet-18 (width 0.25), Adam 5e-3 ÷5 at 77/250 of the run, 1200 steps, τ = 300.
+    'resnet18': Stage(RESNET, (
+        'arg.method=dense;seed={s}',
+        'arg.method=demp;arg.lam=0.01,0.02,0.05;seed={s}',
+    )),
+    'resnet18_baselines': Stage(RESNET, (), after='resnet18',
+                                baselines=('early_snap', 'early_crop_s')),
+}
+
+
+def demp_sparsities(results_dir: str, stage: str, seeds=SEEDS) -> list[float] | None:
+  """DemP's mean weight sparsity per λ in a finished stage, rounded to 0.05; None if unfinished."""
+  by_lam: dict[str, list[float]] = {}
+  runs = sweep.expand(STAGES[stage].expand())
+  for spec in runs:
+    overrides = dict(spec.overrides)
+    if overrides.get('arg.method') != 'demp':
+      continue
+    path = os.path.join(results_dir, stage, spec.name, 'summary.json')
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      by_lam.setdefault(overrides['arg.lam'], []).append(json.load(f)['weight_sparsity'])
+  means = sorted({round(sum(v) / len(v) / 0.05) * 0.05 for v in by_lam.values()})
+  return [round(m, 2) for m in means if 0.05 <= m <= 0.95] or None
+
+
+def run(stages, data_path: str, results_dir: str, workdir: str, *, dry_run: bool = False,
+        echo=print) -> dict[str, int]:
+  """Runs the stages in order; returns every run's return code."""
+  results = {}
+  for name in stages:
+    stage = STAGES[name]
+    targets = ''
+    if stage.after:
+      found = demp_sparsities(results_dir, stage.after, stage.seeds)
+      if found is None:
+        echo(f'{name}: skipped until every DemP run of {stage.after} is in {results_dir}.')
+        continue
+      targets = ','.join(f'{t:g}' for t in found)
+      echo(f'{name}: targets {targets} (DemP weight sparsities of {stage.after})')
+    config = stage.config.replace('{path}', data_path)
+    results.update(sweep.run_sweep(config, stage.expand(targets), os.path.join(workdir, name),
+                                   dry_run=dry_run, echo=echo,
+                                   results_dir=os.path.join(results_dir, name)))
+  return results
+
+
+_DATA = flags.DEFINE_string('data_path', None, 'The CIFAR-10 subset .npz (see docs/results.md).')
+_RESULTS = flags.DEFINE_string('results_dir', 'docs/results/fidelity', 'Kept results, per stage.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch directory for the runs.')
+_STAGES = flags.DEFINE_list('stages', list(STAGES), f'Stages to run, in order: {list(STAGES)}.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs to do and stop.')
+flags.mark_flags_as_required(['data_path', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  unknown = [s for s in _STAGES.value if s not in STAGES]
+  if unknown:
+    raise app.UsageError(f'--stages: unknown {unknown}; known: {list(STAGES)}.')
+  results = run(_STAGES.value, _DATA.value, _RESULTS.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
+  failed = sorted(k for k, rc in results.items() if rc)
+  if failed:
+    print(f'{len(failed)} runs failed: {failed}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
