@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
-from demp import train
+from demp import benchmark, methods as methods_lib, train
 
 STRUCTURED = ('snap', 'crop_s', 'early_snap', 'early_crop_s')
-METHODS = ('dense', 'demp') + STRUCTURED + ('neq', 'neq_stochastic')
+ORDER = ('dense', 'demp') + STRUCTURED + ('neq', 'neq_stochastic')
+"""The structured comparison's methods, in the order they train (DemP before the baselines)."""
 
 
 def run_methods(make_config: Callable[[str], ml_collections.ConfigDict], methods: Sequence[str],
@@ -37,10 +35,10 @@ def run_methods(make_config: Callable[[str], ml_collections.ConfigDict], methods
   ``reuse``: a method whose ``workdir/<method>/summary.json`` exists is not
   trained again; its summary is read back.
   """
-  unknown = set(methods) - set(train.all_methods())
+  unknown = set(methods) - set(methods_lib.names())
   if unknown:
-    raise ValueError(f'--methods: {sorted(unknown)} are not methods; known: {sorted(train.all_methods())}.')
-  order = sorted(methods, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
+    raise ValueError(f'--methods: {sorted(unknown)} are not methods; known: {methods_lib.names()}.')
+  order = sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
   summaries: dict[str, dict[str, Any]] = {}
   for method in order:
     path = os.path.join(workdir, method, 'summary.json')
@@ -65,25 +63,14 @@ def step_benchmark(make_config: Callable[[str], ml_collections.ConfigDict],
   at its final widths, on the same batch, in ``rounds`` rounds of ``steps``
   steps per method, so that load changes hit every method alike.
   """
-  runs = {}
+  fns = {}
   for method, summary in summaries.items():
     run, batches = train.init_run(make_config(method))
     run.prune({k: np.arange(w) < summary['widths'][k] for k, w in run.model.widths.items()},
               reason='benchmark: final widths')
-    batch = next(batches)
-    run.compile(batch)
-    run.state, _ = run.compiled(run.state, batch)          # warm-up
-    jax.block_until_ready(run.state)
-    runs[method] = (run, batch)
-  times: dict[str, list[float]] = {m: [] for m in runs}
-  for _ in range(rounds):
-    for method, (run, batch) in runs.items():
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        run.state, _ = run.compiled(run.state, batch)
-      jax.block_until_ready(run.state)
-      times[method].append((time.perf_counter() - t0) / steps)
-  return {m: statistics.median(t) for m, t in times.items()}
+    fns[method] = benchmark.run_step_fn(run, next(batches))
+  return benchmark.median_times(benchmark.interleaved_times(fns, rounds=rounds,
+                                                            steps_per_round=steps))
 
 
 def _widths(summary) -> str:

@@ -26,7 +26,7 @@ from configs import compare_cifar10_subset
 from demp import metrics
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the runs write; default a fresh temp dir.')
-_METHODS = flags.DEFINE_list('methods', list(compare.METHODS), 'Methods to train.')
+_METHODS = flags.DEFINE_list('methods', list(compare.ORDER), 'Methods to train.')
 _ARG = flags.DEFINE_string('arg', '', 'Extra config arguments, "k=v,k=v" (see the config).')
 _MATCH = flags.DEFINE_bool('match_weight_sparsity', True,
                            'Structured baselines target the weight sparsity DemP reached.')

@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
 
-import jax
 from absl import app, flags
 
 from baselines import sparse
 from configs.analysis import convnet_cifar10_subset
-from demp import train
+from demp import benchmark, train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the runs write; default a fresh temp dir.')
 _STEPS = flags.DEFINE_integer('steps', 600, 'Training steps per run.')
@@ -75,23 +73,13 @@ def step_benchmark(steps: int) -> list[tuple[str, float]]:
       'rigl, mask update every step': make_config('rigl', steps, 0.9, update_every=1,
                                                   start_fraction=0.0, end_fraction=1.0),
   }
-  runs = {}
+  fns = {}
   for name, config in variants.items():
     run, it = train.init_run(config)
-    batch = next(it)
-    run.compile(batch)
-    run.state, _ = run.compiled(run.state, batch)          # warm-up
-    jax.block_until_ready(run.state)
-    runs[name] = (run, batch)
-  times = {name: [] for name in runs}
-  for _ in range(_BENCH_ROUNDS.value):
-    for name, (run, batch) in runs.items():
-      t0 = time.perf_counter()
-      for _ in range(_BENCH_STEPS.value):
-        run.state, _ = run.compiled(run.state, batch)
-      jax.block_until_ready(run.state)
-      times[name].append((time.perf_counter() - t0) / _BENCH_STEPS.value)
-  return [(name, statistics.median(t)) for name, t in times.items()]
+    fns[name] = benchmark.run_step_fn(run, next(it))
+  times = benchmark.interleaved_times(fns, rounds=_BENCH_ROUNDS.value,
+                                      steps_per_round=_BENCH_STEPS.value)
+  return list(benchmark.median_times(times).items())
 
 
 def main(argv):
