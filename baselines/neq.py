@@ -27,7 +27,7 @@ weight gradient (``2·B·P·K`` FLOPs for a producer kernel slice of ``K``
 inputs per unit, ``P`` output positions, batch ``B``) need not be computed.
 In this trainer it still is: shapes are static under ``jit``, the gradient of
 the whole kernel is computed and then masked, so wall-clock time does not
-drop (``scripts/neq_backward.py`` measures what splitting the kernels would
+drop (``experiments/neq_backward.py`` measures what splitting the kernels would
 buy). ``run.stats`` holds the per-epoch frozen counts and the FLOP figures.
 
 Reference:
