@@ -155,3 +155,20 @@ def test_a_section_nobody_registered_is_unknown():
   c.extras = {'a': 1}
   with pytest.raises(ValueError, match=r"unknown config keys \['extras'\]"):
     config_lib.validate_config(c)
+
+
+def test_validate_config_runs_once_per_run(monkeypatch, tmp_path):
+  calls = []
+  validate = config_lib.validate_config
+  monkeypatch.setattr(config_lib, 'validate_config', lambda c: calls.append(1) or validate(c))
+
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop
+
+  monkeypatch.setattr(train, 'resolve_run', stop)   # everything after the checks
+  with pytest.raises(Stop):
+    train.train_and_evaluate(_config(), str(tmp_path))
+  assert calls == [1]
