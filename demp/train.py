@@ -382,6 +382,10 @@ def _tb_write(tb, step: int, record: Mapping[str, Any]) -> None:
 from demp import transforms  # noqa: E402,F401
 from demp.config import FREE_KEYS, base_config, validate_config  # noqa: E402,F401
 from demp.methods import Method, prune_steps  # noqa: E402,F401
-from demp.optim import (OPTIMIZERS, accumulate, base_optimizer, demp_schedules,  # noqa: E402,F401
-                        learning_rate_schedule, num_updates)
+from demp.optim import OPTIMIZERS  # noqa: E402,F401
+from demp.optim import accumulate  # noqa: E402,F401
+from demp.optim import base_optimizer  # noqa: E402,F401
+from demp.optim import demp_schedules  # noqa: E402,F401
+from demp.optim import learning_rate_schedule  # noqa: E402,F401
+from demp.optim import num_updates  # noqa: E402,F401
 from demp.steps import cross_entropy, make_eval_step, make_train_step  # noqa: E402,F401
