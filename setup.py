@@ -9,8 +9,9 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.12',
-    packages=find_packages(include=['demp', 'demp.*', 'baselines', 'baselines.*', 'configs',
-                                    'scripts']),
+    # The library and its companion baselines; configs/ and scripts/ run from the repository
+    # root (`python -m scripts.train --config configs/...`) and are never installed.
+    packages=find_packages(include=['demp', 'demp.*', 'baselines', 'baselines.*']),
     # Lower bounds are the versions this project is tested with.
     install_requires=[
         'jax>=0.12.0',
@@ -28,6 +29,6 @@ setup(
         'tqdm>=4.70.1',
     ],
     extras_require={
-        'test': ['pytest>=9.2.0', 'pytest-xdist>=3.8.0'],
+        'test': ['pytest>=9.2.0', 'pytest-xdist>=3.8.0', 'ruff>=0.8'],
     },
 )

@@ -1,12 +1,14 @@
-"""Baselines that plug into the one trainer: ``METHODS`` merges every module's.
+"""Baselines that plug into the one trainer; importing this package registers their methods.
 
-``demp.train.all_methods()`` merges :data:`METHODS` into the trainer's own, so
-``config.method`` can name any of them. Structured (``snap``): ``snap``,
-``crop_s``, ``early_snap``, ``early_crop_s``; NEq (``neq``): ``neq``,
-``neq_stochastic``; unstructured (``sparse``): ``magnitude``, ``saliency``,
-``set``, ``rigl``. Settings: ``config.baselines`` (``baselines.config``).
+Each module registers its methods in :mod:`demp.methods` when imported, and its
+keys of ``config.baselines`` in :mod:`demp.config` (so an unknown key is an
+error), so ``config.method`` can name any of them once ``baselines`` is imported
+(``scripts/train.py`` does). Structured (``snap``): ``snap``, ``crop_s``,
+``early_snap``, ``early_crop_s``; NEq (``neq``): ``neq``, ``neq_stochastic``;
+unstructured (``sparse``): ``magnitude``, ``saliency``, ``set``, ``rigl``.
+Settings: ``config.baselines`` (``baselines.config``, ``baselines.sparse.methods``).
 """
 
 from baselines import neq, snap, sparse
 
-METHODS = {**snap.METHODS, **neq.METHODS, **sparse.METHODS}
+__all__ = ['neq', 'snap', 'sparse']

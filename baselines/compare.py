@@ -7,26 +7,33 @@ pruned row sits at about the same weight sparsity), then NEq.
 :func:`step_benchmark` times every run's final architecture side by side
 (interleaved rounds in one process: the same machine load for all, unlike the
 runs' own wall times). :func:`table` formats it all as one Markdown table.
-``scripts/compare.py`` is the command line.
+
+The unstructured baselines (``baselines.sparse``: magnitude, saliency, SET,
+RigL) at several target sparsities next to dense and DemP:
+:func:`run_unstructured`, :func:`unstructured_table` and
+:func:`mask_update_benchmark` (a dense step against a sparse step without and
+with a mask update, side by side).
+
+``scripts/compare.py`` is the command line for both (``--kind``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
-from demp import train
+from baselines import sparse
+from demp import benchmark, train
+from demp import methods as methods_lib
 
 STRUCTURED = ('snap', 'crop_s', 'early_snap', 'early_crop_s')
-METHODS = ('dense', 'demp') + STRUCTURED + ('neq', 'neq_stochastic')
+ORDER = ('dense', 'demp') + STRUCTURED + ('neq', 'neq_stochastic')
+"""The structured comparison's methods, in the order they train (DemP before the baselines)."""
 
 
 def run_methods(make_config: Callable[[str], ml_collections.ConfigDict], methods: Sequence[str],
@@ -37,10 +44,10 @@ def run_methods(make_config: Callable[[str], ml_collections.ConfigDict], methods
   ``reuse``: a method whose ``workdir/<method>/summary.json`` exists is not
   trained again; its summary is read back.
   """
-  unknown = set(methods) - set(train.all_methods())
+  unknown = set(methods) - set(methods_lib.names())
   if unknown:
-    raise ValueError(f'--methods: {sorted(unknown)} are not methods; known: {sorted(train.all_methods())}.')
-  order = sorted(methods, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
+    raise ValueError(f'--methods: {sorted(unknown)} are not methods; known: {methods_lib.names()}.')
+  order = sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
   summaries: dict[str, dict[str, Any]] = {}
   for method in order:
     path = os.path.join(workdir, method, 'summary.json')
@@ -65,25 +72,14 @@ def step_benchmark(make_config: Callable[[str], ml_collections.ConfigDict],
   at its final widths, on the same batch, in ``rounds`` rounds of ``steps``
   steps per method, so that load changes hit every method alike.
   """
-  runs = {}
+  fns = {}
   for method, summary in summaries.items():
     run, batches = train.init_run(make_config(method))
     run.prune({k: np.arange(w) < summary['widths'][k] for k, w in run.model.widths.items()},
               reason='benchmark: final widths')
-    batch = next(batches)
-    run.compile(batch)
-    run.state, _ = run.compiled(run.state, batch)          # warm-up
-    jax.block_until_ready(run.state)
-    runs[method] = (run, batch)
-  times: dict[str, list[float]] = {m: [] for m in runs}
-  for _ in range(rounds):
-    for method, (run, batch) in runs.items():
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        run.state, _ = run.compiled(run.state, batch)
-      jax.block_until_ready(run.state)
-      times[method].append((time.perf_counter() - t0) / steps)
-  return {m: statistics.median(t) for m, t in times.items()}
+    fns[method] = benchmark.run_step_fn(run, next(batches))
+  return benchmark.median_times(benchmark.interleaved_times(fns, rounds=rounds,
+                                                            steps_per_round=steps))
 
 
 def _widths(summary) -> str:
@@ -126,3 +122,66 @@ def notes(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     elif method == 'demp':
       lines.append(f'- demp: {s["prune_events_effective"]} of {s["prune_events"]} death checks removed units')
   return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Unstructured baselines.
+
+
+def run_unstructured(make_config: Callable[..., ml_collections.ConfigDict], *,
+                     algorithms: Sequence[str], sparsities: Sequence[float],
+                     demp_lams: Sequence[float], workdir: str) -> list[tuple]:
+  """Trains dense, every algorithm at every sparsity and DemP at every peak λ.
+
+  ``make_config(method, sparsity=0.0, lam=None, **baselines)``. Returns rows
+  ``(name, target, summary, flops)``: theoretical FLOPs relative to dense for
+  the masked methods (:func:`baselines.sparse.flops_summary`), XLA's FLOPs of
+  the shrinking network for DemP.
+  """
+  rows = []
+  dense = train.train_and_evaluate(make_config('dense'), os.path.join(workdir, 'dense'))
+  rows.append(('dense', '-', dense, sparse.flops_summary(make_config('dense'))))
+  for s in sparsities:
+    for algorithm in algorithms:
+      config = make_config(algorithm, s)
+      summary = train.train_and_evaluate(config, os.path.join(workdir, f'{algorithm}_{s}'))
+      rows.append((algorithm, f'{s:.2f}', summary, sparse.flops_summary(config)))
+  for lam in demp_lams:
+    # DemP removes units physically: its FLOPs are XLA's, integrated as the network shrinks.
+    summary = train.train_and_evaluate(make_config('demp', lam=lam),
+                                       os.path.join(workdir, f'demp_{lam:g}'))
+    rows.append((f'demp (λ={lam:g})', '-', summary,
+                 {'inference_flops_rel': summary['inference_flops_rel'],
+                  'training_flops_rel': summary['train_flops_rel']}))
+  return rows
+
+
+def unstructured_table(rows: Sequence[tuple]) -> str:
+  """A Markdown table of :func:`run_unstructured`'s rows; step times relative to the dense row."""
+  dense_step = rows[0][2]['step_time_final_s']
+  lines = ['| method | target sparsity (pruned weights) | weight sparsity (all params) | test acc '
+           '| inference FLOPs | training FLOPs | step time [ms] | step time vs dense |',
+           '|---|---|---|---|---|---|---|---|']
+  for name, target, summary, fl in rows:
+    step = summary['step_time_final_s']
+    lines.append(f'| {name} | {target} | {summary["weight_sparsity"]:.3f} | '
+                 f'{summary["test_accuracy"]:.3f} | {fl["inference_flops_rel"]:.2f}x | '
+                 f'{fl["training_flops_rel"]:.2f}x | {1e3 * step:.0f} | {step / dense_step:.2f}x |')
+  return '\n'.join(lines)
+
+
+def mask_update_benchmark(make_config: Callable[..., ml_collections.ConfigDict], *,
+                          rounds: int, steps: int) -> dict[str, float]:
+  """Median seconds per train step: dense, sparse (no mask update), sparse (mask update)."""
+  variants = {
+      'dense': make_config('dense'),
+      'rigl, no mask update': make_config('rigl', 0.9, start_fraction=1.0, end_fraction=1.0),
+      'rigl, mask update every step': make_config('rigl', 0.9, update_every=1,
+                                                  start_fraction=0.0, end_fraction=1.0),
+  }
+  fns = {}
+  for name, config in variants.items():
+    run, it = train.init_run(config)
+    fns[name] = benchmark.run_step_fn(run, next(it))
+  return benchmark.median_times(benchmark.interleaved_times(fns, rounds=rounds,
+                                                            steps_per_round=steps))

@@ -1,10 +1,11 @@
 """``config.baselines``: the settings of the structured baselines and NEq.
 
 ``default_config()`` lists every key this package reads, with its default;
-``resolve(config)`` returns them overridden by ``config.baselines`` (which the
-trainer's ``validate_config`` tolerates) and validated, raising a ValueError
-that names the key. Keys this package does not read are left alone: the
-unstructured baselines (``baselines.sparse``) share the ``baselines`` section.
+``resolve(config)`` returns them overridden by ``config.baselines`` and
+validated, raising a ValueError that names the key. The section is shared with
+the unstructured baselines (``baselines.sparse.methods``); both register their
+keys with :func:`demp.config.register_section`, so a key neither reads (a
+typo) is an error naming the closest valid key, in ``validate_config`` and here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 
 import ml_collections
 
+from demp import config as demp_config
 from demp import data as data_lib
 
 TARGET_KINDS = ('units', 'weights')
@@ -55,6 +57,18 @@ def default_config() -> ml_collections.ConfigDict:
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Defaults overridden by ``config.baselines``, validated (errors name the key)."""
+  c = check(config)
+  if not c.score_batch_size:
+    c.score_batch_size = config.batch_size
+  c.steps_per_epoch = steps_per_epoch(config)
+  if not c.fallback_epoch:
+    c.fallback_epoch = max(1, config.num_steps // c.steps_per_epoch // 2)
+  return c
+
+
+def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.baselines``' keys read here, validated without reading data (0s not yet derived)."""
+  demp_config.check_section(config, 'baselines')
   c = default_config()
   given = config.baselines if 'baselines' in config.keys() else {}
   for key in c.keys():
@@ -80,12 +94,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f'baselines.holdout_fraction={c.holdout_fraction!r} must be in (0, 1].')
   if not 0 <= c.stochastic_fraction < 1:
     raise ValueError(f'baselines.stochastic_fraction={c.stochastic_fraction!r} must be in [0, 1).')
-  if not c.score_batch_size:
-    c.score_batch_size = config.batch_size
-  c.steps_per_epoch = steps_per_epoch(config)
-  if not c.fallback_epoch:
-    c.fallback_epoch = max(1, config.num_steps // c.steps_per_epoch // 2)
   return c
+
+
+demp_config.register_section('baselines', default_config, check)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from demp import train
+from demp import steps
 
 PyTree = Any
 GATES = 'gates'
@@ -61,7 +61,7 @@ def _loss_fn(model, batch_stats):
   def loss(params, gates, x_bhwc, labels_b):
     variables = {'params': params, 'batch_stats': batch_stats, GATES: gate_tree(groups, gates)}
     logits_bk = model.apply(variables, x_bhwc, train=False)
-    return train.cross_entropy(logits_bk, labels_b).mean()
+    return steps.cross_entropy(logits_bk, labels_b).mean()
 
   return loss
 

@@ -27,7 +27,7 @@ weight gradient (``2·B·P·K`` FLOPs for a producer kernel slice of ``K``
 inputs per unit, ``P`` output positions, batch ``B``) need not be computed.
 In this trainer it still is: shapes are static under ``jit``, the gradient of
 the whole kernel is computed and then masked, so wall-clock time does not
-drop (``scripts/neq_backward.py`` measures what splitting the kernels would
+drop (``experiments/neq_backward.py`` measures what splitting the kernels would
 buy). ``run.stats`` holds the per-epoch frozen counts and the FLOP figures.
 
 Reference:
@@ -49,7 +49,8 @@ import optax
 from baselines import config as config_lib
 from baselines import freeze
 from demp import data as data_lib
-from demp import metrics, train
+from demp import methods, metrics, steps
+from demp.run import Run
 
 # ----------------------------------------------------------------------------
 # Pure pieces.
@@ -111,7 +112,7 @@ def wgrad_flops_per_unit(model, params, positions: Mapping[str, int], batch_size
   return out
 
 
-def bprop_flops(run: train.Run) -> float:
+def bprop_flops(run: Run) -> float:
   """Back-propagation FLOPs of one step: XLA's train-step FLOPs minus its forward pass."""
   c = run.config
   shape = (c.batch_size,) + tuple(run.death_images.shape[1:])
@@ -119,7 +120,7 @@ def bprop_flops(run: train.Run) -> float:
   def forward(params, batch_stats, x, y):
     logits, _ = run.model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                                 mutable=['batch_stats'])
-    return train.cross_entropy(logits, y, c.label_smoothing).mean()
+    return steps.cross_entropy(logits, y, c.label_smoothing).mean()
 
   compiled = jax.jit(forward).lower(
       run.state['params'], run.state['batch_stats'], jax.ShapeDtypeStruct(shape, jnp.float32),
@@ -131,12 +132,12 @@ def bprop_flops(run: train.Run) -> float:
 # Hooks.
 
 
-def _positions(run: train.Run) -> dict[str, int]:
+def _positions(run: Run) -> dict[str, int]:
   shapes = jax.eval_shape(lambda x: unit_outputs(run.model, run.variables, x), run.death_images[:1])
   return {k: int(v.shape[1]) for k, v in shapes.items()}
 
 
-def set_frozen(run: train.Run, step: int, frozen_units: Mapping[str, np.ndarray]) -> None:
+def set_frozen(run: Run, step: int, frozen_units: Mapping[str, np.ndarray]) -> None:
   """Puts the masks in the optimizer state and accounts the FLOPs they save until the next epoch."""
   c = config_lib.resolve(run.config)
   params = run.state['params']
@@ -166,7 +167,7 @@ def set_frozen(run: train.Run, step: int, frozen_units: Mapping[str, np.ndarray]
       frozen_per_epoch=memo['per_epoch'])
 
 
-def neq_hook(run: train.Run, step: int) -> None:
+def neq_hook(run: Run, step: int) -> None:
   """Measures φ at step 0 and every epoch end; from the second Δφ on, freezes |v| < ε."""
   c = config_lib.resolve(run.config)
   memo = run.memo
@@ -189,7 +190,7 @@ def neq_hook(run: train.Run, step: int) -> None:
   set_frozen(run, step, {k: np.abs(x) < c.eps for k, x in v.items()})
 
 
-def stochastic_hook(run: train.Run, step: int) -> None:
+def stochastic_hook(run: Run, step: int) -> None:
   """Freezes a random ``stochastic_fraction`` of every group's units for the next epoch."""
   c = config_lib.resolve(run.config)
   rng = np.random.default_rng([run.config.seed, step])
@@ -206,9 +207,8 @@ def _frozen_optimizer(config: ml_collections.ConfigDict, base: optax.GradientTra
   return freeze.freeze(base)
 
 
-METHODS: dict[str, train.Method] = {
-    'neq': train.Method(optimizer=_frozen_optimizer, hook=neq_hook,
-                        when=lambda config, step: step == 0 or config_lib.epoch_end(config, step)),
-    'neq_stochastic': train.Method(optimizer=_frozen_optimizer, hook=stochastic_hook,
-                                   when=config_lib.epoch_end),
-}
+methods.register('neq', methods.Method(
+    optimizer=_frozen_optimizer, hook=neq_hook,
+    when=lambda config, step: step == 0 or config_lib.epoch_end(config, step)))
+methods.register('neq_stochastic', methods.Method(optimizer=_frozen_optimizer,
+                                                  hook=stochastic_hook, when=config_lib.epoch_end))

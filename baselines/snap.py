@@ -34,7 +34,8 @@ import optax
 from baselines import config as config_lib
 from baselines import gates
 from demp import data as data_lib
-from demp import train
+from demp import methods
+from demp.run import Run
 
 # ----------------------------------------------------------------------------
 # Pure pieces: schedule, trigger, selection.
@@ -149,13 +150,13 @@ def score_batches(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.nda
           ex['label'].reshape((n, b)))
 
 
-def _sparsity(run: train.Run, keeps: Mapping[str, np.ndarray], kind: str) -> float:
+def _sparsity(run: Run, keeps: Mapping[str, np.ndarray], kind: str) -> float:
   if kind == 'units':
     return 1.0 - sum(int(np.sum(k)) for k in keeps.values()) / sum(run.dense_widths.values())
   return 1.0 - param_count(run.state['params'], run.model.unit_groups(), keeps) / run.dense_params
 
 
-def select(run: train.Run, score: str, target: float, batches, kind: str,
+def select(run: Run, score: str, target: float, batches, kind: str,
            keeps: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Keep-masks for sparsity ``target``, scoring the network with ``keeps`` applied.
 
@@ -175,7 +176,7 @@ def select(run: train.Run, score: str, target: float, batches, kind: str,
                       dense_units=sum(run.dense_widths.values()), dense_params=run.dense_params)
 
 
-def iterative_hook(run: train.Run, step: int, *, score: str) -> None:
+def iterative_hook(run: Run, step: int, *, score: str) -> None:
   """SNAP-it / CroP-it-S: all rounds at step 0, rescoring between rounds."""
   c = config_lib.resolve(run.config)
   batches = score_batches(run.config)
@@ -192,7 +193,7 @@ def _flat(params) -> np.ndarray:
   return np.concatenate([np.ravel(x).astype(np.float64) for x in jax.device_get(jax.tree.leaves(params))])
 
 
-def early_hook(run: train.Run, step: int, *, score: str) -> None:
+def early_hook(run: Run, step: int, *, score: str) -> None:
   """EarlySNAP / EarlyCroP-S: at each epoch end until the one prune event."""
   if run.memo.get('pruned'):
     return
@@ -235,15 +236,10 @@ def _plain_early(config: ml_collections.ConfigDict, base: optax.GradientTransfor
   return base
 
 
-METHODS: dict[str, train.Method] = {
-    'snap': train.Method(optimizer=_plain, hook=functools.partial(iterative_hook, score='snap'),
-                         when=lambda config, step: step == 0),
-    'crop_s': train.Method(optimizer=_plain, hook=functools.partial(iterative_hook, score='crop_s'),
-                           when=lambda config, step: step == 0),
-    'early_snap': train.Method(optimizer=_plain_early,
-                               hook=functools.partial(early_hook, score='snap'),
-                               when=config_lib.epoch_end),
-    'early_crop_s': train.Method(optimizer=_plain_early,
-                                 hook=functools.partial(early_hook, score='crop_s'),
-                                 when=config_lib.epoch_end),
-}
+for _score in ('snap', 'crop_s'):
+  methods.register(_score, methods.Method(
+      optimizer=_plain, hook=functools.partial(iterative_hook, score=_score),
+      when=lambda config, step: step == 0))
+  methods.register(f'early_{_score}', methods.Method(
+      optimizer=_plain_early, hook=functools.partial(early_hook, score=_score),
+      when=config_lib.epoch_end))

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from demp import data as data_lib
-from demp import flops, models
-from demp import train as train_lib
+from demp import flops, methods, models, steps
 
 PyTree = Any
 
@@ -74,8 +73,7 @@ def widths_of(model, params: PyTree) -> dict[str, int]:
 def full_gradient_fn(config) -> Callable[[PyTree], PyTree]:
   """``params -> ∇ mean loss over the whole training set`` for ``config``'s model and data."""
   info = data_lib.get_info(config.data)
-  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-  model = models.build(config.model.name, info.num_classes, **kwargs)
+  model = models.from_config(config.model, info.num_classes)
   if flops.variables_shape(model, info.image_shape).get('batch_stats'):
     raise ValueError(f'method=sgd_noise needs a model without batch norm; model '
                      f'{config.model.name!r} has batch statistics (set model.norm=False).')
@@ -87,7 +85,7 @@ def full_gradient_fn(config) -> Callable[[PyTree], PyTree]:
 
     def loss(p):
       logits = at.apply({'params': p}, images, train=True)
-      return train_lib.cross_entropy(logits, labels, config.label_smoothing).mean()
+      return steps.cross_entropy(logits, labels, config.label_smoothing).mean()
 
     return jax.grad(loss)(params)
 
@@ -98,8 +96,6 @@ def _sgd_noise_optimizer(config, base: optax.GradientTransformation) -> optax.Gr
   return optax.chain(subtract_full_gradient(full_gradient_fn(config)), base)
 
 
-METHODS: dict[str, train_lib.Method] = {
-    'sgd_noise': train_lib.Method(optimizer=_sgd_noise_optimizer,
-                                  hook=lambda run, step: run.prune_dead(),
-                                  when=train_lib.prune_steps),
-}
+methods.register('sgd_noise', methods.Method(optimizer=_sgd_noise_optimizer,
+                                             hook=lambda run, step: run.prune_dead(),
+                                             when=methods.prune_steps))

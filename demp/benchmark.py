@@ -1,5 +1,9 @@
 """Speed of pruned models, measured side by side: the train step and the prune event.
 
+* :func:`interleaved_times` and :func:`median_times`: the one timing helper of
+  every benchmark here, in ``baselines/compare.py``, ``scripts/`` and
+  ``experiments/`` (warm-up, then interleaved rounds, then the median), and
+  :func:`run_step_fn`, a :class:`demp.run.Run`'s compiled step as a callable;
 * :func:`step_times`: the jitted train step of the dense model and of copies
   pruned by the real surgery (random units removed from every unit group at
   given neuron sparsities), timed in interleaved rounds so that a shared
@@ -24,8 +28,9 @@ Example::
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,7 +39,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from demp import deadunits, metrics, models, surgery, train
+from demp import config as config_lib
+from demp import deadunits, methods, metrics, models, optim, surgery
+from demp import run as run_lib
+from demp import steps
 
 PyTree = Any
 
@@ -71,26 +79,69 @@ def random_keeps(model, sparsity: float, seed: int = 0) -> dict[str, np.ndarray]
   return keeps
 
 
-def demp_optimizer(config: ml_collections.ConfigDict | None = None, *,
-                   noise: bool = True) -> optax.GradientTransformation:
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3,
+                      steps_per_round: int = 2, warmup: int = 1) -> dict[str, list[float]]:
+  """Seconds per call of each function, per round, measured in interleaved rounds.
+
+  Every function is called ``warmup`` times first (compilation, caches); then
+  each of ``rounds`` rounds calls every function ``steps_per_round`` times in
+  turn, so that a shared machine's load drifts over every variant alike. A
+  function returns what to wait for (``jax.block_until_ready``).
+
+  Returns:
+    name -> per-round mean seconds per call (``rounds`` values).
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      out = None
+      for _ in range(steps_per_round):
+        out = fn()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / steps_per_round)
+  return times
+
+
+def median_times(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
+  """The median of each variant's round times (:func:`interleaved_times`)."""
+  return {name: float(statistics.median(t)) for name, t in times.items()}
+
+
+def run_step_fn(run, batch) -> Callable[[], Any]:
+  """``run``'s train step on ``batch`` (compiled now if needed) as a callable advancing ``run.state``."""
+  if run.compiled is None:
+    run.compile(batch)
+
+  def step():
+    run.state, _ = run.compiled(run.state, batch)
+    return run.state
+
+  return step
+
+
+def method_optimizer(config: ml_collections.ConfigDict | None = None, *,
+                     noise: bool = True) -> optax.GradientTransformation:
   """The DemP optimizer of ``config`` (default: Adam + Lasso(γ) penalty + live noise).
 
   ``noise=False`` drops the live-noise transform (one normal draw per parameter
   per step: the only part of the step whose cost is not in the model's FLOPs).
   """
   if config is None:
-    config = train.base_config()
+    config = config_lib.base_config()
     config.method = 'demp'
   if not noise:
     config = config.copy_and_resolve_references()
     config.demp.noise_std = 0.0
-  return train.METHODS['demp'].optimizer(config, train.base_optimizer(config))
+  return methods.get('demp').optimizer(config, optim.base_optimizer(config))
 
 
 def _state(model, tx, x_bhwc, seed):
   variables = numpy_init(model, x_bhwc, seed)
-  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
-          'opt_state': tx.init(variables['params'])}
+  return run_lib.train_state(variables, tx.init(variables['params']))
 
 
 def _batch(batch_size: int, image_hw: int, num_classes: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -101,7 +152,7 @@ def _batch(batch_size: int, image_hw: int, num_classes: int, seed: int = 0) -> d
 
 def _compile(model, tx, state, batch):
   t0 = time.perf_counter()
-  step = jax.jit(train.make_train_step(model, tx), donate_argnums=0)
+  step = jax.jit(steps.make_train_step(model, tx), donate_argnums=0)
   compiled = step.lower(state, batch).compile()
   return compiled, time.perf_counter() - t0
 
@@ -118,7 +169,7 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
   ``steps_per_round`` steps of every variant in turn. A variant's time is the
   median over rounds of its per-step mean; ratios are to the dense model.
   """
-  tx = demp_optimizer(config, noise=noise)
+  tx = method_optimizer(config, noise=noise)
   dense = models.build(model_name, num_classes, **dict(model_kwargs or {}))
   batch = _batch(batch_size, image_hw, num_classes, seed)
   dense_state = _state(dense, tx, batch['image'][:1], seed)
@@ -127,23 +178,25 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
     model, variables, opt_state = surgery.prune(
         dense, {k: dense_state[k] for k in ('params', 'batch_stats')},
         dense_state['opt_state'], random_keeps(dense, s, seed))
-    pruned.append((s, model, {**variables, 'opt_state': opt_state}))
+    pruned.append((s, model, run_lib.train_state(variables, opt_state)))
   variants = []
   for s, model, state in pruned:
     state = jax.tree.map(jnp.copy, state)   # the surgery shares untouched leaves; steps donate
     compiled, compile_s = _compile(model, tx, state, batch)
-    state, _ = compiled(state, batch)        # warm-up
-    jax.block_until_ready(state)
     variants.append({'sparsity': s, 'model': model, 'state': state, 'compiled': compiled,
                      'compile_s': compile_s, 'flops': metrics.compiled_flops(compiled),
-                     'params': metrics.num_params(state['params']), 'times': []})
-  for _ in range(rounds):
-    for v in variants:
-      t0 = time.perf_counter()
-      for _ in range(steps_per_round):
-        v['state'], out = v['compiled'](v['state'], batch)
-      jax.block_until_ready(out)
-      v['times'].append((time.perf_counter() - t0) / steps_per_round)
+                     'params': metrics.num_params(state['params'])})
+
+  def step_fn(v):
+    def step():
+      v['state'], out = v['compiled'](v['state'], batch)
+      return out
+    return step
+
+  times = interleaved_times({i: step_fn(v) for i, v in enumerate(variants)}, rounds=rounds,
+                            steps_per_round=steps_per_round)
+  for i, v in enumerate(variants):
+    v['times'] = times[i]
   base = variants[0]
   base_t, base_f = float(np.median(base['times'])), base['flops']
   rows = []
@@ -172,7 +225,7 @@ def prune_event_time(model_name: str, *, num_classes: int = 10, image_hw: int = 
   optimizer state), ``recompile_s``: compiling the train step at the new widths,
   ``step_s``: one step of the pruned model (for the τ-steps comparison).
   """
-  tx = demp_optimizer(config, noise=noise)
+  tx = method_optimizer(config, noise=noise)
   model = models.build(model_name, num_classes, **dict(model_kwargs or {}))
   batch = _batch(batch_size, image_hw, num_classes, seed)
   state = _state(model, tx, batch['image'][:1], seed)
@@ -192,7 +245,7 @@ def prune_event_time(model_name: str, *, num_classes: int = 10, image_hw: int = 
                                                random_keeps(model, sparsity, seed))
   jax.block_until_ready((new_vars, new_opt))
   surgery_s = time.perf_counter() - t0
-  new_state = {**new_vars, 'opt_state': new_opt}
+  new_state = run_lib.train_state(new_vars, new_opt)
   compiled, recompile_s = _compile(new_model, tx, new_state, batch)
   new_state, _ = compiled(new_state, batch)
   jax.block_until_ready(new_state)

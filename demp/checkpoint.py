@@ -8,7 +8,7 @@ One checkpoint (a step directory under ``<workdir>/checkpoints``) holds two item
   a table of every saved array (path, shape, dtype) with a fingerprint of each,
   the paths and implementations of typed PRNG keys, the run's host-side state
   (prune events, a method's ``memo``/``stats``, unit ids, ...: every field of
-  :class:`demp.train.Run` that is not a device array or the model itself) and
+  :class:`demp.run.Run` listed in ``demp.run.HOST_FIELDS``) and
   the trainer's counters (time segments, FLOPs, the current log window);
 * ``arrays`` (orbax ``StandardSave``): a flat dict ``path -> array`` of
   ``run.state`` (params, batch stats, optimizer state; typed PRNG keys as their
@@ -45,7 +45,6 @@ derived from the position (instant, not bit-identical).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -63,6 +62,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from demp import models
+from demp import run as run_lib
+
 PyTree = Any
 
 FORMAT = 1
@@ -72,9 +74,6 @@ RESUME_MUTABLE = ('checkpoint', 'log_every', 'eval_every', 'eval_batch_size', 'p
                   'data.data_dir')
 """Config keys (and subtrees) that may differ between a checkpoint and the resumed run."""
 
-RUN_DEVICE_FIELDS = ('config', 'model', 'tx', 'state', 'death_images', 'dense_widths',
-                     'dense_params', 'step', 'compiled', 'step_flops', 'log', 'mesh')
-"""Fields of ``demp.train.Run`` that are not host-side method state (saved otherwise or rebuilt)."""
 
 
 class CheckpointCorruptError(RuntimeError):
@@ -254,8 +253,7 @@ def _hashable(x):
 
 def host_state(run) -> dict[str, Any]:
   """The run's host-side fields (events, a method's memo/stats, unit ids, ...)."""
-  return {f.name: getattr(run, f.name) for f in dataclasses.fields(run)
-          if f.name not in RUN_DEVICE_FIELDS}
+  return {name: getattr(run, name) for name in run_lib.HOST_FIELDS}
 
 
 def encode_host_state(run) -> tuple[dict, dict[str, np.ndarray]]:
@@ -311,7 +309,7 @@ def save(mngr: ocp.CheckpointManager, run, *, batches: int, progress: Mapping[st
 
   Args:
     mngr: from :func:`manager`.
-    run: a ``demp.train.Run`` (model, state, step and host-side fields are saved).
+    run: a ``demp.run.Run`` (model, state, step and host-side fields are saved).
     batches: training batches consumed so far on each host (the data position).
     progress: the trainer's JSON-able counters, handed back by :func:`restore`.
   """
@@ -345,12 +343,8 @@ def save(mngr: ocp.CheckpointManager, run, *, batches: int, progress: Mapping[st
 
 def abstract_state(model, tx, input_shape) -> PyTree:
   """``ShapeDtypeStruct`` tree of ``{params, batch_stats, opt_state}`` for ``model`` (no compute)."""
-  def init():
-    variables = model.init(jax.random.key(0), jnp.zeros((1, *input_shape), jnp.float32), train=False)
-    params = variables['params']
-    return {'params': params, 'batch_stats': variables.get('batch_stats', {}),
-            'opt_state': tx.init(params)}
-  return jax.eval_shape(init)
+  return jax.eval_shape(
+      lambda: run_lib.create_train_state(model, tx, jax.random.key(0), input_shape))
 
 
 def _compare(saved: Mapping[str, list], expected: Mapping[str, jax.ShapeDtypeStruct]) -> list[str]:
@@ -442,7 +436,6 @@ def load(directory: str, step: int | None = None) -> tuple[Any, dict, dict]:
   from the saved config at the saved widths; ``variables`` holds ``params`` and
   ``batch_stats`` (the optimizer state needs the optimizer: use the trainer).
   """
-  from demp import models  # pylint: disable=g-import-not-at-top
   if os.path.isdir(os.path.join(directory, 'checkpoints')):
     directory = os.path.join(directory, 'checkpoints')
   mngr = ocp.CheckpointManager(os.path.abspath(directory),
@@ -450,9 +443,7 @@ def load(directory: str, step: int | None = None) -> tuple[Any, dict, dict]:
   meta = read_meta(mngr, step)
   if meta is None:
     raise FileNotFoundError(f'no checkpoint in {directory}.')
-  cfg = meta['config']['model']
-  kwargs = {k: v for k, v in cfg.items() if k != 'name'}
-  model = models.build(cfg['name'], meta['model']['num_classes'], **kwargs)
+  model = models.from_config(meta['config']['model'], meta['model']['num_classes'])
   model = model.clone(widths=flax.core.FrozenDict(meta['model']['widths']))
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   flat = _restore_arrays(mngr, meta['step'], meta, _targets(meta, sharding))

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from demp import run as run_lib
+
 PyTree = Any
 
 
@@ -148,10 +150,8 @@ def train_step_flops(make_step: Callable, model, tx, image_shape: Sequence[int],
   abstract, so this works for a model whose arrays do not exist (the dense
   version of a pruned run).
   """
-  variables = variables_shape(model, image_shape)
-  params = variables['params']
-  state = {'params': params, 'batch_stats': variables.get('batch_stats', {}),
-           'opt_state': jax.eval_shape(tx.init, params)}
+  state = jax.eval_shape(
+      lambda: run_lib.create_train_state(model, tx, jax.random.key(0), image_shape))
   batch = {'image': jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   return xla_flops(make_step(model, tx, **step_kwargs), state, batch)

@@ -15,7 +15,6 @@ benchmarks hypothetical final widths (every group at that fraction), e.g.
 """
 
 import json
-import time
 
 import flax
 import jax
@@ -24,8 +23,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import baselines  # noqa: F401  (registers the baselines' methods)
+from demp import analysis  # noqa: F401  (registers the analysis methods)
+from demp import benchmark, methods, metrics, models, optim, steps
+from demp import config as config_lib
 from demp import data as data_lib
-from demp import metrics, models, train
+from demp import run as run_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
 _SUMMARY = flags.DEFINE_string('summary', None, 'summary.json of the run (dense and final widths).')
@@ -37,23 +40,12 @@ flags.mark_flags_as_required(['config'])
 
 
 def _compiled_step(config, model, batch):
-  tx = train.accumulate(config, train.all_methods()[config.method].optimizer(
-      config, train.base_optimizer(config)))
-  variables = jax.jit(model.init, static_argnames='train')(
-      jax.random.key(config.seed), batch['image'][:1], train=False)
-  state = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
-           'opt_state': tx.init(variables['params'])}
-  step = jax.jit(train.make_train_step(model, tx, config.label_smoothing), donate_argnums=0)
+  tx = optim.make_optimizer(config, methods.get(config.method))
+  state = run_lib.create_train_state(model, tx, jax.random.key(config.seed),
+                                     batch['image'].shape[1:])
+  step = jax.jit(steps.make_train_step(model, tx, config.label_smoothing), donate_argnums=0)
   compiled = step.lower(state, batch).compile()
   return compiled, state
-
-
-def _time(compiled, state, batch, steps):
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, out = compiled(state, batch)
-  jax.block_until_ready(out)
-  return state, (time.perf_counter() - t0) / steps
 
 
 def main(argv):
@@ -61,9 +53,9 @@ def main(argv):
   config = _CONFIG.value
   if (_SUMMARY.value is None) == (_KEEP.value is None):
     raise app.UsageError('give exactly one of --summary and --keep_fraction.')
+  config_lib.validate_config(config)
   info = data_lib.get_info(config.data)
-  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-  dense = models.build(config.model.name, info.num_classes, **kwargs)
+  dense = models.from_config(config.model, info.num_classes)
   if _SUMMARY.value is not None:
     with open(_SUMMARY.value) as f:
       summary = json.load(f)
@@ -81,14 +73,17 @@ def main(argv):
   runs = {name: _compiled_step(config, m, batch) for name, m in archs.items()}
   flops = {name: metrics.compiled_flops(c) for name, (c, _) in runs.items()}
   states = {name: s for name, (_, s) in runs.items()}
-  for name, (c, _) in runs.items():                      # warm-up
-    states[name], _ = _time(c, states[name], batch, 2)
-  times = {name: [] for name in runs}
-  for _ in range(_ROUNDS.value):
-    for name, (c, _) in runs.items():
-      states[name], t = _time(c, states[name], batch, _STEPS.value)
-      times[name].append(t)
-  med = {name: float(np.median(ts)) for name, ts in times.items()}
+
+  def step_fn(name, compiled):
+    def step():
+      states[name], out = compiled(states[name], batch)
+      return out
+    return step
+
+  times = benchmark.interleaved_times({name: step_fn(name, c) for name, (c, _) in runs.items()},
+                                      rounds=_ROUNDS.value, steps_per_round=_STEPS.value,
+                                      warmup=2)
+  med = benchmark.median_times(times)
   print(f'widths dense: {dict(summary["dense_widths"])}')
   print(f'widths final: {dict(summary["widths"])}')
   print(f'batch {config.batch_size}, {_ROUNDS.value} alternating rounds of {_STEPS.value} steps')

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from demp import deadunits, models, surgery
-from demp.models import resnet, vgg
+from demp.models import resnet
 from demp.train import make_train_step
 
 

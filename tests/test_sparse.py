@@ -12,7 +12,9 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 
 from baselines import sparse  # noqa: E402
-from baselines.sparse import algorithms, distributions, flops, schedules, updater  # noqa: E402
+from baselines.sparse import distributions, updater  # noqa: E402
+from baselines.sparse import sparsity_schedules as schedules  # noqa: E402
+from baselines.sparse import theoretical_flops as flops  # noqa: E402
 from demp import models, train  # noqa: E402
 
 # A small network, in call order: first, a (conv), b (conv), norm, c (dense), last.

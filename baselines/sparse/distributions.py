@@ -133,7 +133,7 @@ def prunable_shapes(params: PyTree, *, layer_order: Sequence[str] | None = None,
   """``(pruned, held)``: shapes of the weights to prune, and of the first/last layers held dense.
 
   ``layer_order`` lists module paths in forward order (e.g. from
-  :func:`baselines.sparse.flops.layer_records`); by default the params'
+  :func:`baselines.sparse.theoretical_flops.layer_records`); by default the params'
   insertion order, which for Flax Linen modules is the order of the calls.
   """
   shapes = {path_str(p): tuple(x.shape) for p, x in jax.tree.leaves_with_path(params)}

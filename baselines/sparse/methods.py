@@ -1,6 +1,6 @@
 """The trainer's methods ``magnitude``, ``saliency``, ``set``, ``rigl``, and their config.
 
-Each is a :class:`demp.train.Method` whose optimizer is the base optimizer
+Each is a :class:`demp.methods.Method`, registered on import, whose optimizer is the base optimizer
 wrapped by the sparse updater; no host hook is needed (the masks live and
 change inside the jitted step). Select one with ``config.method`` and set
 ``config.baselines`` (keys below; the structured baselines read other keys of
@@ -24,10 +24,12 @@ import jax
 import ml_collections
 import optax
 
-from baselines.sparse import algorithms, distributions, flops, schedules, updater
+from baselines.sparse import algorithms, distributions, updater
+from baselines.sparse import sparsity_schedules as schedules
+from baselines.sparse import theoretical_flops as flops
+from demp import config as demp_config
 from demp import data as data_lib
-from demp import models
-from demp import train
+from demp import methods, models, optim
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -64,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Defaults overridden by ``config.baselines``, validated (errors name the key)."""
+  demp_config.check_section(config, 'baselines')
   given = config.get('baselines', None) or {}
   c = ml_collections.ConfigDict({k: given.get(k, v) for k, v in default_config().items()},
                                 type_safe=False)
@@ -107,8 +110,7 @@ def parse_custom_sparsity(value) -> dict[str, float]:
 
 def _model(config: ml_collections.ConfigDict):
   info = data_lib.get_info(config.data)
-  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-  return models.build(config.model.name, info.num_classes, **kwargs), tuple(info.image_shape)
+  return models.from_config(config.model, info.num_classes), tuple(info.image_shape)
 
 
 def model_layers(config: ml_collections.ConfigDict) -> list[flops.LayerRecord]:
@@ -134,7 +136,7 @@ def flops_summary(config: ml_collections.ConfigDict) -> dict[str, float]:
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))['params']
   per_module = flops.module_sparsities(u.sparsity_distribution_fn(params))
   return flops.flops_report(records, per_module, config.method, u.scheduler,
-                            train.num_updates(config))
+                            optim.num_updates(config))
 
 
 def make_updater(algorithm: str, config: ml_collections.ConfigDict,
@@ -143,7 +145,7 @@ def make_updater(algorithm: str, config: ml_collections.ConfigDict,
   c = resolve(config)
   records = model_layers(config) if records is None else records
   return updater.create_updater(
-      algorithm, sparsity=float(c.target_sparsity), total_steps=train.num_updates(config),
+      algorithm, sparsity=float(c.target_sparsity), total_steps=optim.num_updates(config),
       distribution=c.distribution, schedule=c.schedule or None, update_freq=c.update_every,
       start_fraction=c.start_fraction, end_fraction=c.end_fraction,
       drop_fraction=c.drop_fraction, layer_order=flops.layer_order(records),
@@ -156,7 +158,6 @@ def _optimizer(algorithm: str, config: ml_collections.ConfigDict,
   return make_updater(algorithm, config).wrap_optax(base)
 
 
-METHODS: dict[str, train.Method] = {
-    name: train.Method(optimizer=functools.partial(_optimizer, name))
-    for name in algorithms.ALGORITHMS
-}
+demp_config.register_section('baselines', default_config, resolve)
+for _name in algorithms.ALGORITHMS:
+  methods.register(_name, methods.Method(optimizer=functools.partial(_optimizer, _name)))

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from baselines.sparse import algorithms, distributions, schedules
+from baselines.sparse import algorithms, distributions
+from baselines.sparse import sparsity_schedules as schedules
 
 PyTree = Any
 
@@ -185,7 +186,7 @@ def create_updater(algorithm: str, *, sparsity: float, total_steps: int | None =
     total_steps: the run's length T; needed unless ``schedule`` is an object.
     distribution: ``uniform`` | ``erk``.
     schedule: a schedule object, or a key of
-      :data:`baselines.sparse.schedules.SCHEDULES`; ``None`` = ``polynomial``
+      :data:`baselines.sparse.sparsity_schedules.SCHEDULES`; ``None`` = ``polynomial``
       for magnitude and saliency, ``periodic`` for SET and RigL.
     update_freq, start_fraction, end_fraction: masks change every
       ``update_freq`` steps from ``start_fraction T`` to ``end_fraction T``.

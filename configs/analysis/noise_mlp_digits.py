@@ -21,6 +21,7 @@ Full scale (the paper's 30 000 steps): ``steps=30000,every=500``.
 """
 
 from configs.analysis import parse
+from demp import analysis  # noqa: F401  (registers method sgd_noise)
 from demp.train import base_config
 
 MODES = ('sgd', 'sgd_noise', 'gaussian')

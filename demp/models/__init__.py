@@ -25,3 +25,13 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
   if name not in MODELS:
     raise ValueError(f'model.name={name!r} is not one of {sorted(MODELS)}.')
   return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def from_config(model_config, num_classes: int) -> nn.Module:
+  """The model ``config.model`` describes (``name`` plus the factory's keyword arguments).
+
+  The one place a model is built from a config: the trainer, the checkpoint
+  loader, the analysis methods, the baselines and the benchmarks call it.
+  """
+  kwargs = {k: v for k, v in model_config.items() if k != 'name'}
+  return build(model_config['name'], num_classes, **kwargs)

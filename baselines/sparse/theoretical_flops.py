@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baselines.sparse import schedules
+from baselines.sparse import sparsity_schedules as schedules
 
 
 class LayerRecord(NamedTuple):

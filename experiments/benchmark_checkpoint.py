@@ -1,7 +1,7 @@
 r"""Checkpoint cost: save / restore time and size, and the overhead of saving every N steps.
 
-    python -m scripts.benchmark_checkpoint --model=resnet18 --sparsity=0.5 \
-        --data_path=../shared/data/cifar10_subset.npz --out=/tmp/ckpt_bench.json
+    python -m experiments.benchmark_checkpoint --model=resnet18 --sparsity=0.5 \
+        --data_path=PATH/cifar10_subset.npz --out=/tmp/ckpt_bench.json
 
 1. Save and restore, dense and pruned (``--sparsity`` of every unit group's
    units removed at random by the surgery): the blocking part of an
@@ -31,12 +31,12 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from demp import checkpoint, data, train
+from demp import benchmark, checkpoint, data, train
 
 _MODEL = flags.DEFINE_string('model', 'resnet18', 'Registry name of the model.')
 _WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier (ResNet/VGG).')
 _SPARSITY = flags.DEFINE_float('sparsity', 0.5, 'Fraction of units removed in the pruned variant.')
-_DATA = flags.DEFINE_string('data_path', '../shared/data/cifar10_subset.npz', 'An .npz (see demp.data).')
+_DATA = flags.DEFINE_string('data_path', None, 'An .npz (see demp.data).', required=True)
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Train batch size for the step-time part.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (medians are reported).')
 _EVERY = flags.DEFINE_list('every', ['0', '20', '5'], 'Checkpoint intervals to compare (0 = none).')
@@ -121,31 +121,29 @@ def overhead(config, everies: list[int], rounds: int, block_steps: int) -> dict:
   run, it = train.init_run(config)
   batches = [next(it) for _ in range(block_steps)]
   run.compile(batches[0])
-  for b in batches[:3]:                                    # warm-up
-    run.state, m = run.compiled(run.state, b)
-  jax.block_until_ready(m)
-  times = {e: [] for e in everies}
   directory = tempfile.mkdtemp(prefix='ckpt_overhead_')
   mngr = checkpoint.manager(directory, keep=2)
-  step = 0
-  for _ in range(rounds):
-    for every in everies:
-      t0 = time.perf_counter()
+
+  def block(every):
+    """``block_steps`` steps with a save every ``every``; waits for the writes."""
+    def fn():
       for i, b in enumerate(batches, 1):
         run.state, m = run.compiled(run.state, b)
-        step += 1
+        run.step += 1
         if every and i % every == 0:
           jax.block_until_ready(m)                         # the trainer syncs before a save
-          run.step = step
-          checkpoint.save(mngr, run, batches=step, progress={})
+          checkpoint.save(mngr, run, batches=run.step, progress={})
       jax.block_until_ready(m)
       mngr.wait_until_finished()
-      times[every].append((time.perf_counter() - t0) / block_steps)
+      return m
+    return fn
+
+  times = benchmark.interleaved_times({e: block(e) for e in everies}, rounds=rounds,
+                                      steps_per_round=1)
   mngr.close()
   shutil.rmtree(directory)
-  base = statistics.median(times[everies[0]])
-  return {str(e): {'step_s': statistics.median(t), 'ratio_to_first': statistics.median(t) / base}
-          for e, t in times.items()}
+  med = {e: t / block_steps for e, t in benchmark.median_times(times).items()}
+  return {str(e): {'step_s': t, 'ratio_to_first': t / med[everies[0]]} for e, t in med.items()}
 
 
 def data_skip(config, batches: int) -> dict:

@@ -1,6 +1,6 @@
 r"""Can NEq's frozen units skip backward compute in JAX? A side-by-side measurement.
 
-    PYTHONPATH=. python -m scripts.neq_backward
+    python -m experiments.neq_backward
 
 A ConvNet 32-64-128-256 (3x3 conv -> ReLU -> 2x2 max-pool, global pool ->
 dense; the comparison's model without BN), batch 128 at 32x32, loss and
@@ -24,7 +24,7 @@ changes every epoch, so ``split`` recompiles every epoch).
 
 from __future__ import annotations
 
-import statistics
+import functools
 import time
 
 import jax
@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from demp import metrics
+from demp import benchmark, metrics
 
 _FRACTIONS = flags.DEFINE_list('fractions', ['0', '0.25', '0.5', '0.75'], 'Frozen fractions.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds.')
@@ -92,16 +92,10 @@ def main(argv):
       compile_s[(variant, f)] = time.perf_counter() - t0
       compiled[(variant, f)] = c
       flops[(variant, f)] = metrics.compiled_flops(c)
-      jax.block_until_ready(c(params, x, y))                      # warm-up
-  times = {k: [] for k in compiled}
-  for _ in range(_ROUNDS.value):
-    for k, c in compiled.items():
-      t0 = time.perf_counter()
-      for _ in range(_STEPS.value):
-        out = c(params, x, y)
-      jax.block_until_ready(out)
-      times[k].append((time.perf_counter() - t0) / _STEPS.value)
-  base_t = statistics.median(times[('masked', 0.0)])
+  times = benchmark.median_times(benchmark.interleaved_times(
+      {k: functools.partial(c, params, x, y) for k, c in compiled.items()},
+      rounds=_ROUNDS.value, steps_per_round=_STEPS.value))
+  base_t = times[('masked', 0.0)]
   base_f = flops[('masked', 0.0)]
   print(f'ConvNet {"-".join(map(str, WIDTHS))}, batch {_BATCH.value}, value_and_grad, '
         f'{jax.devices()[0].platform}, median of {_ROUNDS.value} interleaved rounds x '
@@ -109,8 +103,7 @@ def main(argv):
   print('| variant | frozen fraction | XLA GFLOPs | FLOPs vs masked | step [ms] | time vs masked '
         '| compile [s] |')
   print('|---|---|---|---|---|---|---|')
-  for (variant, f), t in times.items():
-    m = statistics.median(t)
+  for (variant, f), m in times.items():
     print(f'| {variant} | {f:.2f} | {flops[(variant, f)] / 1e9:.2f} | '
           f'{flops[(variant, f)] / base_f:.3f} | {1e3 * m:.1f} | {m / base_t:.3f} | '
           f'{compile_s[(variant, f)]:.1f} |')

@@ -1,0 +1,137 @@
+"""The host-side state of one training run (:class:`Run`) and the train state.
+
+The train state is ``{'params', 'batch_stats', 'opt_state'}``, built by
+:func:`train_state` (from variables) or :func:`create_train_state` (from a model
+and an initialization key), and nowhere else.
+
+A :class:`Run` declares which of its fields a checkpoint holds
+(:data:`HOST_FIELDS`: host-side method state, saved as JSON + arrays by
+:mod:`demp.checkpoint`); the others are the train state and step (saved as
+arrays), or are rebuilt from the config when a run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from demp import deadunits, metrics, parallel, revival, steps, surgery
+
+PyTree = Any
+
+
+def train_state(variables: Mapping[str, PyTree], opt_state: PyTree) -> dict[str, PyTree]:
+  """The train state of ``variables`` (``params``, optional ``batch_stats``) and ``opt_state``."""
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
+          'opt_state': opt_state}
+
+
+def create_train_state(model, tx: optax.GradientTransformation, key: jax.Array,
+                       image_shape) -> dict[str, PyTree]:
+  """Initializes ``model`` on a ``[1, *image_shape]`` input and ``tx`` on its params."""
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = model.init(key, dummy, train=False)
+  return train_state(variables, tx.init(variables['params']))
+
+
+def _host(**kwargs):
+  """A field a checkpoint saves as host-side state (:data:`HOST_FIELDS`)."""
+  return dataclasses.field(metadata={'checkpoint': 'host'}, **kwargs)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything one run holds on the host: the model, its state, compiled steps.
+
+  A method's hook may call :meth:`prune` / :meth:`prune_dead` or edit
+  :attr:`state`; nothing else is hidden here. Fields made with ``_host`` are
+  the host-side state a checkpoint saves (:data:`HOST_FIELDS`); ``model``
+  (its widths), ``state`` and ``step`` are saved as the train state; the rest
+  is rebuilt from the config.
+  """
+
+  config: ml_collections.ConfigDict
+  model: Any
+  tx: optax.GradientTransformation
+  state: dict
+  death_images: jax.Array
+  dense_widths: dict
+  dense_params: int
+  step: int = 0
+  compiled: Any = None
+  step_flops: float = float('nan')
+  events: list = _host(default_factory=list)
+  log: Callable[[dict], None] = lambda record: None
+  memo: dict = _host(default_factory=dict)      # a method's host state between hook calls
+  stats: dict = _host(default_factory=dict)     # a method's numbers, copied into the summary
+  unit_ids: dict = _host(default_factory=dict)  # group -> dense indices of the units present
+  dead_set: frozenset | None = _host(default=None)   # (group, dense index) dead at the last check
+  mesh: Any = None                        # demp.parallel mesh: batch split on 'data', state replicated
+
+  @property
+  def variables(self) -> dict:
+    return {'params': self.state['params'], 'batch_stats': self.state['batch_stats']}
+
+  def compile(self, batch) -> float:
+    """Compiles the train step for the current shapes (AOT); returns seconds."""
+    t0 = time.perf_counter()
+    step = steps.make_train_step(self.model, self.tx, self.config.label_smoothing)
+    shardings = parallel.step_shardings(self.mesh) if self.mesh is not None else {}
+    self.compiled = jax.jit(step, donate_argnums=0, **shardings).lower(self.state, batch).compile()
+    self.step_flops = metrics.compiled_flops(self.compiled)
+    return time.perf_counter() - t0
+
+  def dead_units(self) -> tuple[dict, dict]:
+    c = self.config.prune
+    criterion = c.criterion or deadunits.criterion_for(self.model.activation)
+    return deadunits.dead_unit_stats(self.model, self.variables, self.death_images,
+                                     criterion=criterion, eps=c.eps, batch_size=c.batch_size)
+
+  def prune(self, keeps: Mapping[str, np.ndarray], reason: str = '', **info) -> bool:
+    """Removes the units not kept; returns whether any unit was removed."""
+    parallel.assert_same_across_hosts(dict(keeps), 'keep-masks')   # every host cuts the same units
+    before = dict(self.model.widths)
+    removes = any(int(np.sum(k)) < before[name] for name, k in keeps.items())
+    t0 = time.perf_counter()
+    if removes:
+      self.model, variables, opt_state = surgery.prune(
+          self.model, self.variables, self.state['opt_state'], keeps)
+      self.state = train_state(variables, opt_state)
+      self.compiled = None   # compiled again, for the new shapes, before the next step
+      for name, keep in keeps.items():
+        ids = self.unit_ids.get(name, np.arange(before[name]))
+        self.unit_ids[name] = ids[np.asarray(keep, bool)]
+    event = {'event': 'prune', 'step': self.step, 'reason': reason, 'removed': removes,
+             'widths': dict(self.model.widths), 'surgery_s': time.perf_counter() - t0, **info}
+    self.events.append(event)
+    self.log(event)
+    return removes
+
+  def prune_dead(self) -> bool:
+    """The DemP prune event: death check, keep-masks, surgery."""
+    t0 = time.perf_counter()
+    alive, activity = self.dead_units()
+    check_s = time.perf_counter() - t0
+    c = self.config.prune
+    keeps = surgery.keep_masks(alive, activity, min_width=c.min_width, multiple_of=c.multiple_of)
+    keeps, started = revival.gate(keeps, self.events, self.step, deadunits.count(alive),
+                                  patience=c.revival_patience, fixed=dict(c.start_steps))
+    if not (c.dynamic or (c.at_end and self.step == self.config.num_steps)):
+      keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}   # check and log only
+    dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
+    overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
+    return self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
+                      dead=len(dead), dead_overlap=overlap, started=started)
+
+
+HOST_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Run)
+                                     if f.metadata.get('checkpoint') == 'host')
+"""The :class:`Run` fields a checkpoint saves as host-side state."""
