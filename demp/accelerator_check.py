@@ -21,7 +21,8 @@ with a note, never started):
    wall time (compiles and prune events included, and each apart), final
    widths, test accuracy. It drives the trainer's own :class:`demp.train.Run`
    (death check, surgery, recompile as in training) from a numpy input
-   pipeline (:func:`train_batches`), so it needs no TensorFlow.
+   pipeline (:func:`train_batches`, every batch made and put on the device
+   before the clock starts), so it needs no TensorFlow.
 
 Results go to ``<out>/<device>/accelerator_check.{json,md}`` (rewritten after
 every part, so a killed run leaves what it measured). On a CPU it refuses
@@ -143,7 +144,8 @@ def require_accelerator(allow_cpu: bool) -> dict[str, Any]:
         f'JAX sees only CPU devices ({jax.devices()}): this check measures an accelerator and '
         'refuses to produce CPU numbers that could be mistaken for GPU/TPU ones. Run it where '
         'jax.devices() lists a GPU or TPU (a CUDA/TPU build of jaxlib), or pass --allow_cpu for '
-        'the tiny dry run (tiny widths and batch; its results say "platform": "cpu", "tiny": true).')
+        'the tiny dry run (tiny widths and batch; its results say "platform": "cpu", '
+        '"tiny": true).')
   return info
 
 
@@ -200,7 +202,8 @@ def _estimate(name: str, parts: Sequence[Mapping[str, Any]]) -> float:
 
 
 def run_check(plan: Plan, out: str, *, budget_s: float = 420.0, allow_cpu: bool = False,
-              real_configs: tuple[ml_collections.ConfigDict, ml_collections.ConfigDict] | None = None,
+              real_configs: tuple[ml_collections.ConfigDict,
+                                  ml_collections.ConfigDict] | None = None,
               real_note: str = '', log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs every part of ``plan`` that fits ``budget_s``; writes and returns the results.
 
@@ -409,14 +412,29 @@ def evaluate(model, variables, arrays: Mapping[str, np.ndarray], batch_size: int
           'loss': totals['loss_sum'] / totals['count']}
 
 
-def train_run(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def device_batches(config: ml_collections.ConfigDict,
+                   arrays: Mapping[str, np.ndarray]) -> list[dict[str, jax.Array]]:
+  """All ``config.num_steps`` train batches of ``config``, made and put on the device up front.
+
+  Made before the clock starts, so a run's wall time is the device's (and the
+  compiles' and prune events'), not the host's augmentation: ResNet-18 x0.5
+  steps take milliseconds on a GPU. 400 CIFAR batches of 128 are 630 MB.
+  """
+  it = train_batches(arrays, config.batch_size, config.seed, augment=config.data.augment,
+                     normalize=bool(config.data.normalize))
+  return [jax.device_put(next(it)) for _ in range(config.num_steps)]
+
+
+def train_run(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray],
+              batches: Sequence[Mapping[str, jax.Array]] | None = None) -> dict[str, Any]:
   """``config`` trained like :func:`demp.train.train_and_evaluate` does, data from ``arrays``.
 
   The same model, optimizer (method wrapper + accumulation), :class:`demp.train.Run`
   (AOT step per architecture, death check, keep-masks, surgery) and hook
-  schedule; host syncs only at prune events and at the end. ``wall_s`` runs
-  from the first step to the last update done (compiles and prune events
-  included; init and evaluation not), ``compile_s`` and ``event_s`` are the
+  schedule; host syncs only at prune events and at the end. ``batches``: the
+  train batches (default :func:`device_batches`). ``wall_s`` runs from the
+  first step to the last update done (compiles and prune events included;
+  init, batches and evaluation not), ``compile_s`` and ``event_s`` are the
   parts of it spent compiling steps and in the method's hook.
   """
   train.validate_config(config)
@@ -439,15 +457,17 @@ def train_run(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray
   death = jnp.asarray(Normalizer(arrays['train_images'], normalize)(arrays['train_images'][idx]))
   run = train.Run(config=config, model=model, tx=tx, state=state, death_images=death,
                   dense_widths=dict(model.widths), dense_params=metrics.num_params(state['params']))
-  batches = train_batches(arrays, config.batch_size, config.seed, augment=config.data.augment,
-                          normalize=normalize)
-  jax.block_until_ready(run.state)
+  if batches is None:
+    batches = device_batches(config, arrays)
+  if len(batches) < config.num_steps:
+    raise ValueError(f'{len(batches)} batches for num_steps={config.num_steps}.')
+  jax.block_until_ready((run.state, batches))
   init_s = time.perf_counter() - t0
   compile_s = event_s = 0.0
   losses = []
   t0 = time.perf_counter()
   for step in range(1, config.num_steps + 1):
-    batch = next(batches)
+    batch = batches[step - 1]
     if run.compiled is None:
       compile_s += run.compile(batch)
     run.state, out = run.compiled(run.state, batch)
@@ -481,18 +501,27 @@ def train_run(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray
 
 def real_run(demp_config: ml_collections.ConfigDict,
              dense_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The DemP run and the dense run (same data, steps and seed), dense first."""
+  """The DemP and the dense run on the same device batches (same steps and seed), dense first."""
   if demp_config.num_steps != dense_config.num_steps:
     raise ValueError(f'num_steps differ: DemP {demp_config.num_steps}, dense '
                      f'{dense_config.num_steps}; the comparison needs the same steps.')
   if demp_config.data.path != dense_config.data.path:
     raise ValueError('the DemP and dense configs read different data.path values.')
+  for key in ('batch_size', 'seed', 'data.augment', 'data.normalize'):
+    a, b = train._get(demp_config, key), train._get(dense_config, key)
+    if a != b:
+      raise ValueError(f'{key} differs: DemP {a!r}, dense {b!r}; the runs share their batches.')
   arrays = load_npz(demp_config.data.path)
-  dense = train_run(dense_config, arrays)
-  demp_out = train_run(demp_config, arrays)
-  return {'data_path_name': os.path.basename(str(demp_config.data.path)),
-          'num_train': int(len(arrays['train_images'])), 'num_test': int(len(arrays['test_images'])),
-          'prune_every': int(demp_config.prune.every), 'peak_lambda': float(demp_config.demp.peak_lambda),
+  t0 = time.perf_counter()
+  batches = device_batches(demp_config, arrays)
+  jax.block_until_ready(batches)
+  data_s = time.perf_counter() - t0
+  dense = train_run(dense_config, arrays, batches)
+  demp_out = train_run(demp_config, arrays, batches)
+  return {'data_path_name': os.path.basename(str(demp_config.data.path)), 'batches_s': data_s,
+          'num_train': int(len(arrays['train_images'])),
+          'num_test': int(len(arrays['test_images'])), 'prune_every': int(demp_config.prune.every),
+          'peak_lambda': float(demp_config.demp.peak_lambda),
           'dense': dense, 'demp': demp_out,
           'wall_ratio': demp_out['wall_s'] / dense['wall_s'],
           'train_ratio': demp_out['train_s'] / dense['train_s']}
@@ -525,7 +554,8 @@ def format_markdown(results: Mapping[str, Any]) -> str:
   lines = [f"# Accelerator check: {d['device_kind']} ({d['platform']}"
            f"{', TINY DRY RUN: not a measurement' if results['tiny'] else ''})", '',
            f"jax {d['jax']}, jaxlib {d['jaxlib']}, {d['device_count']} device(s), "
-           f"platform version `{d['platform_version'] or '–'}`, XLA_FLAGS=`{d['xla_flags'] or ''}`, "
+           f"platform version `{d['platform_version'] or '–'}`, "
+           f"XLA_FLAGS=`{d['xla_flags'] or ''}`, "
            f"default matmul precision `{d['default_matmul_precision']}`. "
            f"Spent {results['spent_s']:.0f} s of a {results['budget_s']:.0f} s budget.", '']
   lines += [f"## Train step: time ratio vs FLOP ratio", '',
@@ -546,7 +576,8 @@ def format_markdown(results: Mapping[str, Any]) -> str:
   taus = plan['taus']
   lines += ['', '## Prune event vs τ steps', '',
             f"One event removing {plan['sparsities'][0]:.0%} of the units: death check on "
-            f"{plan['event_examples']} images (compiled for the new architecture, then run), surgery, "
+            f"{plan['event_examples']} images (compiled for the new architecture, then run), "
+            'surgery, '
             'recompiling the step; against τ steps of the pruned step. bf16 rows are derived '
             '(same check + surgery, the bf16 step\'s compile time).', '']
   if results['events']:
@@ -557,7 +588,8 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     for r in results['events']:
       lines.append(f"| {r['model']} | {r['dtype']}{' (derived)' if r['derived'] else ''} | "
                    f"{r['check_compile_s']:.2f} | {r['check_s']:.3f} | {r['surgery_s']:.3f} | "
-                   f"{r['recompile_s']:.2f} | {r['event_s']:.2f} | {1e3 * r['pruned_step_s']:.2f} | "
+                   f"{r['recompile_s']:.2f} | {r['event_s']:.2f} | "
+                   f"{1e3 * r['pruned_step_s']:.2f} | "
                    + ' | '.join(f"{r[f'event_over_{t}_steps']:.4f}" for t in taus) + ' |')
   else:
     lines.append('(not measured: see Parts)')

@@ -152,7 +152,8 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
                noise: bool = True, compute_dtype: str = 'float32') -> list[dict[str, Any]]:
   """Train-step seconds and FLOPs of the dense model and of randomly pruned copies.
 
-  ``compute_dtype``: 'float32' or 'bfloat16' (:func:`with_compute_dtype`). Every variant is compiled and warmed up first; then ``rounds`` rounds each run
+  ``compute_dtype``: 'float32' or 'bfloat16' (:func:`with_compute_dtype`).
+  Every variant is compiled and warmed up first; then ``rounds`` rounds each run
   ``steps_per_round`` steps of every variant in turn. A variant's time is the
   median over rounds of its per-step mean; ratios are to the dense model.
   """

@@ -29,10 +29,12 @@ _OUT = flags.DEFINE_string('out', None, 'Results folder; files go to <out>/<devi
 _DATA = flags.DEFINE_string('data_path', None, 'The CIFAR-10 subset .npz of the real run '
                             '(none: the real run is skipped; with --allow_cpu a tiny one is made).')
 _BUDGET = flags.DEFINE_float('budget_s', 420.0, 'Global time budget, checked before every part.')
-_ALLOW_CPU = flags.DEFINE_bool('allow_cpu', False, 'On CPU, run the tiny dry run instead of refusing.')
+_ALLOW_CPU = flags.DEFINE_bool('allow_cpu', False,
+                                'On CPU, run the tiny dry run instead of refusing.')
 _MODELS = flags.DEFINE_list('models', ['resnet18=32', 'vgg16=64'],
                             'Step-time models as registry name=square image size.')
-_SPARSITIES = flags.DEFINE_list('sparsities', ['0.25', '0.5', '0.75'], 'Fractions of units removed.')
+_SPARSITIES = flags.DEFINE_list('sparsities', ['0.25', '0.5', '0.75'],
+                                'Fractions of units removed.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes of the step.')
 _ROUNDS = flags.DEFINE_integer('rounds', None, 'Interleaved rounds (default: 7; tiny 2).')
 _STEPS = flags.DEFINE_integer('steps_per_round', None, 'Steps per round (default: 20; tiny 1).')

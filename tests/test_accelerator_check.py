@@ -79,7 +79,8 @@ def test_allow_cpu_end_to_end_tiny(tmp_path):
   for r in (real['dense'], real['demp']):
     assert r['steps'] == 4 and 0 <= r['test_accuracy'] <= 1 and r['wall_s'] > 0
     assert r['wall_s'] >= r['compile_s'] + r['event_s'] - 1e-6
-  assert real['dense']['widths'] == real['dense']['dense_widths'] == {'hidden_0': 256, 'hidden_1': 256}
+  dense_widths = {'hidden_0': 256, 'hidden_1': 256}
+  assert real['dense']['widths'] == real['dense']['dense_widths'] == dense_widths
   assert real['demp']['prune_events'] == 2 and real['dense']['prune_events'] == 0
   assert real['wall_ratio'] == pytest.approx(real['demp']['wall_s'] / real['dense']['wall_s'])
 
@@ -115,8 +116,10 @@ def test_budget_and_estimates():
   budget = check.Budget(10.0, clock=lambda: now[0])
   now[0] = 4.0
   assert budget.allows(6.0) and not budget.allows(6.5)
-  parts = [{'name': 'steps/resnet18/float32', 'status': 'done', 'seconds': 30.0, 'mean_compile_s': 5.0},
-           {'name': 'steps/vgg16/float32', 'status': 'done', 'seconds': 50.0, 'mean_compile_s': 8.0}]
+  parts = [{'name': 'steps/resnet18/float32', 'status': 'done', 'seconds': 30.0,
+            'mean_compile_s': 5.0},
+           {'name': 'steps/vgg16/float32', 'status': 'done', 'seconds': 50.0,
+            'mean_compile_s': 8.0}]
   assert check._estimate('steps/resnet18/bfloat16', parts) == 30.0
   assert check._estimate('steps/convnet/float32', parts) == 40.0
   assert check._estimate('event/vgg16', parts) == 16.0
@@ -126,8 +129,9 @@ def test_budget_and_estimates():
 
 
 def test_device_slug():
-  assert check.device_slug({'platform': 'gpu', 'device_kind': 'NVIDIA H200'}, False) == 'nvidia-h200'
-  assert check.device_slug({'platform': 'tpu', 'device_kind': 'TPU v5 lite'}, False) == 'tpu-v5-lite'
+  slug = check.device_slug
+  assert slug({'platform': 'gpu', 'device_kind': 'NVIDIA H200'}, False) == 'nvidia-h200'
+  assert slug({'platform': 'tpu', 'device_kind': 'TPU v5 lite'}, False) == 'tpu-v5-lite'
   assert check.device_slug({'platform': 'cpu', 'device_kind': 'cpu'}, True) == 'cpu-tiny'
 
 
