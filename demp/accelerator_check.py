@@ -38,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform as platform_lib
@@ -129,11 +130,12 @@ def device_info() -> dict[str, Any]:
     platform_version = ''
   return {'platform': device.platform, 'device_kind': device.device_kind,
           'device_count': jax.device_count(), 'platform_version': platform_version,
-          'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+          'jax': jax.__version__, 'jaxlib': getattr(jaxlib, '__version__', ''),
           'python': platform_lib.python_version(),
           'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'xla_python_client_mem_fraction': os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', ''),
-          'default_matmul_precision': str(jax.config.jax_default_matmul_precision)}
+          'default_matmul_precision': str(getattr(jax.config, 'jax_default_matmul_precision',
+                                                  'unknown'))}
 
 
 def require_accelerator(allow_cpu: bool) -> dict[str, Any]:
@@ -204,15 +206,17 @@ def _estimate(name: str, parts: Sequence[Mapping[str, Any]]) -> float:
 def run_check(plan: Plan, out: str, *, budget_s: float = 420.0, allow_cpu: bool = False,
               real_configs: tuple[ml_collections.ConfigDict,
                                   ml_collections.ConfigDict] | None = None,
-              real_note: str = '', log: Callable[[str], None] = print) -> dict[str, Any]:
+              real_note: str = '', log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Runs every part of ``plan`` that fits ``budget_s``; writes and returns the results.
 
   ``real_configs``: ``(demp_config, dense_config)`` of the real run (None skips
-  it, with ``real_note`` as the reason). Raises :class:`NoAcceleratorError`
+  it, with ``real_note`` as the reason). ``log``: progress lines (default:
+  print, flushed). Raises :class:`NoAcceleratorError`
   on CPU unless ``allow_cpu``. A part that raises is recorded as failed (its
   error in the JSON) and the others still run.
   """
   budget = Budget(budget_s)
+  log = log or functools.partial(print, flush=True)
   info = require_accelerator(allow_cpu)
   folder = os.path.join(out, device_slug(info, plan.tiny))
   os.makedirs(folder, exist_ok=True)
