@@ -429,14 +429,31 @@ def device_batches(config: ml_collections.ConfigDict,
   return [jax.device_put(next(it)) for _ in range(config.num_steps)]
 
 
+def build_model(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray]):
+  """The dense model of ``config`` (classes: 10 for cifar10, else from the labels)."""
+  num_classes = 10 if config.data.name == 'cifar10' else int(arrays['train_labels'].max()) + 1
+  return models.build(config.model.name, num_classes,
+                      **{k: v for k, v in config.model.items() if k != 'name'})
+
+
+def init_variables(config: ml_collections.ConfigDict,
+                   arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """The variables of ``config``'s model as the trainer initializes them (``config.seed``)."""
+  dummy = jnp.zeros((1,) + arrays['train_images'].shape[1:], jnp.float32)
+  init = jax.jit(build_model(config, arrays).init, static_argnames='train')
+  return init(jax.random.key(config.seed), dummy, train=False)
+
+
 def train_run(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray],
-              batches: Sequence[Mapping[str, jax.Array]] | None = None) -> dict[str, Any]:
+              batches: Sequence[Mapping[str, jax.Array]] | None = None,
+              variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """``config`` trained like :func:`demp.train.train_and_evaluate` does, data from ``arrays``.
 
   The same model, optimizer (method wrapper + accumulation), :class:`demp.train.Run`
   (AOT step per architecture, death check, keep-masks, surgery) and hook
   schedule; host syncs only at prune events and at the end. ``batches``: the
-  train batches (default :func:`device_batches`). ``wall_s`` runs from the
+  train batches (default :func:`device_batches`); ``variables``: the initial
+  variables (default :func:`init_variables`). ``wall_s`` runs from the
   first step to the last update done (compiles and prune events included;
   init, batches and evaluation not), ``compile_s`` and ``event_s`` are the
   parts of it spent compiling steps and in the method's hook.
@@ -445,14 +462,12 @@ def train_run(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray
   if config.method not in train.METHODS:
     raise ValueError(f'method={config.method!r} is not one of {sorted(train.METHODS)} here.')
   method = train.METHODS[config.method]
-  num_classes = 10 if config.data.name == 'cifar10' else int(arrays['train_labels'].max()) + 1
-  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-  model = models.build(config.model.name, num_classes, **kwargs)
-  tx = train.accumulate(config, method.optimizer(config, train.base_optimizer(config)))
   t0 = time.perf_counter()
-  dummy = jnp.zeros((1,) + arrays['train_images'].shape[1:], jnp.float32)
-  variables = jax.jit(model.init, static_argnames='train')(jax.random.key(config.seed), dummy,
-                                                           train=False)
+  model = build_model(config, arrays)
+  if variables is None:
+    variables = init_variables(config, arrays)
+  variables = jax.tree.map(jnp.copy, dict(variables))   # the step donates its state
+  tx = train.accumulate(config, method.optimizer(config, train.base_optimizer(config)))
   state = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
            'opt_state': tx.init(variables['params'])}
   normalize = bool(config.data.normalize)
@@ -511,18 +526,24 @@ def real_run(demp_config: ml_collections.ConfigDict,
                      f'{dense_config.num_steps}; the comparison needs the same steps.')
   if demp_config.data.path != dense_config.data.path:
     raise ValueError('the DemP and dense configs read different data.path values.')
-  for key in ('batch_size', 'seed', 'data.augment', 'data.normalize'):
+  for key in ('batch_size', 'seed', 'data.augment', 'data.normalize', 'model'):
     a, b = train._get(demp_config, key), train._get(dense_config, key)
     if a != b:
-      raise ValueError(f'{key} differs: DemP {a!r}, dense {b!r}; the runs share their batches.')
+      raise ValueError(f'{key} differs: DemP {a!r}, dense {b!r}; the runs share their batches '
+                       'and initial variables.')
   arrays = load_npz(demp_config.data.path)
   t0 = time.perf_counter()
   batches = device_batches(demp_config, arrays)
   jax.block_until_ready(batches)
   data_s = time.perf_counter() - t0
-  dense = train_run(dense_config, arrays, batches)
-  demp_out = train_run(demp_config, arrays, batches)
+  t0 = time.perf_counter()
+  variables = init_variables(demp_config, arrays)     # one init (compile) for both runs
+  jax.block_until_ready(variables)
+  init_s = time.perf_counter() - t0
+  dense = train_run(dense_config, arrays, batches, variables)
+  demp_out = train_run(demp_config, arrays, batches, variables)
   return {'data_path_name': os.path.basename(str(demp_config.data.path)), 'batches_s': data_s,
+          'init_s': init_s,
           'num_train': int(len(arrays['train_images'])),
           'num_test': int(len(arrays['test_images'])), 'prune_every': int(demp_config.prune.every),
           'peak_lambda': float(demp_config.demp.peak_lambda),
