@@ -14,6 +14,11 @@
   run), surgery, and compiling the train step for the new shapes -- to set
   against ``τ`` train steps.
 
+``compute_dtype='bfloat16'`` times the step in mixed precision through
+:class:`ComputeDtype` (the models have no dtype argument): params and images
+are cast to bf16 inside the loss; master params, optimizer state, BN statistics
+and the loss stay float32.
+
 Parameter values do not change the timings, so the models start from
 :func:`numpy_init` (random kernels drawn by numpy, default BN), which needs no
 compiled initializer: on a busy 2-core CPU compiling Flax's initializers for a
@@ -28,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -139,6 +145,38 @@ def method_optimizer(config: ml_collections.ConfigDict | None = None, *,
   return methods.get('demp').optimizer(config, optim.base_optimizer(config))
 
 
+@dataclasses.dataclass(frozen=True)
+class ComputeDtype:
+  """``model`` applied in ``dtype``: mixed precision for a model without a dtype argument.
+
+  ``apply`` casts the ``params`` collection and the input to ``dtype`` (so every
+  conv, matmul and BN output runs in it; Flax's BN still reduces its statistics
+  in float32), and casts every floating output (logits, updated batch stats)
+  back to float32. Gradients reach the float32 params through the casts, so
+  the optimizer state and BN statistics stay float32. Only ``apply`` is
+  provided: what :func:`demp.train.make_train_step` calls.
+  """
+  model: Any
+  dtype: Any
+
+  def apply(self, variables, x, **kwargs):
+    cast = lambda tree, dtype: jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    variables = {**variables, 'params': cast(variables['params'], self.dtype)}
+    return cast(self.model.apply(variables, x.astype(self.dtype), **kwargs), jnp.float32)
+
+
+COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+
+
+def with_compute_dtype(model, compute_dtype: str):
+  """``model`` itself for float32, else :class:`ComputeDtype` (a key of :data:`COMPUTE_DTYPES`)."""
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'compute_dtype={compute_dtype!r} is not one of {sorted(COMPUTE_DTYPES)}.')
+  dtype = COMPUTE_DTYPES[compute_dtype]
+  return model if dtype is None else ComputeDtype(model, dtype)
+
+
 def _state(model, tx, x_bhwc, seed):
   variables = numpy_init(model, x_bhwc, seed)
   return run_lib.train_state(variables, tx.init(variables['params']))
@@ -162,9 +200,10 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
                rounds: int = 3, steps_per_round: int = 2, seed: int = 0,
                model_kwargs: Mapping[str, Any] | None = None,
                config: ml_collections.ConfigDict | None = None,
-               noise: bool = True) -> list[dict[str, Any]]:
+               noise: bool = True, compute_dtype: str = 'float32') -> list[dict[str, Any]]:
   """Train-step seconds and FLOPs of the dense model and of randomly pruned copies.
 
+  ``compute_dtype``: 'float32' or 'bfloat16' (:func:`with_compute_dtype`).
   Every variant is compiled and warmed up first; then ``rounds`` rounds each run
   ``steps_per_round`` steps of every variant in turn. A variant's time is the
   median over rounds of its per-step mean; ratios are to the dense model.
@@ -182,7 +221,7 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
   variants = []
   for s, model, state in pruned:
     state = jax.tree.map(jnp.copy, state)   # the surgery shares untouched leaves; steps donate
-    compiled, compile_s = _compile(model, tx, state, batch)
+    compiled, compile_s = _compile(with_compute_dtype(model, compute_dtype), tx, state, batch)
     variants.append({'sparsity': s, 'model': model, 'state': state, 'compiled': compiled,
                      'compile_s': compile_s, 'flops': metrics.compiled_flops(compiled),
                      'params': metrics.num_params(state['params'])})
@@ -202,7 +241,7 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
   rows = []
   for v in variants:
     t = float(np.median(v['times']))
-    rows.append({'model': model_name, 'sparsity': v['sparsity'],
+    rows.append({'model': model_name, 'dtype': compute_dtype, 'sparsity': v['sparsity'],
                  'neuron_sparsity': metrics.neuron_sparsity(v['model'].widths, dense.widths),
                  'params': v['params'], 'param_ratio': v['params'] / base['params'],
                  'step_s': t, 'time_ratio': t / base_t, 'flops': v['flops'],
