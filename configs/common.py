@@ -117,7 +117,8 @@ def fmt(value: Any) -> str:
 
 def settings_table(settings: Sequence[Setting]) -> str:
   """The Markdown table of a recipe: ours vs the authors' launch script vs the paper's text."""
-  lines = ['| config key | ours (default) | source of ours | authors\' launch script | paper text |',
+  lines = ['| config key | ours (default) | source of ours | authors\' launch script '
+           '| paper text |',
            '| --- | --- | --- | --- | --- |']
   for s in settings:
     lines.append(f'| `{s.key}` | {fmt(s.value)} | {s.source} | {s.authors or "—"} | '
@@ -138,8 +139,9 @@ def sweep_argv(config: str, opt: str, lambdas: Sequence[float], seeds: Sequence[
   """``scripts.sweep``: DemP over the λ grid × seeds, plus dense runs at the same seeds."""
   seed_list = ','.join(str(s) for s in seeds)
   arg = f'opt={opt}' + (',smoke=True' if smoke else '')
+  lams = ','.join(fmt(v) for v in lambdas)
   argv = ['python', '-m', 'scripts.sweep', f'--config={config}:{arg}',
-          f"--grid=method=demp;demp.peak_lambda={','.join(fmt(v) for v in lambdas)};seed={seed_list}"]
+          f'--grid=method=demp;demp.peak_lambda={lams};seed={seed_list}']
   if dense:
     argv.append(f'--grid=method=dense;seed={seed_list}')
   return argv + [f'--workdir={workdir}']

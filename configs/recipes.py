@@ -34,7 +34,8 @@ def _recipes():
 
 
 def lambda_table() -> str:
-  lines = ['| recipe | paper | peak λ grid (× seeds 0, 1, 2) | default `lam` | source of the grid |',
+  lines = ['| recipe | paper | peak λ grid (× seeds 0, 1, 2) | default `lam` '
+           '| source of the grid |',
            '| --- | --- | --- | --- | --- |']
   for path, module, opt in _recipes():
     row = next(s for s in module.SETTINGS[opt] if s.key == 'demp.peak_lambda')

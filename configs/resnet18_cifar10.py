@@ -1,4 +1,4 @@
-r"""ResNet-18 on CIFAR-10, the paper's Fig. 3 recipe as the authors ran it, Adam(W) or SGD + momentum.
+r"""ResNet-18 on CIFAR-10, the paper's Fig. 3 recipe as the authors ran it: AdamW or SGDM.
 
     python -m scripts.train --config configs/resnet18_cifar10.py:opt=adam,method=demp \
         --workdir /tmp/resnet18_cifar10_adam_demp

@@ -43,7 +43,7 @@ from demp.train import base_config
 S, LAUNCH, TEXT, OURS = common.Setting, common.LAUNCH, common.TEXT, common.OURS
 
 CONFIG = 'configs/resnet50_imagenet.py'
-STEPS_PER_EPOCH = 1_281_167 / 256        # 5004.56: epochs counted as the ResNet-18 launch script does
+STEPS_PER_EPOCH = 1_281_167 / 256        # 5004.56: epochs counted as ResNet-18's launch script does
 NUM_STEPS = int(100 * STEPS_PER_EPOCH)   # 500,455
 BOUNDARIES = [int(e * STEPS_PER_EPOCH) for e in (30, 70, 90)]
 SPAN = 85_000 / 97_656                   # the ResNet-18 launch script's λ span, as a fraction

@@ -27,7 +27,8 @@ from configs import common, recipes, resnet18_cifar10, resnet50_imagenet, vgg16_
 from demp import models, sweep, train, transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-R18, VGG, R50 = 'configs/resnet18_cifar10.py', 'configs/vgg16_cifar10.py', 'configs/resnet50_imagenet.py'
+R18, VGG = 'configs/resnet18_cifar10.py', 'configs/vgg16_cifar10.py'
+R50 = 'configs/resnet50_imagenet.py'
 MODULES = {R18: resnet18_cifar10, VGG: vgg16_cifar10, R50: resnet50_imagenet}
 RECIPES = [(path, opt) for path in MODULES for opt in ('adam', 'sgdm')]
 
@@ -38,7 +39,8 @@ _R18 = {'batch_size': 128, 'num_steps': 97_656, 'optimizer.weight_decay': 5e-4,
 _VGG = {'batch_size': 256, 'num_steps': 15_626, 'optimizer.lr_schedule': 'one_cycle',
         'data.image_size': 64, 'prune.every': 1000, **_CIFAR_DEATH_CHECK}
 _R50 = {'batch_size': 256, 'num_steps': 500_455, 'optimizer.learning_rate': 5e-3,
-        'optimizer.weight_decay': 1e-4, 'label_smoothing': 0.1, 'optimizer.lr_schedule': 'multistep',
+        'optimizer.weight_decay': 1e-4, 'label_smoothing': 0.1,
+        'optimizer.lr_schedule': 'multistep',
         'optimizer.lr_kwargs.boundaries': [150_136, 350_319, 450_410], 'prune.every': 5000,
         'prune.num_examples': 2048, 'data.name': 'imagenet2012'}
 _DEMP = {'demp.penalty': 'lasso', 'demp.schedule': 'one_cycle', 'demp.warmup': 'cosine',
@@ -140,7 +142,8 @@ def test_docs_page_is_generated_from_the_configs():
   for (path, opt), grid in GRIDS.items():
     assert f'demp.peak_lambda={",".join(common.fmt(v) for v in grid)};seed=0,1,2' in text
     assert f'| `{path}:opt={opt}` |' in text
-  for row in ('| `prune.num_examples` | 3 batches of 512 | 512 examples | code | `follow=text` (512)',
+  for row in ('| `prune.num_examples` | 3 batches of 512 | 512 examples | code | '
+              '`follow=text` (512)',
               '| `demp.warmup` | cosine (optax.cosine_onecycle_schedule) | linear warm-up | code |',
               '| `demp.noise_std` | std 5e-5, one-cycle | variance 5e-5 (std 7.07e-3) | code |'):
     assert row in text
