@@ -87,30 +87,34 @@ def test_config_builds_and_validates(path, tiny_npz):
 
 
 def test_recipe_numbers():
-  """The paper's appendix I, as the configs hold it."""
+  """The paper's appendix I and the authors' launch settings, as the configs hold them.
+
+  Every full-scale recipe number, with its source, is in tests/test_recipes.py.
+  """
   r18 = _load(os.path.join(ROOT, 'configs/resnet18_cifar10.py'))
   c = r18.get_config('opt=sgdm')
   assert (c.batch_size, c.num_steps, c.optimizer.name, c.optimizer.learning_rate) == \
-      (128, 250 * 390, 'sgd', 0.1)
+      (128, 97_656, 'sgd', 0.1)                  # 250 epochs as the authors count them
   assert (c.optimizer.lr_schedule, c.optimizer.lr_kwargs.step_size,
-          c.optimizer.lr_kwargs.decay_factor) == ('step', 77 * 390, 0.2)
+          c.optimizer.lr_kwargs.decay_factor) == ('step', 30_078, 0.2)   # 77 x 50,000 / 128
   assert (c.optimizer.weight_decay, c.data.augment, c.prune.every, c.prune.num_examples,
-          c.demp.noise_std) == (5e-4, 'crop_flip', 5000, 512, 5e-5)
-  assert r18.get_config('opt=adam').optimizer.learning_rate == 5e-3
+          c.demp.noise_std) == (5e-4, 'crop_flip', 5000, 1536, 5e-5)   # death check: 3 x 512
+  c_adam = r18.get_config('opt=adam')
+  assert (c_adam.optimizer.name, c_adam.optimizer.learning_rate) == ('adamw', 5e-3)
   lr = train.learning_rate_schedule(c)
-  np.testing.assert_allclose([lr(0), lr(77 * 390 - 1), lr(77 * 390), lr(154 * 390)],
+  np.testing.assert_allclose([lr(0), lr(30_077), lr(30_078), lr(60_156)],
                              [0.1, 0.1, 0.02, 0.004], rtol=1e-6)
 
   c = _load(os.path.join(ROOT, 'configs/resnet50_imagenet.py')).get_config('opt=adam')
   assert (c.batch_size, c.num_steps, c.optimizer.learning_rate, c.label_smoothing,
-          c.optimizer.weight_decay, c.prune.num_examples) == (256, 500_400, 5e-3, 0.1, 1e-4, 2048)
-  assert list(c.optimizer.lr_kwargs.boundaries) == [30 * 5004, 70 * 5004, 90 * 5004]
+          c.optimizer.weight_decay, c.prune.num_examples) == (256, 500_455, 5e-3, 0.1, 1e-4, 2048)
+  assert list(c.optimizer.lr_kwargs.boundaries) == [150_136, 350_319, 450_410]  # epochs 30/70/90
   assert (c.data.name, c.data.augment, c.data.image_size, c.data.test_split) == \
       ('imagenet2012', 'imagenet', 224, 'validation')
 
   c = _load(os.path.join(ROOT, 'configs/vgg16_cifar10.py')).get_config('opt=sgdm')
   assert (c.batch_size, c.num_steps, c.optimizer.lr_schedule, c.optimizer.learning_rate,
-          c.data.image_size, c.prune.every) == (256, 80 * 195, 'one_cycle', 0.1, 64, 1000)
+          c.data.image_size, c.prune.every) == (256, 15_626, 'one_cycle', 0.1, 64, 1000)
 
   c = _load(os.path.join(ROOT, 'configs/convnet_cifar10.py')).get_config()
   assert (list(c.model.widths), c.optimizer.name, c.num_steps, c.demp.peak_lambda, c.prune.every) \
