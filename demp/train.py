@@ -30,7 +30,7 @@ import optax
 from absl import logging
 
 from demp import data as data_lib
-from demp import augment, checkpoint, deadunits, flops, metrics, models, parallel, revival, schedules, surgery, transforms
+from demp import augment, checkpoint, deadunits, flops, metrics, models, parallel, revival, schedules, surgery, transforms, units
 
 PyTree = Any
 
@@ -63,11 +63,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.demp = ml_collections.ConfigDict()
   c.demp.penalty = 'lasso'                # lasso | l2 (kinds of demp.transforms.add_scheduled_penalty)
-  c.demp.penalty_mask = transforms.NORM_SCALES   # regex over param paths
+  c.demp.penalty_mask = transforms.NORM_SCALES   # regex over param paths | 'groups' (the groups' own scales)
+  c.demp.penalty_coupling = 'coupled'     # coupled (before the optimizer) | decoupled (after, × lr_t)
+  c.demp.penalty_weighting = 'none'       # none | params | flops: × one unit's cost / mean (demp.units)
   c.demp.peak_lambda = 5e-3               # peak of λ_t
   c.demp.noise_std = transforms.AUTHORS_NOISE_STD   # peak σ_t, a standard deviation (authors' code: 5e-5;
                                           # the paper's text prints 5e-5 as a variance: 7.07e-3)
   c.demp.noise_symmetric = False
+  c.demp.noise_liveness = 'auto'          # auto (relu: gradient, else mask) | gradient | mask
   c.demp.schedule = 'one_cycle'           # shape of λ_t and σ_t: one_cycle | constant
   c.demp.warmup = 'cosine'                # one-cycle warm-up: cosine (reference code) | linear (paper text)
   c.demp.span = 1.0                       # the one-cycle spans this fraction of the run
@@ -84,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.dynamic = True                  # False: every check only logs; only the final check (at_end) removes
   c.prune.revival_patience = 0            # >0: a group starts pruning once its live count stopped rising (demp.revival)
   c.prune.start_steps = ml_collections.ConfigDict()   # group -> step its pruning starts (overrides patience)
+  c.prune.remove_constant = False         # also remove alive units constant on the check set, folded
+  c.prune.constant_eps = 0.01             # constant: max - min <= this over the check set
 
   c.batch_augment = augment.default_config()   # RandAugment / mixup / cutmix in JAX (demp.augment)
   c.log_every = 50
@@ -120,6 +125,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _allowed('demp.penalty', config.demp.penalty, transforms.PENALTY_KINDS)
   _allowed('demp.schedule', config.demp.schedule, ('one_cycle', 'constant'))
   _allowed('demp.warmup', config.demp.warmup, ('cosine', 'linear'))
+  _allowed('demp.penalty_coupling', config.demp.penalty_coupling, transforms.PENALTY_COUPLINGS)
+  _allowed('demp.penalty_weighting', config.demp.penalty_weighting, units.WEIGHTINGS)
+  _allowed('demp.noise_liveness', config.demp.noise_liveness, ('auto',) + transforms.LIVENESS_MODES)
   if config.prune.criterion:
     _allowed('prune.criterion', config.prune.criterion, deadunits.CRITERIA)
   for key in ('num_steps', 'batch_size', 'prune.every', 'prune.num_examples', 'prune.batch_size',
@@ -128,7 +136,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive(key, _get(config, key))
   for key in ('demp.peak_lambda', 'demp.noise_std', 'optimizer.learning_rate',
               'optimizer.weight_decay', 'label_smoothing', 'eval_every', 'prune.eps',
-              'optimizer.grad_clip_norm', 'prune.revival_patience'):
+              'optimizer.grad_clip_norm', 'prune.revival_patience', 'prune.constant_eps'):
     _positive(key, _get(config, key), strict=False)
   for group, step in config.prune.start_steps.items():
     _positive(f'prune.start_steps.{group}', step, strict=False)
@@ -242,15 +250,36 @@ def demp_schedules(config) -> tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedu
   return shape(c.peak_lambda), shape(c.noise_std)
 
 
+def _config_model(config):
+  """The config's model (unbuilt parameters) and one input's shape."""
+  info = data_lib.get_info(config.data)
+  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+  return models.build(config.model.name, info.num_classes, **kwargs), tuple(info.image_shape)
+
+
 def _demp_optimizer(config, base: optax.GradientTransformation) -> optax.GradientTransformation:
   lam, std = demp_schedules(config)
   c = config.demp
+  model, mask, mults, liveness = None, c.penalty_mask, None, c.noise_liveness
+  if (c.penalty_mask == 'groups' or c.penalty_weighting != 'none'
+      or (liveness == 'auto' and c.noise_std > 0)):
+    model, image_shape = _config_model(config)
+  if c.penalty_mask == 'groups':
+    mask = units.group_scales_mask(model)
+  if c.penalty_weighting != 'none' and c.peak_lambda > 0:
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + image_shape),
+                                               train=False))['params']
+    mults = units.penalty_multipliers(model, params, c.penalty_weighting, image_shape)
+  if liveness == 'auto':
+    liveness = 'gradient' if model is None or model.activation == 'relu' else 'mask'
   return transforms.demp_optimizer(
       base,
       penalty_strength=lam if c.peak_lambda > 0 else None,
-      penalty_kind=c.penalty, penalty_mask=c.penalty_mask,
+      penalty_kind=c.penalty, penalty_mask=mask,
       noise_std=std if c.noise_std > 0 else None,
-      noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric)
+      noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric,
+      noise_liveness=liveness, penalty_coupling=c.penalty_coupling,
+      penalty_multipliers=mults, learning_rate=learning_rate_schedule(config))
 
 
 def prune_steps(config, step: int) -> bool:
@@ -406,20 +435,52 @@ class Run:
     return removes
 
   def prune_dead(self) -> bool:
-    """The DemP prune event: death check, keep-masks, surgery."""
+    """The DemP prune event: death check, keep-masks, surgery.
+
+    Logs the alive units that are constant over the check set (``constant``);
+    with ``prune.remove_constant`` removes those of foldable groups too, their
+    constant folded into the consumers (:func:`demp.surgery.fold_constants`).
+    A mask-mode live noise gets this check's verdict (:func:`demp.units.set_live_mask`).
+    """
     t0 = time.perf_counter()
-    alive, activity = self.dead_units()
-    check_s = time.perf_counter() - t0
     c = self.config.prune
-    keeps = surgery.keep_masks(alive, activity, min_width=c.min_width, multiple_of=c.multiple_of)
+    stats = deadunits.unit_stats(
+        self.model, self.variables, self.death_images, eps=c.eps, batch_size=c.batch_size,
+        criterion=c.criterion or deadunits.criterion_for(self.model.activation))
+    alive, activity = stats['alive'], stats['activity']
+    check_s = time.perf_counter() - t0
+    constant = deadunits.constant_units(stats, c.constant_eps)
+    groups = self.model.unit_groups()
+    opt_state = units.set_live_mask(self.state['opt_state'], self.state['params'], self.model, alive)
+    changed = opt_state is not self.state['opt_state']
+    self.state = {**self.state, 'opt_state': opt_state}
+    removable = alive
+    if c.remove_constant:
+      able = surgery.foldable_groups(groups, self.variables)
+      removable = {k: v & ~(constant[k] & able[k]) for k, v in alive.items()}
+    keeps = surgery.keep_masks(removable, activity, min_width=c.min_width, multiple_of=c.multiple_of)
     keeps, started = revival.gate(keeps, self.events, self.step, deadunits.count(alive),
                                   patience=c.revival_patience, fixed=dict(c.start_steps))
     if not (c.dynamic or (c.at_end and self.step == self.config.num_steps)):
       keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}   # check and log only
+    folded = {}
+    if c.remove_constant:
+      fold = {k: constant[k] & ~np.asarray(keeps[k], bool) for k in constant}
+      folded = deadunits.count(fold)
+      if any(folded.values()):
+        variables = surgery.fold_constants(self.variables, groups,
+                                           deadunits.constant_values(stats), fold)
+        self.state = {**self.state, 'params': variables['params'],
+                      'batch_stats': variables.get('batch_stats', {})}
+        changed = True
+    if changed and self.mesh is not None:   # new leaves: onto every device, as the step expects
+      self.state = parallel.replicate(self.state, self.mesh)
     dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
     overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
+    extra = {'folded': folded} if c.remove_constant else {}
     return self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
-                      dead=len(dead), dead_overlap=overlap, started=started)
+                      dead=len(dead), dead_overlap=overlap, started=started,
+                      constant=deadunits.count(constant), **extra)
 
 
 # ----------------------------------------------------------------------------
