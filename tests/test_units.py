@@ -288,3 +288,30 @@ def test_trainer_wires_coupling_and_weighting():
   c.demp.penalty_weighting = 'bytes'
   with pytest.raises(ValueError, match='demp.penalty_weighting'):
     train.validate_config(c)
+
+
+def test_the_live_mask_round_trips_through_a_checkpoint(tmp_path):
+  """The live mask is optimizer state: saved and restored with the run, bit for bit."""
+  from demp import checkpoint  # pylint: disable=g-import-not-at-top
+  c = quickstart.get_config()
+  c.model.widths, c.model.activation = [16, 8], 'gelu'
+  c.prune.num_examples, c.prune.batch_size, c.progress_bar = 32, 32, False
+  c.prune.dynamic = False
+  run, _ = train.init_run(c)
+  p = run.state['params']
+  p['norm_0'] = {'scale': p['norm_0']['scale'].at[3].set(0.0),
+                 'bias': p['norm_0']['bias'].at[3].set(-6.0)}
+  run.state = {**run.state, 'params': p}
+  run.step = 6
+  run.prune_dead()
+  saved = units.get_live_mask(run.state['opt_state'])
+  assert not np.asarray(saved['dense_0']['kernel'])[:, 3].any()
+  with checkpoint.closing(checkpoint.manager(str(tmp_path), async_save=False)) as mngr:
+    checkpoint.save(mngr, run, batches=6, progress={})
+    mngr.wait_until_finished()
+    fresh, _ = train.init_run(c)
+    checkpoint.restore(mngr, checkpoint.read_meta(mngr), fresh)
+  got = units.get_live_mask(fresh.state['opt_state'])
+  for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(got)):
+    assert y.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
