@@ -3,7 +3,8 @@
 Each epoch NEq runs a fixed slice of the training set (``data.holdout``
 examples carved out of the training split, so never trained on; NEq uses 1 %
 for CIFAR. Without ``data.holdout`` it falls back to ``holdout_fraction`` of the
-training examples, not held out: see :func:`measurement_images`) through the model in eval mode and records every unit's
+training examples, not held out: see :func:`measurement_images`) through the
+model in eval mode and records every unit's
 post-activation outputs. For unit ``i``:
 
 * ``φ_i^t``: similarity of its outputs now and at the previous measurement:

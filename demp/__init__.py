@@ -20,7 +20,8 @@ from demp.deadunits import CRITERIA, constant_unit_stats, dead_unit_stats, probe
 from demp.schedules import SCHEDULES, make_schedule, one_cycle
 from demp.surgery import Slice, UnitGroup, keep_masks, param_slices, prune, slice_optimizer_state, slice_variables
 from demp.transforms import (ALL_WEIGHTS, AUTHORS_NOISE_STD, NORM_SCALES, PAPER_TEXT_NOISE_STD, LiveNoiseState, ScheduledPenaltyState,
-                             add_decoupled_penalty, add_scheduled_penalty, demp_optimizer, path_mask, with_live_noise)
+                             add_decoupled_penalty, add_scheduled_penalty, demp_optimizer, path_mask,
+                             with_live_noise)
 from demp.units import group_scales_mask, penalty_multipliers, set_live_mask
 
 __version__ = "0.1.0"

@@ -194,7 +194,8 @@ def unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
   n = images.shape[0]
   batch_size = min(batch_size, n)
   if n % batch_size:
-    raise ValueError(f'the {n} death-check examples are not a multiple of the batch size {batch_size}.')
+    raise ValueError(f'the {n} death-check examples are not a multiple of the batch size '
+                     f'{batch_size}.')
   variables = {k: v for k, v in variables.items() if k != 'intermediates'}
   out = jax.device_get(_scan_all(model, variables, images, criterion=criterion,
                                  eps=float(eps), batch_size=batch_size))
@@ -202,7 +203,8 @@ def unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
           for name, d in zip(('alive', 'activity', 'low', 'high'), out)}
 
 
-def constant_units(stats: Mapping[str, Mapping[str, np.ndarray]], eps: float) -> dict[str, np.ndarray]:
+def constant_units(stats: Mapping[str, Mapping[str, np.ndarray]],
+                   eps: float) -> dict[str, np.ndarray]:
   """Group -> ``[width]`` bool: alive (not dead) units whose output is constant over the check set.
 
   Constant means ``max - min <= eps`` over every example, position and site
@@ -228,7 +230,8 @@ def constant_values(stats: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, 
 
 def constant_unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
                         eps: float = 0.01, criterion: str = 'relu', dead_eps: float = 0.01,
-                        batch_size: int = 128) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                        batch_size: int = 128
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Constant (alive) units of every group and their values: ``(constant, value)``.
 
   ``eps`` is the constancy threshold on ``max - min``; ``criterion`` and

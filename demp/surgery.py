@@ -277,7 +277,8 @@ def fold_target(groups: Sequence[UnitGroup], variables: Mapping[str, PyTree],
   return None
 
 
-def foldable_groups(groups: Sequence[UnitGroup], variables: Mapping[str, PyTree]) -> dict[str, bool]:
+def foldable_groups(groups: Sequence[UnitGroup],
+                    variables: Mapping[str, PyTree]) -> dict[str, bool]:
   """Group -> whether its constant units can be folded (:func:`fold_constants`).
 
   A group qualifies when it has one site (a residual stream channel is read at

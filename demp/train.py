@@ -30,7 +30,8 @@ import optax
 from absl import logging
 
 from demp import data as data_lib
-from demp import augment, checkpoint, deadunits, flops, metrics, models, parallel, revival, schedules, surgery, transforms, units
+from demp import augment, checkpoint, deadunits, flops, metrics, models, parallel, revival, schedules, surgery, transforms
+from demp import units
 
 PyTree = Any
 
@@ -63,9 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.demp = ml_collections.ConfigDict()
   c.demp.penalty = 'lasso'                # lasso | l2 (kinds of demp.transforms.add_scheduled_penalty)
-  c.demp.penalty_mask = transforms.NORM_SCALES   # regex over param paths | 'groups' (the groups' own scales)
-  c.demp.penalty_coupling = 'coupled'     # coupled (before the optimizer) | decoupled (after, × lr_t)
-  c.demp.penalty_weighting = 'none'       # none | params | flops: × one unit's cost / mean (demp.units)
+  c.demp.penalty_mask = transforms.NORM_SCALES   # regex over param paths | 'groups' (own scales)
+  c.demp.penalty_coupling = 'coupled'     # coupled (before the optimizer) | decoupled (after, ×lr)
+  c.demp.penalty_weighting = 'none'       # none | params | flops: × a unit's cost / mean
   c.demp.peak_lambda = 5e-3               # peak of λ_t
   c.demp.noise_std = transforms.AUTHORS_NOISE_STD   # peak σ_t, a standard deviation (authors' code: 5e-5;
                                           # the paper's text prints 5e-5 as a variance: 7.07e-3)
@@ -87,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.dynamic = True                  # False: every check only logs; only the final check (at_end) removes
   c.prune.revival_patience = 0            # >0: a group starts pruning once its live count stopped rising (demp.revival)
   c.prune.start_steps = ml_collections.ConfigDict()   # group -> step its pruning starts (overrides patience)
-  c.prune.remove_constant = False         # also remove alive units constant on the check set, folded
+  c.prune.remove_constant = False         # also remove units constant on the check set, folded
   c.prune.constant_eps = 0.01             # constant: max - min <= this over the check set
 
   c.batch_augment = augment.default_config()   # RandAugment / mixup / cutmix in JAX (demp.augment)
@@ -451,14 +452,16 @@ class Run:
     check_s = time.perf_counter() - t0
     constant = deadunits.constant_units(stats, c.constant_eps)
     groups = self.model.unit_groups()
-    opt_state = units.set_live_mask(self.state['opt_state'], self.state['params'], self.model, alive)
+    opt_state = units.set_live_mask(self.state['opt_state'], self.state['params'], self.model,
+                                    alive)
     changed = opt_state is not self.state['opt_state']
     self.state = {**self.state, 'opt_state': opt_state}
     removable = alive
     if c.remove_constant:
       able = surgery.foldable_groups(groups, self.variables)
       removable = {k: v & ~(constant[k] & able[k]) for k, v in alive.items()}
-    keeps = surgery.keep_masks(removable, activity, min_width=c.min_width, multiple_of=c.multiple_of)
+    keeps = surgery.keep_masks(removable, activity, min_width=c.min_width,
+                               multiple_of=c.multiple_of)
     keeps, started = revival.gate(keeps, self.events, self.step, deadunits.count(alive),
                                   patience=c.revival_patience, fixed=dict(c.start_steps))
     if not (c.dynamic or (c.at_end and self.step == self.config.num_steps)):

@@ -292,7 +292,7 @@ def add_decoupled_penalty(
     mask: MaskOrFn = NORM_SCALES,
     multipliers: Mapping[str, float] | None = None,
 ) -> optax.GradientTransformation:
-  r"""Subtracts ``η_t·λ_t·∇R(p)/λ`` from the updates: the penalty decoupled from the optimizer.
+  r"""Subtracts ``η_t·λ_t·∇R(p)/λ`` from the updates: the penalty, decoupled.
 
   Chain it *after* the base optimizer, whose output is an update (already
   multiplied by ``-η_t``)::

@@ -196,7 +196,7 @@ def _is_noise_state(x) -> bool:
 
 def set_live_mask(opt_state: PyTree, params: PyTree, model,
                   alive: Mapping[str, np.ndarray]) -> PyTree:
-  """Sets the live mask of every mask-mode :class:`~demp.transforms.LiveNoiseState` in ``opt_state``.
+  """Sets the live mask of every mask-mode ``LiveNoiseState`` in ``opt_state``.
 
   Finds the noise state by type at any depth (a chain, ``optax.MultiSteps``...).
   States in ``'gradient'`` mode (``live_mask is None``) and optimizer states

@@ -130,7 +130,8 @@ def test_fold_into_a_padded_conv_is_exact_inside_and_measured_at_the_borders():
   # Measured for these seeds (docs/method.md): max |Δlogit| = 0.0308 with the fold, 0.150
   # without it (max |logit| 1.76).
   assert 1e-3 < delta <= 0.035, delta
-  plain_model, plain_vars, _ = surgery.prune(model, variables, {}, {k: ~v for k, v in found.items()})
+  plain_model, plain_vars, _ = surgery.prune(model, variables, {},
+                                             {k: ~v for k, v in found.items()})
   plain = float(jnp.max(jnp.abs(plain_model.apply(plain_vars, images, train=False) - before)))
   assert plain > 3 * delta, (plain, delta)
 

@@ -1,4 +1,4 @@
-"""demp.units and the options of issue 12: mask liveness, group penalty mask, weighting, coupling."""
+"""demp.units and issue 12's options: mask liveness, group penalty mask, weighting, coupling."""
 
 import jax
 import jax.numpy as jnp
@@ -98,8 +98,8 @@ def test_live_mask_values_and_flatten_repeat():
   mask = units.live_mask(params, model.unit_groups(), alive)
   k0 = np.asarray(mask['conv_0']['kernel'])           # [3, 3, 1, 4]: producer of conv_0
   assert k0[..., 1].sum() == 0 and k0[..., [0, 2, 3]].all()
-  k1 = np.asarray(mask['conv_1']['kernel'])           # [3, 3, 4, 3]: consumer of conv_0, producer of conv_1
-  assert k1.sum() == 9 * 3 * 2                         # in-unit 1 and out-unit 2 masked: 3 x 2 pairs left
+  k1 = np.asarray(mask['conv_1']['kernel'])   # [3, 3, 4, 3]: consumes conv_0, produces conv_1
+  assert k1.sum() == 9 * 3 * 2                 # in-unit 1, out-unit 2 masked: 3 x 2 pairs left
   assert not k1[:, :, 1, :].any() and not k1[:, :, :, 2].any()
   head = np.asarray(mask['head']['kernel'])           # [2*2*3, 3]: flatten, channels innermost
   np.testing.assert_array_equal(head[:, 0], np.tile([True, True, False], 4))
