@@ -1,14 +1,19 @@
 """NEq (neurons at equilibrium) and its stochastic baseline: freeze units, don't prune.
 
-Each epoch NEq runs a fixed slice of the training set (``holdout_fraction``,
-1 % as for CIFAR) through the model in eval mode and records every unit's
+Each epoch NEq runs a fixed slice of the training set (``data.holdout``
+examples carved out of the training split, so never trained on; NEq uses 1 %
+for CIFAR. Without ``data.holdout`` it falls back to ``holdout_fraction`` of the
+training examples, not held out: see :func:`measurement_images`) through the
+model in eval mode and records every unit's
 post-activation outputs. For unit ``i``:
 
 * ``φ_i^t``: similarity of its outputs now and at the previous measurement:
-  per example the cosine over positions (channels of a conv), averaged over
-  the examples; a unit with one output per example (a dense layer) takes the
-  cosine over the examples. An all-zero pair counts as 1, one zero vector as 0
-  (as NEq's code does);
+  per example the cosine over positions (a conv channel's spatial map; a
+  ViT unit's tokens), then the mean over the examples. A unit with one output
+  per example (a dense layer) is the same rule with one position: the
+  per-example cosine of two scalars is the agreement of their signs (1 same
+  sign, -1 opposite), so φ is the mean sign agreement. An all-zero pair counts
+  as 1, one zero vector as 0 (as NEq's code does);
 * ``Δφ_i^t = φ_i^t - φ_i^{t-1}`` and the velocity ``v_t = Δφ_t - μ_eq·v_{t-1}``
   (slides' form, ``v = 0`` before the first ``Δφ``);
 * ``|v| < ε``: the unit is frozen for the next epoch: its incoming parameters
@@ -45,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from baselines import config as config_lib
 from baselines import freeze
@@ -66,11 +72,13 @@ def cosine(x: jax.Array, y: jax.Array, axis: int) -> jax.Array:
 
 
 def phi(prev_npc: jax.Array, cur_npc: jax.Array) -> jax.Array:
-  """``φ`` per unit from outputs ``[examples, positions, units]`` at two times."""
+  """``φ`` per unit from outputs ``[examples, positions, units]`` at two times.
+
+  The mean over examples of the per-example cosine over positions, for every
+  layer kind (one position for a dense unit: the mean sign agreement).
+  """
   if prev_npc.shape != cur_npc.shape:
     raise ValueError(f'output shapes differ: {prev_npc.shape} vs {cur_npc.shape}.')
-  if prev_npc.shape[1] == 1:           # one output per example: cosine over examples
-    return cosine(prev_npc[:, 0, :], cur_npc[:, 0, :], axis=0)
   return jnp.mean(cosine(prev_npc, cur_npc, axis=1), axis=0)
 
 
@@ -167,13 +175,31 @@ def set_frozen(run: Run, step: int, frozen_units: Mapping[str, np.ndarray]) -> N
       frozen_per_epoch=memo['per_epoch'])
 
 
+def measurement_images(config: ml_collections.ConfigDict, holdout_fraction: float) -> np.ndarray:
+  """NEq's measurement slice, held out from training when ``data.holdout > 0``.
+
+  With ``data.holdout = N`` the last ``N`` training examples never enter the
+  training stream (:func:`demp.data.train_iterator`) and are the slice, as in
+  NEq. With ``data.holdout = 0`` (the trainer's default, kept so that every
+  method of a comparison trains on the same examples unless asked) the slice is
+  ``holdout_fraction`` of the training examples the model also trains on, and
+  a warning says so.
+  """
+  if config.data.get('holdout', 0):
+    return data_lib.fixed_examples(config.data, config.data.holdout, seed=config.seed + 2,
+                                   split='holdout')['image']
+  logging.warning('NEq measures φ on %.2f%% of the training examples it also trains on; set '
+                  'data.holdout to hold them out.', 100 * holdout_fraction)
+  n = max(1, int(round(holdout_fraction * data_lib.get_info(config.data).num_train)))
+  return data_lib.fixed_examples(config.data, n, seed=config.seed + 2)['image']
+
+
 def neq_hook(run: Run, step: int) -> None:
   """Measures φ at step 0 and every epoch end; from the second Δφ on, freezes |v| < ε."""
   c = config_lib.resolve(run.config)
   memo = run.memo
   if 'holdout' not in memo:
-    n = max(1, int(round(c.holdout_fraction * data_lib.get_info(run.config.data).num_train)))
-    memo['holdout'] = jnp.asarray(data_lib.fixed_examples(run.config.data, n, seed=run.config.seed + 2)['image'])
+    memo['holdout'] = jnp.asarray(measurement_images(run.config, c.holdout_fraction))
   outputs = unit_outputs(run.model, run.variables, memo['holdout'])
   prev = memo.get('outputs')
   memo['outputs'] = outputs

@@ -56,4 +56,6 @@ def get_config(arg: str | None = None):
     b.holdout_fraction = 0.004
   b.fallback_epoch = args['fallback']
   c.baselines = b
+  if args['method'] == 'neq':   # NEq's measurement slice, held out from training (1 %)
+    c.data.holdout = 16 if args['smoke'] else 51
   return c

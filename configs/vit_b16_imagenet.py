@@ -79,6 +79,9 @@ def get_config(arg: str | None = None):
   c.optimizer.accumulate_steps = ACCUMULATE
 
   c.demp.peak_lambda = 0.0           # noise only (Table 3)
+  # The MLP units' own norm scales: they have none, so λ > 0 would penalise nothing (the
+  # LayerNorms belong to no prunable unit); give a regex to penalise something else.
+  c.demp.penalty_mask = 'groups'
   c.demp.noise_std = a['noise']
   c.prune.every = a['every'] * ACCUMULATE
   c.prune.num_examples = 2048

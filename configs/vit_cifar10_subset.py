@@ -65,6 +65,9 @@ def get_config(arg: str | None = None):
   c.optimizer.accumulate_steps = a['accumulate']
 
   c.demp.peak_lambda = 0.0               # noise only, as the paper's ViT runs
+  # The MLP units' own norm scales: they have none, so λ > 0 would penalise nothing (the
+  # LayerNorms belong to no prunable unit); give a regex to penalise something else.
+  c.demp.penalty_mask = 'groups'
   c.demp.noise_std = a['noise']
   c.prune.every = a['every']
   c.prune.num_examples = 512

@@ -16,11 +16,13 @@ import os
 # TensorFlow (tf.data, TensorBoard) is only a CPU-side helper here: keep its INFO chatter quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-from demp.deadunits import CRITERIA, dead_unit_stats, probe
+from demp.deadunits import CRITERIA, constant_unit_stats, dead_unit_stats, probe, unit_stats
 from demp.schedules import SCHEDULES, make_schedule, one_cycle
 from demp.surgery import Slice, UnitGroup, keep_masks, param_slices, prune, slice_optimizer_state, slice_variables
 from demp.transforms import (ALL_WEIGHTS, AUTHORS_NOISE_STD, NORM_SCALES, PAPER_TEXT_NOISE_STD, LiveNoiseState, ScheduledPenaltyState,
-                             add_scheduled_penalty, demp_optimizer, path_mask, with_live_noise)
+                             add_decoupled_penalty, add_scheduled_penalty, demp_optimizer, path_mask,
+                             with_live_noise)
+from demp.units import group_scales_mask, penalty_multipliers, set_live_mask
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,6 @@ __all__ = [
     'Slice', 'UnitGroup', 'add_scheduled_penalty', 'dead_unit_stats', 'demp_optimizer', 'keep_masks',
     'make_schedule', 'one_cycle', 'PAPER_TEXT_NOISE_STD', 'param_slices', 'path_mask', 'probe', 'prune',
     'slice_optimizer_state', 'slice_variables', 'with_live_noise',
+    'add_decoupled_penalty', 'constant_unit_stats', 'group_scales_mask', 'penalty_multipliers',
+    'set_live_mask', 'unit_stats',
 ]

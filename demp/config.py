@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from demp import augment, deadunits, methods, models, optim, parallel, schedules, transforms
+from demp import augment, deadunits, methods, models, optim, parallel, schedules, transforms, units
 from demp import data as data_lib
 
 
@@ -52,11 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.demp = ml_collections.ConfigDict()
   c.demp.penalty = 'lasso'                # lasso | l2 (kinds of demp.transforms.add_scheduled_penalty)
-  c.demp.penalty_mask = transforms.NORM_SCALES   # regex over param paths
+  c.demp.penalty_mask = transforms.NORM_SCALES   # regex over param paths | 'groups' (own scales)
+  c.demp.penalty_coupling = 'coupled'     # coupled (before the optimizer) | decoupled (after, ×lr)
+  c.demp.penalty_weighting = 'none'       # none | params | flops: × a unit's cost / mean
   c.demp.peak_lambda = 5e-3               # peak of λ_t
   c.demp.noise_std = transforms.AUTHORS_NOISE_STD   # peak σ_t, a standard deviation (authors' code: 5e-5;
                                           # the paper's text prints 5e-5 as a variance: 7.07e-3)
   c.demp.noise_symmetric = False
+  c.demp.noise_liveness = 'auto'          # auto (relu: gradient, else mask) | gradient | mask
   c.demp.schedule = 'one_cycle'           # shape of λ_t and σ_t: one_cycle | constant
   c.demp.warmup = 'cosine'                # one-cycle warm-up: cosine (reference code) | linear (paper text)
   c.demp.span = 1.0                       # the one-cycle spans this fraction of the run
@@ -73,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.dynamic = True                  # False: every check only logs; only the final check (at_end) removes
   c.prune.revival_patience = 0            # >0: a group starts pruning once its live count stopped rising (demp.revival)
   c.prune.start_steps = ml_collections.ConfigDict()   # group -> step its pruning starts (overrides patience)
+  c.prune.remove_constant = False         # also remove units constant on the check set, folded
+  c.prune.constant_eps = 0.01             # constant: max - min <= this over the check set
 
   c.batch_augment = augment.default_config()   # RandAugment / mixup / cutmix in JAX (demp.augment)
   c.log_every = 50
@@ -256,6 +261,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _allowed('demp.penalty', config.demp.penalty, transforms.PENALTY_KINDS)
   _allowed('demp.schedule', config.demp.schedule, optim.DEMP_SCHEDULES)
   _allowed('demp.warmup', config.demp.warmup, optim.DEMP_WARMUPS)
+  _allowed('demp.penalty_coupling', config.demp.penalty_coupling, transforms.PENALTY_COUPLINGS)
+  _allowed('demp.penalty_weighting', config.demp.penalty_weighting, units.WEIGHTINGS)
+  _allowed('demp.noise_liveness', config.demp.noise_liveness, ('auto',) + transforms.LIVENESS_MODES)
   if config.prune.criterion:
     _allowed('prune.criterion', config.prune.criterion, deadunits.CRITERIA)
   for key in ('num_steps', 'batch_size', 'prune.every', 'prune.num_examples', 'prune.batch_size',
@@ -265,7 +273,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('demp.peak_lambda', 'demp.noise_std', 'optimizer.learning_rate',
               'optimizer.weight_decay', 'label_smoothing', 'eval_every', 'prune.eps',
               'optimizer.grad_clip_norm', 'prune.revival_patience', 'optimizer.momentum',
-              'optimizer.eps'):
+              'optimizer.eps', 'prune.constant_eps'):
     _positive(key, _get(config, key), strict=False)
   for group, step in config.prune.start_steps.items():
     _positive(f'prune.start_steps.{group}', step, strict=False)

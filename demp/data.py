@@ -126,6 +126,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     shuffle_buffer: max examples in the shuffle buffer (arrays: min with N).
     cache: keep decoded fixed-shape TFDS training splits in memory
       (variable-size images, e.g. ImageNet, stay encoded and are never cached).
+    holdout: training examples set apart (the last `holdout` of the train
+      split, in source order): never in the training stream, the death check
+      or `num_train`; read them with split='holdout' (NEq's measurement slice).
+      0 = none.
   """
   return ml_collections.ConfigDict(
       dict(
@@ -141,6 +145,7 @@ def default_data_config() -> ml_collections.ConfigDict:
           pad_mode='reflect',
           shuffle_buffer=50_000,
           cache=True,
+          holdout=0,
       )
   )
 
@@ -175,6 +180,11 @@ def _resolve(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
     raise ValueError(
         "data.image_size=None; augment='imagenet' needs an int (e.g. 224)."
     )
+  if isinstance(merged.holdout, bool) or merged.holdout < 0:
+    raise ValueError(f'data.holdout={merged.holdout!r}; allowed: an int >= 0.')
+  if merged.holdout and merged.source == 'tfds' and '[' in merged.train_split:
+    raise ValueError(f'data.holdout={merged.holdout} needs an unsliced data.train_split, got '
+                     f'{merged.train_split!r}.')
   if merged.shuffle_buffer <= 0:
     raise ValueError(f'data.shuffle_buffer={merged.shuffle_buffer!r}; allowed: > 0.')
   merged.lock()
@@ -226,10 +236,16 @@ def _to_float01(image: tf.Tensor) -> tf.Tensor:
 
 
 def _array_source(
-    arrays: dict[str, np.ndarray], num_classes: int, normalize: bool
+    arrays: dict[str, np.ndarray], num_classes: int, normalize: bool, holdout: int = 0
 ) -> Source:
   """A source over in-memory arrays (the 'npz' and 'digits' sources)."""
   images_nhwc = arrays['train_images']
+  num_train = len(images_nhwc) - holdout
+  if num_train <= 0:
+    raise ValueError(f'data.holdout={holdout} leaves no training examples '
+                     f'(the train split has {len(images_nhwc)}).')
+  parts = {'train': ('train', slice(0, num_train)), 'test': ('test', slice(None)),
+           'holdout': ('train', slice(num_train, None))}
   mean_std = None
   if normalize:
     scale = 255.0 if images_nhwc.dtype == np.uint8 else 1.0
@@ -240,8 +256,9 @@ def _array_source(
 
   def load(split, shard_index, num_shards, file_seed, cache) -> RawSplit:
     del file_seed, cache  # Arrays are in memory and in order.
-    images = arrays[f'{split}_images'][shard_index::num_shards]
-    labels = arrays[f'{split}_labels'][shard_index::num_shards]
+    name, part = parts[split]
+    images = arrays[f'{name}_images'][part][shard_index::num_shards]
+    labels = arrays[f'{name}_labels'][part][shard_index::num_shards]
     if len(images) == 0:
       raise ValueError(
           f'Shard {shard_index} of {num_shards} of the {split!r} split is empty '
@@ -255,7 +272,8 @@ def _array_source(
   return Source(
       num_classes=num_classes,
       native_shape=tuple(images_nhwc.shape[1:]),
-      num_examples={s: len(arrays[f'{s}_images']) for s in ('train', 'test')},
+      num_examples={'train': num_train, 'test': len(arrays['test_images']),
+                    **({'holdout': holdout} if holdout else {})},
       mean_std=mean_std,
       load=load,
   )
@@ -282,7 +300,7 @@ def _digits_arrays() -> dict[str, np.ndarray]:
 
 def _digits_source(cfg: ml_collections.ConfigDict) -> Source:
   """scikit-learn's bundled 8x8 digits: 1797 images, 10 classes."""
-  return _array_source(_digits_arrays(), 10, cfg.normalize)
+  return _array_source(_digits_arrays(), 10, cfg.normalize, cfg.holdout)
 
 
 @functools.lru_cache(maxsize=4)
@@ -339,7 +357,7 @@ def _npz_source(cfg: ml_collections.ConfigDict) -> Source:
         f'data.path={cfg.path!r}: labels span [{all_labels.min()}, '
         f'{all_labels.max()}], outside [0, {num_classes}) (data.name={cfg.name!r}).'
     )
-  return _array_source(arrays, num_classes, cfg.normalize)
+  return _array_source(arrays, num_classes, cfg.normalize, cfg.holdout)
 
 
 def _tfds_missing_message(builder, name: str) -> str:
@@ -395,6 +413,9 @@ def _tfds_source(cfg: ml_collections.ConfigDict) -> Source:
       )
     mean_std = tuple(np.asarray(v, np.float32) for v in CHANNEL_STATS[base])
   splits = {'train': cfg.train_split, 'test': cfg.test_split}
+  if cfg.holdout:
+    splits.update(train=f'{cfg.train_split}[:-{cfg.holdout}]',
+                  holdout=f'{cfg.train_split}[-{cfg.holdout}:]')
 
   def as_dataset(split_arg, file_seed: int | None, decode_now: bool):
     try:
@@ -558,8 +579,8 @@ def _open(cfg: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, Source, Da
 
 
 def _check_split(split: str) -> None:
-  if split not in ('train', 'test'):
-    raise ValueError(f"split={split!r}; allowed: ['train', 'test'].")
+  if split not in ('train', 'test', 'holdout'):
+    raise ValueError(f"split={split!r}; allowed: ['train', 'test', 'holdout'].")
 
 
 def _finish(raw: tf.Tensor, decode, transform, source: Source) -> tf.Tensor:
@@ -699,6 +720,8 @@ def fixed_examples(
   _check_split(split)
   _positive('num', num)
   cfg, source, _ = _open(cfg)
+  if split not in source.num_examples:
+    raise ValueError(f"split={split!r} needs data.holdout > 0 (got data.holdout={cfg.holdout}).")
   available = source.num_examples[split]
   if num > available:
     raise ValueError(f'num={num} but the {split!r} split has {available} examples.')

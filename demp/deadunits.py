@@ -143,10 +143,111 @@ def dead_unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *
           {k: np.asarray(v) for k, v in activity.items()})
 
 
+def site_ranges(intermediates: Mapping, groups):
+  """Per group: (min [width], max [width]) of the post-activation over one batch (all sites)."""
+  low, high = {}, {}
+  for g in groups:
+    for site in g.sites:
+      for a in _get(intermediates, site):
+        axes = tuple(range(a.ndim - 1))
+        lo = jnp.min(a, axis=axes).astype(jnp.float32)
+        hi = jnp.max(a, axis=axes).astype(jnp.float32)
+        low[g.name] = lo if g.name not in low else jnp.minimum(low[g.name], lo)
+        high[g.name] = hi if g.name not in high else jnp.maximum(high[g.name], hi)
+  return low, high
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'criterion', 'batch_size'))
+def _scan_all(model, variables, images, *, criterion: str, eps: float, batch_size: int):
+  groups = model.unit_groups()
+  n = images.shape[0]
+  xs = images.reshape((n // batch_size, batch_size) + images.shape[1:])
+
+  def batch_stats(x):
+    _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+    inter = state['intermediates']
+    return site_stats(inter, groups, criterion, eps) + site_ranges(inter, groups)
+
+  combine = (jnp.logical_or, jnp.maximum, jnp.minimum, jnp.maximum)
+
+  def body(carry, x):
+    new = batch_stats(x)
+    return tuple(jax.tree.map(f, c, n) for f, c, n in zip(combine, carry, new)), None
+
+  out, _ = jax.lax.scan(body, batch_stats(xs[0]), xs[1:])
+  return out
+
+
+def unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
+               criterion: str = 'relu', eps: float = 0.01,
+               batch_size: int = 128) -> dict[str, dict[str, np.ndarray]]:
+  """:func:`dead_unit_stats` plus each unit's range, in the same single pass.
+
+  Returns:
+    ``{'alive': ..., 'activity': ..., 'low': ..., 'high': ...}``, each a dict
+    group name -> ``[width]`` array on host: ``alive`` and ``activity`` exactly
+    as :func:`dead_unit_stats` computes them; ``low``/``high`` the min/max of
+    the post-activation over every example, position and site (float32).
+  """
+  if criterion not in CRITERIA:
+    raise ValueError(f'criterion={criterion!r} is not one of {sorted(CRITERIA)}.')
+  n = images.shape[0]
+  batch_size = min(batch_size, n)
+  if n % batch_size:
+    raise ValueError(f'the {n} death-check examples are not a multiple of the batch size '
+                     f'{batch_size}.')
+  variables = {k: v for k, v in variables.items() if k != 'intermediates'}
+  out = jax.device_get(_scan_all(model, variables, images, criterion=criterion,
+                                 eps=float(eps), batch_size=batch_size))
+  return {name: {k: np.asarray(v) for k, v in d.items()}
+          for name, d in zip(('alive', 'activity', 'low', 'high'), out)}
+
+
+def constant_units(stats: Mapping[str, Mapping[str, np.ndarray]],
+                   eps: float) -> dict[str, np.ndarray]:
+  """Group -> ``[width]`` bool: alive (not dead) units whose output is constant over the check set.
+
+  Constant means ``max - min <= eps`` over every example, position and site
+  (:func:`unit_stats`). Such a unit carries no information (typically a norm
+  scale γ ≈ 0 with a positive offset β: the post-activation is ``act(β)``) but
+  is never dead. Dead units are excluded: they are counted as dead.
+  """
+  if not eps >= 0:
+    raise ValueError(f'eps={eps!r} must be >= 0.')
+  return {k: np.asarray(stats['alive'][k], bool) & (stats['high'][k] - stats['low'][k] <= eps)
+          for k in stats['alive']}
+
+
+def constant_values(stats: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Group -> ``[width]`` float32: the midpoint ``(min + max) / 2`` of each unit's range.
+
+  The value a constant unit is replaced by when folded (within ``eps / 2`` of
+  every output it produced on the check set).
+  """
+  return {k: (0.5 * (stats['low'][k].astype(np.float64) + stats['high'][k])).astype(np.float32)
+          for k in stats['low']}
+
+
+def constant_unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
+                        eps: float = 0.01, criterion: str = 'relu', dead_eps: float = 0.01,
+                        batch_size: int = 128
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Constant (alive) units of every group and their values: ``(constant, value)``.
+
+  ``eps`` is the constancy threshold on ``max - min``; ``criterion`` and
+  ``dead_eps`` are the death criterion (dead units are not counted). One jitted
+  pass over ``images`` (:func:`unit_stats`).
+  """
+  stats = unit_stats(model, variables, images, criterion=criterion, eps=dead_eps,
+                     batch_size=batch_size)
+  return constant_units(stats, eps), constant_values(stats)
+
+
 def count(alive: Mapping[str, np.ndarray]) -> dict[str, int]:
   """Number of live units per group."""
   return {k: int(np.sum(v)) for k, v in alive.items()}
 
 
-__all__ = ['CRITERIA', 'probe', 'criterion_for', 'dead_unit_stats', 'site_stats', 'count',
-           'surgery']
+__all__ = ['CRITERIA', 'probe', 'criterion_for', 'constant_unit_stats', 'constant_units',
+           'constant_values', 'dead_unit_stats', 'site_ranges', 'site_stats', 'count', 'surgery',
+           'unit_stats']

@@ -16,10 +16,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
-from demp import schedules, transforms
+from demp import data as data_lib
+from demp import models, schedules, transforms, units
 
 
 def _base_adam(lr, c):
@@ -97,16 +100,43 @@ def demp_schedules(config) -> tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedu
   return shape(c.peak_lambda), shape(c.noise_std)
 
 
+def _config_model(config):
+  """The config's model (unbuilt parameters) and one input's shape."""
+  info = data_lib.get_info(config.data)
+  return models.from_config(config.model, info.num_classes), tuple(info.image_shape)
+
+
 def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``base`` with DemP's scheduled penalty and live noise, as ``config.demp`` sets them."""
+  """``base`` with DemP's scheduled penalty and live noise, as ``config.demp`` sets them.
+
+  ``demp.penalty_mask = 'groups'`` penalises each unit group's own norm scales;
+  ``demp.penalty_weighting`` multiplies a group's penalty by its per-unit cost
+  (:func:`demp.units.penalty_multipliers`, fixed at the dense widths);
+  ``demp.noise_liveness = 'auto'`` reads liveness from the gradient for ReLU
+  and from the death check's mask otherwise (:mod:`demp.units`).
+  """
   lam, std = demp_schedules(config)
   c = config.demp
+  model, mask, mults, liveness = None, c.penalty_mask, None, c.noise_liveness
+  if (c.penalty_mask == 'groups' or c.penalty_weighting != 'none'
+      or (liveness == 'auto' and c.noise_std > 0)):
+    model, image_shape = _config_model(config)
+  if c.penalty_mask == 'groups':
+    mask = units.group_scales_mask(model)
+  if c.penalty_weighting != 'none' and c.peak_lambda > 0:
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + image_shape),
+                                               train=False))['params']
+    mults = units.penalty_multipliers(model, params, c.penalty_weighting, image_shape)
+  if liveness == 'auto':
+    liveness = 'gradient' if model is None or model.activation == 'relu' else 'mask'
   return transforms.demp_optimizer(
       base,
       penalty_strength=lam if c.peak_lambda > 0 else None,
-      penalty_kind=c.penalty, penalty_mask=c.penalty_mask,
+      penalty_kind=c.penalty, penalty_mask=mask,
       noise_std=std if c.noise_std > 0 else None,
-      noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric)
+      noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric,
+      noise_liveness=liveness, penalty_coupling=c.penalty_coupling,
+      penalty_multipliers=mults, learning_rate=learning_rate_schedule(config))
 
 
 def make_optimizer(config, method) -> optax.GradientTransformation:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from demp import deadunits, metrics, parallel, revival, steps, surgery
+from demp import deadunits, metrics, parallel, revival, steps, surgery, units
 
 PyTree = Any
 
@@ -116,20 +116,54 @@ class Run:
     return removes
 
   def prune_dead(self) -> bool:
-    """The DemP prune event: death check, keep-masks, surgery."""
+    """The DemP prune event: death check, keep-masks, surgery.
+
+    Logs the alive units that are constant over the check set (``constant``);
+    with ``prune.remove_constant`` removes those of foldable groups too, their
+    constant folded into the consumers (:func:`demp.surgery.fold_constants`).
+    A mask-mode live noise gets this check's verdict (:func:`demp.units.set_live_mask`).
+    """
     t0 = time.perf_counter()
-    alive, activity = self.dead_units()
-    check_s = time.perf_counter() - t0
     c = self.config.prune
-    keeps = surgery.keep_masks(alive, activity, min_width=c.min_width, multiple_of=c.multiple_of)
+    stats = deadunits.unit_stats(
+        self.model, self.variables, self.death_images, eps=c.eps, batch_size=c.batch_size,
+        criterion=c.criterion or deadunits.criterion_for(self.model.activation))
+    alive, activity = stats['alive'], stats['activity']
+    check_s = time.perf_counter() - t0
+    constant = deadunits.constant_units(stats, c.constant_eps)
+    groups = self.model.unit_groups()
+    opt_state = units.set_live_mask(self.state['opt_state'], self.state['params'], self.model,
+                                    alive)
+    changed = opt_state is not self.state['opt_state']
+    self.state = {**self.state, 'opt_state': opt_state}
+    removable = alive
+    if c.remove_constant:
+      able = surgery.foldable_groups(groups, self.variables)
+      removable = {k: v & ~(constant[k] & able[k]) for k, v in alive.items()}
+    keeps = surgery.keep_masks(removable, activity, min_width=c.min_width,
+                               multiple_of=c.multiple_of)
     keeps, started = revival.gate(keeps, self.events, self.step, deadunits.count(alive),
                                   patience=c.revival_patience, fixed=dict(c.start_steps))
     if not (c.dynamic or (c.at_end and self.step == self.config.num_steps)):
       keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}   # check and log only
+    folded = {}
+    if c.remove_constant:
+      fold = {k: constant[k] & ~np.asarray(keeps[k], bool) for k in constant}
+      folded = deadunits.count(fold)
+      if any(folded.values()):
+        variables = surgery.fold_constants(self.variables, groups,
+                                           deadunits.constant_values(stats), fold)
+        self.state = {**self.state, 'params': variables['params'],
+                      'batch_stats': variables.get('batch_stats', {})}
+        changed = True
+    if changed and self.mesh is not None:   # new leaves: onto every device, as the step expects
+      self.state = parallel.replicate(self.state, self.mesh)
     dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
     overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
+    extra = {'folded': folded} if c.remove_constant else {}
     return self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
-                      dead=len(dead), dead_overlap=overlap, started=started)
+                      dead=len(dead), dead_overlap=overlap, started=started,
+                      constant=deadunits.count(constant), **extra)
 
 
 HOST_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Run)

@@ -24,7 +24,7 @@ References:
   Leveraging Saturation of Neurons <https://arxiv.org/abs/2403.07688>`_, 2024.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import re
 from typing import Any, NamedTuple, Union
 
@@ -36,6 +36,9 @@ import optax
 __all__ = [
     'ALL_WEIGHTS',
     'AUTHORS_NOISE_STD',
+    'LIVENESS_MODES',
+    'PENALTY_COUPLINGS',
+    'add_decoupled_penalty',
     'LiveNoiseState',
     'NORM_SCALES',
     'PAPER_TEXT_NOISE_STD',
@@ -162,10 +165,35 @@ PENALTY_KINDS: dict[str, Callable[[jax.Array], jax.Array]] = {
 """Penalty kinds: the gradient of ``R(p) / λ`` for each."""
 
 
+def _multiplier_fn(multipliers: Mapping[str, float] | None) -> Callable[[Any], float]:
+  """``path -> multiplier`` (1.0 for paths absent from ``multipliers``)."""
+  if multipliers is None:
+    return lambda path: None
+  bad = {k: v for k, v in multipliers.items() if not float(v) >= 0}
+  if bad:
+    raise ValueError(f'`multipliers` must be numbers >= 0, got {bad}.')
+  table = {str(k): float(v) for k, v in multipliers.items()}
+  return lambda path: table.get(_path_str(path), 1.0)
+
+
+def _penalty_tree(lam, penalty_grad, params, selected, multipliers, like):
+  """``λ·m_leaf·∇R(p)/λ`` on selected leaves, None elsewhere (``like``'s dtype)."""
+
+  def term(path, p, m, u):
+    if u is None or not m:
+      return None
+    mult = multipliers(path)
+    t = lam * penalty_grad(p) if mult is None else (lam * mult) * penalty_grad(p)
+    return t.astype(u.dtype)
+
+  return jax.tree.map_with_path(term, params, selected, like, is_leaf=lambda x: x is None)
+
+
 def add_scheduled_penalty(
     strength: optax.ScalarOrSchedule,
     kind: str = 'lasso',
     mask: MaskOrFn = NORM_SCALES,
+    multipliers: Mapping[str, float] | None = None,
 ) -> optax.GradientTransformation:
   r"""Adds the gradient of a scheduled penalty to the updates on masked leaves.
 
@@ -227,6 +255,7 @@ def add_scheduled_penalty(
     )
   penalty_grad = PENALTY_KINDS[kind]
   mask_fn = _mask_fn(mask)
+  mult_fn = _multiplier_fn(multipliers)
 
   def init_fn(params: optax.Params) -> ScheduledPenaltyState:
     del params
@@ -243,16 +272,93 @@ def add_scheduled_penalty(
           'params) to compute the penalty gradient; got params=None.'
       )
     lam = _value_at(strength, state.count)
-    selected = mask_fn(params)
+    terms = _penalty_tree(lam, penalty_grad, params, mask_fn(params), mult_fn, updates)
+    updates = jax.tree.map(lambda g, t: g if t is None else g + t, updates, terms,
+                           is_leaf=lambda x: x is None)
+    return updates, ScheduledPenaltyState(optax.safe_increment(state.count))
 
-    def add(g, p, m):
-      if g is None or not m:
-        return g
-      return g + (lam * penalty_grad(p)).astype(g.dtype)
+  return optax.GradientTransformation(init_fn, update_fn)
 
-    updates = jax.tree.map(
-        add, updates, params, selected, is_leaf=lambda x: x is None
+
+PENALTY_COUPLINGS = ('coupled', 'decoupled')
+"""Where the penalty enters: before the base optimizer (coupled, the paper's) or
+after it, on the update, scaled by the learning rate (decoupled, like AdamW's decay)."""
+
+
+def add_decoupled_penalty(
+    strength: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
+    kind: str = 'lasso',
+    mask: MaskOrFn = NORM_SCALES,
+    multipliers: Mapping[str, float] | None = None,
+) -> optax.GradientTransformation:
+  r"""Subtracts ``η_t·λ_t·∇R(p)/λ`` from the updates: the penalty, decoupled.
+
+  Chain it *after* the base optimizer, whose output is an update (already
+  multiplied by ``-η_t``)::
+
+    optax.chain(optax.adam(lr), add_decoupled_penalty(lam, lr))
+
+  so that, for Lasso, a selected leaf moves by ``u - η_t·λ_t·sign(p)`` (``u`` is
+  the base optimizer's update): AdamW's decoupled decay with ``sign(p)`` in
+  place of ``p`` (``kind='l2'`` gives exactly AdamW's ``-η_t·λ_t·p``). Unlike
+  the coupled penalty (:func:`add_scheduled_penalty` before Adam, whose
+  preconditioner normalizes it, so every penalised scale shrinks at about
+  ``η_t`` per step whatever λ is), this step is proportional to λ_t: the same
+  λ means a different strength in the two couplings.
+
+  λ_t and η_t are both evaluated at this transformation's own step count, i.e.
+  the count of optimizer updates, like the base optimizer's schedule.
+
+  Args:
+    strength: λ, a number >= 0 or a schedule.
+    learning_rate: η, a number >= 0 or a schedule (the base optimizer's).
+    kind: a key of :data:`PENALTY_KINDS`.
+    mask: which leaves (see :func:`add_scheduled_penalty`).
+    multipliers: per-leaf weights (see :func:`add_scheduled_penalty`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`ScheduledPenaltyState`; its ``update`` requires ``params``.
+
+  Raises:
+    ValueError: as :func:`add_scheduled_penalty`, and on a negative number
+      ``learning_rate``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from demp.transforms import add_decoupled_penalty
+    >>> params = {'norm': {'scale': jnp.array([0.5, -2.0])}}
+    >>> tx = add_decoupled_penalty(0.1, learning_rate=0.5)
+    >>> updates, _ = tx.update(optax.tree.zeros_like(params), tx.init(params), params)
+    >>> updates['norm']['scale']
+    Array([-0.05,  0.05], dtype=float32)
+  """
+  _check_nonnegative('strength', strength)
+  _check_nonnegative('learning_rate', learning_rate)
+  if kind not in PENALTY_KINDS:
+    raise ValueError(
+        f'Unknown penalty `kind`={kind!r}; allowed: {sorted(PENALTY_KINDS)}.'
     )
+  penalty_grad = PENALTY_KINDS[kind]
+  mask_fn = _mask_fn(mask)
+  mult_fn = _multiplier_fn(multipliers)
+
+  def init_fn(params: optax.Params) -> ScheduledPenaltyState:
+    del params
+    return ScheduledPenaltyState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          'add_decoupled_penalty needs `params` in update(updates, state, '
+          'params); got params=None.'
+      )
+    step_lam = _value_at(learning_rate, state.count) * _value_at(strength, state.count)
+    terms = _penalty_tree(step_lam, penalty_grad, params, mask_fn(params), mult_fn, updates)
+    updates = jax.tree.map(lambda u, t: u if t is None else u - t, updates, terms,
+                           is_leaf=lambda x: x is None)
     return updates, ScheduledPenaltyState(optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -274,10 +380,23 @@ def _normal_like(key: jax.Array, tree: optax.Updates) -> optax.Updates:
 
 
 class LiveNoiseState(NamedTuple):
-  """State of :func:`with_live_noise`."""
+  """State of :func:`with_live_noise`.
+
+  ``live_mask`` is None with ``liveness='gradient'``; with ``liveness='mask'``
+  it is a param-shaped bool tree (True = noise may reach this entry), all True
+  at init, set by the trainer after every death check
+  (:func:`demp.units.set_live_mask`). Being param-shaped and keyed by param
+  paths, the surgery slices it like Adam's moments.
+  """
   count: jax.Array  # shape=(), dtype=jnp.int32: the step, for σ_t and keys.
   key: jax.Array  # Typed PRNG key, constant; step keys are fold_in(key, count).
   inner_state: optax.OptState
+  live_mask: Any = None
+
+
+LIVENESS_MODES = ('gradient', 'mask')
+"""How :func:`with_live_noise` reads liveness: from the raw gradient (``!= 0``,
+exact for ReLU) or from a mask in its state (the last death check's verdict)."""
 
 
 def with_live_noise(
@@ -285,6 +404,7 @@ def with_live_noise(
     std: optax.ScalarOrSchedule,
     seed: int = 0,
     symmetric: bool = False,
+    liveness: str = 'gradient',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds Gaussian noise to ``inner``'s update, only on live parameters.
 
@@ -307,6 +427,16 @@ def with_live_noise(
   are reproducible and resume identically from a checkpointed state. The
   noise has each update leaf's dtype.
 
+  Liveness. ``liveness='gradient'`` (above) is exact for ReLU: a unit dead on
+  every example has an exactly zero loss gradient on all its weights. For GELU,
+  Swish or Leaky ReLU the gradient of an ε-dead unit is tiny but not zero, so
+  the gradient rule would put noise everywhere (symmetric noise). With
+  ``liveness='mask'`` the mask is instead :attr:`LiveNoiseState.live_mask`, a
+  param-shaped bool tree kept in the state: all True at init, and set from the
+  death check's verdict by :func:`demp.units.set_live_mask` (the producer slices
+  and the consumer input slices of every unit the check called dead are
+  False). It is data, not structure: setting it never recompiles.
+
   Wrap the whole optimizer, gradient accumulation included (e.g. put
   ``optax.MultiSteps`` outside or accumulate before calling this), so that
   noise is added once per parameter update.
@@ -318,6 +448,8 @@ def with_live_noise(
     seed: seed of the noise key.
     symmetric: if True, add noise to every parameter, live or not (the
       symmetric-noise ablation).
+    liveness: ``'gradient'`` (``∇L != 0``, for ReLU) or ``'mask'`` (the mask in
+      the state, for every other activation); see :data:`LIVENESS_MODES`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -325,7 +457,8 @@ def with_live_noise(
     ``inner``.
 
   Raises:
-    ValueError: on a negative (or NaN) number ``std``.
+    ValueError: on a negative (or NaN) number ``std`` or an unknown
+      ``liveness``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -346,13 +479,19 @@ def with_live_noise(
     2024 (asymmetric noise, Algorithm 1).
   """
   _check_nonnegative('std', std)
+  if liveness not in LIVENESS_MODES:
+    raise ValueError(f'`liveness`={liveness!r} is not one of {list(LIVENESS_MODES)}.')
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: optax.Params) -> LiveNoiseState:
+    live_mask = None
+    if liveness == 'mask':
+      live_mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
     return LiveNoiseState(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.key(seed),
         inner_state=inner.init(params),
+        live_mask=live_mask,
     )
 
   def update_fn(
@@ -361,7 +500,12 @@ def with_live_noise(
       params: optax.Params | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, LiveNoiseState]:
-    live = jax.tree.map(lambda g: g != 0, updates)  # Before any penalty.
+    if liveness == 'mask':
+      if state.live_mask is None:
+        raise ValueError("with_live_noise(liveness='mask') got a state without live_mask.")
+      live = state.live_mask
+    else:
+      live = jax.tree.map(lambda g: g != 0, updates)  # Before any penalty.
     updates, inner_state = inner.update(
         updates, state.inner_state, params, **extra_args
     )
@@ -377,6 +521,7 @@ def with_live_noise(
         count=optax.safe_increment(state.count),
         key=state.key,
         inner_state=inner_state,
+        live_mask=state.live_mask,
     )
     return updates, new_state
 
@@ -392,6 +537,10 @@ def demp_optimizer(
     noise_std: optax.ScalarOrSchedule | None = None,
     noise_seed: int = 0,
     symmetric_noise: bool = False,
+    noise_liveness: str = 'gradient',
+    penalty_coupling: str = 'coupled',
+    penalty_multipliers: Mapping[str, float] | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
   r"""DemP around a base optimizer: penalty before it, live noise after it.
 
@@ -412,9 +561,22 @@ def demp_optimizer(
       :func:`with_live_noise`; None for no noise.
     noise_seed: seed of the noise key.
     symmetric_noise: noise on every parameter (ablation) instead of live ones.
+    noise_liveness: ``'gradient'`` or ``'mask'`` (see :func:`with_live_noise`).
+    penalty_coupling: ``'coupled'`` (the default, the paper's: the penalty's
+      gradient is added before ``base``) or ``'decoupled'``
+      (:func:`add_decoupled_penalty` after ``base``: the update gets
+      ``-η_t·λ_t·∇R/λ``; needs ``learning_rate``).
+    penalty_multipliers: per-leaf weights of the penalty (path -> number),
+      see :func:`add_scheduled_penalty`; None = 1 everywhere.
+    learning_rate: η (number or schedule) of ``base``, for the decoupled
+      penalty only.
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Raises:
+    ValueError: on an unknown ``penalty_coupling``, or a decoupled penalty
+      without ``learning_rate``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -441,12 +603,25 @@ def demp_optimizer(
     Leveraging Saturation of Neurons <https://arxiv.org/abs/2403.07688>`_,
     2024.
   """
+  if penalty_coupling not in PENALTY_COUPLINGS:
+    raise ValueError(f'`penalty_coupling`={penalty_coupling!r} is not one of '
+                     f'{list(PENALTY_COUPLINGS)}.')
   opt = base
-  if penalty_strength is not None:
+  if penalty_strength is not None and penalty_coupling == 'coupled':
     opt = optax.chain(
-        add_scheduled_penalty(penalty_strength, penalty_kind, penalty_mask),
+        add_scheduled_penalty(penalty_strength, penalty_kind, penalty_mask,
+                              penalty_multipliers),
         opt,
     )
+  elif penalty_strength is not None:
+    if learning_rate is None:
+      raise ValueError("penalty_coupling='decoupled' needs `learning_rate` (the base "
+                       'optimizer\'s η, a number or schedule); got None.')
+    opt = optax.chain(
+        opt,
+        add_decoupled_penalty(penalty_strength, learning_rate, penalty_kind,
+                              penalty_mask, penalty_multipliers),
+    )
   if noise_std is not None:
-    opt = with_live_noise(opt, noise_std, noise_seed, symmetric_noise)
+    opt = with_live_noise(opt, noise_std, noise_seed, symmetric_noise, noise_liveness)
   return opt

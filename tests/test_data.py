@@ -348,3 +348,24 @@ def test_importing_demp_data_does_not_import_tensorflow():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': repo}
   subprocess.run([sys.executable, '-c', code], check=True, env=env, cwd=repo)
+
+
+def test_holdout_is_carved_out_of_training(npz):
+  path, arrays = npz
+  cfg = _npz_cfg(path, holdout=8)
+  assert data.get_info(cfg).num_train == NUM_TRAIN - 8
+  held = data.fixed_examples(cfg, 8, split='holdout')
+  rows = _index_of(_as_uint8(held['image']), arrays['train_images'])
+  assert sorted(rows.tolist()) == list(range(NUM_TRAIN - 8, NUM_TRAIN))   # the last 8
+  seen = set()
+  for batch in _take(data.train_iterator(cfg, 8, seed=0, shard_index=0, num_shards=1), 12):
+    seen |= set(_index_of(_as_uint8(batch['image']), arrays['train_images']).tolist())
+  assert seen == set(range(NUM_TRAIN - 8))           # 3 epochs: every other example, none held out
+  death = data.fixed_examples(cfg, NUM_TRAIN - 8)    # the death check's pool excludes them too
+  assert set(_index_of(_as_uint8(death['image']), arrays['train_images']).tolist()) == seen
+  with pytest.raises(ValueError, match='data.holdout'):
+    data.fixed_examples(_npz_cfg(path), 4, split='holdout')
+  with pytest.raises(ValueError, match='data.holdout'):
+    data.get_info(_npz_cfg(path, holdout=-1))
+  with pytest.raises(ValueError, match='data.holdout'):
+    data.get_info(_npz_cfg(path, holdout=NUM_TRAIN))

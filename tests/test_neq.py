@@ -27,10 +27,13 @@ def test_cosine_and_phi_on_scripted_outputs():
   prev[:, :, 3] = [[1, 0, 0], [1, 0, 0]]                            # one zero vector: 0
   prev[:, :, 4], cur[:, :, 4] = [[1, 0, 0], [1, 0, 0]], [[1, 0, 0], [0, 3, 0]]      # 1 then 0: mean 0.5
   np.testing.assert_allclose(neq.phi(prev, cur), [1.0, -1.0, 1.0, 0.0, 0.5], atol=1e-6)
-  # One output per example (a dense unit): the cosine over the examples.
-  a = np.array([[1.0, 1.0], [2.0, 0.0], [3.0, 0.0]], np.float32)[:, None, :]
-  b = np.array([[2.0, 0.0], [4.0, 1.0], [6.0, 0.0]], np.float32)[:, None, :]
-  np.testing.assert_allclose(neq.phi(a, b), [1.0, 0.0], atol=1e-6)
+  # One output per example (a dense unit): the mean over examples of the per-example
+  # cosine of two scalars (1 same sign, -1 opposite, 1 both zero, 0 one zero).
+  a = np.array([[1.0, 1.0, 1.0], [2.0, 0.0, -1.0], [3.0, 0.0, 2.0]], np.float32)[:, None, :]
+  b = np.array([[2.0, 0.0, 1.0], [4.0, 1.0, 1.0], [6.0, 0.0, 2.0]], np.float32)[:, None, :]
+  # unit 0: (1,2) (2,4) (3,6) -> 1, 1, 1; unit 1: (1,0) (0,1) (0,0) -> 0, 0, 1;
+  # unit 2: (1,1) (-1,1) (2,2) -> 1, -1, 1. (The cosine across examples would give 1, 0, 2/3.)
+  np.testing.assert_allclose(neq.phi(a, b), [1.0, 1 / 3, 1 / 3], atol=1e-6)
 
 
 def test_velocity_recursion():
@@ -182,3 +185,18 @@ def test_with_frozen_finds_the_masks_inside_gradient_accumulation():
   np.testing.assert_array_equal(state.inner_opt_state.frozen['dense']['kernel'], masks['dense']['kernel'])
   with pytest.raises(ValueError, match='FreezeState'):
     freeze.with_frozen(optax.adam(1e-3).init(params), masks)
+
+
+def test_measurement_slice_is_held_out(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (40, 8, 8, 1), dtype=np.uint8)
+  path = tmp_path / 'tiny.npz'
+  np.savez(path, train_images=images, train_labels=np.arange(40) % 10, test_images=images[:10],
+           test_labels=np.arange(10))
+  c = quickstart.get_config('method=neq')
+  c.data.update(dict(source='npz', path=str(path), normalize=False, holdout=6))
+  got = np.round(np.asarray(neq.measurement_images(c, 0.01)) * 255).astype(np.uint8)
+  assert sorted(images[34:].tobytes()[i * 64:(i + 1) * 64] for i in range(6)) == sorted(
+      got[i].tobytes() for i in range(6))                  # exactly the 6 held-out examples
+  c.data.holdout = 0                                       # fallback: training examples
+  assert len(neq.measurement_images(c, 0.1)) == 4
