@@ -30,7 +30,7 @@ import optax
 from absl import logging
 
 from demp import data as data_lib
-from demp import augment, checkpoint, deadunits, flops, metrics, models, parallel, revival, schedules, surgery, transforms
+from demp import augment, checkpoint, deadunits, flops, metrics, models, parallel, revival, schedules, surgery, target, transforms
 
 PyTree = Any
 
@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.demp.schedule = 'one_cycle'           # shape of λ_t and σ_t: one_cycle | constant
   c.demp.warmup = 'cosine'                # one-cycle warm-up: cosine (reference code) | linear (paper text)
   c.demp.span = 1.0                       # the one-cycle spans this fraction of the run
+  c.demp.target_sparsity = 0.0            # > 0: a controller steers λ_t = shape × gain to it (demp.target)
+  c.demp.target_kind = 'units'            # units | weights | flops (relative to the dense model)
+  c.demp.target_reach = 0.0               # fraction of the run by which to reach it; 0 = 0.65 × span
+  c.demp.target_noise = 'gain'            # the noise std follows the gain | keeps its own 'schedule'
 
   c.prune = ml_collections.ConfigDict()
   c.prune.every = 1000                    # τ: steps between death checks
@@ -133,6 +137,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for group, step in config.prune.start_steps.items():
     _positive(f'prune.start_steps.{group}', step, strict=False)
   augment.validate(config.batch_augment, normalize=config.data.normalize)
+  target.validate(config)
   if not 0 < config.demp.span <= 1:
     raise ValueError(f'demp.span={config.demp.span!r} must be in (0, 1].')
   if all_methods()[config.method].when is prune_steps and config.prune.every > config.num_steps:
@@ -245,6 +250,11 @@ def demp_schedules(config) -> tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedu
 def _demp_optimizer(config, base: optax.GradientTransformation) -> optax.GradientTransformation:
   lam, std = demp_schedules(config)
   c = config.demp
+  if target.enabled(config):   # λ_t = shape × gain, the gain set by the controller (demp.target)
+    return target.target_optimizer(
+        base, lambda_shape=lam, noise_shape=std if c.noise_std > 0 else None,
+        noise=c.target_noise, penalty_kind=c.penalty, penalty_mask=c.penalty_mask,
+        noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric)
   return transforms.demp_optimizer(
       base,
       penalty_strength=lam if c.peak_lambda > 0 else None,
@@ -418,8 +428,11 @@ class Run:
       keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}   # check and log only
     dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
     overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
-    return self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
-                      dead=len(dead), dead_overlap=overlap, started=started)
+    removed = self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
+                         dead=len(dead), dead_overlap=overlap, started=started)
+    if target.enabled(self.config):
+      target.after_check(self)   # measure the sparsity, set the next gain
+    return removed
 
 
 # ----------------------------------------------------------------------------
@@ -622,11 +635,13 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None)
                 'live_units': sum(run.model.widths.values()),
                 'lambda': _value(lam_t, update), 'noise_std': _value(std_t, update),
                 'learning_rate': _value(lr_t, update)}
+      record.update(target.log_fields(run, record, update))
       fetched.clear()
       jsonl.write(record)
       _tb_write(tb, step, record)
       bar.set_postfix(loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}',
-                      live=f'{record["live_units"]}/{sum(run.dense_widths.values())}')
+                      live=f'{record["live_units"]}/{sum(run.dense_widths.values())}',
+                      **target.postfix(record))
       timing['t0'] = time.perf_counter()
 
     if method.hook is not None and method.when(run.config, step):
