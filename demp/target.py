@@ -305,67 +305,76 @@ class ControllerParams(NamedTuple):
   """Constants of :func:`update_gain`.
 
   Attributes:
-    kp: proportional factor: lagging the trajectory by ``e`` (a fraction of the
-      target) multiplies the gain by ``1 + kp·e`` (capped at ``up_max``); running
-      ahead by ``e`` by ``1 - kp·e`` (floored at ``down_min``).
+    kp: proportional factor: a predicted lag of ``e`` (a fraction of the target)
+      multiplies the gain by ``1 + kp·e`` (capped at ``up_max``); a predicted
+      lead of ``e`` by ``1 - kp·e`` (floored at ``down_min``).
     up_max: the most the gain grows at one check.
     up_idle: the most the gain grows at one check while nothing has been pruned
-      yet (the plant's delay is unknown then: γ needs ~1/lr steps to reach 0,
-      so a lag early in the run must not wind the gain up).
+      yet (the plant's delay is unknown then: under Adam γ needs ~1/lr steps to
+      reach 0, so a lag early in the run must not wind the gain up).
     down_min: the most the gain shrinks at one check when ahead but short of the target.
     cut: factor of the gain once the target is reached (every later check), and the
-      floor of the cut when the next check is predicted to overshoot.
-    margin: an overshoot is predicted when the next check's predicted sparsity
-      exceeds ``(1 - margin)·target`` (see :func:`update_gain`).
+      floor of the cut when the prediction passes the target.
     gain_max: the gain never exceeds this.
   """
   kp: float = 4.0
-  up_max: float = 3.0
+  up_max: float = 2.0
   up_idle: float = 1.25
   down_min: float = 0.5
   cut: float = 0.1
-  margin: float = 0.0
   gain_max: float = 20.0
 
 
 class ControllerState(NamedTuple):
-  """The controller's explicit host state (floats; saved with the run)."""
+  """The controller's explicit host state (plain numbers; saved with the run)."""
   gain: float = 1.0
   measured: float = 0.0   # sparsity at the last check
   reached: bool = False   # the target was reached: λ decays from then on
+  checks: int = 0         # checks seen so far
+  delay: int = 0          # checks until the first unit died (the plant's delay); 0 = not yet
 
 
 def update_gain(
     state: ControllerState,
     measured: float,
-    target_now: float,
+    target_at: Callable[[int], float],
     target: float,
     *,
+    step: int,
+    every: int,
     params: ControllerParams = ControllerParams(),
 ) -> ControllerState:
   r"""One step of the control law, at a death check. Pure.
 
-  With ``S = target``, ``s = measured`` (the sparsity just measured, after the
-  surgery), ``s* = target_now`` (the trajectory at this step) and
-  ``Δ = s - state.measured`` the increase over the last interval, taken as the
-  predicted increase by the next check:
+  The plant has a delay: a unit whose γ the penalty starts to win dies only
+  when γ has shrunk to 0, about ``1/lr`` steps later under Adam. The law
+  measures that delay once, as ``h`` = the number of checks until the first
+  unit died, and works with a prediction ``h`` checks ahead (a Smith-predictor
+  in its simplest form): ``ŝ = s + h·Δ``, where ``s = measured`` (after the
+  surgery) and ``Δ = s - state.measured`` is the increase over the last
+  interval (the units already committed keep dying at that rate for about
+  ``h`` checks, whatever the gain does now). With ``S = target`` and
+  ``s*_h = target_at(step + h·every)`` the trajectory ``h`` checks ahead:
 
   1. ``s >= S`` (or reached before): reached; ``gain ×= cut`` (λ decays).
-  2. ``s + Δ > S (1 - margin)``: the next check would overshoot; scale the gain
-     so the predicted increase is half the remaining gap:
-     ``gain ×= clip(0.5 (S - s) / Δ, cut, 1)``.
-  3. ``s < s*`` (lagging): ``gain ×= min(1 + kp (s* - s) / S, up_max)``, the
-     cap being ``up_idle`` while nothing has been pruned (``s = 0``).
-  4. otherwise (ahead of the trajectory, short of S):
-     ``gain ×= max(1 - kp (s - s*) / S, down_min)``; exactly on it: unchanged.
+  2. ``ŝ > S``: the units in flight will pass the target; scale the gain so the
+     predicted increase is half the remaining gap:
+     ``gain ×= clip(0.5 (S - s) / (h Δ), cut, 1)``.
+  3. ``ŝ < s*_h`` (lagging): ``gain ×= min(1 + kp (s*_h - ŝ) / S, up_max)``,
+     capped at ``up_idle`` while nothing has been pruned yet (``h`` unknown,
+     ``h = 1`` is used).
+  4. otherwise (ahead, short of S): ``gain ×= max(1 - kp (ŝ - s*_h) / S,
+     down_min)``; exactly on it, the gain holds.
 
   The gain is capped at ``gain_max``.
 
   Args:
     state: the controller state after the previous check.
     measured: sparsity measured now, in [0, 1].
-    target_now: the trajectory's sparsity at this step, in [0, S].
+    target_at: the trajectory: step -> target sparsity (:func:`trajectory`).
     target: the final target S, in (0, 1).
+    step: the step of this check (in the units ``target_at`` takes).
+    every: steps between checks.
     params: the law's constants.
 
   Returns:
@@ -373,25 +382,31 @@ def update_gain(
 
   Examples:
     >>> from demp.target import ControllerState, update_gain
-    >>> s = update_gain(ControllerState(gain=1.0), measured=0.1, target_now=0.2, target=0.5)
-    >>> round(s.gain, 3)  # Lagging by 0.1 / 0.5 = 0.2 of the target: × (1 + 4 · 0.2).
-    1.8
+    >>> s = update_gain(ControllerState(gain=1.0, measured=0.05, delay=1), measured=0.1,
+    ...                 target_at=lambda t: 0.3, target=0.5, step=10, every=10)
+    >>> round(s.gain, 3)  # ŝ = 0.15 lags 0.3 by 0.15 / 0.5 = 0.3 of the target: × min(2.2, 2).
+    2.0
   """
   p = params
+  checks = state.checks + 1
+  delay = state.delay or (checks if measured > 0 else 0)
+  h = max(1, delay)
   delta = max(0.0, measured - state.measured)
-  gain = state.gain
+  predicted = measured + h * delta
+  ahead = target_at(step + h * every)
   reached = state.reached or measured >= target
   if reached:
     factor = p.cut
-  elif measured + delta > target * (1.0 - p.margin):
-    factor = min(1.0, max(p.cut, 0.5 * (target - measured) / max(delta, 1e-12)))
-  elif measured < target_now:
-    factor = min(1.0 + p.kp * (target_now - measured) / target,
+  elif predicted > target:
+    factor = min(1.0, max(p.cut, 0.5 * (target - measured) / (h * delta)))
+  elif predicted < ahead:
+    factor = min(1.0 + p.kp * (ahead - predicted) / target,
                  p.up_max if measured > 0 else p.up_idle)
   else:
-    factor = max(1.0 - p.kp * (measured - target_now) / target, p.down_min)
-  gain = min(gain * factor, p.gain_max)
-  return ControllerState(gain=float(gain), measured=float(measured), reached=bool(reached))
+    factor = max(1.0 - p.kp * (predicted - ahead) / target, p.down_min)
+  gain = min(state.gain * factor, p.gain_max)
+  return ControllerState(gain=float(gain), measured=float(measured), reached=bool(reached),
+                         checks=checks, delay=delay)
 
 
 # ----------------------------------------------------------------------------
@@ -518,19 +533,27 @@ def reach(config) -> float:
   return float(config.demp.target_reach) or default_reach(float(config.demp.span))
 
 
+def _flops_sparsity(run) -> float:
+  image_shape = tuple(run.death_images.shape[1:])
+  if 'target_dense_flops' not in run.memo:   # compiled once, from shapes
+    dense = flops_lib.at_widths(run.model, run.dense_widths)
+    run.memo['target_dense_flops'] = flops_lib.forward_flops(dense, image_shape)
+  return 1.0 - flops_lib.forward_flops(run.model, image_shape) / run.memo['target_dense_flops']
+
+
+MEASURES: dict[str, Callable[[Any], float]] = {
+    'units': lambda run: metrics.neuron_sparsity(run.model.widths, run.dense_widths),
+    'weights': lambda run: metrics.weight_sparsity(run.state['params'], run.dense_params),
+    'flops': _flops_sparsity,
+}
+"""The sparsity of each :data:`TARGET_KINDS` entry, from a run (the summary's counting)."""
+
+
 def measure(run, kind: str) -> float:
   """The run's sparsity of ``kind`` now, relative to the dense model (see :data:`TARGET_KINDS`)."""
-  if kind == 'units':
-    return metrics.neuron_sparsity(run.model.widths, run.dense_widths)
-  if kind == 'weights':
-    return metrics.weight_sparsity(run.state['params'], run.dense_params)
-  if kind == 'flops':
-    image_shape = tuple(run.death_images.shape[1:])
-    if 'target_dense_flops' not in run.memo:
-      dense = flops_lib.at_widths(run.model, run.dense_widths)
-      run.memo['target_dense_flops'] = flops_lib.forward_flops(dense, image_shape)
-    return 1.0 - flops_lib.forward_flops(run.model, image_shape) / run.memo['target_dense_flops']
-  raise ValueError(f'demp.target_kind={kind!r} is not one of {list(TARGET_KINDS)}.')
+  if kind not in MEASURES:
+    raise ValueError(f'demp.target_kind={kind!r} is not one of {list(TARGET_KINDS)}.')
+  return MEASURES[kind](run)
 
 
 def _controller(run) -> ControllerState:
@@ -551,9 +574,12 @@ def after_check(run) -> dict[str, Any]:
   c = run.config.demp
   kind = c.target_kind
   measured = measure(run, kind)
-  target_now = config_trajectory(run.config)(_updates(run))
+  traj = config_trajectory(run.config)
+  update = _updates(run)
+  target_now = traj(update)
   before = _controller(run)
-  after = update_gain(before, measured, target_now, float(c.target_sparsity))
+  every = max(1, run.config.prune.every // run.config.optimizer.accumulate_steps)
+  after = update_gain(before, measured, traj, float(c.target_sparsity), step=update, every=every)
   run.memo['target'] = after._asdict()
   run.state = dict(run.state, opt_state=set_gain(run.state['opt_state'], after.gain))
   if run.mesh is not None:
@@ -562,7 +588,7 @@ def after_check(run) -> dict[str, Any]:
   event = {'step': run.step, 'event': 'target', 'target_kind': kind,
            'target_sparsity': float(c.target_sparsity), 'target_now': target_now,
            'measured_sparsity': measured, 'gain_before': before.gain,
-           'gain': after.gain, 'reached': after.reached}
+           'gain': after.gain, 'reached': after.reached, 'delay_checks': after.delay}
   run.log(event)
   run.stats.update(target_sparsity=float(c.target_sparsity), target_kind=kind,
                    target_reached_sparsity=measured, target_reached=after.reached,

@@ -21,67 +21,87 @@ P = target.ControllerParams()
 # The control law on scripted measurements.
 
 
+def _law(state, measured, now, goal, ahead=None, step=10, every=10):
+  """update_gain with a trajectory that is ``now`` at ``step`` and ``ahead`` later."""
+  ahead = now if ahead is None else ahead
+  return target.update_gain(state, measured, lambda t: now if t <= step else ahead, goal,
+                            step=step, every=every)
+
+
 def test_lagging_raises_the_gain_proportionally():
-  s = target.update_gain(target.ControllerState(gain=2.0), measured=0.1, target_now=0.2, target=0.5)
-  assert s.gain == pytest.approx(2.0 * (1 + 4 * 0.1 / 0.5))      # 3.6
-  s = target.update_gain(target.ControllerState(gain=2.0), measured=0.1, target_now=0.5, target=0.5)
+  # Delay 1 check, rose 0.05 -> 0.1: predicted 0.15 at the next check, trajectory 0.2 there.
+  s = _law(target.ControllerState(gain=2.0, measured=0.05, delay=1), 0.1, 0.1, 0.5, ahead=0.2)
+  assert s.gain == pytest.approx(2.0 * (1 + 4 * 0.05 / 0.5))      # 2.8
+  s = _law(target.ControllerState(gain=2.0, measured=0.05, delay=1), 0.1, 0.5, 0.5)
   assert s.gain == pytest.approx(2.0 * P.up_max)                   # capped at up_max
-  s = target.update_gain(target.ControllerState(gain=2.0), measured=0.0, target_now=0.5, target=0.5)
+  s = _law(target.ControllerState(gain=2.0), 0.0, 0.5, 0.5)
   assert s.gain == pytest.approx(2.0 * P.up_idle)                  # nothing pruned yet
-  assert not s.reached
+  assert not s.reached and s.delay == 0 and s.checks == 1
+
+
+def test_the_delay_is_the_checks_until_the_first_death():
+  s = target.ControllerState()
+  for measured in (0.0, 0.0, 0.0, 0.02, 0.05):
+    s = _law(s, measured, 0.5, 0.6)
+  assert (s.checks, s.delay) == (5, 4)
+  # Horizon 4 checks: 0.05 + 4 · 0.03 = 0.17 predicted, against the trajectory 4 checks ahead.
+  s2 = target.update_gain(s, 0.08, lambda t: 0.2 if t >= 50 else 0.0, 0.6, step=10, every=10)
+  assert s2.gain == pytest.approx(s.gain * (1 + 4 * (0.2 - 0.2) / 0.6))   # on it: holds
+  s3 = target.update_gain(s, 0.08, lambda t: 0.2 if t >= 60 else 0.0, 0.6, step=10, every=10)
+  assert s3.gain < s.gain                                                  # ahead: lowers
 
 
 def test_on_the_trajectory_holds_and_ahead_lowers():
-  held = target.update_gain(target.ControllerState(gain=2.0, measured=0.28), measured=0.3,
-                            target_now=0.3, target=0.5)
+  held = _law(target.ControllerState(gain=2.0, measured=0.3, delay=1), 0.3, 0.3, 0.5)
   assert held.gain == pytest.approx(2.0)
-  ahead = target.update_gain(target.ControllerState(gain=2.0, measured=0.3), measured=0.3,
-                             target_now=0.25, target=0.5)
+  ahead = _law(target.ControllerState(gain=2.0, measured=0.3, delay=1), 0.3, 0.25, 0.5)
   assert ahead.gain == pytest.approx(2.0 * (1 - 4 * 0.05 / 0.5))  # 0.6 of it
-  far = target.update_gain(target.ControllerState(gain=2.0, measured=0.3), measured=0.3,
-                           target_now=0.0, target=0.5)
+  far = _law(target.ControllerState(gain=2.0, measured=0.3, delay=1), 0.3, 0.0, 0.5)
   assert far.gain == pytest.approx(2.0 * P.down_min)
 
 
 def test_predicted_overshoot_cuts_the_gain_to_half_the_gap():
-  # 0.3 -> 0.4 in the last interval: 0.5 predicted at the next check > 0.45.
-  s = target.update_gain(target.ControllerState(gain=1.0, measured=0.3), measured=0.4,
-                         target_now=0.45, target=0.45)
+  # Delay 2 checks, 0.3 -> 0.35: 0.45 predicted > 0.4; half the gap 0.05 over 2 · 0.05.
+  s = _law(target.ControllerState(gain=1.0, measured=0.3, delay=2), 0.35, 0.4, 0.4)
   assert s.gain == pytest.approx(0.5 * 0.05 / 0.1)
   assert not s.reached
 
 
 def test_reached_latches_and_decays():
-  s = target.update_gain(target.ControllerState(gain=4.0, measured=0.4), measured=0.5,
-                         target_now=0.3, target=0.5)
+  s = _law(target.ControllerState(gain=4.0, measured=0.4, delay=1), 0.5, 0.3, 0.5)
   assert s.reached and s.gain == pytest.approx(4.0 * P.cut)
   # Later checks keep cutting even if the trajectory is ahead of the measurement.
-  s = target.update_gain(s, measured=0.5, target_now=0.5, target=0.5)
+  s = _law(s, 0.5, 0.5, 0.5)
   assert s.reached and s.gain == pytest.approx(4.0 * P.cut ** 2)
 
 
 def test_gain_is_capped():
-  s = target.ControllerState(gain=1.0)
+  s = target.ControllerState(gain=1.0, measured=0.01, delay=1)
   for _ in range(20):
-    s = target.update_gain(s, measured=0.0, target_now=0.5, target=0.5)
+    s = _law(s, 0.01, 0.5, 0.5)
   assert s.gain == P.gain_max
 
 
+_LAM = one_cycle(1.0, 100)
+_LAM_VALUES = [float(v) for v in jax.vmap(_LAM)(jnp.arange(101))]
+
+
 @pytest.mark.parametrize('goal', [0.3, 0.5, 0.8])
-@pytest.mark.parametrize('response', [0.01, 0.05, 0.2])
-def test_closed_loop_on_a_scripted_plant_reaches_without_overshoot(goal, response):
-  """A plant whose sparsity grows ∝ gain·shape per check (a response unknown to the law)."""
-  lam = one_cycle(1.0, 100)
-  traj = target.trajectory(lam, 100, goal, reach=0.65)
-  s, sparsity, history = target.ControllerState(), 0.0, []
-  for step in range(5, 101, 5):
-    sparsity = min(1.0, sparsity + response * s.gain * float(lam(step)))
-    s = target.update_gain(s, sparsity, traj(step), goal)
-    history.append((sparsity, s.gain))
-  final = history[-1][0]
-  assert final <= goal + 0.05 * goal + 1e-9          # no destructive overshoot
-  assert final >= goal - 0.05                        # reaches
-  assert history[-1][1] < max(g for _, g in history)  # λ decays at the end
+@pytest.mark.parametrize('response,delay', [(0.01, 0), (0.05, 0), (0.2, 0), (0.01, 1),
+                                            (0.05, 1)])
+def test_closed_loop_on_a_scripted_plant_reaches_without_overshoot(goal, response, delay):
+  """A plant whose sparsity grows by ``response · gain · shape`` per check, the gain of
+  ``delay`` checks before (nothing before that): a response and delay unknown to the law."""
+  traj = target.trajectory(_LAM, 100, goal, reach=0.65)
+  s, sparsity, gains, history = target.ControllerState(), 0.0, [1.0], []
+  for k, step in enumerate(range(5, 101, 5)):
+    gain = gains[k - delay] if k >= delay else 0.0
+    sparsity = min(1.0, sparsity + response * gain * _LAM_VALUES[step])
+    s = target.update_gain(s, sparsity, traj, goal, step=step, every=5)
+    gains.append(s.gain)
+    history.append(sparsity)
+  assert goal - 0.06 <= history[-1] <= goal + 0.03        # reaches, no destructive overshoot
+  assert gains[-1] < max(gains)                           # λ decays at the end
 
 
 def test_trajectory_follows_the_cumulative_shape():
@@ -218,8 +238,10 @@ def test_target_needs_dynamic_pruning():
     train.validate_config(c)
 
 
-TOLERANCE = 0.05
-"""End-to-end: the final sparsity lands in [target - TOLERANCE, target + TOLERANCE]."""
+TOLERANCE = 0.04
+"""End-to-end: the final sparsity lands in [target - TOLERANCE, target + TOLERANCE].
+
+Measured with this config: weights 0.3 -> 0.300, units 0.15 -> 0.148, both from below."""
 
 
 def _e2e_config(goal, kind):
@@ -232,13 +254,14 @@ def _e2e_config(goal, kind):
   c.log_every = 25
   c.eval_batch_size = 512
   c.progress_bar = False
+  c.optimizer.learning_rate = 1e-2   # γ needs ~1/lr steps to reach 0 under Adam: 100 of 300
   c.demp.target_sparsity = goal
   c.demp.target_kind = kind
   return c
 
 
 def test_end_to_end_reaches_the_target(tmp_path):
-  goal, kind = 0.5, 'weights'
+  goal, kind = 0.3, 'weights'
   summary = train.train_and_evaluate(_e2e_config(goal, kind), str(tmp_path))
   reached = summary['weight_sparsity']
   assert goal - TOLERANCE <= reached <= goal + TOLERANCE, reached
@@ -251,3 +274,24 @@ def test_end_to_end_reaches_the_target(tmp_path):
   checks = [r for r in records if r.get('event') == 'target']
   assert len(checks) == 300 // 25
   assert all(0.0 <= r['target_dead'] <= 1.0 for r in logs)
+
+
+def test_measure_counts_like_the_summary():
+  run, _ = train.init_run(_e2e_config(0.5, 'units'))
+  assert target.measure(run, 'units') == target.measure(run, 'flops') == 0.0
+  zeros = target.measure(run, 'weights')   # nonzeros are counted: BN offsets start at 0
+  assert zeros == pytest.approx((64 + 64 + 10) / run.dense_params)
+  keeps = {'hidden_0': np.arange(64) < 16, 'hidden_1': np.ones(64, bool)}   # 48 of 128 units go
+  run.prune(keeps)
+  assert target.measure(run, 'units') == pytest.approx(48 / 128)
+  # 64 → 64 → 64 → 10 with BN (no dense bias): hidden_0 loses 48 of its 64 units:
+  # 48·64 kernel in, 48 BN scales (the offsets were 0 already), 48·64 kernel out.
+  assert target.measure(run, 'weights') - zeros == pytest.approx(
+      (48 * 64 + 48 + 48 * 64) / run.dense_params)
+  flops = target.measure(run, 'flops')
+  print('flops sparsity', flops)
+  assert 0.5 < flops < 0.7 and flops == pytest.approx(
+      1 - train.flops.inference_flops(run.model, run.dense_widths,
+                                      run.death_images.shape[1:])['inference_flops_rel'])
+  with pytest.raises(ValueError, match="demp.target_kind='x' is not one of"):
+    target.measure(run, 'x')
