@@ -316,6 +316,7 @@ class ControllerParams(NamedTuple):
     cut: factor of the gain once the target is reached (every later check), and the
       floor of the cut when the prediction passes the target.
     gain_max: the gain never exceeds this.
+    horizon: the prediction looks ``max(1, round(horizon × delay))`` checks ahead.
   """
   kp: float = 4.0
   up_max: float = 2.0
@@ -323,6 +324,7 @@ class ControllerParams(NamedTuple):
   down_min: float = 0.5
   cut: float = 0.1
   gain_max: float = 20.0
+  horizon: float = 1.0
 
 
 class ControllerState(NamedTuple):
@@ -390,7 +392,7 @@ def update_gain(
   p = params
   checks = state.checks + 1
   delay = state.delay or (checks if measured > 0 else 0)
-  h = max(1, delay)
+  h = max(1, round(p.horizon * delay))
   delta = max(0.0, measured - state.measured)
   predicted = measured + h * delta
   ahead = target_at(step + h * every)
@@ -556,6 +558,10 @@ def measure(run, kind: str) -> float:
   return MEASURES[kind](run)
 
 
+PARAMS = ControllerParams()
+"""The constants :func:`after_check` uses."""
+
+
 def _controller(run) -> ControllerState:
   return ControllerState(**run.memo.get('target', {}))
 
@@ -579,7 +585,8 @@ def after_check(run) -> dict[str, Any]:
   target_now = traj(update)
   before = _controller(run)
   every = max(1, run.config.prune.every // run.config.optimizer.accumulate_steps)
-  after = update_gain(before, measured, traj, float(c.target_sparsity), step=update, every=every)
+  after = update_gain(before, measured, traj, float(c.target_sparsity), step=update, every=every,
+                      params=PARAMS)
   run.memo['target'] = after._asdict()
   run.state = dict(run.state, opt_state=set_gain(run.state['opt_state'], after.gain))
   if run.mesh is not None:

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import quickstart
-from demp import target, train, transforms
+from configs import compare_cifar10_subset, quickstart
+from demp import plots, report, target, train, transforms
 from demp.schedules import one_cycle
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -273,7 +273,12 @@ def test_end_to_end_reaches_the_target(tmp_path):
   assert logs[-1]['target_sparsity'] == pytest.approx(goal)
   checks = [r for r in records if r.get('event') == 'target']
   assert len(checks) == 300 // 25
+  assert all(r['measured_sparsity'] <= goal + TOLERANCE for r in checks)   # from below
   assert all(0.0 <= r['target_dead'] <= 1.0 for r in logs)
+  # --figure target draws it.
+  runs = report.load_runs(str(tmp_path))
+  plots.FIGURES['target'](runs, str(tmp_path / 'target'))
+  assert (tmp_path / 'target.png').stat().st_size > 0
 
 
 def test_measure_counts_like_the_summary():
@@ -295,3 +300,11 @@ def test_measure_counts_like_the_summary():
                                       run.death_images.shape[1:])['inference_flops_rel'])
   with pytest.raises(ValueError, match="demp.target_kind='x' is not one of"):
     target.measure(run, 'x')
+
+
+def test_compare_config_steers_demp_to_the_baselines_target():
+  c = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.7,kind=weights')
+  assert (c.demp.target_sparsity, c.demp.target_kind) == (0.7, 'weights')
+  assert (c.baselines.target_sparsity, c.baselines.target_kind) == (0.7, 'weights')
+  train.validate_config(c)
+  assert compare_cifar10_subset.get_config('method=demp').demp.target_sparsity == 0.0
