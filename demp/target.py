@@ -134,7 +134,7 @@ def add_target_penalty(
     >>> grads = {'BatchNorm_0': {'scale': jnp.array([0.0, 1.0, 1.0])}}
     >>> updates, state = penalty.update(grads, state, params)
     >>> updates['BatchNorm_0']['scale']
-    Array([ 0.3,  0.7,  1.3], dtype=float32)
+    Array([0.3, 0.7, 1.3], dtype=float32)
     >>> round(float(state.dead), 4)
     0.3333
   """
