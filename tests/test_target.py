@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from configs import compare_cifar10_subset, quickstart
-from demp import plots, report, target, train, transforms
+from demp import checkpoint, plots, report, target, train, transforms
 from demp.schedules import one_cycle
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -308,3 +308,24 @@ def test_compare_config_steers_demp_to_the_baselines_target():
   assert (c.baselines.target_sparsity, c.baselines.target_kind) == (0.7, 'weights')
   train.validate_config(c)
   assert compare_cifar10_subset.get_config('method=demp').demp.target_sparsity == 0.0
+
+
+def test_after_check_sets_the_gain_logs_and_checkpoints():
+  run, _ = train.init_run(_e2e_config(0.3, 'units'))
+  events = []
+  run.log = events.append
+  run.step = 25
+  event = target.after_check(run)   # nothing pruned at step 25: the gain rises by up_idle
+  assert events == [event] and event['measured_sparsity'] == 0.0
+  assert event['gain'] == pytest.approx(P.up_idle) and not event['reached']
+  assert float(target.find_gain_state(run.state['opt_state']).gain) == pytest.approx(P.up_idle)
+  assert run.memo['target']['gain'] == event['gain']
+  checkpoint.encode_host_state(run)   # the controller state is saved with the run
+  fields = target.log_fields(run, {'lambda': 0.01, 'noise_std': 1e-5}, 25)
+  assert fields['lambda'] == pytest.approx(0.01 * P.up_idle)
+  assert fields['noise_std'] == pytest.approx(1e-5 * P.up_idle)   # target_noise='gain'
+  assert set(fields) == {'lambda', 'noise_std', 'target_gain', 'target_sparsity',
+                         'measured_sparsity', 'target_dead'}
+  traj = target.config_trajectory(run.config)(25)
+  assert fields['target_sparsity'] == traj and 0.0 < traj < 0.01
+  assert target.postfix(fields) == {'sparsity': f'0.000/{traj:.3f}', 'gain': '1.25'}
