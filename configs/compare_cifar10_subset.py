@@ -12,7 +12,10 @@ method with the same steps and seed, plus ``config.baselines``.
 Arguments: ``method``, ``steps``, ``seed``, ``lam`` (DemP's peak λ), ``width``
 (multiplier of the ConvNet's widths), ``target``
 and ``kind`` (the baselines' ``target_sparsity`` / ``target_kind``;
-``scripts.compare`` sets them to DemP's weight sparsity), ``fallback`` (the
+``scripts.compare`` sets them to DemP's weight sparsity), ``steer`` (True: DemP too
+steers its λ to ``target`` / ``kind`` with ``demp.target_sparsity`` /
+``demp.target_kind``, so every method aims at the same sparsity; see docs/target.md),
+``fallback`` (the
 early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
 ``p`` (``neq_stochastic``'s frozen fraction), ``opt`` (adamw | sgd) / ``lr`` /
 ``every`` (τ) as in the analysis config, ``path`` (the .npz), ``smoke``. The
@@ -25,7 +28,7 @@ from baselines import sparse
 from configs.analysis import convnet_cifar10_subset, parse
 
 DEFAULTS = dict(method='dense', steps=600, seed=0, lam=3e-2, width=1.0, target=0.5, kind='units',
-                fallback=0, eps=1e-3, mu=0.5, p=0.2, opt='adamw', lr=5e-3, every=100,
+                steer=False, fallback=0, eps=1e-3, mu=0.5, p=0.2, opt='adamw', lr=5e-3, every=100,
                 path='../shared/data/cifar10_subset.npz', smoke=False)
 
 
@@ -36,6 +39,9 @@ def get_config(arg: str | None = None):
       f"opt={args['opt']},lr={args['lr']},every={args['every']},smoke={args['smoke']}",
       **convnet_cifar10_subset.DEFAULTS))
   c.seed = args['seed']
+  if args['steer']:   # DemP aims at the baselines' target (demp.target)
+    c.demp.target_sparsity = args['target']
+    c.demp.target_kind = args['kind']
   c.data.path = args['path']
   b = baselines_config.default_config()
   # The unstructured baselines' keys too; their masks change every steps/24 steps (the

@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from demp import augment, deadunits, methods, models, optim, parallel, schedules, transforms, units
+from demp import augment, deadunits, methods, models, optim, parallel, schedules, target, transforms
+from demp import units
 from demp import data as data_lib
 
 
@@ -63,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.demp.schedule = 'one_cycle'           # shape of λ_t and σ_t: one_cycle | constant
   c.demp.warmup = 'cosine'                # one-cycle warm-up: cosine (reference code) | linear (paper text)
   c.demp.span = 1.0                       # the one-cycle spans this fraction of the run
+  c.demp.target_sparsity = 0.0            # > 0: a controller steers λ_t = shape × gain to it (demp.target)
+  c.demp.target_kind = 'units'            # units | weights | flops (relative to the dense model)
+  c.demp.target_reach = 0.0               # fraction of the run by which to reach it; 0 = 0.65 × span
+  c.demp.target_noise = 'gain'            # the noise std follows the gain | keeps its own 'schedule'
 
   c.prune = ml_collections.ConfigDict()
   c.prune.every = 1000                    # τ: steps between death checks
@@ -281,6 +286,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'label_smoothing={config.label_smoothing!r} must be in [0, 1).')
   check_lr_schedule(config)
   augment.validate(config.batch_augment, normalize=config.data.normalize)
+  target.validate(config)
   if not 0 < config.demp.span <= 1:
     raise ValueError(f'demp.span={config.demp.span!r} must be in (0, 1].')
   if methods.get(config.method).when is methods.prune_steps and config.prune.every > config.num_steps:

@@ -22,7 +22,7 @@ import ml_collections
 import optax
 
 from demp import data as data_lib
-from demp import models, schedules, transforms, units
+from demp import models, schedules, target, transforms, units
 
 
 def _base_adam(lr, c):
@@ -129,6 +129,11 @@ def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTrans
     mults = units.penalty_multipliers(model, params, c.penalty_weighting, image_shape)
   if liveness == 'auto':
     liveness = 'gradient' if model is None or model.activation == 'relu' else 'mask'
+  if target.enabled(config):   # λ_t = shape × gain, the gain set by the controller (demp.target)
+    return target.target_optimizer(
+        base, lambda_shape=lam, noise_shape=std if c.noise_std > 0 else None,
+        noise=c.target_noise, penalty_kind=c.penalty, penalty_mask=mask,
+        noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric)
   return transforms.demp_optimizer(
       base,
       penalty_strength=lam if c.peak_lambda > 0 else None,

@@ -17,6 +17,8 @@ error bars and bands are ± one sample std over seeds.
   Fig. 11: Adam ε by learning rate).
 * :func:`overlap_over_steps` -- the dead-set overlap ratio between
   consecutive checks (Fig. 8).
+* :func:`target_over_steps` -- target vs reached sparsity and the gain at each
+  check, for runs that steer λ to a target (``demp.target``).
 
 Dead units come from the trainer's prune events (``live`` per group at each
 check), so they exist for ``demp`` runs and for any run with
@@ -309,10 +311,47 @@ def final_vs(runs: Sequence[RunResult], path: str, *, x: str, y: str = 'dead_rat
   return fig
 
 
+def target_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
+  """Target vs reached sparsity at each death check, and the controller's gain (``demp.target``).
+
+  One colour per run that steered to a target (``demp.target_sparsity > 0``):
+  the trajectory dashed, the measured sparsity solid (left), the gain after
+  each check (right, log scale).
+  """
+  runs = [r for r in runs if r.summary.get('method_stats', {}).get('target_history')]
+  if not runs:
+    raise ValueError('no run with a target (demp.target_sparsity > 0) among the runs given.')
+  fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(10, 3.6))
+  colors = _colors(range(len(runs)))
+  for i, r in enumerate(runs):
+    hist = r.summary['method_stats']['target_history']
+    stats = r.summary['method_stats']
+    steps = [h['step'] for h in hist]
+    label = (f'{os.path.basename(os.path.normpath(r.path))}: {stats["target_kind"]} '
+             f'{stats["target_sparsity"]:g} -> {stats["target_reached_sparsity"]:.3f}')
+    ax.plot(steps, [h['target_now'] for h in hist], '--', color=colors[i])
+    ax.plot(steps, [h['measured_sparsity'] for h in hist], '-o', ms=3, color=colors[i],
+            label=label)
+    ax_gain.plot(steps, [max(h['gain'], 1e-6) for h in hist], '-o', ms=3, color=colors[i])
+  ax.set_xlabel('Training step')
+  ax.set_ylabel('Sparsity (dashed: target trajectory)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  ax_gain.set_xlabel('Training step')
+  ax_gain.set_ylabel('Gain (λ_t = shape(t) × gain)')
+  ax_gain.set_yscale('log')
+  ax_gain.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  save(fig, path)
+  return fig
+
+
 FIGURES: dict[str, Callable[..., Any]] = {
     'tradeoff': tradeoff,
     'dead': dead_over_steps,
     'live': live_per_group,
     'final_vs': final_vs,
     'overlap': overlap_over_steps,
+    'target': target_over_steps,
 }

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from demp import deadunits, metrics, parallel, revival, steps, surgery, units
+from demp import deadunits, metrics, parallel, revival, steps, surgery, target, units
 
 PyTree = Any
 
@@ -161,9 +161,12 @@ class Run:
     dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
     overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
     extra = {'folded': folded} if c.remove_constant else {}
-    return self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
-                      dead=len(dead), dead_overlap=overlap, started=started,
-                      constant=deadunits.count(constant), **extra)
+    removed = self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
+                         dead=len(dead), dead_overlap=overlap, started=started,
+                         constant=deadunits.count(constant), **extra)
+    if target.enabled(self.config):
+      target.after_check(self)   # measure the sparsity, set the next gain
+    return removed
 
 
 HOST_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Run)

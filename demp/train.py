@@ -35,7 +35,7 @@ from demp import config as config_lib
 from demp import data as data_lib
 from demp import methods as methods_lib
 from demp import run as run_lib
-from demp import steps
+from demp import steps, target
 
 PyTree = Any
 Run = run_lib.Run
@@ -243,11 +243,13 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None)
                 'live_units': sum(run.model.widths.values()),
                 'lambda': _value(lam_t, update), 'noise_std': _value(std_t, update),
                 'learning_rate': _value(lr_t, update)}
+      record.update(target.log_fields(run, record, update))
       fetched.clear()
       jsonl.write(record)
       _tb_write(tb, step, record)
       bar.set_postfix(loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}',
-                      live=f'{record["live_units"]}/{sum(run.dense_widths.values())}')
+                      live=f'{record["live_units"]}/{sum(run.dense_widths.values())}',
+                      **target.postfix(record))
       timing['t0'] = time.perf_counter()
 
     if method.hook is not None and method.when(run.config, step):

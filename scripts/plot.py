@@ -9,7 +9,8 @@ Figures (``demp/plots.py``): tradeoff (accuracy vs neuron / weight sparsity,
 coloured by ``--by``, default the method), dead (dead-unit ratio over steps;
 ``--count`` for counts, ``--logy``), live (live units per layer over steps), final_vs (a
 final quantity ``--y`` against ``--x``, a line per ``--by``), overlap (dead-set
-overlap between checks).
+overlap between checks), target (target vs reached sparsity and the gain over steps,
+for runs with ``demp.target_sparsity > 0``).
 """
 
 from absl import app, flags

@@ -1,0 +1,636 @@
+r"""Ask for a sparsity, get it: a controller that steers DemP's λ_t to a target.
+
+DemP's final sparsity is an indirect result of the peak λ, the noise and the
+run length. With ``demp.target_sparsity > 0`` the trainer instead steers
+``λ_t = shape(t) × gain``, where ``shape`` is the usual one-cycle (or constant)
+shape of :func:`demp.train.demp_schedules` and ``gain`` is adapted by a
+controller so that the measured sparsity follows a target trajectory and stops
+at the target. The pieces, each usable on its own:
+
+* :func:`add_target_penalty`, a pure optax transform: the penalty of
+  :func:`demp.transforms.add_scheduled_penalty` with strength
+  ``shape(count) × gain``, the gain living in its state
+  (:class:`TargetPenaltyState`) as a traced float: setting it never
+  recompiles a jitted step. The state also carries the in-step signal
+  ``dead``: the fraction of penalised scales whose loss gradient was exactly 0
+  on the batch (units dead on that batch), logged between checks.
+* :func:`with_gain_noise`: DemP's live noise whose std is ``std(t) × gain``
+  (the noise follows the gain), the alternative to the noise's own schedule.
+* :func:`find_gain_state` / :func:`set_gain`: find the
+  :class:`TargetPenaltyState` inside any optax state by type and set its gain
+  (through ``chain``, ``MultiSteps``, the noise wrapper, ...).
+* :func:`update_gain`, the control law: a pure host function
+  ``(ControllerState, measured, target_now, ...) -> ControllerState``.
+* :func:`trajectory`: the target sparsity at each step.
+* :func:`measure` / :func:`after_check`: the trainer's glue, run after every
+  death check (live counts → units / weights / FLOPs sparsity) and
+  :func:`log_fields` for the metrics records.
+
+The control law (see ``docs/target.md``) acts at death checks, where the
+sparsity is measured exactly; sparsity cannot be undone, so it approaches the
+target from below: the gain rises while the measured sparsity lags the
+trajectory, falls when it runs ahead, and is cut sharply (λ decays) once the
+target is reached or the predicted sparsity at the next check would pass it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from demp import flops as flops_lib
+from demp import metrics
+from demp import schedules
+from demp import transforms
+
+__all__ = [
+    'ControllerParams',
+    'ControllerState',
+    'TARGET_KINDS',
+    'TARGET_NOISE',
+    'TargetPenaltyState',
+    'add_target_penalty',
+    'dead_fraction',
+    'default_reach',
+    'find_gain_state',
+    'set_gain',
+    'target_optimizer',
+    'trajectory',
+    'update_gain',
+    'with_gain_noise',
+]
+
+# ----------------------------------------------------------------------------
+# The transforms.
+
+
+class TargetPenaltyState(NamedTuple):
+  """State of :func:`add_target_penalty`."""
+  count: jax.Array  # shape=(), int32: the update count, for shape(t).
+  gain: jax.Array  # shape=(), float32: λ_t = shape(count) × gain; set by the controller.
+  dead: jax.Array  # shape=(), float32: fraction of penalised entries with a zero gradient.
+
+
+def dead_fraction(updates: optax.Updates, selected: Any) -> jax.Array:
+  """Fraction of the selected entries of ``updates`` that are exactly 0 (0 if none).
+
+  Fed the raw loss gradient, the selected entries being normalization scales:
+  the fraction of units whose gradient vanished on the batch, i.e. units dead
+  on this batch (a superset of those the death check will find dead). Pure
+  ``jnp``, the in-step signal of :func:`add_target_penalty`.
+  """
+  leaves = [g for g, m in zip(jax.tree.leaves(updates), jax.tree.leaves(selected)) if m]
+  total = sum(int(np.size(g)) for g in leaves)
+  if not total:
+    return jnp.zeros([], jnp.float32)
+  zero = sum(jnp.sum(g == 0) for g in leaves)
+  return (zero / total).astype(jnp.float32)
+
+
+def add_target_penalty(
+    shape: optax.ScalarOrSchedule,
+    kind: str = 'lasso',
+    mask: transforms.MaskOrFn = transforms.NORM_SCALES,
+    gain: float = 1.0,
+) -> optax.GradientTransformation:
+  r"""A scheduled penalty of strength ``λ_t = shape(t) × gain``, the gain in the state.
+
+  Exactly :func:`demp.transforms.add_scheduled_penalty` (same ``kind`` and
+  ``mask``) with ``strength = shape × gain``, where ``gain`` is
+  :attr:`TargetPenaltyState.gain`: a traced float32 scalar that a controller
+  sets between steps (:func:`set_gain`) without recompiling. Each update also
+  writes the in-step signal :attr:`TargetPenaltyState.dead`, the fraction of
+  penalised entries whose incoming gradient is exactly 0 (fed the raw loss
+  gradient: the fraction of units dead on this batch, see :func:`dead_fraction`).
+
+  Args:
+    shape: the shape of λ_t, a number >= 0 or an ``optax.Schedule`` of the
+      update count (e.g. ``one_cycle(peak_lambda, T)``).
+    kind: ``'lasso'`` or ``'l2'`` (:data:`demp.transforms.PENALTY_KINDS`).
+    mask: which leaves to penalise (regex, callable or bool pytree), see
+      :func:`demp.transforms.add_scheduled_penalty`.
+    gain: the initial gain (>= 0).
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+  Raises:
+    ValueError: on a negative ``shape`` / ``gain``, an unknown
+      ``kind``; at update time, if ``params`` is None.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from demp.target import add_target_penalty, set_gain
+    >>> params = {'BatchNorm_0': {'scale': jnp.array([0.5, -2.0, 0.01])}}
+    >>> penalty = add_target_penalty(0.1, gain=1.0)
+    >>> state = set_gain(penalty.init(params), 3.0)
+    >>> grads = {'BatchNorm_0': {'scale': jnp.array([0.0, 1.0, 1.0])}}
+    >>> updates, state = penalty.update(grads, state, params)
+    >>> updates['BatchNorm_0']['scale']
+    Array([0.3, 0.7, 1.3], dtype=float32)
+    >>> round(float(state.dead), 4)
+    0.3333
+  """
+  if kind not in transforms.PENALTY_KINDS:
+    raise ValueError(
+        f'Unknown penalty `kind`={kind!r}; allowed: {sorted(transforms.PENALTY_KINDS)}.')
+  for name, value in (('shape', shape), ('gain', gain)):
+    if name != 'shape' or not callable(value):
+      if not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f'`{name}` must be a number >= 0, got {name}={value!r}.')
+  penalty_grad = transforms.PENALTY_KINDS[kind]
+  mask_fn = (transforms.path_mask(mask) if isinstance(mask, str)
+             else mask if callable(mask) else (lambda params: mask))
+
+  def init_fn(params: optax.Params) -> TargetPenaltyState:
+    del params
+    return TargetPenaltyState(count=jnp.zeros([], jnp.int32),
+                              gain=jnp.asarray(gain, jnp.float32),
+                              dead=jnp.zeros([], jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('add_target_penalty needs `params` in update(updates, state, params); '
+                       'got params=None.')
+    base = shape(state.count) if callable(shape) else shape
+    lam = base * state.gain
+    selected = mask_fn(params)
+    dead = dead_fraction(updates, selected)
+
+    def add(g, p, m):
+      if g is None or not m:
+        return g
+      return g + (lam * penalty_grad(p)).astype(g.dtype)
+
+    updates = jax.tree.map(add, updates, params, selected, is_leaf=lambda x: x is None)
+    return updates, TargetPenaltyState(optax.safe_increment(state.count), state.gain, dead)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class GainNoiseState(NamedTuple):
+  """State of :func:`with_gain_noise` (the fields of ``LiveNoiseState``)."""
+  count: jax.Array
+  key: jax.Array
+  inner_state: optax.OptState
+
+
+def with_gain_noise(
+    inner: optax.GradientTransformation,
+    std: optax.ScalarOrSchedule,
+    seed: int = 0,
+    symmetric: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DemP's live noise whose std follows the gain: ``σ_t = std(t) × gain``.
+
+  Same as :func:`demp.transforms.with_live_noise` (mask ``∇L != 0`` read
+  before ``inner``, one draw from ``fold_in(key, count)``), except that σ_t
+  is multiplied by the gain of the :class:`TargetPenaltyState` inside
+  ``inner``'s state (as it was before this update): when the controller cuts
+  λ, the noise goes with it.
+
+  Args:
+    inner: the optimizer to wrap; its state must hold a
+      :class:`TargetPenaltyState` (e.g. ``chain(add_target_penalty(...), base)``).
+    std: σ's shape, a number >= 0 or a schedule of the step.
+    seed: seed of the noise key.
+    symmetric: noise on every parameter instead of live ones.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`GainNoiseState`.
+  """
+  transforms._check_nonnegative('std', std)  # pylint: disable=protected-access
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    inner_state = inner.init(params)
+    if find_gain_state(inner_state) is None:
+      raise ValueError('with_gain_noise: `inner` has no TargetPenaltyState (chain '
+                       'add_target_penalty into it), so there is no gain to follow.')
+    return GainNoiseState(jnp.zeros([], jnp.int32), jax.random.key(seed), inner_state)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    live = jax.tree.map(lambda g: g != 0, updates)
+    gain = find_gain_state(state.inner_state).gain
+    updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    sigma = (std(state.count) if callable(std) else std) * gain
+    noise = transforms._normal_like(  # pylint: disable=protected-access
+        jax.random.fold_in(state.key, state.count), updates)
+
+    def add(u, n, m):
+      noisy = u + (sigma * n).astype(u.dtype)
+      return noisy if symmetric else jnp.where(m, noisy, u)
+
+    updates = jax.tree.map(add, updates, noise, live)
+    return updates, GainNoiseState(optax.safe_increment(state.count), state.key, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+TARGET_NOISE = ('gain', 'schedule')
+"""``demp.target_noise``: the noise std follows the gain, or keeps its own one-cycle schedule."""
+
+
+def target_optimizer(
+    base: optax.GradientTransformation,
+    *,
+    lambda_shape: optax.ScalarOrSchedule,
+    noise_shape: optax.ScalarOrSchedule | None,
+    noise: str = 'gain',
+    penalty_kind: str = 'lasso',
+    penalty_mask: transforms.MaskOrFn = transforms.NORM_SCALES,
+    noise_seed: int = 0,
+    symmetric_noise: bool = False,
+) -> optax.GradientTransformation:
+  """DemP with a controlled gain: :func:`demp.transforms.demp_optimizer`'s layout.
+
+  ``noise(chain(add_target_penalty(lambda_shape), base))`` where ``noise`` is
+  :func:`with_gain_noise` (``noise='gain'``) or
+  :func:`demp.transforms.with_live_noise` on ``noise_shape`` alone
+  (``noise='schedule'``); no noise when ``noise_shape`` is None.
+  """
+  if noise not in TARGET_NOISE:
+    raise ValueError(f'`noise`={noise!r} is not one of {list(TARGET_NOISE)}.')
+  opt = optax.chain(add_target_penalty(lambda_shape, penalty_kind, penalty_mask), base)
+  if noise_shape is None:
+    return opt
+  if noise == 'gain':
+    return with_gain_noise(opt, noise_shape, noise_seed, symmetric_noise)
+  return transforms.with_live_noise(opt, noise_shape, noise_seed, symmetric_noise)
+
+
+# ----------------------------------------------------------------------------
+# Finding and setting the gain inside any optax state.
+
+
+def _is_gain_state(x: Any) -> bool:
+  return isinstance(x, TargetPenaltyState)
+
+
+def find_gain_state(opt_state: optax.OptState) -> TargetPenaltyState | None:
+  """The first :class:`TargetPenaltyState` inside ``opt_state`` (any nesting), or None."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_gain_state) if _is_gain_state(x)]
+  return found[0] if found else None
+
+
+def set_gain(opt_state: optax.OptState, gain: float | jax.Array) -> optax.OptState:
+  """``opt_state`` with the gain of every :class:`TargetPenaltyState` set to ``gain``.
+
+  The gain stays a float32 scalar, so a step compiled for the old state runs
+  the new one unchanged (no recompilation).
+
+  Raises:
+    ValueError: if ``opt_state`` holds no :class:`TargetPenaltyState`.
+  """
+  if find_gain_state(opt_state) is None:
+    raise ValueError('set_gain: the optimizer state holds no TargetPenaltyState '
+                     '(build the optimizer with add_target_penalty / target_optimizer).')
+  value = jnp.asarray(gain, jnp.float32)
+  return jax.tree.map(lambda s: s._replace(gain=value) if _is_gain_state(s) else s,
+                      opt_state, is_leaf=_is_gain_state)
+
+
+# ----------------------------------------------------------------------------
+# The controller.
+
+
+class ControllerParams(NamedTuple):
+  """Constants of :func:`update_gain`.
+
+  Attributes:
+    kp: proportional factor: a predicted lag of ``e`` (a fraction of the target)
+      multiplies the gain by ``1 + kp·e`` (capped at ``up_max``); a predicted
+      lead of ``e`` by ``1 - kp·e`` (floored at ``down_min``).
+    up_max: the most the gain grows at one check.
+    up_idle: the most the gain grows at one check while nothing has been pruned
+      yet (the plant's delay is unknown then: under Adam γ needs ~1/lr steps to
+      reach 0, so a lag early in the run must not wind the gain up).
+    down_min: the most the gain shrinks at one check when ahead but short of the target.
+    cut: factor of the gain once the target is reached (every later check), and the
+      floor of the cut when the prediction passes the target.
+    gain_max: the gain never exceeds this.
+    horizon: the prediction looks ``max(1, round(horizon × delay))`` checks ahead.
+  """
+  kp: float = 4.0
+  up_max: float = 2.0
+  up_idle: float = 1.25
+  down_min: float = 0.5
+  cut: float = 0.1
+  gain_max: float = 20.0
+  horizon: float = 1.0
+
+
+class ControllerState(NamedTuple):
+  """The controller's explicit host state (plain numbers; saved with the run)."""
+  gain: float = 1.0
+  measured: float = 0.0   # sparsity at the last check
+  reached: bool = False   # the target was reached: λ decays from then on
+  checks: int = 0         # checks seen so far
+  delay: int = 0          # checks until the first unit died (the plant's delay); 0 = not yet
+
+
+def update_gain(
+    state: ControllerState,
+    measured: float,
+    target_at: Callable[[int], float],
+    target: float,
+    *,
+    step: int,
+    every: int,
+    params: ControllerParams = ControllerParams(),
+) -> ControllerState:
+  r"""One step of the control law, at a death check. Pure.
+
+  The plant has a delay: a unit whose γ the penalty starts to win dies only
+  when γ has shrunk to 0, about ``1/lr`` steps later under Adam. The law
+  measures that delay once, as ``h`` = the number of checks until the first
+  unit died, and works with a prediction ``h`` checks ahead (a Smith-predictor
+  in its simplest form): ``ŝ = s + h·Δ``, where ``s = measured`` (after the
+  surgery) and ``Δ = s - state.measured`` is the increase over the last
+  interval (the units already committed keep dying at that rate for about
+  ``h`` checks, whatever the gain does now). With ``S = target`` and
+  ``s*_h = target_at(step + h·every)`` the trajectory ``h`` checks ahead:
+
+  1. ``s >= S`` (or reached before): reached; ``gain ×= cut`` (λ decays).
+  2. ``ŝ > S``: the units in flight will pass the target; scale the gain so the
+     predicted increase is half the remaining gap:
+     ``gain ×= clip(0.5 (S - s) / (h Δ), cut, 1)``.
+  3. ``ŝ < s*_h`` (lagging): ``gain ×= min(1 + kp (s*_h - ŝ) / S, up_max)``,
+     capped at ``up_idle`` while nothing has been pruned yet (``h`` unknown,
+     ``h = 1`` is used).
+  4. otherwise (ahead, short of S): ``gain ×= max(1 - kp (ŝ - s*_h) / S,
+     down_min)``; exactly on it, the gain holds.
+
+  The gain is capped at ``gain_max``.
+
+  Args:
+    state: the controller state after the previous check.
+    measured: sparsity measured now, in [0, 1].
+    target_at: the trajectory: step -> target sparsity (:func:`trajectory`).
+    target: the final target S, in (0, 1).
+    step: the step of this check (in the units ``target_at`` takes).
+    every: steps between checks.
+    params: the law's constants.
+
+  Returns:
+    The new :class:`ControllerState`.
+
+  Examples:
+    >>> from demp.target import ControllerState, update_gain
+    >>> s = update_gain(ControllerState(gain=1.0, measured=0.05, delay=1), measured=0.1,
+    ...                 target_at=lambda t: 0.3, target=0.5, step=10, every=10)
+    >>> round(s.gain, 3)  # ŝ = 0.15 lags 0.3 by 0.15 / 0.5 = 0.3 of the target: × min(2.2, 2).
+    2.0
+  """
+  p = params
+  checks = state.checks + 1
+  delay = state.delay or (checks if measured > 0 else 0)
+  h = max(1, round(p.horizon * delay))
+  delta = max(0.0, measured - state.measured)
+  predicted = measured + h * delta
+  ahead = target_at(step + h * every)
+  reached = state.reached or measured >= target
+  if reached:
+    factor = p.cut
+  elif predicted > target:
+    factor = min(1.0, max(p.cut, 0.5 * (target - measured) / (h * delta)))
+  elif predicted < ahead:
+    factor = min(1.0 + p.kp * (ahead - predicted) / target,
+                 p.up_max if measured > 0 else p.up_idle)
+  else:
+    factor = max(1.0 - p.kp * (predicted - ahead) / target, p.down_min)
+  gain = min(state.gain * factor, p.gain_max)
+  return ControllerState(gain=float(gain), measured=float(measured), reached=bool(reached),
+                         checks=checks, delay=delay)
+
+
+# ----------------------------------------------------------------------------
+# The target trajectory.
+
+PCT_START = 0.3
+"""The one-cycle warm-up fraction used by :func:`demp.train.demp_schedules`."""
+
+
+def default_reach(span: float) -> float:
+  """The default ``demp.target_reach``: mid-way down the cosine phase of λ's one-cycle.
+
+  ``span·(pct_start + (1 - pct_start)/2) = 0.65·span``: the warm-up (30 % of
+  the span) plus half of the cosine decay, where λ's shape is at half its peak.
+  The rest of the run, at a falling λ, recovers accuracy at the target.
+  """
+  return span * (PCT_START + (1.0 - PCT_START) / 2.0)
+
+
+def trajectory(shape: optax.ScalarOrSchedule, num_updates: int, target: float,
+               reach: float) -> Callable[[int], float]:
+  """``update -> target sparsity``: ``S · min(1, C(t) / C(reach·T))``.
+
+  ``C(t) = Σ_{u<t} shape(u)`` is the cumulative λ shape (sparsity accumulates
+  with the integrated penalty): slow during the warm-up, fastest around the
+  peak, reaching ``S`` at update ``reach·T`` and holding it after. A constant
+  shape gives a straight ramp.
+
+  Args:
+    shape: λ's shape (number or schedule of the update).
+    num_updates: ``T``, the optimizer updates of the run.
+    target: ``S``, the final target sparsity.
+    reach: the fraction of the run by which the trajectory reaches ``S``.
+
+  Returns:
+    A host function of the update count.
+
+  Examples:
+    >>> from demp.target import trajectory
+    >>> at = trajectory(1.0, num_updates=100, target=0.6, reach=0.5)
+    >>> at(0), at(25), at(50), at(99)
+    (0.0, 0.3, 0.6, 0.6)
+  """
+  steps = np.arange(num_updates)
+  values = (np.asarray(jax.device_get(jax.vmap(shape)(jnp.asarray(steps))), np.float64)
+            if callable(shape) else np.full(num_updates, float(shape)))
+  cum = np.concatenate([[0.0], np.cumsum(np.broadcast_to(values, (num_updates,)))])
+  t_reach = max(1, min(num_updates, int(round(reach * num_updates))))
+  if not cum[t_reach] > 0:     # an all-zero shape: a straight ramp
+    cum = np.arange(num_updates + 1, dtype=np.float64)
+
+  def at(update: int) -> float:
+    u = int(min(max(update, 0), num_updates))
+    return float(target * min(1.0, cum[u] / cum[t_reach]))
+
+  return at
+
+
+@functools.lru_cache(maxsize=16)
+def _run_trajectory(schedule: str, warmup: str, span: float, num_updates: int, target: float,
+                    reach_: float) -> Callable[[int], float]:
+  """The trajectory of a config's λ shape (that of ``demp.train.demp_schedules``, unit peak)."""
+  if schedule == 'constant':
+    shape = 1.0
+  else:
+    shape = schedules.one_cycle(1.0, total_steps=max(1, int(round(span * num_updates))),
+                                warmup=warmup)
+  return trajectory(shape, num_updates, target, reach_)
+
+
+def config_trajectory(config) -> Callable[[int], float]:
+  """The target trajectory of ``config`` (cached): a function of the update count."""
+  c = config.demp
+  num_updates = max(1, config.num_steps // config.optimizer.accumulate_steps)
+  return _run_trajectory(c.schedule, c.warmup, float(c.span), num_updates,
+                         float(c.target_sparsity), reach(config))
+
+
+# ----------------------------------------------------------------------------
+# Config and trainer glue (the trainer calls these; they take its Run).
+
+
+TARGET_KINDS = ('units', 'weights', 'flops')
+"""``demp.target_kind``: what the target counts (relative to the dense model).
+
+* ``units``: the fraction of prunable units removed (``neuron_sparsity``);
+* ``weights``: the fraction of parameters removed (``weight_sparsity``);
+* ``flops``: ``1 -`` inference FLOPs per image relative to dense (XLA's count,
+  as ``inference_flops_rel`` in the summary).
+"""
+
+
+def enabled(config) -> bool:
+  """Whether the run steers λ to a target (``demp.target_sparsity > 0``)."""
+  return config.method == 'demp' and float(config.demp.target_sparsity) > 0
+
+
+def validate(config) -> None:
+  """Raises a ValueError naming the key, the value and what is allowed."""
+  c = config.demp
+  ts = c.target_sparsity
+  if not (isinstance(ts, (int, float)) and not isinstance(ts, bool) and 0 <= ts < 1):
+    raise ValueError(f'demp.target_sparsity={ts!r} must be a number in [0, 1) '
+                     '(0 = fixed λ, no target).')
+  if c.target_kind not in TARGET_KINDS:
+    raise ValueError(f'demp.target_kind={c.target_kind!r} is not one of {list(TARGET_KINDS)}.')
+  tr = c.target_reach
+  if not (isinstance(tr, (int, float)) and not isinstance(tr, bool) and 0 <= tr <= 1):
+    raise ValueError(f'demp.target_reach={tr!r} must be a number in [0, 1] '
+                     '(a fraction of the run; 0 = the default, 0.65 × demp.span).')
+  if c.target_noise not in TARGET_NOISE:
+    raise ValueError(f'demp.target_noise={c.target_noise!r} is not one of {list(TARGET_NOISE)}.')
+  if ts > 0 and config.method == 'demp':
+    if not c.peak_lambda > 0:
+      raise ValueError(f'demp.peak_lambda={c.peak_lambda!r} must be > 0 with demp.target_sparsity'
+                       f'={ts!r}: it is the scale of λ_t = shape(t) × gain (gain starts at 1).')
+    if not config.prune.dynamic:
+      raise ValueError(f'prune.dynamic={config.prune.dynamic!r} must be True with '
+                       f'demp.target_sparsity={ts!r}: the controller measures the pruned model.')
+
+
+def reach(config) -> float:
+  """``demp.target_reach``, or its default (:func:`default_reach`) when 0."""
+  return float(config.demp.target_reach) or default_reach(float(config.demp.span))
+
+
+def _flops_sparsity(run) -> float:
+  image_shape = tuple(run.death_images.shape[1:])
+  if 'target_dense_flops' not in run.memo:   # compiled once, from shapes
+    dense = flops_lib.at_widths(run.model, run.dense_widths)
+    run.memo['target_dense_flops'] = flops_lib.forward_flops(dense, image_shape)
+  return 1.0 - flops_lib.forward_flops(run.model, image_shape) / run.memo['target_dense_flops']
+
+
+MEASURES: dict[str, Callable[[Any], float]] = {
+    'units': lambda run: metrics.neuron_sparsity(run.model.widths, run.dense_widths),
+    'weights': lambda run: metrics.weight_sparsity(run.state['params'], run.dense_params),
+    'flops': _flops_sparsity,
+}
+"""The sparsity of each :data:`TARGET_KINDS` entry, from a run (the summary's counting)."""
+
+
+def measure(run, kind: str) -> float:
+  """The run's sparsity of ``kind`` now, relative to the dense model (see :data:`TARGET_KINDS`)."""
+  if kind not in MEASURES:
+    raise ValueError(f'demp.target_kind={kind!r} is not one of {list(TARGET_KINDS)}.')
+  return MEASURES[kind](run)
+
+
+PARAMS = ControllerParams()
+"""The constants :func:`after_check` uses."""
+
+
+def _controller(run) -> ControllerState:
+  return ControllerState(**run.memo.get('target', {}))
+
+
+def _updates(run) -> int:
+  return max(0, run.step // run.config.optimizer.accumulate_steps)
+
+
+def after_check(run) -> dict[str, Any]:
+  """After a death check and its surgery: measure, update the gain, set it in the state.
+
+  Writes the controller state into ``run.memo['target']`` (saved with
+  checkpoints), the new gain into the optimizer state, a ``'target'`` event
+  into the log and ``run.stats``; returns the event.
+  """
+  c = run.config.demp
+  kind = c.target_kind
+  measured = measure(run, kind)
+  traj = config_trajectory(run.config)
+  update = _updates(run)
+  target_now = traj(update)
+  before = _controller(run)
+  every = max(1, run.config.prune.every // run.config.optimizer.accumulate_steps)
+  after = update_gain(before, measured, traj, float(c.target_sparsity), step=update, every=every,
+                      params=PARAMS)
+  run.memo['target'] = after._asdict()
+  run.state = dict(run.state, opt_state=set_gain(run.state['opt_state'], after.gain))
+  if run.mesh is not None:
+    from demp import parallel  # pylint: disable=g-import-not-at-top
+    run.state = parallel.replicate(run.state, run.mesh)
+  event = {'step': run.step, 'event': 'target', 'target_kind': kind,
+           'target_sparsity': float(c.target_sparsity), 'target_now': target_now,
+           'measured_sparsity': measured, 'gain_before': before.gain,
+           'gain': after.gain, 'reached': after.reached, 'delay_checks': after.delay}
+  run.log(event)
+  run.stats.update(target_sparsity=float(c.target_sparsity), target_kind=kind,
+                   target_reached_sparsity=measured, target_reached=after.reached,
+                   target_gain_final=after.gain)
+  run.stats.setdefault('target_history', []).append(
+      {k: event[k] for k in ('step', 'target_now', 'measured_sparsity', 'gain')})
+  return event
+
+
+def log_fields(run, record: Mapping[str, Any], update: int) -> dict[str, float]:
+  """The target's numbers for a metrics record (empty when no target is set).
+
+  ``record`` holds the fixed-shape ``lambda`` / ``noise_std`` (gain 1); this
+  returns ``lambda`` × gain (and ``noise_std`` × gain when the noise follows
+  it), ``target_gain``, ``target_sparsity`` (the trajectory now),
+  ``measured_sparsity`` (the last check's) and ``target_dead`` (the in-step
+  signal of the last step: the fraction of live penalised units dead on its batch).
+  """
+  if not enabled(run.config):
+    return {}
+  ctrl = _controller(run)
+  gain_state = find_gain_state(run.state['opt_state'])
+  out = {'lambda': record['lambda'] * ctrl.gain,
+         'target_gain': ctrl.gain,
+         'target_sparsity': config_trajectory(run.config)(update),
+         'measured_sparsity': ctrl.measured,
+         'target_dead': float(gain_state.dead) if gain_state is not None else math.nan}
+  if run.config.demp.target_noise == 'gain':
+    out['noise_std'] = record['noise_std'] * ctrl.gain
+  return out
+
+
+def postfix(record: Mapping[str, Any]) -> dict[str, str]:
+  """Progress-bar fields of a record: measured / target sparsity and the gain."""
+  if 'target_gain' not in record:
+    return {}
+  return {'sparsity': f'{record["measured_sparsity"]:.3f}/{record["target_sparsity"]:.3f}',
+          'gain': f'{record["target_gain"]:.3g}'}
