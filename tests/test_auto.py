@@ -491,7 +491,7 @@ def test_docs_snippet_runs():
   code = re.search(r'```python\n(.*?)```', text, re.S).group(1)
   scope = {}
   exec(compile(code, 'docs/auto.md', 'exec'), scope)
-  assert scope['pmodel'].widths['Dense_0'] < 64                 # units were removed
+  assert scope['model'].widths['Dense_0'] < 64                 # units were removed
   marked = [l for l in code.splitlines() if l.rstrip().endswith('# demp')]
   assert 1 <= len(marked) <= 5
 
@@ -505,8 +505,44 @@ def test_registry_builds_a_user_module_by_import_path():
   again = models.build('auto', 3, module=f'{__name__}:FlaxExamplesResNet',
                        input_shape=(8, 8, 3), kwargs={'num_filters': 4}).clone(
                            widths={**model.widths, 'conv_init': 2})
-  v = again.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  v = jax.eval_shape(lambda: again.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))
   assert v['params']['conv_init']['kernel'].shape == (3, 3, 3, 2)
   assert hash(again) != hash(model) and again != model
   with pytest.raises(ValueError, match='model.module'):
     models.build('auto', 3, module='no_colon')
+
+
+class TinyNet(nn.Module):
+  """A user's model for the trainer: flatten -> [Dense -> BN -> ReLU] x 2 -> Dense."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = x.reshape((x.shape[0], -1))
+    for width in (32, 16):
+      x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(width)(x)))
+    return nn.Dense(self.num_classes)(x)
+
+
+def test_trainer_runs_a_user_module_by_import_path(tmp_path):
+  import ml_collections
+  from configs import quickstart
+  from demp import train
+  rng = np.random.default_rng(0)
+  path = tmp_path / 'tiny.npz'
+  np.savez(path, train_images=rng.integers(0, 255, (80, 8, 8, 3), dtype=np.uint8),
+           train_labels=rng.integers(0, 10, 80),
+           test_images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8),
+           test_labels=rng.integers(0, 10, 20))
+  c = quickstart.get_config()
+  c.model = ml_collections.ConfigDict({'name': 'auto', 'module': f'{__name__}:TinyNet',
+                                       'input_shape': (8, 8, 3)})
+  c.data.source, c.data.path = 'npz', str(path)
+  c.num_steps, c.batch_size, c.log_every, c.eval_batch_size = 30, 16, 10, 64
+  c.prune.every, c.prune.num_examples, c.prune.batch_size = 10, 64, 32
+  c.progress_bar = False
+  c.demp.peak_lambda, c.optimizer.learning_rate = 0.5, 0.05   # units die within 30 steps
+  summary = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert summary['prune_events_effective'] >= 1
+  assert sum(summary['widths'].values()) < 32 + 16
+  assert set(summary['widths']) == {'Dense_0', 'Dense_1'}
