@@ -83,6 +83,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -313,16 +314,15 @@ def _size(form: Form, widths: Mapping[str, int]) -> int:
 class _Discovery:
   """One forward pass over the flat equations, carrying layouts."""
 
-  def __init__(self, calls: list[_Call], variables):
+  def __init__(self, calls: list[_Call]):
     self.calls = calls
-    self.variables = variables
     self.groups = _Groups()
     self.layout: dict[Any, _Layout] = {}
     self.uniform: dict[Any, frozenset] = {}
     self.pending: dict[int, _Layout] = {}          # per-unit call index -> input layout
     self.per_unit: dict[int, list] = {}            # gid -> [(call, offset, block)]
     self.consumers: dict[int, list] = {}           # gid -> [(call, offset, block)]
-    self.site_specs: dict[Path, tuple] = {}        # consumer path -> (layout key, [(gid, offset, reps, block)])
+    self.site_specs: dict[Path, tuple] = {}        # consumer path -> (layout, [(k, gid, offset)])
     self.producer_paths: dict[Path, int] = {}
     self.seen: set[int] = set()
     self.consumer_ranges: dict[tuple, list] = {}   # (path, role) -> [(offset, width, gid)]
@@ -353,7 +353,7 @@ class _Discovery:
             and all(size(oa) == size(ob) and self.groups.width[ga] == self.groups.width[gb]
                     for (ga, oa), (gb, ob) in zip(a.segs, b.segs)))
 
-  def claim(self, path: Path, role: str, lay: _Layout, gid: int, offset) -> None:
+  def claim(self, path: Path, role: str, gid: int, offset) -> None:
     """A leaf range read by two groups couples them; overlapping differently refuses both."""
     key = (path, role)
     o, w = self.groups.size(offset), self.groups.width[gid]
@@ -389,7 +389,7 @@ class _Discovery:
         if prev is None:
           self.site_specs[call.path] = (lay, [])
         for k, (gid, offset) in enumerate(lay.segs):
-          self.claim(call.path, 'in', lay, gid, offset)
+          self.claim(call.path, 'in', gid, offset)
           self.consumers.setdefault(gid, []).append((call, offset, lay.block, lay.reps))
           if prev is None:
             self.site_specs[call.path][1].append((k, gid, offset))
@@ -401,12 +401,13 @@ class _Discovery:
           ok = ok and tuple(a % ndim for a in axes) == (ndim - 1,)
         if call.kind == 'groupnorm':
           gs = call.module.group_size or call.in_shape[-1] // call.module.num_groups
-          ok, why = ok and gs == 1, 'normalized together by its groups (statistics include other units)'
+          ok = ok and gs == 1
+          why = 'normalized together by its groups (statistics include other units)'
         if not ok:
           self.refuse(lay, f'{call.kind} {name}: {why}')
           return
         for gid, offset in lay.segs:
-          self.claim(call.path, 'per_unit', lay, gid, offset)
+          self.claim(call.path, 'per_unit', gid, offset)
           self.per_unit.setdefault(gid, []).append((call, offset, lay.block))
         self.pending[index] = lay
         return
@@ -414,7 +415,8 @@ class _Discovery:
         self.refuse(lay, f'read by the grouped conv {name}')
         return
       # LayerNorm, RMSNorm.
-      self.refuse(lay, f'{call.kind} {name} normalizes over the units (its statistics include them)')
+      self.refuse(lay, f'{call.kind} {name} normalizes over the units '
+                  '(its statistics include them)')
       return
     # side == 'out'
     if index in self.pending:
@@ -489,9 +491,8 @@ class _Discovery:
     elif p in _WINDOW:
       ok = (prm['window_dimensions'][a] == 1 and prm['window_strides'][a] == 1
             and tuple(prm['padding'][a]) == (0, 0)
-            and all(prm.get(k, (1,) * (a + 1))[a] == 1 for k in ('base_dilation', 'window_dilation')))
-      if len(lays) > 1 and any(l is None for l in lays[1:len(lays) // 2 + 1]) and p == 'reduce_window':
-        ok = ok  # init values are scalars
+            and all(prm.get(k, (1,) * (a + 1))[a] == 1
+                    for k in ('base_dilation', 'window_dilation')))
       if not ok:
         self.refuse(lay, f'pooled across units ({p})')
         return
@@ -593,7 +594,8 @@ class _Discovery:
       for atom, l in zip(eqn.invars, lays):
         if l is None or not self.same(present[0], l):
           for l2 in present:
-            self.refuse(l2, 'concatenated (along another axis) with values that are not the same units')
+            self.refuse(l2, 'concatenated (along another axis) with values that are not the '
+                        'same units')
           return
       for l in present[1:]:
         for (g1, _), (g2, _) in zip(present[0].segs, l.segs):
@@ -643,7 +645,6 @@ def _leaf_exists(variables, col: str, path: Path, leaf: str) -> bool:
 
 
 def _discover(module: nn.Module, args, kwargs) -> Plan:
-  import time
   t0 = time.perf_counter()
   key = jax.random.key(0)
   rngs = {'params': key, 'dropout': key}
@@ -670,7 +671,7 @@ def _discover(module: nn.Module, args, kwargs) -> Plan:
   closed = jax.make_jaxpr(forward)(variables)
   eqns: list[_Eqn] = []
   _flatten(closed.jaxpr, {}, eqns)
-  d = _Discovery(calls, variables)
+  d = _Discovery(calls)
   for eqn in eqns:
     d.step(eqn)
   for atom in closed.jaxpr.outvars:
@@ -708,7 +709,8 @@ def _finish(d: _Discovery, variables, seconds: float) -> Plan:
                                         ('batch_stats', 'mean', 0), ('batch_stats', 'var', 0)],
                           'groupnorm': [('params', 'scale', 0), ('params', 'bias', 0)],
                           'depthwise': [('params', 'kernel', -1), ('params', 'bias', 0)]}.get(kind),
-             'consumer': [('params', 'kernel', 0 if kind == 'dense' else len(call.in_shape) - 2)]}[role]
+             'consumer': [('params', 'kernel',
+                           0 if kind == 'dense' else len(call.in_shape) - 2)]}[role]
     for col, leaf, axis in cands:
       if _leaf_exists(variables, col, path, leaf):
         out.append((col, leaf, axis))
@@ -748,7 +750,8 @@ def _finish(d: _Discovery, variables, seconds: float) -> Plan:
       r = g.find(gid)
       if r not in site_of:
         continue
-      specs.append(SiteSpec(f'{SITE_PREFIX}{k}', name_of[r], lay.reps, form(lay.block), form(offset)))
+      specs.append(SiteSpec(f'{SITE_PREFIX}{k}', name_of[r], lay.reps, form(lay.block),
+                            form(offset)))
       site_of[r].append(path + (f'{SITE_PREFIX}{k}',))
     if specs:
       sites.append((path, tuple(specs)))
@@ -836,7 +839,8 @@ class Prunable:
     if 'widths' in updates:
       widths = dict(updates['widths'])
       if set(widths) != set(self.widths):
-        raise ValueError(f'widths must name the groups {sorted(self.widths)}, got {sorted(widths)}.')
+        raise ValueError(f'widths must name the groups {sorted(self.widths)}, '
+                         f'got {sorted(widths)}.')
       updates['widths'] = flax.core.FrozenDict({k: int(widths[k]) for k in self.widths})
     return dataclasses.replace(self, **updates)
 

@@ -359,7 +359,7 @@ def _densenet_kill(v):
   _kill_bn(v, ('DenseLayer_0', 'BatchNorm_0'), [1])        # layer 0 unit 1: offset 4
   _set(v['params'], ('BatchNorm_1',), 'bias', [4 + 1], 0.0)
   _set(v['batch_stats'], ('BatchNorm_1',), 'mean', [4 + 1], 0.0)
-  _kill_bn(v, ('BatchNorm_1',), [4 + 3 + 0])               # layer 1 unit 0: dead after transition BN
+  _kill_bn(v, ('BatchNorm_1',), [4 + 3 + 0])     # layer 1 unit 0: dead after the transition BN
   return {'Conv_0': [2], 'DenseLayer_0/Conv_0': [1], 'DenseLayer_1/Conv_0': [0]}
 
 
