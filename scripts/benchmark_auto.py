@@ -138,6 +138,8 @@ def main(argv):
       times[name].append((time.perf_counter() - t0) / _STEPS.value)
       states[name] = (v, o)
   med = {n: statistics.median(t) for n, t in times.items()}
+  for name, t in times.items():
+    print(f'{name} rounds (ms/step):', ' '.join(f'{v * 1e3:.0f}' for v in t))
   print(f'step time (median of {_ROUNDS.value} rounds x {_STEPS.value} steps, '
         f'batch {_BATCH.value}, {_IMAGE.value}x{_IMAGE.value}): plain {med["plain"] * 1e3:.1f} ms, '
         f'prunable {med["prunable"] * 1e3:.1f} ms, ratio {med["prunable"] / med["plain"]:.3f}')
