@@ -16,6 +16,7 @@ import os
 # TensorFlow (tf.data, TensorBoard) is only a CPU-side helper here: keep its INFO chatter quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
+from demp.auto import Prunable, describe_groups, make_prunable
 from demp.deadunits import CRITERIA, constant_unit_stats, dead_unit_stats, probe, unit_stats
 from demp.schedules import SCHEDULES, make_schedule, one_cycle
 from demp.surgery import Slice, UnitGroup, keep_masks, param_slices, prune, slice_optimizer_state, slice_variables
@@ -28,7 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     'ALL_WEIGHTS', 'AUTHORS_NOISE_STD', 'CRITERIA', 'LiveNoiseState', 'NORM_SCALES', 'SCHEDULES', 'ScheduledPenaltyState',
-    'Slice', 'UnitGroup', 'add_scheduled_penalty', 'dead_unit_stats', 'demp_optimizer', 'keep_masks',
+    'Prunable', 'Slice', 'UnitGroup', 'add_scheduled_penalty', 'dead_unit_stats', 'demp_optimizer',
+    'describe_groups', 'keep_masks', 'make_prunable',
     'make_schedule', 'one_cycle', 'PAPER_TEXT_NOISE_STD', 'param_slices', 'path_mask', 'probe', 'prune',
     'slice_optimizer_state', 'slice_variables', 'with_live_noise',
     'add_decoupled_penalty', 'constant_unit_stats', 'group_scales_mask', 'penalty_multipliers',

@@ -46,10 +46,18 @@ class Slice:
     axis: the axis that enumerates the units. When the leaf's size along it is
       ``r * width`` (conv -> flatten -> dense), the units are taken as the
       innermost factor and the keep-mask is tiled ``r`` times.
+    offset: where the group's units start inside each block of the axis (a
+      consumer of a channel concatenation reads several groups, each at its
+      offset); 0 for a leaf that holds only this group.
+    block: the period of the axis: it holds ``r`` blocks of ``block`` entries,
+      the units at ``offset .. offset + width`` of each. ``None`` means the
+      group's width (the leaf holds only this group, possibly tiled).
   """
 
   path: Path
   axis: int
+  offset: int = 0
+  block: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +126,25 @@ def keep_masks(alive: Mapping[str, np.ndarray], activity: Mapping[str, np.ndarra
 # Slicing.
 
 
-def _take(leaf: np.ndarray | jax.Array, axis: int, keep: np.ndarray) -> jax.Array:
-  size, width = leaf.shape[axis], keep.size
-  if size % width:
-    raise ValueError(f'axis {axis} of size {size} is not a multiple of the group width {width}.')
-  kept = np.flatnonzero(keep)
-  index = (np.arange(size // width)[:, None] * width + kept[None, :]).ravel()
-  return jax.numpy.take(leaf, index, axis=axis)
+def _index(size: int, axis: int, parts: Sequence[tuple[np.ndarray, int, int | None]]) -> np.ndarray:
+  """Kept positions of an axis of ``size`` shared by ``(keep, offset, block)`` slices."""
+  kept = np.ones(size, bool)
+  for keep, offset, block in parts:
+    width = keep.size
+    block = width if block is None else block
+    if size % block:
+      if block == width:
+        raise ValueError(f'axis {axis} of size {size} is not a multiple of the group width {width}.')
+      raise ValueError(f'axis {axis} of size {size} is not a multiple of the block {block}.')
+    if offset < 0 or offset + width > block:
+      raise ValueError(f'units {offset}..{offset + width} do not fit a block of {block} on axis {axis}.')
+    pos = (np.arange(size // block)[:, None] * block + offset + np.arange(width)[None, :]).ravel()
+    kept[pos] &= np.tile(keep, size // block)
+  return np.flatnonzero(kept)
+
+
+def _take(leaf: np.ndarray | jax.Array, axis: int, parts) -> jax.Array:
+  return jax.numpy.take(leaf, _index(leaf.shape[axis], axis, parts), axis=axis)
 
 
 def _slicers(groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray]) -> dict[Path, list]:
@@ -134,7 +154,7 @@ def _slicers(groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray]) -> di
     if keep is None or np.all(keep):
       continue
     for s in group.slices:
-      out.setdefault(s.path, []).append((s.axis, np.asarray(keep, bool)))
+      out.setdefault(s.path, []).append((s.axis, np.asarray(keep, bool), s.offset, s.block))
   return out
 
 
@@ -161,8 +181,11 @@ def _slice_leaves(tree: PyTree, slicers: Mapping[Path, list],
       if sub in slicers and (shapes is None or
                              getattr(leaf, 'shape', None) == shapes.get(sub)):
         used.add(sub)
-        for axis, keep in slicers[sub]:
-          leaf = _take(leaf, axis, keep)
+        by_axis: dict[int, list] = {}
+        for axis, keep, offset, block in slicers[sub]:
+          by_axis.setdefault(axis % leaf.ndim, []).append((keep, offset, block))
+        for axis, parts in by_axis.items():
+          leaf = _take(leaf, axis, parts)
         return leaf
     return leaf
 

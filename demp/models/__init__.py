@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
+from demp import auto
 from demp.models import convnet, mlp, resnet, vgg, vit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -18,6 +19,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet50': resnet.make_resnet50,
     'vgg16': vgg.make,
     'vit': vit.make,
+    'auto': auto.make,        # a user's module by import path: model.module='pkg.mod:Class'
 }
 
 
