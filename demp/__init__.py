@@ -24,6 +24,13 @@ from demp.transforms import (ALL_WEIGHTS, AUTHORS_NOISE_STD, NORM_SCALES, PAPER_
 
 __version__ = "0.1.0"
 
+
+def load_exported(directory: str):
+  """The Flax module and variables of an export directory (``demp.export.load_exported``)."""
+  from demp import export  # pylint: disable=g-import-not-at-top  (orbax: imported on use)
+  return export.load_exported(directory)
+
+
 __all__ = [
     'ALL_WEIGHTS', 'AUTHORS_NOISE_STD', 'CRITERIA', 'LiveNoiseState', 'NORM_SCALES', 'SCHEDULES', 'ScheduledPenaltyState',
     'Slice', 'UnitGroup', 'add_scheduled_penalty', 'dead_unit_stats', 'demp_optimizer', 'keep_masks',

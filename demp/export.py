@@ -250,7 +250,8 @@ def _folded_interceptor(next_fun, args, kwargs, context):
   module = context.module
   if (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'
       and not module.has_variable('batch_stats', 'mean')):
-    return args[0] + module.get_variable('params', 'bias')   # a folded BN: only its bias is left
+    x = args[0]                                                # a folded BN: only its bias is left
+    return x + jnp.reshape(module.get_variable('params', 'bias'), (1,) * (x.ndim - 1) + (-1,))
   return next_fun(*args, **kwargs)
 
 
