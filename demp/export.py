@@ -1,4 +1,4 @@
-"""Ship the final network of a run: architecture, variables, and a self-contained inference function.
+"""Ship the final network of a run: architecture, variables, a self-contained inference function.
 
 :func:`export_run` reads a finished run's last checkpoint and writes to a directory:
 
@@ -71,7 +71,7 @@ BENCHMARK = 'export_benchmark.json'
 DEFAULT_PLATFORMS = ('cpu', 'cuda')
 LINEAR_TYPES = (nn.Conv, nn.Dense)
 VERIFY_TOLERANCE = 1e-4
-"""Largest allowed |exported - Flax| logit difference on the check inputs, relative to max(1, |logits|)."""
+"""Largest allowed |exported - Flax| logit difference on the check inputs, x max(1, |logits|)."""
 
 
 class NotExportableError(ValueError):
@@ -324,7 +324,7 @@ def save_variables(directory: str, variables: PyTree) -> None:
 def export_run(workdir: str, out: str, *, fold_bn: bool = False,
                platforms: Sequence[str] | None = DEFAULT_PLATFORMS, check_batch: int = 8,
                overwrite: bool = False) -> dict[str, Any]:
-  """Writes the final network of the finished run in ``workdir`` to ``out``; returns the architecture.
+  """Writes the final network of the finished run in ``workdir`` to ``out``; returns its spec.
 
   Before writing, the inference function is exported, deserialized and run on
   ``check_batch`` random inputs against the Flax model (unfolded); the largest
@@ -342,7 +342,7 @@ def export_run(workdir: str, out: str, *, fold_bn: bool = False,
   """
   model, variables, meta = load_run(workdir)
   input_shape = [int(d) for d in meta['model']['input_shape']]
-  if os.path.exists(os.path.join(out, ARCHITECTURE)) or os.path.exists(os.path.join(out, VARIABLES)):
+  if any(os.path.exists(os.path.join(out, n)) for n in (ARCHITECTURE, VARIABLES, INFERENCE)):
     if not overwrite:
       raise FileExistsError(f'{out} already holds an export; choose another --out or pass '
                             f'--overwrite.')
@@ -499,8 +499,9 @@ def benchmark(variants: Sequence[Variant], input_shape: Sequence[int], *,
       t0 = time.perf_counter()
       compiled = jax.jit(p['exported'].call).lower(x).compile()
       compile_s = time.perf_counter() - t0
-      t0 = time.perf_counter()
       jax.block_until_ready(compiled(x))            # warm-up
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(x))            # calibrates the calls per round
       once = max(time.perf_counter() - t0, 1e-6)
       runs.append({'p': p, 'fn': compiled, 'calls': max(1, int(round_s / once)), 'times': [],
                    'flops': metrics.compiled_flops(compiled), 'compile_s': compile_s})

@@ -29,7 +29,8 @@ _PLATFORMS = flags.DEFINE_list('platforms', list(export.DEFAULT_PLATFORMS),
 _BATCHES = flags.DEFINE_list('batch_sizes', ['1', '256'], 'Benchmark batch sizes.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved benchmark rounds.')
 _ROUND_S = flags.DEFINE_float('round_s', 0.3, 'Seconds per variant per round (>= 1 call).')
-_RANDOM = flags.DEFINE_string('random_model', None, 'Benchmark this registry model instead of a run.')
+_RANDOM = flags.DEFINE_string('random_model', None,
+                              'Benchmark this registry model (random params) instead of a run.')
 _SPARSITY = flags.DEFINE_float('sparsity', 0.5, 'With --random_model: fraction of units removed.')
 _IMAGE = flags.DEFINE_integer('image_size', 32, 'With --random_model: square input size.')
 _CLASSES = flags.DEFINE_integer('num_classes', 10, 'With --random_model: number of classes.')

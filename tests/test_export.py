@@ -169,7 +169,8 @@ def test_architecture_json(runs, exports):
     assert arch['widths'] == summary['widths'] and arch['dense_widths'] == summary['dense_widths']
     assert arch['input_shape'] == list(IMAGE) and arch['num_classes'] == 10
     assert arch['dtype'] == 'float32'
-    assert arch['params'] == summary['final_params'] and arch['dense_params'] == summary['dense_params']
+    assert arch['params'] == summary['final_params']
+    assert arch['dense_params'] == summary['dense_params']
     assert arch['run']['step'] == 2
     assert arch['inference']['platforms'] == (['cpu', 'cuda'] if (name, fold) == ('resnet18', False)
                                               else ['cpu'])
@@ -262,7 +263,8 @@ def test_load_exported_via_the_package(exports):
 def test_not_exportable(runs, tiny_npz, tmp_path):
   empty = str(tmp_path / 'empty')
   os.makedirs(empty)
-  with pytest.raises(export.NotExportableError, match=re.escape(f'cannot export {empty}: no checkpoint')):
+  with pytest.raises(export.NotExportableError,
+                     match=re.escape(f'cannot export {empty}: no checkpoint')):
     export.export_run(empty, str(tmp_path / 'out'))
   no_ckpt = str(tmp_path / 'no_ckpt')
   os.makedirs(no_ckpt)
