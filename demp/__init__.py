@@ -27,6 +27,13 @@ from demp.units import group_scales_mask, penalty_multipliers, set_live_mask
 
 __version__ = "0.1.0"
 
+
+def load_exported(directory: str):
+  """The Flax module and variables of an export directory (``demp.export.load_exported``)."""
+  from demp import export  # pylint: disable=g-import-not-at-top  (orbax: imported on use)
+  return export.load_exported(directory)
+
+
 __all__ = [
     'ALL_WEIGHTS', 'AUTHORS_NOISE_STD', 'CRITERIA', 'LiveNoiseState', 'NORM_SCALES', 'SCHEDULES', 'ScheduledPenaltyState',
     'Prunable', 'Slice', 'UnitGroup', 'add_scheduled_penalty', 'dead_unit_stats', 'demp_optimizer',
