@@ -13,7 +13,6 @@ import jax
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
