@@ -31,6 +31,7 @@ from absl import logging
 
 from demp import data as data_lib
 from demp import augment, checkpoint, deadunits, flops, metrics, models, parallel, revival, schedules, surgery, transforms
+from demp import workdir as workdir_lib
 
 PyTree = Any
 
@@ -84,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.dynamic = True                  # False: every check only logs; only the final check (at_end) removes
   c.prune.revival_patience = 0            # >0: a group starts pruning once its live count stopped rising (demp.revival)
   c.prune.start_steps = ml_collections.ConfigDict()   # group -> step its pruning starts (overrides patience)
+  c.prune.on_collapse = 'warn'            # a group whose every unit died (kept at min_width): warn | stop (raise)
 
   c.batch_augment = augment.default_config()   # RandAugment / mixup / cutmix in JAX (demp.augment)
   c.log_every = 50
@@ -120,6 +122,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _allowed('demp.penalty', config.demp.penalty, transforms.PENALTY_KINDS)
   _allowed('demp.schedule', config.demp.schedule, ('one_cycle', 'constant'))
   _allowed('demp.warmup', config.demp.warmup, ('cosine', 'linear'))
+  _allowed('prune.on_collapse', config.prune.on_collapse, deadunits.ON_COLLAPSE)
   if config.prune.criterion:
     _allowed('prune.criterion', config.prune.criterion, deadunits.CRITERIA)
   for key in ('num_steps', 'batch_size', 'prune.every', 'prune.num_examples', 'prune.batch_size',
@@ -391,8 +394,9 @@ class Run:
     removes = any(int(np.sum(k)) < before[name] for name, k in keeps.items())
     t0 = time.perf_counter()
     if removes:
+      example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
       self.model, variables, opt_state = surgery.prune(
-          self.model, self.variables, self.state['opt_state'], keeps)
+          self.model, self.variables, self.state['opt_state'], keeps, example_input=example)
       self.state = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
                     'opt_state': opt_state}
       self.compiled = None   # compiled again, for the new shapes, before the next step
@@ -411,6 +415,7 @@ class Run:
     alive, activity = self.dead_units()
     check_s = time.perf_counter() - t0
     c = self.config.prune
+    collapsed = deadunits.check_collapse(alive, step=self.step, on_collapse=c.on_collapse)
     keeps = surgery.keep_masks(alive, activity, min_width=c.min_width, multiple_of=c.multiple_of)
     keeps, started = revival.gate(keeps, self.events, self.step, deadunits.count(alive),
                                   patience=c.revival_patience, fixed=dict(c.start_steps))
@@ -419,7 +424,8 @@ class Run:
     dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
     overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
     return self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
-                      dead=len(dead), dead_overlap=overlap, started=started)
+                      dead=len(dead), dead_overlap=overlap, started=started,
+                      **({'collapsed': collapsed} if collapsed else {}))
 
 
 # ----------------------------------------------------------------------------
@@ -505,7 +511,7 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after: int | None = None) -> dict[str, Any]:
+                       stop_after: int | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Trains ``config.method`` in ``workdir``; returns (and writes) the run summary.
 
   Resumes from the latest checkpoint in ``<workdir>/checkpoints`` when there is
@@ -516,32 +522,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``{'preempted': True, 'step': ...}`` without evaluating; run it again with the
   same workdir to continue. The batch is split over every device of every host
   (:mod:`demp.parallel`). ``stop_after`` (tests) acts like a SIGTERM after that step.
+
+  The workdir belongs to one run (:mod:`demp.workdir`): it is locked for the
+  run's life, and a workdir holding another config's results (or a finished
+  run's) is refused unless ``overwrite``, which moves those results into
+  ``<workdir>/previous-<timestamp>/``. Nothing in it is written until every
+  check (the checkpoint's included) has passed.
   """
   validate_config(config)
   mesh = parallel.data_mesh()
+  data_lib.get_info(config.data)                 # a bad data file is refused before the workdir is touched
+  primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-                            async_save=config.checkpoint.async_save)
-  with checkpoint.closing(mngr), checkpoint.Preemption() as preemption:
-    return _train(config, workdir, mesh, mngr, preemption, stop_after)
+  with workdir_lib.claim(workdir, config, overwrite=overwrite, primary=primary) as claim:
+    mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+                              async_save=config.checkpoint.async_save)
+    with checkpoint.closing(mngr), checkpoint.Preemption() as preemption:
+      return _train(config, workdir, mesh, mngr, preemption, stop_after, claim)
 
 
-def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None) -> dict[str, Any]:
+def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
+           claim=None) -> dict[str, Any]:
   """The loop of :func:`train_and_evaluate` (arguments as built there)."""
   primary = jax.process_index() == 0
   meta = checkpoint.read_meta(mngr)              # None for a fresh run; raises when unreadable
   log_path = os.path.join(workdir, 'metrics.jsonl')
   if meta is not None:
     checkpoint.check_config(meta, config, checkpoint.step_dir(mngr, meta['step']))
-    if primary:
-      checkpoint.truncate_log(log_path, meta['step'])   # records written after that checkpoint
-  jsonl = metrics.JsonlWriter(log_path) if primary else _NoWriter()
-  tb = _summary_writer(workdir) if primary else None
   batches = meta['batches'] if meta else 0       # the data position: batches consumed per host
-  run, train_iter = init_run(config, log=jsonl.write, mesh=mesh, start_batch=batches)
+  run, train_iter = init_run(config, mesh=mesh, start_batch=batches)
   method = all_methods()[config.method]
   progress = checkpoint.restore(mngr, meta, run, mesh) if meta else {}
   checkpoint.encode_host_state(run)              # fails now, not at the first save
+  # Every check passed: only from here on is anything in the workdir written or truncated.
+  if claim is not None:
+    claim.commit()                               # the pid into .lock, the identity into run.json
+  if meta is not None and primary:
+    checkpoint.truncate_log(log_path, meta['step'])   # records written after that checkpoint
+    workdir_lib.announce_resume(meta['step'], checkpoint.step_dir(mngr, meta['step']))
+  jsonl = metrics.JsonlWriter(log_path) if primary else _NoWriter()
+  tb = _summary_writer(workdir) if primary else None
+  run.log = jsonl.write
   if meta is not None:
     jsonl.write({'step': run.step, 'event': 'resume', 'widths': dict(run.model.widths),
                  **parallel.describe(mesh)})
@@ -566,6 +587,7 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None)
                          f'{checkpoint.step_dir(mngr, meta["step"])}. ')
   bar = _progress(config) if primary else _NoBar()
   bar.update(run.step)
+  postfix = {}                            # the bar's loss / acc / live units, kept across updates
 
   def close_segment():
     if timing['steps']:
@@ -625,14 +647,15 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None)
       fetched.clear()
       jsonl.write(record)
       _tb_write(tb, step, record)
-      bar.set_postfix(loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}',
-                      live=f'{record["live_units"]}/{sum(run.dense_widths.values())}')
+      postfix.update(loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}')
+      _show_live(bar, postfix, run)
       timing['t0'] = time.perf_counter()
 
     if method.hook is not None and method.when(run.config, step):
       if pending:
         flush()
       method.hook(run, step)
+      _show_live(bar, postfix, run)       # the widths after this prune (the last one included)
       timing['t0'] = time.perf_counter()
 
     if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
@@ -723,6 +746,11 @@ def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> di
 
 # ----------------------------------------------------------------------------
 # Progress and TensorBoard (both optional and cheap).
+
+
+def _show_live(bar, postfix: dict, run: Run) -> None:
+  postfix['live'] = f'{sum(run.model.widths.values())}/{sum(run.dense_widths.values())}'
+  bar.set_postfix(**postfix)
 
 
 class _NoBar:
