@@ -28,7 +28,7 @@ the workdir. It
   ``<workdir>/previous-<timestamp>/`` (nothing is deleted) and starts afresh.
 
 Nothing is written while checking: a refused start leaves every file of the
-workdir as it was (a fresh workdir gets its directory and an empty ``.lock``).
+workdir as it was (a ``.lock`` it had to create is removed again).
 The trainer calls :meth:`Claim.commit` once its own checks (the checkpoint's)
 have passed: that writes the pid into ``.lock`` and the identity into
 ``run.json``.
@@ -236,6 +236,7 @@ class Claim:
   workdir: str
   fd: int
   config: ml_collections.ConfigDict
+  created: bool = False                   # .lock did not exist before this start
   moved_to: str | None = None
   committed: bool = False
 
@@ -258,35 +259,55 @@ class Claim:
       return
     if self.committed:     # a clean exit leaves an empty lock file
       os.ftruncate(self.fd, 0)
+    elif self.created:     # a refused start leaves no file behind
+      os.unlink(os.path.join(self.workdir, LOCK))
     fcntl.flock(self.fd, fcntl.LOCK_UN)
     os.close(self.fd)
     self.fd = -1
 
 
-def acquire(workdir: str) -> int:
-  """Takes the exclusive lock of ``workdir`` (created if needed); returns its fd.
+def acquire(workdir: str) -> tuple[int, bool]:
+  """Takes the exclusive lock of ``workdir``; returns ``(fd, whether this call created .lock)``.
 
-  Raises :class:`WorkdirLockedError` when a live process holds it.
+  Raises :class:`WorkdirLockedError` when a live process holds it. A lock file
+  unlinked by its holder between our open and our flock is opened again (the
+  inode check), so removing an unused lock file is safe.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # never truncates
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    holder = _read_pid(fd)
-    os.close(fd)
-    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-      raise
-    raise WorkdirLockedError(
-        f'workdir {workdir} is in use by another run (process '
-        f'{holder if holder is not None else "unknown: it is still checking its workdir"} '
-        f'holds {path}). Wait for it to finish, stop it, or use another workdir.') from None
+  while True:
+    created = False
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+      created = True
+    except FileExistsError:
+      try:
+        fd = os.open(path, os.O_RDWR)                 # never truncates
+      except FileNotFoundError:
+        continue                                      # unlinked meanwhile
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = _read_pid(fd)
+      os.close(fd)
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise
+      raise WorkdirLockedError(
+          f'workdir {workdir} is in use by another run (process '
+          f'{holder if holder is not None else "unknown: it is still checking its workdir"} '
+          f'holds {path}). Wait for it to finish, stop it, or use another workdir.') from None
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)                                      # we locked an unlinked file: again
   stale = _read_pid(fd)
   if stale is not None and stale != os.getpid():
     logging.warning('workdir %s: taking over the lock left by process %d, which is %s.', workdir,
                     stale, 'still alive but no longer holds it' if _pid_alive(stale) else 'gone')
-  return fd
+  return fd, created
 
 
 @contextlib.contextmanager
@@ -301,8 +322,8 @@ def claim(workdir: str, config: ml_collections.ConfigDict, *, overwrite: bool = 
   if not primary:
     yield None
     return
-  fd = acquire(workdir)
-  held = Claim(workdir=workdir, fd=fd, config=config)
+  fd, created = acquire(workdir)
+  held = Claim(workdir=workdir, fd=fd, config=config, created=created)
   try:
     problem = check(workdir, config)
     if problem is not None and not overwrite:
