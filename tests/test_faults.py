@@ -168,8 +168,11 @@ def test_a_finished_run_without_checkpoint_is_refused(finished, tmp_path):
   before = snapshot(path)
   with pytest.raises(workdir.WorkdirConflictError, match=r'is complete.*--overwrite'):
     train.train_and_evaluate(tiny_config(), path)
-  # A run that stopped without a checkpoint (no summary): nothing to resume, refused too.
+  assert snapshot(path) == before
+  # A run that stopped without a checkpoint (no summary): nothing to resume, refused too; a
+  # .lock the refused start had to create is removed again.
   os.remove(os.path.join(path, 'summary.json'))
+  os.remove(os.path.join(path, '.lock'))
   before = snapshot(path)
   with pytest.raises(workdir.WorkdirConflictError, match=r'stopped after step 8 without a checkpoint'):
     train.train_and_evaluate(tiny_config(), path)
