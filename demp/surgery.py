@@ -322,8 +322,9 @@ NORMS_OVER_UNITS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 """Normalizations whose statistics can include the units (checked by :func:`_reduces_units`)."""
 
 
-def _norm_modules(model, example_input) -> dict[Path, str]:
-  """``module path -> class name`` of the normalizations over features the model calls."""
+def _trace(model, example_input) -> tuple[dict[Path, str], dict]:
+  """One abstract ``init`` (no compute): the normalizations over features the model calls
+  (``module path -> class name``) and the shapes of the variables it builds."""
   found: dict[Path, str] = {}
 
   def record(next_fun, args, kwargs, context):
@@ -334,8 +335,8 @@ def _norm_modules(model, example_input) -> dict[Path, str]:
 
   x = jax.ShapeDtypeStruct(np.shape(example_input), getattr(example_input, 'dtype', np.float32))
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  return found
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  return found, _shapes(variables)
 
 
 def _looks_like_norm(shapes, module: Path) -> bool:
@@ -346,7 +347,8 @@ def _looks_like_norm(shapes, module: Path) -> bool:
 
 
 def check_normalizations(model, variables: Mapping[str, PyTree], groups: Sequence[UnitGroup],
-                         example_input=None) -> dict[str, str]:
+                         example_input=None, *, norms: Mapping[Path, str] | None = None
+                         ) -> dict[str, str]:
   """Groups whose slices belong to a normalization over the unit axis -> a description.
 
   Removing a unit there changes the statistics (mean, variance) the other units
@@ -357,7 +359,8 @@ def check_normalizations(model, variables: Mapping[str, PyTree], groups: Sequenc
   ``scale``/``bias`` params and no running statistics is taken for one.
   """
   shapes = _shapes(variables)
-  norms = _norm_modules(model, example_input) if example_input is not None else None
+  if norms is None and example_input is not None:
+    norms = _trace(model, example_input)[0]   # the normalizations do not depend on the widths
   out = {}
   for g in groups:
     for s in g.slices:
@@ -386,18 +389,6 @@ def prune(model, variables: Mapping[str, PyTree], opt_state: PyTree,
   """
   groups = unit_groups(model)
   check_slices(model, variables, groups)
-  cut = [g for g in groups if g.name in keeps and not np.all(keeps[g.name])]
-  inexact = check_normalizations(model, variables, cut, example_input) if cut else {}
-  if inexact:
-    text = '; '.join(f'{name}: its slices include {what}' for name, what in inexact.items())
-    message = (f'pruning {sorted(inexact)} is inexact: {text}, a normalization whose statistics '
-               f'run over the units, so removing even dead units changes the function')
-    if not allow_inexact:
-      raise InexactPruneError(
-          f'{message}. Move the normalization off the unit axis (BatchNorm is exact), leave '
-          f'that group out of unit_groups(), or '
-          f'pass allow_inexact=True to prune anyway. See {PROTOCOL_DOC}.')
-    logging.warning('%s (allow_inexact=True).', message)
   for g in groups:
     if g.name in keeps and np.asarray(keeps[g.name]).size != model.widths[g.name]:
       raise ValueError(f'keep-mask for {g.name!r} has {np.asarray(keeps[g.name]).size} '
@@ -408,15 +399,28 @@ def prune(model, variables: Mapping[str, PyTree], opt_state: PyTree,
   for name, keep in keeps.items():
     widths[name] = int(np.sum(keep))
   new_model = model.clone(widths=flax.core.FrozenDict(widths))
-  if example_input is not None:
-    _check_pruned_shapes(new_model, new_variables, example_input, groups, model.widths, widths)
+  # Pure so far: nothing is returned until the checks below pass. One abstract init of the
+  # pruned model gives both its normalizations and the shapes it expects.
+  norms, expected = _trace(new_model, example_input) if example_input is not None else (None, None)
+  cut = [g for g in groups if g.name in keeps and not np.all(keeps[g.name])]
+  inexact = check_normalizations(model, variables, cut, norms=norms) if cut else {}
+  if inexact:
+    text = '; '.join(f'{name}: its slices include {what}' for name, what in inexact.items())
+    message = (f'pruning {sorted(inexact)} is inexact: {text}, a normalization whose statistics '
+               f'run over the units, so removing even dead units changes the function')
+    if not allow_inexact:
+      raise InexactPruneError(
+          f'{message}. Move the normalization off the unit axis (BatchNorm is exact), leave '
+          f'that group out of unit_groups(), or pass allow_inexact=True to prune anyway. '
+          f'See {PROTOCOL_DOC}.')
+    logging.warning('%s (allow_inexact=True).', message)
+  if expected is not None:
+    _check_pruned_shapes(expected, new_variables, groups, model.widths, widths)
   return new_model, new_variables, new_opt_state
 
 
-def _check_pruned_shapes(model, variables, example_input, groups, before, after) -> None:
+def _check_pruned_shapes(expected, variables, groups, before, after) -> None:
   """The sliced variables must have exactly the shapes the model builds at the new widths."""
-  x = jax.ShapeDtypeStruct(np.shape(example_input), getattr(example_input, 'dtype', np.float32))
-  expected = _shapes(jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x))
   got = _shapes(variables)
   for path, (col, shape) in expected.items():
     if path in got and got[path][1] != shape:

@@ -110,7 +110,8 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8) -> str
   keys = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
   shown = '; '.join(f'{k}: {a.get(k, missing)!r} there, {b.get(k, missing)!r} now'
                     for k in keys[:limit])
-  return f'{len(keys)} keys differ: {shown}{" ..." if len(keys) > limit else ""}'
+  verb = 'key differs' if len(keys) == 1 else 'keys differ'
+  return f'{len(keys)} {verb}: {shown}{" ..." if len(keys) > limit else ""}'
 
 
 def _read_json(path: str) -> dict | None:
