@@ -283,17 +283,21 @@ def check_slices(model, variables: Mapping[str, PyTree],
         if s.path not in shapes:
           module = s.path[:-1]
           near = sorted(_name(p) for p in shapes if p[:-1] == module)
+          where = f'leaves of that module: {near}' if near else 'no such module'
           raise ValueError(
               f'unit group {g.name!r}: its {kind} slice names the leaf {_name(s.path)!r}, which '
-              f'is in no collection ({"leaves of that module: " + str(near) if near else "no such module"}). '
+              f'is in no collection ({where}). '
               f'Fix {type(model).__name__}.unit_groups(); see {PROTOCOL_DOC}.')
         col, shape = shapes[s.path]
         if not -len(shape) <= s.axis < len(shape) or shape[s.axis] % width:
+          axis_rule = ('enumerate the units (outputs: usually -1 for a kernel, 0 for a bias)'
+                       if kind == 'producer' else
+                       'read the units (inputs: 0 for a Dense kernel, 2 for a Conv kernel)')
           raise ValueError(
               f'unit group {g.name!r} (width {width}): its {kind} slice of {col} leaf '
               f'{_name(s.path)!r} (shape {shape}) uses axis {s.axis}, whose size is not a '
               f'multiple of the group width. The {kind} axis must '
-              f'{"enumerate the units (outputs: usually -1 for a kernel, 0 for a bias)" if kind == "producer" else "read the units (inputs: 0 for a Dense kernel, 2 for a Conv kernel)"}; '
+              f'{axis_rule}; '
               f'see {PROTOCOL_DOC}.')
     for s in g.producers:
       module = s.path[:-1]

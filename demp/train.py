@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.dynamic = True                  # False: every check only logs; only the final check (at_end) removes
   c.prune.revival_patience = 0            # >0: a group starts pruning once its live count stopped rising (demp.revival)
   c.prune.start_steps = ml_collections.ConfigDict()   # group -> step its pruning starts (overrides patience)
-  c.prune.on_collapse = 'warn'            # a group whose every unit died (kept at min_width): warn | stop (raise)
+  c.prune.on_collapse = 'warn'            # every unit of a group died: warn | stop (raise)
 
   c.batch_augment = augment.default_config()   # RandAugment / mixup / cutmix in JAX (demp.augment)
   c.log_every = 50
@@ -531,7 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   validate_config(config)
   mesh = parallel.data_mesh()
-  data_lib.get_info(config.data)                 # a bad data file is refused before the workdir is touched
+  data_lib.get_info(config.data)                 # a bad data file: refused before the workdir
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.claim(workdir, config, overwrite=overwrite, primary=primary) as claim:

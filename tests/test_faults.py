@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import zipfile
 
 import flax
 import flax.linen as nn
@@ -147,7 +146,8 @@ def test_a_different_config_in_a_used_workdir_is_refused_then_moved_aside(finish
   path = _copy(finished['workdir'], str(tmp_path / 'run'))
   before = snapshot(path)
   with pytest.raises(workdir.WorkdirConflictError,
-                     match=r'different config.*demp\.peak_lambda: 0\.5 there, 0\.1 now.*--overwrite'):
+                     match=r'different config.*demp\.peak_lambda: 0\.5 there, 0\.1 now.*'
+                     r'--overwrite'):
     train.train_and_evaluate(tiny_config(**{'demp.peak_lambda': 0.1}), path)
   assert snapshot(path) == before
   # Bookkeeping keys do not make another run: the same config with log_every changed resumes.
@@ -174,7 +174,8 @@ def test_a_finished_run_without_checkpoint_is_refused(finished, tmp_path):
   os.remove(os.path.join(path, 'summary.json'))
   os.remove(os.path.join(path, '.lock'))
   before = snapshot(path)
-  with pytest.raises(workdir.WorkdirConflictError, match=r'stopped after step 8 without a checkpoint'):
+  with pytest.raises(workdir.WorkdirConflictError,
+                     match=r'stopped after step 8 without a checkpoint'):
     train.train_and_evaluate(tiny_config(), path)
   assert snapshot(path) == before
 
@@ -360,7 +361,7 @@ def test_second_process_is_refused_then_kill9_during_a_prune_event_resumes(tmp_p
   assert [e['step'] for e in summary['events']] == [4, 8]
   records = [json.loads(line) for line in open(os.path.join(path, 'metrics.jsonl'))]
   steps = [r['step'] for r in records if 'loss' in r]
-  assert steps == [2, 4, 6, 8]                    # records after checkpoint 4 dropped, no duplicates
+  assert steps == [2, 4, 6, 8]             # records after checkpoint 4 dropped, no duplicates
 
 
 def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, children, capfd):
