@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   c.method = a['method']
   c.model.name = 'convnet'
-  c.model.widths = [32, 64, 128, 256]
+  c.model.widths = (32, 64, 128, 256)   # a tuple: --config.model.widths='(16,32,64,128)'
   c.model.pool = True
   c.model.head = 'global'
 
@@ -55,5 +55,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if a['smoke']:
     common.shrink_for_smoke(c)
-    c.model.widths = [4, 8, 8, 16]
+    c.model.widths = (4, 8, 8, 16)
   return c

@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.method = args.get('method', 'demp')
   c.model.name = 'mlp'
-  c.model.widths = [256, 256]
+  c.model.widths = (256, 256)   # a tuple: --config.model.widths='(32,64)' overrides it
   c.model.activation = 'relu'
   c.data.source = 'digits'
   c.batch_size = 64

@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.start_steps = ml_collections.ConfigDict()   # group -> step its pruning starts (overrides patience)
   c.prune.remove_constant = False         # also remove units constant on the check set, folded
   c.prune.constant_eps = 0.01             # constant: max - min <= this over the check set
+  c.prune.on_collapse = 'warn'            # every unit of a group died: warn | stop (raise)
 
   c.batch_augment = augment.default_config()   # RandAugment / mixup / cutmix in JAX (demp.augment)
   c.log_every = 50
@@ -268,6 +269,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _allowed('demp.warmup', config.demp.warmup, optim.DEMP_WARMUPS)
   _allowed('demp.penalty_coupling', config.demp.penalty_coupling, transforms.PENALTY_COUPLINGS)
   _allowed('demp.penalty_weighting', config.demp.penalty_weighting, units.WEIGHTINGS)
+  _allowed('prune.on_collapse', config.prune.on_collapse, deadunits.ON_COLLAPSE)
   _allowed('demp.noise_liveness', config.demp.noise_liveness, ('auto',) + transforms.LIVENESS_MODES)
   if config.prune.criterion:
     _allowed('prune.criterion', config.prune.criterion, deadunits.CRITERIA)

@@ -303,17 +303,53 @@ def _digits_source(cfg: ml_collections.ConfigDict) -> Source:
   return _array_source(_digits_arrays(), 10, cfg.normalize, cfg.holdout)
 
 
+NPZ_LAYOUT = (
+    'a valid file is an .npz archive (np.savez) of four plain numeric arrays: train_images '
+    '[N, H, W, C] uint8 (or float in [0, 1]), train_labels [N] integers, test_images '
+    '[M, H, W, C], test_labels [M] integers'
+)
+
+
+def _bad_npz(path: str, what: str) -> ValueError:
+  return ValueError(f'data.path={path!r} {what}; {NPZ_LAYOUT}.')
+
+
 @functools.lru_cache(maxsize=4)
 def _read_npz(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
+  """The four arrays of an .npz; refuses empty, truncated, non-npz and pickled files.
+
+  Never loads with ``allow_pickle``: a data file must not run code.
+  """
   del mtime_ns  # Part of the cache key only.
-  with np.load(path) as f:
-    missing = [k for k in NPZ_KEYS if k not in f.files]
-    if missing:
-      raise ValueError(
-          f'data.path={path!r} lacks keys {missing}; expected keys '
-          f'{list(NPZ_KEYS)} (found {sorted(f.files)}).'
-      )
-    return {k: f[k] for k in NPZ_KEYS}
+  size = os.path.getsize(path)
+  if size == 0:
+    raise _bad_npz(path, 'is empty (0 bytes)')
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic != b'PK\x03\x04':   # an .npz is a zip archive
+    kind = 'a single .npy array' if magic[:4] == b'\x93NUM' else 'not an .npz (zip) archive'
+    raise _bad_npz(path, f'is {kind} (first bytes {magic!r}, {size} bytes)')
+  out = {}
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      missing = [k for k in NPZ_KEYS if k not in f.files]
+      if missing:
+        raise _bad_npz(path, f'lacks arrays {missing} (it holds {sorted(f.files)})')
+      for k in NPZ_KEYS:
+        out[k] = f[k]
+  except ValueError as e:
+    if 'data.path=' in str(e):
+      raise
+    if 'pickle' in str(e).lower():   # object arrays need pickle to load
+      raise _bad_npz(path, 'holds pickled (object-dtype) arrays, which are refused: loading '
+                     'them could run code') from None
+    raise _bad_npz(path, f'cannot be read: {type(e).__name__}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except  (zipfile/EOF/OS errors of a cut file)
+    raise _bad_npz(path, f'is truncated or corrupt ({type(e).__name__}: {e})') from None
+  for k, a in out.items():
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+      raise _bad_npz(path, f'has {k} of dtype {a.dtype}')
+  return out
 
 
 def _npz_source(cfg: ml_collections.ConfigDict) -> Source:
@@ -328,9 +364,7 @@ def _npz_source(cfg: ml_collections.ConfigDict) -> Source:
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'data.path={cfg.path!r} does not exist (resolved: '
-        f'{os.path.abspath(path)}). In this workspace the CIFAR-10 subset lives '
-        'at ../shared/data/cifar10_subset.npz (relative to the repository '
-        f'root); any .npz with keys {list(NPZ_KEYS)} works.'
+        f'{os.path.abspath(path)}); {NPZ_LAYOUT}.'
     )
   arrays = _read_npz(os.path.abspath(path), os.stat(path).st_mtime_ns)
   for split in ('train', 'test'):

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from demp import surgery
 
@@ -93,7 +94,7 @@ def site_stats(intermediates: Mapping, groups, criterion: str, eps: float):
 
 @functools.partial(jax.jit, static_argnames=('model', 'criterion', 'batch_size'))
 def _scan_stats(model, variables, images, *, criterion: str, eps: float, batch_size: int):
-  groups = model.unit_groups()
+  groups = surgery.unit_groups(model)
   n = images.shape[0]
   xs = images.reshape((n // batch_size, batch_size) + images.shape[1:])
 
@@ -131,6 +132,7 @@ def dead_unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *
   """
   if criterion not in CRITERIA:
     raise ValueError(f'criterion={criterion!r} is not one of {sorted(CRITERIA)}.')
+  surgery.unit_groups(model)            # a model outside the protocol fails here, with advice
   n = images.shape[0]
   batch_size = min(batch_size, n)
   if n % batch_size:
@@ -248,6 +250,37 @@ def count(alive: Mapping[str, np.ndarray]) -> dict[str, int]:
   return {k: int(np.sum(v)) for k, v in alive.items()}
 
 
-__all__ = ['CRITERIA', 'probe', 'criterion_for', 'constant_unit_stats', 'constant_units',
-           'constant_values', 'dead_unit_stats', 'site_ranges', 'site_stats', 'count', 'surgery',
-           'unit_stats']
+ON_COLLAPSE = ('warn', 'stop')
+"""What :func:`check_collapse` does with a group whose every unit died (``prune.on_collapse``)."""
+
+
+class LayerCollapseError(RuntimeError):
+  """Every unit of a group died (``prune.on_collapse='stop'``)."""
+
+
+def check_collapse(alive: Mapping[str, np.ndarray], *, step: int,
+                   on_collapse: str = 'warn') -> list[str]:
+  """The groups whose every unit is dead; warns about them, or raises (``'stop'``).
+
+  A collapsed group is kept at ``prune.min_width`` by the surgery (its most
+  active dead units), so the network still runs, but no signal crosses that
+  layer: the accuracy falls to chance. Usually λ or the learning rate is too
+  large for the layer.
+  """
+  if on_collapse not in ON_COLLAPSE:
+    raise ValueError(f'prune.on_collapse={on_collapse!r} is not one of {list(ON_COLLAPSE)}.')
+  collapsed = sorted(name for name, a in alive.items() if not np.any(a))
+  if not collapsed:
+    return []
+  message = (f'layer collapse at step {step}: every unit of {collapsed} is dead (kept at '
+             f'prune.min_width, but no signal crosses it). Lower demp.peak_lambda or the learning '
+             f'rate')
+  if on_collapse == 'stop':
+    raise LayerCollapseError(f'{message}; stopping (prune.on_collapse=\'stop\').')
+  logging.warning('%s (prune.on_collapse=\'stop\' stops the run).', message)
+  return collapsed
+
+
+__all__ = ['CRITERIA', 'LayerCollapseError', 'ON_COLLAPSE', 'check_collapse', 'probe',
+           'criterion_for', 'constant_unit_stats', 'constant_units', 'constant_values',
+           'dead_unit_stats', 'site_ranges', 'site_stats', 'count', 'surgery', 'unit_stats']

@@ -102,8 +102,9 @@ class Run:
     removes = any(int(np.sum(k)) < before[name] for name, k in keeps.items())
     t0 = time.perf_counter()
     if removes:
+      example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
       self.model, variables, opt_state = surgery.prune(
-          self.model, self.variables, self.state['opt_state'], keeps)
+          self.model, self.variables, self.state['opt_state'], keeps, example_input=example)
       self.state = train_state(variables, opt_state)
       self.compiled = None   # compiled again, for the new shapes, before the next step
       for name, keep in keeps.items():
@@ -130,6 +131,7 @@ class Run:
         criterion=c.criterion or deadunits.criterion_for(self.model.activation))
     alive, activity = stats['alive'], stats['activity']
     check_s = time.perf_counter() - t0
+    collapsed = deadunits.check_collapse(alive, step=self.step, on_collapse=c.on_collapse)
     constant = deadunits.constant_units(stats, c.constant_eps)
     groups = self.model.unit_groups()
     opt_state = units.set_live_mask(self.state['opt_state'], self.state['params'], self.model,
@@ -161,6 +163,8 @@ class Run:
     dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
     overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
     extra = {'folded': folded} if c.remove_constant else {}
+    if collapsed:
+      extra['collapsed'] = collapsed
     removed = self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
                          dead=len(dead), dead_overlap=overlap, started=started,
                          constant=deadunits.count(constant), **extra)

@@ -29,8 +29,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 
 Path = tuple[str, ...]
 PyTree = Any
@@ -233,15 +235,187 @@ def slice_optimizer_state(opt_state: PyTree, params: PyTree, groups: Sequence[Un
   return sliced
 
 
+# ----------------------------------------------------------------------------
+# Checks: the protocol, the slices, normalizations over the units.
+
+PROTOCOL_DOC = 'docs/reliability.md#the-pruning-protocol'
+
+
+class InexactPruneError(ValueError):
+  """A group's units feed a normalization over the unit axis: removing them changes the function."""
+
+
+def unit_groups(model) -> tuple[UnitGroup, ...]:
+  """``model.unit_groups()``, or an error saying what a prunable model must define."""
+  fn = getattr(type(model), 'unit_groups', None)
+  widths = getattr(model, 'widths', None)
+  if fn is None or not isinstance(widths, Mapping):
+    lacks = [n for n, ok in (('unit_groups()', fn is not None),
+                             ('widths', isinstance(widths, Mapping))) if not ok]
+    raise TypeError(
+        f'{type(model).__name__} cannot be pruned: it lacks {" and ".join(lacks)}. A prunable '
+        f'model defines `widths` (a FrozenDict group name -> width, its constructor argument) '
+        f'and `unit_groups()` returning demp.surgery.UnitGroup entries (the slices of every leaf '
+        f'each group owns), and sows its units with demp.deadunits.probe; see {PROTOCOL_DOC} and '
+        f'demp/models/mlp.py for a complete example.')
+  groups = tuple(fn(model))
+  bad = [g for g in groups if not isinstance(g, UnitGroup)]
+  if bad:
+    raise TypeError(f'{type(model).__name__}.unit_groups() must return demp.surgery.UnitGroup '
+                    f'entries; got {type(bad[0]).__name__}. See {PROTOCOL_DOC}.')
+  unknown = [g.name for g in groups if g.name not in widths]
+  if unknown:
+    raise ValueError(f'{type(model).__name__}.unit_groups() names groups {unknown} that are not '
+                     f'in model.widths {sorted(widths)}. See {PROTOCOL_DOC}.')
+  return groups
+
+
+def _shapes(variables: Mapping[str, PyTree]) -> dict[Path, tuple[str, tuple[int, ...]]]:
+  """``leaf path (below its collection) -> (collection, shape)`` of every leaf."""
+  out = {}
+  for col, tree in variables.items():
+    if col == 'intermediates':
+      continue
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      out[_dict_path(kp)] = (col, tuple(np.shape(leaf)))
+  return out
+
+
+def _name(path: Path) -> str:
+  return '/'.join(path)
+
+
+def check_slices(model, variables: Mapping[str, PyTree],
+                 groups: Sequence[UnitGroup] | None = None) -> None:
+  """Raises, naming the leaf and the group, when a group's slices do not fit the variables.
+
+  * a slice names a leaf that exists in no collection;
+  * a slice's axis is not a multiple of the group's width (a wrong consumer axis);
+  * a leaf of a producer's module (a bias, a norm's running statistics) has the
+    group's width on its last axis, like the producer, but no group slices it:
+    the pruned model would fail inside Flax with mismatched shapes.
+  """
+  groups = unit_groups(model) if groups is None else groups
+  shapes = _shapes(variables)
+  covered = {(s.path, s.axis % max(1, len(shapes[s.path][1])) if s.path in shapes else s.axis)
+             for g in groups for s in g.slices}
+  for g in groups:
+    width = int(model.widths[g.name])
+    for kind, slices in (('producer', g.producers), ('consumer', g.consumers)):
+      for s in slices:
+        if s.path not in shapes:
+          module = s.path[:-1]
+          near = sorted(_name(p) for p in shapes if p[:-1] == module)
+          where = f'leaves of that module: {near}' if near else 'no such module'
+          raise ValueError(
+              f'unit group {g.name!r}: its {kind} slice names the leaf {_name(s.path)!r}, which '
+              f'is in no collection ({where}). '
+              f'Fix {type(model).__name__}.unit_groups(); see {PROTOCOL_DOC}.')
+        col, shape = shapes[s.path]
+        if not -len(shape) <= s.axis < len(shape) or shape[s.axis] % width:
+          axis_rule = ('enumerate the units (outputs: usually -1 for a kernel, 0 for a bias)'
+                       if kind == 'producer' else
+                       'read the units (inputs: 0 for a Dense kernel, 2 for a Conv kernel)')
+          raise ValueError(
+              f'unit group {g.name!r} (width {width}): its {kind} slice of {col} leaf '
+              f'{_name(s.path)!r} (shape {shape}) uses axis {s.axis}, whose size is not a '
+              f'multiple of the group width. The {kind} axis must '
+              f'{axis_rule}; '
+              f'see {PROTOCOL_DOC}.')
+    for s in g.producers:
+      module = s.path[:-1]
+      for path, (col, shape) in shapes.items():
+        if (path[:-1] == module and shape and shape[-1] == width
+            and (path, len(shape) - 1) not in covered):
+          raise ValueError(
+              f'unit group {g.name!r} (width {width}) misses the {col} leaf {_name(path)!r} '
+              f'(shape {shape}): it is in the module of the producer {_name(s.path)!r} and has '
+              f'the group\'s width on its last axis, but no slice of any group covers it. Add '
+              f'Slice({path!r}, -1) to the group\'s producers; see {PROTOCOL_DOC}.')
+
+
+def _reduces_units(module: nn.Module) -> bool:
+  """Does this normalization mix statistics across the feature (unit) axis?"""
+  if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+    axes = module.reduction_axes
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return any(a == -1 for a in axes) or len(axes) > 1
+  if isinstance(module, nn.GroupNorm):
+    return module.group_size != 1
+  return False
+
+
+NORMS_OVER_UNITS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+"""Normalizations whose statistics can include the units (checked by :func:`_reduces_units`)."""
+
+
+def _trace(model, example_input) -> tuple[dict[Path, str], dict]:
+  """One abstract ``init`` (no compute): the normalizations over features the model calls
+  (``module path -> class name``) and the shapes of the variables it builds."""
+  found: dict[Path, str] = {}
+
+  def record(next_fun, args, kwargs, context):
+    m = context.module
+    if context.method_name == '__call__' and isinstance(m, NORMS_OVER_UNITS) and _reduces_units(m):
+      found[tuple(m.path)] = type(m).__name__
+    return next_fun(*args, **kwargs)
+
+  x = jax.ShapeDtypeStruct(np.shape(example_input), getattr(example_input, 'dtype', np.float32))
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  return found, _shapes(variables)
+
+
+def _looks_like_norm(shapes, module: Path) -> bool:
+  """Without an input: a module of per-unit ``scale``/``bias`` params and no running statistics."""
+  leaves = {p[-1]: v for p, v in shapes.items() if p[:-1] == module}
+  return ('scale' in leaves and leaves['scale'][0] == 'params' and set(leaves) <= {'scale', 'bias'}
+          and all(len(shape) == 1 for _, shape in leaves.values()))
+
+
+def check_normalizations(model, variables: Mapping[str, PyTree], groups: Sequence[UnitGroup],
+                         example_input=None, *, norms: Mapping[Path, str] | None = None
+                         ) -> dict[str, str]:
+  """Groups whose slices belong to a normalization over the unit axis -> a description.
+
+  Removing a unit there changes the statistics (mean, variance) the other units
+  are normalized with, so the pruned network computes another function even
+  when the unit was dead. BatchNorm (per-unit statistics) is exact. With
+  ``example_input`` the model is traced (no compute) and normalizations are
+  found by class; without it, a producer module holding only per-unit
+  ``scale``/``bias`` params and no running statistics is taken for one.
+  """
+  shapes = _shapes(variables)
+  if norms is None and example_input is not None:
+    norms = _trace(model, example_input)[0]   # the normalizations do not depend on the widths
+  out = {}
+  for g in groups:
+    for s in g.slices:
+      module = s.path[:-1]
+      if norms is not None and module in norms:
+        out[g.name] = f'{norms[module]} {_name(module)!r}'
+      elif norms is None and _looks_like_norm(shapes, module):
+        out[g.name] = f'{_name(module)!r} (per-unit scale/bias without running statistics)'
+  return out
+
+
 def prune(model, variables: Mapping[str, PyTree], opt_state: PyTree,
-          keeps: Mapping[str, np.ndarray]):
+          keeps: Mapping[str, np.ndarray], *, example_input=None, allow_inexact: bool = False):
   """Removes the units not kept: returns ``(model, variables, opt_state)``.
 
   ``model`` must expose ``widths`` (group name -> width, a ``FrozenDict`` so
   the module stays hashable and usable as a static jit argument) and
   ``unit_groups()``. The returned model is the same class at the new widths.
+
+  Checked first (errors name the group and the leaf): the protocol, every
+  group's slices (:func:`check_slices`), and normalizations over the unit axis
+  (:func:`check_normalizations`; ``example_input``, one input batch or its
+  shape-dtype, makes that check exact). Pruning a group behind such a
+  normalization raises :class:`InexactPruneError` unless ``allow_inexact``
+  (then it is logged as inexact).
   """
-  groups = model.unit_groups()
+  groups = unit_groups(model)
+  check_slices(model, variables, groups)
   for g in groups:
     if g.name in keeps and np.asarray(keeps[g.name]).size != model.widths[g.name]:
       raise ValueError(f'keep-mask for {g.name!r} has {np.asarray(keeps[g.name]).size} '
@@ -251,7 +425,39 @@ def prune(model, variables: Mapping[str, PyTree], opt_state: PyTree,
   widths = dict(model.widths)
   for name, keep in keeps.items():
     widths[name] = int(np.sum(keep))
-  return model.clone(widths=flax.core.FrozenDict(widths)), new_variables, new_opt_state
+  new_model = model.clone(widths=flax.core.FrozenDict(widths))
+  # Pure so far: nothing is returned until the checks below pass. One abstract init of the
+  # pruned model gives both its normalizations and the shapes it expects.
+  norms, expected = _trace(new_model, example_input) if example_input is not None else (None, None)
+  cut = [g for g in groups if g.name in keeps and not np.all(keeps[g.name])]
+  inexact = check_normalizations(model, variables, cut, norms=norms) if cut else {}
+  if inexact:
+    text = '; '.join(f'{name}: its slices include {what}' for name, what in inexact.items())
+    message = (f'pruning {sorted(inexact)} is inexact: {text}, a normalization whose statistics '
+               f'run over the units, so removing even dead units changes the function')
+    if not allow_inexact:
+      raise InexactPruneError(
+          f'{message}. Move the normalization off the unit axis (BatchNorm is exact), leave '
+          f'that group out of unit_groups(), or pass allow_inexact=True to prune anyway. '
+          f'See {PROTOCOL_DOC}.')
+    logging.warning('%s (allow_inexact=True).', message)
+  if expected is not None:
+    _check_pruned_shapes(expected, new_variables, groups, model.widths, widths)
+  return new_model, new_variables, new_opt_state
+
+
+def _check_pruned_shapes(expected, variables, groups, before, after) -> None:
+  """The sliced variables must have exactly the shapes the model builds at the new widths."""
+  got = _shapes(variables)
+  for path, (col, shape) in expected.items():
+    if path in got and got[path][1] != shape:
+      changed = [g.name for g in groups if before[g.name] != after[g.name]
+                 and before[g.name] in got[path][1]]
+      raise ValueError(
+          f'after pruning, {col} leaf {_name(path)!r} has shape {got[path][1]} but the model at '
+          f'the new widths expects {shape}: unit group {changed or "?"} misses a slice of it '
+          f'(the leaf holds the group\'s old width). Add it to that group in unit_groups(); '
+          f'see {PROTOCOL_DOC}.')
 
 
 # ----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from demp import data as data_lib
 from demp import methods as methods_lib
 from demp import run as run_lib
 from demp import steps, target
+from demp import workdir as workdir_lib
 
 PyTree = Any
 Run = run_lib.Run
@@ -126,7 +127,7 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after: int | None = None) -> dict[str, Any]:
+                       stop_after: int | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Trains ``config.method`` in ``workdir``; returns (and writes) the run summary.
 
   Resumes from the latest checkpoint in ``<workdir>/checkpoints`` when there is
@@ -137,32 +138,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``{'preempted': True, 'step': ...}`` without evaluating; run it again with the
   same workdir to continue. The batch is split over every device of every host
   (:mod:`demp.parallel`). ``stop_after`` (tests) acts like a SIGTERM after that step.
+
+  The workdir belongs to one run (:mod:`demp.workdir`): it is locked for the
+  run's life, and a workdir holding another config's results (or a finished
+  run's) is refused unless ``overwrite``, which moves those results into
+  ``<workdir>/previous-<timestamp>/``. Nothing in it is written until every
+  check (the checkpoint's included) has passed.
   """
   config_lib.validate_config(config)   # the one validation of the run
   mesh = parallel.data_mesh()
+  data_lib.get_info(config.data)                 # a bad data file: refused before the workdir
+  primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-                            async_save=config.checkpoint.async_save)
-  with checkpoint.closing(mngr), checkpoint.Preemption() as preemption:
-    return _train(config, workdir, mesh, mngr, preemption, stop_after)
+  with workdir_lib.claim(workdir, config, overwrite=overwrite, primary=primary) as claim:
+    mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+                              async_save=config.checkpoint.async_save)
+    with checkpoint.closing(mngr), checkpoint.Preemption() as preemption:
+      return _train(config, workdir, mesh, mngr, preemption, stop_after, claim)
 
 
-def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None) -> dict[str, Any]:
+def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
+           claim=None) -> dict[str, Any]:
   """The loop of :func:`train_and_evaluate` (arguments as built there)."""
   primary = jax.process_index() == 0
   meta = checkpoint.read_meta(mngr)              # None for a fresh run; raises when unreadable
   log_path = os.path.join(workdir, 'metrics.jsonl')
   if meta is not None:
     checkpoint.check_config(meta, config, checkpoint.step_dir(mngr, meta['step']))
-    if primary:
-      checkpoint.truncate_log(log_path, meta['step'])   # records written after that checkpoint
-  jsonl = metrics.JsonlWriter(log_path) if primary else _NoWriter()
-  tb = _summary_writer(workdir) if primary else None
   batches = meta['batches'] if meta else 0       # the data position: batches consumed per host
-  run, train_iter = resolve_run(config, log=jsonl.write, mesh=mesh, start_batch=batches)
+  run, train_iter = resolve_run(config, mesh=mesh, start_batch=batches)
   method = methods_lib.get(config.method)
   progress = checkpoint.restore(mngr, meta, run, mesh) if meta else {}
   checkpoint.encode_host_state(run)              # fails now, not at the first save
+  # Every check passed: only from here on is anything in the workdir written or truncated.
+  if claim is not None:
+    claim.commit()                               # the pid into .lock, the identity into run.json
+  if meta is not None and primary:
+    checkpoint.truncate_log(log_path, meta['step'])   # records written after that checkpoint
+    workdir_lib.announce_resume(meta['step'], checkpoint.step_dir(mngr, meta['step']))
+  jsonl = metrics.JsonlWriter(log_path) if primary else _NoWriter()
+  tb = _summary_writer(workdir) if primary else None
+  run.log = jsonl.write
   if meta is not None:
     jsonl.write({'step': run.step, 'event': 'resume', 'widths': dict(run.model.widths),
                  **parallel.describe(mesh)})
@@ -187,6 +203,7 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None)
                          f'{checkpoint.step_dir(mngr, meta["step"])}. ')
   bar = _progress(config) if primary else _NoBar()
   bar.update(run.step)
+  postfix = {}                            # the bar's loss / acc / live units, kept across updates
 
   def close_segment():
     if timing['steps']:
@@ -247,15 +264,16 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None)
       fetched.clear()
       jsonl.write(record)
       _tb_write(tb, step, record)
-      bar.set_postfix(loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}',
-                      live=f'{record["live_units"]}/{sum(run.dense_widths.values())}',
-                      **target.postfix(record))
+      postfix.update(loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}',
+                     **target.postfix(record))
+      _show_live(bar, postfix, run)
       timing['t0'] = time.perf_counter()
 
     if method.hook is not None and method.when(run.config, step):
       if pending:
         flush()
       method.hook(run, step)
+      _show_live(bar, postfix, run)       # the widths after this prune (the last one included)
       timing['t0'] = time.perf_counter()
 
     if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
@@ -346,6 +364,11 @@ def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> di
 
 # ----------------------------------------------------------------------------
 # Progress and TensorBoard (both optional and cheap).
+
+
+def _show_live(bar, postfix: dict, run) -> None:
+  postfix['live'] = f'{sum(run.model.widths.values())}/{sum(run.dense_widths.values())}'
+  bar.set_postfix(**postfix)
 
 
 class _NoBar:

@@ -1,12 +1,17 @@
 r"""Trains one run: ``python -m scripts.train --config configs/quickstart.py --workdir DIR``.
 
 Override any config key on the command line, e.g. ``--config.num_steps=200``
-or ``--config.data.path=../shared/data/cifar10_subset.npz``; a config argument
-follows a colon: ``--config configs/convnet_cifar10.py:smoke=True``.
+or ``--config.data.path=data/cifar10_subset.npz``; a config argument
+follows a colon: ``--config configs/convnet_cifar10.py:smoke=True``. Widths
+are tuples: ``--config.model.widths='(32,64)'`` (or ``--config.model.widths=32
+--config.model.widths=64``).
 
 The same command with the same workdir resumes from the latest checkpoint
 (``--config.checkpoint.every=1000`` saves every 1000 steps; SIGTERM always
-saves, then exits with status 0). The batch is split over every visible device.
+saves, then exits with status 0). A workdir belongs to one run: it is locked
+while the run lives, and a different config (or a finished run) there is
+refused unless ``--overwrite``, which moves the old results aside into
+``<workdir>/previous-<timestamp>/``. The batch is split over every visible device.
 On several hosts, run the same command on each with ``--multihost`` (TPU pod
 slices, SLURM and Open MPI are detected; elsewhere add ``--coordinator_address``,
 ``--num_processes`` and ``--process_id``); the workdir must be on a file system
@@ -26,6 +31,9 @@ from demp import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, summaries and checkpoints.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Start afresh in a workdir holding another run '
+                               "(or a finished one): its results are moved into "
+                               "<workdir>/previous-<timestamp>/, never deleted.")
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Start multi-host JAX (jax.distributed.initialize) '
                                'before anything else.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--multihost '
@@ -44,7 +52,8 @@ def main(argv):
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif any(f is not None for f in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)):
     raise app.UsageError('--coordinator_address/--num_processes/--process_id need --multihost.')
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                  overwrite=_OVERWRITE.value)
   if result.get('preempted'):
     logging.warning('Preempted at step %d; run the same command to resume from %s.',
                     result['step'], result['checkpoint'])

@@ -27,8 +27,31 @@ def batch_norm(train: bool, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
+def parse_widths(text: str) -> list[int] | dict[str, int]:
+  """``'32,64,128'`` -> ``[32, 64, 128]``; ``'conv_0=32,conv_1=64'`` -> a mapping.
+
+  The string form of ``model.widths`` (brackets and spaces are ignored), for
+  config files and command lines that cannot hold a list.
+  """
+  items = [t for t in text.strip().strip('[]()').replace(' ', '').split(',') if t]
+  try:
+    if items and all('=' in t for t in items):
+      return {k: int(v) for k, v in (t.split('=', 1) for t in items)}
+    return [int(t) for t in items]
+  except ValueError:
+    raise ValueError(f'model.widths={text!r}: expected integers separated by commas '
+                     f"('32,64,128') or group=width pairs ('hidden_0=32,hidden_1=64').") from None
+
+
 def frozen_widths(names: list[str], widths) -> flax.core.FrozenDict:
-  """Widths as a hashable mapping, from a list (in ``names`` order) or a mapping."""
+  """Widths as a hashable mapping, from a list (in ``names`` order), a mapping or a string.
+
+  A string is parsed by :func:`parse_widths` (``'32,64'``).
+  """
+  if isinstance(widths, str):
+    widths = parse_widths(widths)
+  if hasattr(widths, 'to_dict'):   # an ml_collections.ConfigDict
+    widths = widths.to_dict()
   if isinstance(widths, Mapping):
     missing = set(names) - set(widths)
     if missing:

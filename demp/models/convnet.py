@@ -62,6 +62,7 @@ def make(num_classes: int, widths: Sequence[int] = (32, 64, 128, 256), activatio
          pool: bool = True, head: str = 'global', norm: bool = True) -> ConvNet:
   if head not in HEADS:
     raise ValueError(f'model.head={head!r} is not one of {HEADS}.')
+  widths = common.parse_widths(widths) if isinstance(widths, str) else widths   # '32,64'
   names = [f'conv_{i}' for i in range(len(widths))]
   return ConvNet(widths=common.frozen_widths(names, widths), num_classes=num_classes,
                  activation=activation, pool=pool, head=head, norm=norm)

@@ -50,6 +50,7 @@ class MLP(nn.Module):
 
 def make(num_classes: int, widths: Sequence[int] = (256, 256), activation: str = 'relu',
          norm: bool = True) -> MLP:
+  widths = common.parse_widths(widths) if isinstance(widths, str) else widths   # '32,64'
   names = [f'hidden_{i}' for i in range(len(widths))]
   return MLP(widths=common.frozen_widths(names, widths), num_classes=num_classes,
              activation=activation, norm=norm)

@@ -239,6 +239,8 @@ def _make(depth: str, block: str, num_classes: int, stem: str, width_multiplier:
   names = group_names(stage_sizes, block)
   if widths is None:
     widths = default_widths(stage_sizes, block, width_multiplier)
+  elif isinstance(widths, str):       # 'stem=32,...' (common.parse_widths)
+    widths = common.parse_widths(widths)
   elif hasattr(widths, 'to_dict'):   # an ml_collections.ConfigDict
     widths = widths.to_dict()
   if isinstance(widths, Mapping):
