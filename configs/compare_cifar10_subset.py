@@ -6,7 +6,7 @@ r"""Dense, DemP and every structured baseline and NEq on the CIFAR-10 subset: on
 
 The recipe of ``configs/analysis/convnet_cifar10_subset.py`` (ConvNet
 32-64-128-256, AdamW 5e-3 one-cycle, weight decay 5e-4, batch 128, crop+flip,
-600 steps, ``data.path`` = ``../shared/data/cifar10_subset.npz``), for every
+600 steps, ``data.path`` = the ``path`` argument, no default), for every
 method with the same steps and seed, plus ``config.baselines``.
 
 Arguments: ``method``, ``steps``, ``seed``, ``lam`` (DemP's peak λ), ``width``
@@ -29,7 +29,7 @@ from configs.analysis import convnet_cifar10_subset, parse
 
 DEFAULTS = dict(method='dense', steps=600, seed=0, lam=3e-2, width=1.0, target=0.5, kind='units',
                 steer=False, fallback=0, eps=1e-3, mu=0.5, p=0.2, opt='adamw', lr=5e-3, every=100,
-                path='../shared/data/cifar10_subset.npz', smoke=False)
+                path='', smoke=False)
 
 
 def get_config(arg: str | None = None):
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
   if args['steer']:   # DemP aims at the baselines' target (demp.target)
     c.demp.target_sparsity = args['target']
     c.demp.target_kind = args['kind']
-  c.data.path = args['path']
+  c.data.path = args['path'] or None
   b = baselines_config.default_config()
   # The unstructured baselines' keys too; their masks change every steps/24 steps (the
   # DemP authors' 500 is for ~100k-step runs): 12 mask updates in the 0.3T..0.8T window.

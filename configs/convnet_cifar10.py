@@ -1,7 +1,7 @@
 r"""A small BN ConvNet on the local CIFAR-10 subset (the calibration run of METHOD_NOTES).
 
     python -m scripts.train --config configs/convnet_cifar10.py \
-        --config.data.path=../shared/data/cifar10_subset.npz --workdir /tmp/convnet_cifar10
+        --config.data.path=data/cifar10_subset.npz --workdir /tmp/convnet_cifar10
 
 Four 3x3 conv layers (32-64-128-256), BN, ReLU, 2x2 max-pool after each,
 global average pool -> dense. AdamW (decoupled weight decay 5e-4), learning

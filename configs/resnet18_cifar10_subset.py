@@ -1,11 +1,11 @@
 r"""A width-0.25 ResNet-18 on the local CIFAR-10 subset: real images, about 15 minutes on 2 CPU cores.
 
     python -m scripts.train --config configs/resnet18_cifar10_subset.py \
-        --config.data.path=../shared/data/cifar10_subset.npz --workdir /tmp/r18_subset_demp
+        --config.data.path=data/cifar10_subset.npz --workdir /tmp/r18_subset_demp
     python -m scripts.train --config configs/resnet18_cifar10_subset.py:method=dense \
-        --config.data.path=../shared/data/cifar10_subset.npz --workdir /tmp/r18_subset_dense
+        --config.data.path=data/cifar10_subset.npz --workdir /tmp/r18_subset_dense
     python -m scripts.train --config configs/resnet18_cifar10_subset.py:stream=False \
-        --config.data.path=../shared/data/cifar10_subset.npz --workdir /tmp/r18_subset_nostream
+        --config.data.path=data/cifar10_subset.npz --workdir /tmp/r18_subset_nostream
 
 The ResNet-18/CIFAR-10 recipe (``resnet18_cifar10.py``) scaled down to the
 5,085-image subset: CIFAR stem, widths 16-32-64-128 (``width_multiplier``
@@ -14,7 +14,7 @@ same fractions of the run as the recipe (every 77/250 of it), weight decay
 5e-4, crop + flip. DemP: a short run needs a larger peak λ than the paper's
 (2e-2; METHOD_NOTES: 1e-2 ... 5e-2 for a few thousand steps), noise peak
 std 5e-5, τ = num_steps / 4 = 300, death check on 512 training images. ``data.path``
-has no default: pass it by flag.
+has no default: pass it by flag (``python -m scripts.make_cifar10_subset`` builds it from the public CIFAR-10 release).
 
 Arguments: method=demp|dense|<a baseline>, opt=adam|sgdm, lam=<peak λ>,
 act=relu|leaky_relu|swish|gelu, stream=True|False, steps=<num_steps>,

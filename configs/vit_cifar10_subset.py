@@ -14,8 +14,7 @@ and noise only (the paper's ViT setting); the death check (GELU:
 ``every`` steps on 512 training images, revival-aware start with patience
 ``patience`` (0 = plain DemP). ``aug=True`` adds the recipe's RandAugment
 (2 ops, magnitude 9) and mixup 0.2 / cutmix 1.0 (images then stay in [0, 1]).
-The data is ``data.path`` (``../shared/data/cifar10_subset.npz`` from the
-repository root by default). ``smoke=True`` shrinks everything to seconds.
+The data is ``data.path`` (no default: pass it by flag; ``python -m scripts.make_cifar10_subset`` builds it from the public CIFAR-10 release). ``smoke=True`` shrinks everything to seconds.
 
 Arguments: ``method`` (dense | demp), ``act`` (gelu | relu), ``noise`` (peak
 noise std), ``lr``, ``steps``, ``batch``, ``every`` (τ), ``patience``,
@@ -25,7 +24,7 @@ noise std), ``lr``, ``steps``, ``batch``, ``every`` (τ), ``patience``,
 from configs.analysis import parse
 from demp.train import base_config
 
-DEFAULT_PATH = '../shared/data/cifar10_subset.npz'
+DEFAULT_PATH = None   # by flag: --config.data.path=...
 
 
 def get_config(arg: str | None = None):

@@ -7,7 +7,7 @@ ConvNet 32-64-128-256 (3x3 conv -> BN -> ReLU -> 2x2 max-pool) -> global pool
 -> dense; AdamW lr 5e-3 one-cycle, weight decay 5e-4, batch 128, 600 steps,
 crop+flip, death check on 512 training images every τ = 100 steps and at the
 end. About 3 minutes on 2 idle CPU cores. The data is the ``path`` argument
-(``../shared/data/cifar10_subset.npz`` from the repository root by default;
+(no default; ``python -m scripts.make_cifar10_subset`` builds it from the public CIFAR-10 release;
 ``--config.data.path`` also works, except with ``examples=all``, which reads
 the training-set size from ``path`` when the config is built);
 ``data=tfds`` reads the full CIFAR-10 through TFDS instead (full scale: add
@@ -29,7 +29,7 @@ from demp.train import base_config
 DEFAULTS = dict(method='demp', lam=3e-2, noise=5e-5, symmetric=False, schedule='one_cycle',
                 warmup='cosine', steps=600, every=100, examples='512', dynamic=True, lr=5e-3,
                 bs=128, eps=1e-8, opt='adamw', wd=5e-4, act='relu', width=1.0, data='npz',
-                path='../shared/data/cifar10_subset.npz', smoke=False)
+                path='', smoke=False)
 
 
 def build(args: dict):
@@ -43,7 +43,7 @@ def build(args: dict):
   c.model.head = 'global'
   if args['data'] == 'npz':
     c.data.source = 'npz'
-    c.data.path = args['path']
+    c.data.path = args['path'] or None
   elif args['data'] == 'tfds':
     c.data.source = 'tfds'
   else:
