@@ -89,11 +89,16 @@ class Run:
     self.step_flops = metrics.compiled_flops(self.compiled)
     return time.perf_counter() - t0
 
-  def dead_units(self) -> tuple[dict, dict]:
+  def unit_stats(self) -> dict:
+    """The death check's one pass: ``alive``, ``activity`` and per-unit output ranges."""
     c = self.config.prune
-    criterion = c.criterion or deadunits.criterion_for(self.model.activation)
-    return deadunits.dead_unit_stats(self.model, self.variables, self.death_images,
-                                     criterion=criterion, eps=c.eps, batch_size=c.batch_size)
+    return deadunits.unit_stats(
+        self.model, self.variables, self.death_images, eps=c.eps, batch_size=c.batch_size,
+        criterion=c.criterion or deadunits.criterion_for(self.model.activation))
+
+  def dead_units(self) -> tuple[dict, dict]:
+    stats = self.unit_stats()
+    return stats['alive'], stats['activity']
 
   def prune(self, keeps: Mapping[str, np.ndarray], reason: str = '', **info) -> bool:
     """Removes the units not kept; returns whether any unit was removed."""
@@ -126,9 +131,7 @@ class Run:
     """
     t0 = time.perf_counter()
     c = self.config.prune
-    stats = deadunits.unit_stats(
-        self.model, self.variables, self.death_images, eps=c.eps, batch_size=c.batch_size,
-        criterion=c.criterion or deadunits.criterion_for(self.model.activation))
+    stats = self.unit_stats()
     alive, activity = stats['alive'], stats['activity']
     check_s = time.perf_counter() - t0
     collapsed = deadunits.check_collapse(alive, step=self.step, on_collapse=c.on_collapse)

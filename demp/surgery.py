@@ -312,14 +312,17 @@ def check_slices(model, variables: Mapping[str, PyTree],
               f'is in no collection ({where}). '
               f'Fix {type(model).__name__}.unit_groups(); see {PROTOCOL_DOC}.')
         col, shape = shapes[s.path]
-        if not -len(shape) <= s.axis < len(shape) or shape[s.axis] % width:
+        period = width if s.block is None else s.block   # a concatenation: blocks of `block`
+        if (not -len(shape) <= s.axis < len(shape) or shape[s.axis] % period
+            or s.offset + width > period):
           axis_rule = ('enumerate the units (outputs: usually -1 for a kernel, 0 for a bias)'
                        if kind == 'producer' else
                        'read the units (inputs: 0 for a Dense kernel, 2 for a Conv kernel)')
           raise ValueError(
               f'unit group {g.name!r} (width {width}): its {kind} slice of {col} leaf '
               f'{_name(s.path)!r} (shape {shape}) uses axis {s.axis}, whose size is not a '
-              f'multiple of the group width. The {kind} axis must '
+              f'multiple of the group width (or of its block {s.block}, offset {s.offset}). '
+              f'The {kind} axis must '
               f'{axis_rule}; '
               f'see {PROTOCOL_DOC}.')
     for s in g.producers:

@@ -138,7 +138,7 @@ def test_device_slug():
 def test_compute_dtype_runs_convs_in_bf16_and_keeps_state_f32():
   """Lowered (not compiled): every conv, forward and backward, is bf16; the state stays f32."""
   model = models.build('convnet', 10, widths=[4])
-  tx = benchmark.demp_optimizer()
+  tx = benchmark.method_optimizer()
   batch = benchmark._batch(4, 8, 10)
   state = benchmark._state(model, tx, batch['image'][:1], 0)
   step = steps.make_train_step(benchmark.with_compute_dtype(model, 'bfloat16'), tx)

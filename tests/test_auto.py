@@ -451,7 +451,7 @@ class Unsupported(nn.Module):
   def __call__(self, x, train: bool = False):
     x = nn.relu(nn.LayerNorm(name='ln')(nn.Conv(4, (3, 3), name='ln_conv')(x)))
     x = nn.Conv(5, (3, 3), name='gain_conv')(x)
-    x = nn.relu(x * self.param('gain', nn.initializers.ones, (5,)))
+    x = nn.relu(x * self.param('gain', nn.initializers.ones, (5,)).reshape(1, 1, 1, 5))
     x = nn.relu(nn.BatchNorm(use_running_average=not train, name='nchw_bn')(
         nn.Conv(6, (3, 3), name='nchw_conv')(x)))
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))    # channels outermost

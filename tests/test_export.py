@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 from jax.experimental.compilation_cache import compilation_cache
 
-from demp import benchmark, checkpoint, data, export, train
+from demp import benchmark, checkpoint, data, export, methods, train
 
 IMAGE = (16, 16, 3)
 MODELS = {
@@ -55,10 +55,10 @@ def compilation_cache_dir(tmp_path_factory):
 @pytest.fixture(scope='module', autouse=True)
 def forced_method():
   """DemP's optimizer (penalty + live noise) with a hook that always removes units."""
-  train.METHODS[METHOD] = train.Method(optimizer=train.METHODS['demp'].optimizer,
-                                       hook=_forced_prune, when=train.prune_steps)
+  methods.register(METHOD, methods.Method(optimizer=methods.get('demp').optimizer,
+                                          hook=_forced_prune, when=methods.prune_steps))
   yield
-  del train.METHODS[METHOD]
+  del methods._REGISTRY[METHOD]   # pylint: disable=protected-access
 
 
 @pytest.fixture(scope='module')

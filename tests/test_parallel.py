@@ -65,12 +65,12 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
     port, pid = multihost.split(':')
     parallel.initialize_distributed(f'localhost:{port}', 2, int(pid))
   masks, shardings = [], []
-  dead_units, compile_ = train.Run.dead_units, train.Run.compile
+  unit_stats, compile_ = train.Run.unit_stats, train.Run.compile
 
   def record_dead_units(run):
-    alive, activity = dead_units(run)
-    masks.append({k: np.asarray(v).astype(int).tolist() for k, v in alive.items()})
-    return alive, activity
+    stats = unit_stats(run)
+    masks.append({k: np.asarray(v).astype(int).tolist() for k, v in stats['alive'].items()})
+    return stats
 
   def record_compile(run, batch):
     seconds = compile_(run, batch)
@@ -78,7 +78,7 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
                       'state': str(jax.tree.leaves(run.compiled.input_shardings[0][0])[0])})
     return seconds
 
-  train.Run.dead_units, train.Run.compile = record_dead_units, record_compile
+  train.Run.unit_stats, train.Run.compile = record_dead_units, record_compile
   result = {'devices': jax.device_count(), 'processes': jax.process_count()}
   config = tiny_config(comparable=not multihost)
   bad = tiny_config()

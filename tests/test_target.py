@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from configs import compare_cifar10_subset, quickstart
-from demp import checkpoint, plots, report, target, train, transforms
+from demp import checkpoint, optim, plots, report, target, train, transforms
 from demp.schedules import one_cycle
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -205,7 +205,7 @@ def test_target_zero_is_todays_optimizer_bit_for_bit():
   lam, std = train.demp_schedules(c)
   ref = transforms.demp_optimizer(base, penalty_strength=lam, noise_std=std,
                                   noise_seed=c.seed + 1)
-  ours = train._demp_optimizer(c, base)
+  ours = optim.demp_wrap(c, base)
   state_r, state_o = ref.init(params), ours.init(params)
   assert target.find_gain_state(state_o) is None
   for _ in range(3):

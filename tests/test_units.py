@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import quickstart
-from demp import deadunits, surgery, train, transforms, units
+from demp import deadunits, optim, surgery, train, transforms, units
 from demp.models import build
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -143,14 +143,14 @@ def test_trainer_picks_liveness_per_activation():
   for act, expected in (('relu', None), ('gelu', 'mask'), ('leaky_relu', 'mask')):
     c.model.activation = act
     c.model.widths = [6, 5]
-    tx = train._demp_optimizer(c, train.base_optimizer(c))
+    tx = optim.demp_wrap(c, optim.base_optimizer(c))
     state = tx.init(build('mlp', 10, widths=[6, 5]).init(
         jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)['params'])
     mask = units.get_live_mask(state)
     assert (mask is None) if expected is None else all(np.all(x) for x in jax.tree.leaves(mask))
   c.model.activation = 'gelu'
   c.demp.noise_liveness = 'gradient'
-  tx = train._demp_optimizer(c, train.base_optimizer(c))
+  tx = optim.demp_wrap(c, optim.base_optimizer(c))
   assert units.get_live_mask(tx.init({'w': jnp.ones(2)})) is None
   c.demp.noise_liveness = 'never'
   with pytest.raises(ValueError, match='demp.noise_liveness'):
@@ -273,7 +273,7 @@ def test_trainer_wires_coupling_and_weighting():
   c.demp.noise_std = 0.0
   c.demp.penalty_coupling = 'decoupled'
   c.demp.penalty_weighting = 'params'
-  tx = train._demp_optimizer(c, train.base_optimizer(c))
+  tx = optim.demp_wrap(c, optim.base_optimizer(c))
   model = build('mlp', 10, widths=[6, 5])
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)['params']
   zeros = optax.tree.zeros_like(params)
