@@ -36,9 +36,14 @@ ORDER = ('dense', 'demp') + STRUCTURED + ('neq', 'neq_stochastic')
 """The structured comparison's methods, in the order they train (DemP before the baselines)."""
 
 
-def run_methods(make_config: Callable[[str], ml_collections.ConfigDict], methods: Sequence[str],
-                workdir: str, *, match_weight_sparsity: bool = True,
-                reuse: bool = False) -> dict[str, dict[str, Any]]:
+def run_methods(
+  make_config: Callable[[str], ml_collections.ConfigDict],
+  methods: Sequence[str],
+  workdir: str,
+  *,
+  match_weight_sparsity: bool = True,
+  reuse: bool = False,
+) -> dict[str, dict[str, Any]]:
   """Trains every method (``make_config(method)``); returns method -> run summary.
 
   ``reuse``: a method whose ``workdir/<method>/summary.json`` exists is not
@@ -63,9 +68,13 @@ def run_methods(make_config: Callable[[str], ml_collections.ConfigDict], methods
   return summaries
 
 
-def step_benchmark(make_config: Callable[[str], ml_collections.ConfigDict],
-                   summaries: Mapping[str, Mapping[str, Any]], *, rounds: int = 3,
-                   steps: int = 3) -> dict[str, float]:
+def step_benchmark(
+  make_config: Callable[[str], ml_collections.ConfigDict],
+  summaries: Mapping[str, Mapping[str, Any]],
+  *,
+  rounds: int = 3,
+  steps: int = 3,
+) -> dict[str, float]:
   """Median seconds per train step of each run's final architecture, interleaved.
 
   Each method's own train step (its optimizer wrapper included: NEq's masking)
@@ -75,38 +84,48 @@ def step_benchmark(make_config: Callable[[str], ml_collections.ConfigDict],
   fns = {}
   for method, summary in summaries.items():
     run, batches = train.init_run(make_config(method))
-    run.prune({k: np.arange(w) < summary['widths'][k] for k, w in run.model.widths.items()},
-              reason='benchmark: final widths')
+    run.prune(
+      {k: np.arange(w) < summary['widths'][k] for k, w in run.model.widths.items()},
+      reason='benchmark: final widths',
+    )
     fns[method] = benchmark.run_step_fn(run, next(batches))
-  return benchmark.median_times(benchmark.interleaved_times(fns, rounds=rounds,
-                                                            steps_per_round=steps))
+  return benchmark.median_times(
+    benchmark.interleaved_times(fns, rounds=rounds, steps_per_round=steps)
+  )
 
 
 def _widths(summary) -> str:
   return '-'.join(str(w) for w in summary['widths'].values())
 
 
-def table(summaries: Mapping[str, Mapping[str, Any]],
-          step_times: Mapping[str, float] | None = None) -> str:
+def table(
+  summaries: Mapping[str, Mapping[str, Any]], step_times: Mapping[str, float] | None = None
+) -> str:
   """A Markdown table; times and FLOPs relative to the dense row when there is one."""
   dense = summaries.get('dense')
   step_times = step_times or {}
-  lines = ['| method | test acc | neuron sparsity | weight sparsity | widths | wall [s] | '
-           'wall vs dense | final step vs dense (side by side) | train FLOPs vs dense | '
-           'inference FLOPs vs dense | units frozen (mean) | bprop FLOPs saved |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| method | test acc | neuron sparsity | weight sparsity | widths | wall [s] | '
+    'wall vs dense | final step vs dense (side by side) | train FLOPs vs dense | '
+    'inference FLOPs vs dense | units frozen (mean) | bprop FLOPs saved |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
   for method, s in summaries.items():
     stats = s.get('method_stats', {})
     wall_rel = f'{s["wall_time_s"] / dense["wall_time_s"]:.2f}x' if dense else '-'
     frozen = f'{stats["frozen_fraction_mean"]:.3f}' if 'frozen_fraction_mean' in stats else '-'
     saved = f'{stats["bprop_flops_saved_frac"]:.3f}' if 'bprop_flops_saved_frac' in stats else '-'
-    step = (f'{step_times[method] / step_times["dense"]:.2f}x'
-            if method in step_times and 'dense' in step_times else '-')
+    step = (
+      f'{step_times[method] / step_times["dense"]:.2f}x'
+      if method in step_times and 'dense' in step_times
+      else '-'
+    )
     lines.append(
-        f'| {method} | {s["test_accuracy"]:.4f} | {s["neuron_sparsity"]:.3f} | '
-        f'{s["weight_sparsity"]:.3f} | {_widths(s)} | {s["wall_time_s"]:.0f} | {wall_rel} | {step} | '
-        f'{s.get("train_flops_rel", float("nan")):.2f}x | '
-        f'{s.get("inference_flops_rel", float("nan")):.2f}x | {frozen} | {saved} |')
+      f'| {method} | {s["test_accuracy"]:.4f} | {s["neuron_sparsity"]:.3f} | '
+      f'{s["weight_sparsity"]:.3f} | {_widths(s)} | {s["wall_time_s"]:.0f} | {wall_rel} | {step} | '
+      f'{s.get("train_flops_rel", float("nan")):.2f}x | '
+      f'{s.get("inference_flops_rel", float("nan")):.2f}x | {frozen} | {saved} |'
+    )
   return '\n'.join(lines)
 
 
@@ -116,11 +135,19 @@ def notes(summaries: Mapping[str, Mapping[str, Any]]) -> str:
   for method, s in summaries.items():
     stats = s.get('method_stats', {})
     if 'prune_step' in stats:
-      extra = f', trigger={stats["trigger"]} at epoch {stats["prune_epoch"]}' if 'trigger' in stats else ''
-      lines.append(f'- {method}: pruned at step {stats["prune_step"]} to {stats["target_kind"]} '
-                   f'sparsity {stats["target_sparsity"]:.4f}{extra}')
+      extra = (
+        f', trigger={stats["trigger"]} at epoch {stats["prune_epoch"]}'
+        if 'trigger' in stats
+        else ''
+      )
+      lines.append(
+        f'- {method}: pruned at step {stats["prune_step"]} to {stats["target_kind"]} '
+        f'sparsity {stats["target_sparsity"]:.4f}{extra}'
+      )
     elif method == 'demp':
-      lines.append(f'- demp: {s["prune_events_effective"]} of {s["prune_events"]} death checks removed units')
+      lines.append(
+        f'- demp: {s["prune_events_effective"]} of {s["prune_events"]} death checks removed units'
+      )
   return '\n'.join(lines)
 
 
@@ -128,9 +155,14 @@ def notes(summaries: Mapping[str, Mapping[str, Any]]) -> str:
 # Unstructured baselines.
 
 
-def run_unstructured(make_config: Callable[..., ml_collections.ConfigDict], *,
-                     algorithms: Sequence[str], sparsities: Sequence[float],
-                     demp_lams: Sequence[float], workdir: str) -> list[tuple]:
+def run_unstructured(
+  make_config: Callable[..., ml_collections.ConfigDict],
+  *,
+  algorithms: Sequence[str],
+  sparsities: Sequence[float],
+  demp_lams: Sequence[float],
+  workdir: str,
+) -> list[tuple]:
   """Trains dense, every algorithm at every sparsity and DemP at every peak λ.
 
   ``make_config(method, sparsity=0.0, lam=None, **baselines)``. Returns rows
@@ -148,40 +180,56 @@ def run_unstructured(make_config: Callable[..., ml_collections.ConfigDict], *,
       rows.append((algorithm, f'{s:.2f}', summary, sparse.flops_summary(config)))
   for lam in demp_lams:
     # DemP removes units physically: its FLOPs are XLA's, integrated as the network shrinks.
-    summary = train.train_and_evaluate(make_config('demp', lam=lam),
-                                       os.path.join(workdir, f'demp_{lam:g}'))
-    rows.append((f'demp (λ={lam:g})', '-', summary,
-                 {'inference_flops_rel': summary['inference_flops_rel'],
-                  'training_flops_rel': summary['train_flops_rel']}))
+    summary = train.train_and_evaluate(
+      make_config('demp', lam=lam), os.path.join(workdir, f'demp_{lam:g}')
+    )
+    rows.append(
+      (
+        f'demp (λ={lam:g})',
+        '-',
+        summary,
+        {
+          'inference_flops_rel': summary['inference_flops_rel'],
+          'training_flops_rel': summary['train_flops_rel'],
+        },
+      )
+    )
   return rows
 
 
 def unstructured_table(rows: Sequence[tuple]) -> str:
   """A Markdown table of :func:`run_unstructured`'s rows; step times relative to the dense row."""
   dense_step = rows[0][2]['step_time_final_s']
-  lines = ['| method | target sparsity (pruned weights) | weight sparsity (all params) | test acc '
-           '| inference FLOPs | training FLOPs | step time [ms] | step time vs dense |',
-           '|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| method | target sparsity (pruned weights) | weight sparsity (all params) | test acc '
+    '| inference FLOPs | training FLOPs | step time [ms] | step time vs dense |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for name, target, summary, fl in rows:
     step = summary['step_time_final_s']
-    lines.append(f'| {name} | {target} | {summary["weight_sparsity"]:.3f} | '
-                 f'{summary["test_accuracy"]:.3f} | {fl["inference_flops_rel"]:.2f}x | '
-                 f'{fl["training_flops_rel"]:.2f}x | {1e3 * step:.0f} | {step / dense_step:.2f}x |')
+    lines.append(
+      f'| {name} | {target} | {summary["weight_sparsity"]:.3f} | '
+      f'{summary["test_accuracy"]:.3f} | {fl["inference_flops_rel"]:.2f}x | '
+      f'{fl["training_flops_rel"]:.2f}x | {1e3 * step:.0f} | {step / dense_step:.2f}x |'
+    )
   return '\n'.join(lines)
 
 
-def mask_update_benchmark(make_config: Callable[..., ml_collections.ConfigDict], *,
-                          rounds: int, steps: int) -> dict[str, float]:
+def mask_update_benchmark(
+  make_config: Callable[..., ml_collections.ConfigDict], *, rounds: int, steps: int
+) -> dict[str, float]:
   """Median seconds per train step: dense, sparse (no mask update), sparse (mask update)."""
   variants = {
-      'dense': make_config('dense'),
-      'rigl, no mask update': make_config('rigl', 0.9, start_fraction=1.0, end_fraction=1.0),
-      'rigl, mask update every step': make_config('rigl', 0.9, update_every=1,
-                                                  start_fraction=0.0, end_fraction=1.0),
+    'dense': make_config('dense'),
+    'rigl, no mask update': make_config('rigl', 0.9, start_fraction=1.0, end_fraction=1.0),
+    'rigl, mask update every step': make_config(
+      'rigl', 0.9, update_every=1, start_fraction=0.0, end_fraction=1.0
+    ),
   }
   fns = {}
   for name, config in variants.items():
     run, it = train.init_run(config)
     fns[name] = benchmark.run_step_fn(run, next(it))
-  return benchmark.median_times(benchmark.interleaved_times(fns, rounds=rounds,
-                                                            steps_per_round=steps))
+  return benchmark.median_times(
+    benchmark.interleaved_times(fns, rounds=rounds, steps_per_round=steps)
+  )

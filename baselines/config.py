@@ -41,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
     stochastic_fraction: fraction of each group's units frozen at random each
       epoch by ``neq_stochastic``.
   """
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       target_sparsity=0.5,
       target_kind='units',
       score_batches=5,
@@ -52,7 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
       mu_eq=0.5,
       holdout_fraction=0.01,
       stochastic_fraction=0.2,
-  ))
+    )
+  )
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

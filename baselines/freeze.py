@@ -34,7 +34,7 @@ PyTree = Any
 
 
 class FreezeState(NamedTuple):
-  frozen: PyTree           # bool, shaped like params: True = keep param and its state
+  frozen: PyTree  # bool, shaped like params: True = keep param and its state
   inner: optax.OptState
 
 
@@ -47,15 +47,21 @@ def freeze(inner: optax.GradientTransformation) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     new_updates, new_inner = inner.update(updates, state.inner, params)
-    new_updates = jax.tree.map(lambda f, u: jnp.where(f, jnp.zeros_like(u), u),
-                               state.frozen, new_updates)
+    new_updates = jax.tree.map(
+      lambda f, u: jnp.where(f, jnp.zeros_like(u), u), state.frozen, new_updates
+    )
     # Masks laid over the inner state: the param masks at its param-shaped
     # leaves, False (take the new value) everywhere else.
     masks = optax.tree.map_params(
-        inner, lambda _, f: f, state.inner, state.frozen,
-        transform_non_params=lambda x: jnp.zeros(jnp.shape(x), bool))
-    new_inner = jax.tree.map(lambda m, new, old: jnp.where(m, old, new),
-                             masks, new_inner, state.inner)
+      inner,
+      lambda _, f: f,
+      state.inner,
+      state.frozen,
+      transform_non_params=lambda x: jnp.zeros(jnp.shape(x), bool),
+    )
+    new_inner = jax.tree.map(
+      lambda m, new, old: jnp.where(m, old, new), masks, new_inner, state.inner
+    )
     return new_updates, FreezeState(frozen=state.frozen, inner=new_inner)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -66,10 +72,13 @@ def with_frozen(opt_state: PyTree, frozen: PyTree) -> PyTree:
   is_freeze = lambda x: isinstance(x, FreezeState)
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_freeze) if is_freeze(x)]
   if len(found) != 1:
-    raise ValueError(f'expected one FreezeState in the optimizer state, found {len(found)}: '
-                     'wrap the optimizer with baselines.freeze.freeze.')
-  return jax.tree.map(lambda x: x._replace(frozen=frozen) if is_freeze(x) else x, opt_state,
-                      is_leaf=is_freeze)
+    raise ValueError(
+      f'expected one FreezeState in the optimizer state, found {len(found)}: '
+      'wrap the optimizer with baselines.freeze.freeze.'
+    )
+  return jax.tree.map(
+    lambda x: x._replace(frozen=frozen) if is_freeze(x) else x, opt_state, is_leaf=is_freeze
+  )
 
 
 def unit_masks(params: PyTree, groups, frozen_units: Mapping[str, np.ndarray]) -> PyTree:
@@ -80,7 +89,9 @@ def unit_masks(params: PyTree, groups, frozen_units: Mapping[str, np.ndarray]) -
   other collections (BN running statistics) are not params and are skipped.
   """
   masks = jax.tree.map(lambda p: np.zeros(np.shape(p), bool), params)
-  paths = {tuple(str(k.key) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  paths = {
+    tuple(str(k.key) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   for g in groups:
     if g.name not in frozen_units:
       continue

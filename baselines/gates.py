@@ -78,8 +78,13 @@ def _sum_over_batches(fn: Callable, images_nbhwc, labels_nb):
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def snap_scores(model, variables: Mapping[str, PyTree], images_nbhwc: jax.Array,
-                labels_nb: jax.Array, at: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+def snap_scores(
+  model,
+  variables: Mapping[str, PyTree],
+  images_nbhwc: jax.Array,
+  labels_nb: jax.Array,
+  at: Mapping[str, jax.Array] | None = None,
+) -> dict[str, jax.Array]:
   """SNAP: ``|∂L/∂c|`` per unit, ``L`` summed over the batches.
 
   ``at`` is the gate value (default ones); a 0/1 keep-mask scores the network
@@ -89,14 +94,20 @@ def snap_scores(model, variables: Mapping[str, PyTree], images_nbhwc: jax.Array,
   loss = _loss_fn(model, variables.get('batch_stats', {}))
   c = ones(model) if at is None else at
   grad_c = jax.grad(loss, argnums=1)
-  total = _sum_over_batches(lambda x, y: grad_c(variables['params'], c, x, y),
-                            images_nbhwc, labels_nb)
+  total = _sum_over_batches(
+    lambda x, y: grad_c(variables['params'], c, x, y), images_nbhwc, labels_nb
+  )
   return jax.tree.map(jnp.abs, total)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def crop_s_scores(model, variables: Mapping[str, PyTree], images_nbhwc: jax.Array,
-                  labels_nb: jax.Array, at: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+def crop_s_scores(
+  model,
+  variables: Mapping[str, PyTree],
+  images_nbhwc: jax.Array,
+  labels_nb: jax.Array,
+  at: Mapping[str, jax.Array] | None = None,
+) -> dict[str, jax.Array]:
   """CroP-S: ``|∂/∂c (gᵀ ∇_θ L)|`` per unit, ``g = ∇_θ L`` held fixed (``at`` as for SNAP)."""
   loss = _loss_fn(model, variables.get('batch_stats', {}))
   params = variables['params']
@@ -104,21 +115,21 @@ def crop_s_scores(model, variables: Mapping[str, PyTree], images_nbhwc: jax.Arra
   g = _sum_over_batches(lambda x, y: jax.grad(loss)(params, c, x, y), images_nbhwc, labels_nb)
   g = jax.lax.stop_gradient(kernels_only(g))
 
-  def directional(c, x, y):   # gᵀ ∇_θ L(θ, c) as a forward-mode derivative along g
+  def directional(c, x, y):  # gᵀ ∇_θ L(θ, c) as a forward-mode derivative along g
     return jax.jvp(lambda p: loss(p, c, x, y), (params,), (g,))[1]
 
-  total = _sum_over_batches(lambda x, y: jax.grad(directional)(c, x, y),
-                            images_nbhwc, labels_nb)
+  total = _sum_over_batches(lambda x, y: jax.grad(directional)(c, x, y), images_nbhwc, labels_nb)
   return jax.tree.map(jnp.abs, total)
 
 
 def kernels_only(tree: PyTree) -> PyTree:
   """Zeros every leaf but the conv/dense ``kernel`` leaves (CroP's θ: the weights)."""
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: x if str(getattr(kp[-1], 'key', '')) == 'kernel' else jnp.zeros_like(x), tree)
+    lambda kp, x: x if str(getattr(kp[-1], 'key', '')) == 'kernel' else jnp.zeros_like(x), tree
+  )
 
 
 SCORES: dict[str, Callable[..., dict[str, jax.Array]]] = {
-    'snap': snap_scores,
-    'crop_s': crop_s_scores,
+  'snap': snap_scores,
+  'crop_s': crop_s_scores,
 }

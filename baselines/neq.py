@@ -82,8 +82,9 @@ def phi(prev_npc: jax.Array, cur_npc: jax.Array) -> jax.Array:
   return jnp.mean(cosine(prev_npc, cur_npc, axis=1), axis=0)
 
 
-def velocity(phi_prev: np.ndarray, phi_now: np.ndarray, v_prev: np.ndarray,
-             mu_eq: float) -> np.ndarray:
+def velocity(
+  phi_prev: np.ndarray, phi_now: np.ndarray, v_prev: np.ndarray, mu_eq: float
+) -> np.ndarray:
   """``v_t = (φ_t - φ_{t-1}) - μ_eq·v_{t-1}``."""
   return (np.asarray(phi_now) - np.asarray(phi_prev)) - mu_eq * np.asarray(v_prev)
 
@@ -94,8 +95,11 @@ def unit_outputs(model, variables, images: jax.Array) -> dict[str, jax.Array]:
   _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
   out = {}
   for g in model.unit_groups():
-    parts = [a.reshape((a.shape[0], -1, a.shape[-1]))
-             for site in g.sites for a in _at(state['intermediates'], site)]
+    parts = [
+      a.reshape((a.shape[0], -1, a.shape[-1]))
+      for site in g.sites
+      for a in _at(state['intermediates'], site)
+    ]
     out[g.name] = jnp.concatenate(parts, axis=1)
   return out
 
@@ -110,7 +114,9 @@ def _at(tree, path: tuple[str, ...]):
 # FLOPs.
 
 
-def wgrad_flops_per_unit(model, params, positions: Mapping[str, int], batch_size: int) -> dict[str, float]:
+def wgrad_flops_per_unit(
+  model, params, positions: Mapping[str, int], batch_size: int
+) -> dict[str, float]:
   """Weight-gradient FLOPs of one unit per step: ``2·B·P·(kernel size / width)``."""
   out = {}
   for g in model.unit_groups():
@@ -126,13 +132,21 @@ def bprop_flops(run: Run) -> float:
   shape = (c.batch_size,) + tuple(run.death_images.shape[1:])
 
   def forward(params, batch_stats, x, y):
-    logits, _ = run.model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                                mutable=['batch_stats'])
+    logits, _ = run.model.apply(
+      {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+    )
     return steps.cross_entropy(logits, y, c.label_smoothing).mean()
 
-  compiled = jax.jit(forward).lower(
-      run.state['params'], run.state['batch_stats'], jax.ShapeDtypeStruct(shape, jnp.float32),
-      jax.ShapeDtypeStruct(shape[:1], jnp.int32)).compile()
+  compiled = (
+    jax.jit(forward)
+    .lower(
+      run.state['params'],
+      run.state['batch_stats'],
+      jax.ShapeDtypeStruct(shape, jnp.float32),
+      jax.ShapeDtypeStruct(shape[:1], jnp.int32),
+    )
+    .compile()
+  )
   return run.step_flops - metrics.compiled_flops(compiled)
 
 
@@ -154,9 +168,13 @@ def set_frozen(run: Run, step: int, frozen_units: Mapping[str, np.ndarray]) -> N
 
   memo = run.memo
   if 'unit_flops' not in memo:
-    memo.update(unit_flops=wgrad_flops_per_unit(run.model, params, _positions(run), run.config.batch_size),
-                saved=0.0, frozen_unit_steps=0.0, per_epoch=[])
-  steps = min(c.steps_per_epoch, run.config.num_steps - step)    # steps these masks cover
+    memo.update(
+      unit_flops=wgrad_flops_per_unit(run.model, params, _positions(run), run.config.batch_size),
+      saved=0.0,
+      frozen_unit_steps=0.0,
+      per_epoch=[],
+    )
+  steps = min(c.steps_per_epoch, run.config.num_steps - step)  # steps these masks cover
   counts = {k: int(np.sum(v)) for k, v in frozen_units.items()}
   saved_per_step = sum(memo['unit_flops'][k] * n for k, n in counts.items())
   memo['saved'] += saved_per_step * steps
@@ -168,11 +186,12 @@ def set_frozen(run: Run, step: int, frozen_units: Mapping[str, np.ndarray]) -> N
   total_units = sum(run.model.widths.values())
   num_steps = run.config.num_steps
   run.stats.update(
-      frozen_fraction_mean=memo['frozen_unit_steps'] / (num_steps * total_units),
-      wgrad_flops_saved_per_step_mean=memo['saved'] / num_steps,
-      bprop_flops_per_step=memo.get('bprop_flops', float('nan')),
-      bprop_flops_saved_frac=memo['saved'] / (num_steps * memo.get('bprop_flops', float('nan'))),
-      frozen_per_epoch=memo['per_epoch'])
+    frozen_fraction_mean=memo['frozen_unit_steps'] / (num_steps * total_units),
+    wgrad_flops_saved_per_step_mean=memo['saved'] / num_steps,
+    bprop_flops_per_step=memo.get('bprop_flops', float('nan')),
+    bprop_flops_saved_frac=memo['saved'] / (num_steps * memo.get('bprop_flops', float('nan'))),
+    frozen_per_epoch=memo['per_epoch'],
+  )
 
 
 def measurement_images(config: ml_collections.ConfigDict, holdout_fraction: float) -> np.ndarray:
@@ -186,10 +205,14 @@ def measurement_images(config: ml_collections.ConfigDict, holdout_fraction: floa
   a warning says so.
   """
   if config.data.get('holdout', 0):
-    return data_lib.fixed_examples(config.data, config.data.holdout, seed=config.seed + 2,
-                                   split='holdout')['image']
-  logging.warning('NEq measures φ on %.2f%% of the training examples it also trains on; set '
-                  'data.holdout to hold them out.', 100 * holdout_fraction)
+    return data_lib.fixed_examples(
+      config.data, config.data.holdout, seed=config.seed + 2, split='holdout'
+    )['image']
+  logging.warning(
+    'NEq measures φ on %.2f%% of the training examples it also trains on; set '
+    'data.holdout to hold them out.',
+    100 * holdout_fraction,
+  )
   n = max(1, int(round(holdout_fraction * data_lib.get_info(config.data).num_train)))
   return data_lib.fixed_examples(config.data, n, seed=config.seed + 2)['image']
 
@@ -233,8 +256,15 @@ def _frozen_optimizer(config: ml_collections.ConfigDict, base: optax.GradientTra
   return freeze.freeze(base)
 
 
-methods.register('neq', methods.Method(
-    optimizer=_frozen_optimizer, hook=neq_hook,
-    when=lambda config, step: step == 0 or config_lib.epoch_end(config, step)))
-methods.register('neq_stochastic', methods.Method(optimizer=_frozen_optimizer,
-                                                  hook=stochastic_hook, when=config_lib.epoch_end))
+methods.register(
+  'neq',
+  methods.Method(
+    optimizer=_frozen_optimizer,
+    hook=neq_hook,
+    when=lambda config, step: step == 0 or config_lib.epoch_end(config, step),
+  ),
+)
+methods.register(
+  'neq_stochastic',
+  methods.Method(optimizer=_frozen_optimizer, hook=stochastic_hook, when=config_lib.epoch_end),
+)

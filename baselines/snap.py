@@ -47,7 +47,7 @@ def iterative_targets(rho: float, rounds: int = 6) -> list[float]:
   For ``ρ < 0.5`` the formula would start above ``ρ`` and come down; targets are
   capped at ``ρ`` (one effective round), since pruned units never come back.
   """
-  return [min(rho - (rho - 0.5) * 0.5 ** i, rho) for i in range(rounds)] + [rho]
+  return [min(rho - (rho - 0.5) * 0.5**i, rho) for i in range(rounds)] + [rho]
 
 
 def early_trigger(distances: Sequence[float], rho: float) -> bool:
@@ -104,15 +104,25 @@ def removal_order(scores: Mapping[str, np.ndarray]) -> list[tuple[str, int]]:
   return [(names[j], index[j]) for j in order]
 
 
-def _keeps(widths: Mapping[str, int], order: Sequence[tuple[str, int]], k: int) -> dict[str, np.ndarray]:
+def _keeps(
+  widths: Mapping[str, int], order: Sequence[tuple[str, int]], k: int
+) -> dict[str, np.ndarray]:
   keeps = {name: np.ones(w, bool) for name, w in widths.items()}
   for name, i in order[:k]:
     keeps[name][i] = False
   return keeps
 
 
-def select_keeps(scores: Mapping[str, np.ndarray], *, target: float, kind: str, params, groups,
-                 dense_units: int, dense_params: int) -> dict[str, np.ndarray]:
+def select_keeps(
+  scores: Mapping[str, np.ndarray],
+  *,
+  target: float,
+  kind: str,
+  params,
+  groups,
+  dense_units: int,
+  dense_params: int,
+) -> dict[str, np.ndarray]:
   """Keep-masks removing the lowest-scoring units until sparsity ``target``.
 
   Sparsity is relative to the dense model: of its units (``kind='units'``) or
@@ -125,9 +135,11 @@ def select_keeps(scores: Mapping[str, np.ndarray], *, target: float, kind: str, 
     k = sum(widths.values()) - int(round((1.0 - target) * dense_units))
     return _keeps(widths, order, int(np.clip(k, 0, len(order))))
   if kind != 'weights':
-    raise ValueError(f'baselines.target_kind={kind!r} is not one of {list(config_lib.TARGET_KINDS)}.')
+    raise ValueError(
+      f'baselines.target_kind={kind!r} is not one of {list(config_lib.TARGET_KINDS)}.'
+    )
   budget = (1.0 - target) * dense_params
-  lo, hi = 0, len(order)             # smallest k whose parameter count is within budget
+  lo, hi = 0, len(order)  # smallest k whose parameter count is within budget
   while lo < hi:
     mid = (lo + hi) // 2
     if param_count(params, groups, _keeps(widths, order, mid)) <= budget:
@@ -146,8 +158,7 @@ def score_batches(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.nda
   c = config_lib.resolve(config)
   n, b = c.score_batches, c.score_batch_size
   ex = data_lib.fixed_examples(config.data, n * b, seed=config.seed + 1)
-  return (ex['image'].reshape((n, b) + ex['image'].shape[1:]),
-          ex['label'].reshape((n, b)))
+  return (ex['image'].reshape((n, b) + ex['image'].shape[1:]), ex['label'].reshape((n, b)))
 
 
 def _sparsity(run: Run, keeps: Mapping[str, np.ndarray], kind: str) -> float:
@@ -156,8 +167,14 @@ def _sparsity(run: Run, keeps: Mapping[str, np.ndarray], kind: str) -> float:
   return 1.0 - param_count(run.state['params'], run.model.unit_groups(), keeps) / run.dense_params
 
 
-def select(run: Run, score: str, target: float, batches, kind: str,
-           keeps: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def select(
+  run: Run,
+  score: str,
+  target: float,
+  batches,
+  kind: str,
+  keeps: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
   """Keep-masks for sparsity ``target``, scoring the network with ``keeps`` applied.
 
   The units already out of ``keeps`` are scored with their gates at zero, which
@@ -171,9 +188,15 @@ def select(run: Run, score: str, target: float, batches, kind: str,
   at = {k: np.asarray(v, np.float32) for k, v in keeps.items()}
   scores = jax.device_get(gates.SCORES[score](run.model, run.variables, images, labels, at))
   scores = {k: np.where(keeps[k], s, -np.inf) for k, s in scores.items()}
-  return select_keeps(scores, target=target, kind=kind, params=run.state['params'],
-                      groups=run.model.unit_groups(),
-                      dense_units=sum(run.dense_widths.values()), dense_params=run.dense_params)
+  return select_keeps(
+    scores,
+    target=target,
+    kind=kind,
+    params=run.state['params'],
+    groups=run.model.unit_groups(),
+    dense_units=sum(run.dense_widths.values()),
+    dense_params=run.dense_params,
+  )
 
 
 def iterative_hook(run: Run, step: int, *, score: str) -> None:
@@ -185,12 +208,15 @@ def iterative_hook(run: Run, step: int, *, score: str) -> None:
     keeps = select(run, score, target, batches, c.target_kind, keeps)
     rounds.append({k: int(np.sum(v)) for k, v in keeps.items()})
   run.prune(keeps, reason=f'{score}-it target={c.target_sparsity:.4f} ({c.target_kind})')
-  run.stats.update(prune_step=step, target_sparsity=c.target_sparsity, target_kind=c.target_kind,
-                   rounds=rounds)
+  run.stats.update(
+    prune_step=step, target_sparsity=c.target_sparsity, target_kind=c.target_kind, rounds=rounds
+  )
 
 
 def _flat(params) -> np.ndarray:
-  return np.concatenate([np.ravel(x).astype(np.float64) for x in jax.device_get(jax.tree.leaves(params))])
+  return np.concatenate(
+    [np.ravel(x).astype(np.float64) for x in jax.device_get(jax.tree.leaves(params))]
+  )
 
 
 def early_hook(run: Run, step: int, *, score: str) -> None:
@@ -200,7 +226,7 @@ def early_hook(run: Run, step: int, *, score: str) -> None:
   c = config_lib.resolve(run.config)
   epoch = step // c.steps_per_epoch
   w_t = _flat(run.state['params'])
-  if 'w1' not in run.memo:           # the first epoch end: W₁
+  if 'w1' not in run.memo:  # the first epoch end: W₁
     run.memo.update(w1=w_t, distances=[0.0])
   else:
     w1 = run.memo['w1']
@@ -211,9 +237,14 @@ def early_hook(run: Run, step: int, *, score: str) -> None:
     keeps = select(run, score, c.target_sparsity, score_batches(run.config), c.target_kind)
     run.prune(keeps, reason=f'early {score} target={c.target_sparsity:.4f} ({c.target_kind})')
     run.memo['pruned'] = True
-    run.stats.update(prune_step=step, prune_epoch=epoch, trigger='distance' if fired else 'fallback',
-                     distances=list(distances), target_sparsity=c.target_sparsity,
-                     target_kind=c.target_kind)
+    run.stats.update(
+      prune_step=step,
+      prune_epoch=epoch,
+      trigger='distance' if fired else 'fallback',
+      distances=list(distances),
+      target_sparsity=c.target_sparsity,
+      target_kind=c.target_kind,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -230,16 +261,27 @@ def _plain_early(config: ml_collections.ConfigDict, base: optax.GradientTransfor
   c = config_lib.resolve(config)
   if c.fallback_epoch * c.steps_per_epoch > config.num_steps:
     raise ValueError(
-        f'baselines.fallback_epoch={c.fallback_epoch} is past the end of the run '
-        f'({config.num_steps} steps = {config.num_steps / c.steps_per_epoch:.1f} epochs of '
-        f'{c.steps_per_epoch} steps): {config.method} might never prune. Lower it.')
+      f'baselines.fallback_epoch={c.fallback_epoch} is past the end of the run '
+      f'({config.num_steps} steps = {config.num_steps / c.steps_per_epoch:.1f} epochs of '
+      f'{c.steps_per_epoch} steps): {config.method} might never prune. Lower it.'
+    )
   return base
 
 
 for _score in ('snap', 'crop_s'):
-  methods.register(_score, methods.Method(
-      optimizer=_plain, hook=functools.partial(iterative_hook, score=_score),
-      when=lambda config, step: step == 0))
-  methods.register(f'early_{_score}', methods.Method(
-      optimizer=_plain_early, hook=functools.partial(early_hook, score=_score),
-      when=config_lib.epoch_end))
+  methods.register(
+    _score,
+    methods.Method(
+      optimizer=_plain,
+      hook=functools.partial(iterative_hook, score=_score),
+      when=lambda config, step: step == 0,
+    ),
+  )
+  methods.register(
+    f'early_{_score}',
+    methods.Method(
+      optimizer=_plain_early,
+      hook=functools.partial(early_hook, score=_score),
+      when=config_lib.epoch_end,
+    ),
+  )

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-OPTIMIZERS = {'adam': 'adam', 'sgdm': 'sgd'}   # the `opt` argument -> optimizer.name
+OPTIMIZERS = {'adam': 'adam', 'sgdm': 'sgd'}  # the `opt` argument -> optimizer.name
 
 
 def optimizer_name(opt: str) -> str:
@@ -40,8 +40,8 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
 
 LAUNCH, TEXT, OURS = 'launch script', 'paper text', 'ours'
 SOURCES = (LAUNCH, TEXT, OURS)
-FOLLOW = ('code', 'text')   # the `follow` argument: the authors' code (default) or the paper's text
-SEEDS = (0, 1, 2)           # the paper's curves average three seeds
+FOLLOW = ('code', 'text')  # the `follow` argument: the authors' code (default) or the paper's text
+SEEDS = (0, 1, 2)  # the paper's curves average three seeds
 _SAME = object()
 
 
@@ -91,8 +91,9 @@ def get(c: ml_collections.ConfigDict, dotted: str) -> Any:
   return c
 
 
-def apply_settings(c: ml_collections.ConfigDict, settings: Sequence[Setting],
-                   follow: str = 'code') -> None:
+def apply_settings(
+  c: ml_collections.ConfigDict, settings: Sequence[Setting], follow: str = 'code'
+) -> None:
   """Writes each setting's value (its ``text_value`` under ``follow='text'``) into ``c``."""
   if follow not in FOLLOW:
     raise ValueError(f'config argument follow={follow!r} is not one of {FOLLOW}.')
@@ -109,7 +110,7 @@ def fmt(value: Any) -> str:
     if value == 0 or 1e-2 <= abs(value) < 1e6:
       return f'{value:.6g}'
     mantissa, exponent = f'{value:.5e}'.split('e')
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"   # 1e-4, 7.07107e-3
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 1e-4, 7.07107e-3
   if isinstance(value, (list, tuple)):
     return '(' + ', '.join(fmt(v) for v in value) + ')'
   return str(value)
@@ -117,12 +118,14 @@ def fmt(value: Any) -> str:
 
 def settings_table(settings: Sequence[Setting]) -> str:
   """The Markdown table of a recipe: ours vs the authors' launch script vs the paper's text."""
-  lines = ['| config key | ours (default) | source of ours | authors\' launch script '
-           '| paper text |',
-           '| --- | --- | --- | --- | --- |']
+  lines = [
+    '| config key | ours (default) | source of ours | authors\' launch script | paper text |',
+    '| --- | --- | --- | --- | --- |',
+  ]
   for s in settings:
-    lines.append(f'| `{s.key}` | {fmt(s.value)} | {s.source} | {s.authors or "—"} | '
-                 f'{s.text or "—"} |')
+    lines.append(
+      f'| `{s.key}` | {fmt(s.value)} | {s.source} | {s.authors or "—"} | {s.text or "—"} |'
+    )
   return '\n'.join(lines)
 
 
@@ -134,14 +137,27 @@ def disagreements(settings: Sequence[Setting]) -> list[Setting]:
 # docs/results/<recipe> and docs/figures/<recipe> (paths relative to the repository root).
 
 
-def sweep_argv(config: str, opt: str, lambdas: Sequence[float], seeds: Sequence[int] = SEEDS, *,
-               workdir: str, dense: bool = True, smoke: bool = False) -> list[str]:
+def sweep_argv(
+  config: str,
+  opt: str,
+  lambdas: Sequence[float],
+  seeds: Sequence[int] = SEEDS,
+  *,
+  workdir: str,
+  dense: bool = True,
+  smoke: bool = False,
+) -> list[str]:
   """``scripts.sweep``: DemP over the λ grid × seeds, plus dense runs at the same seeds."""
   seed_list = ','.join(str(s) for s in seeds)
   arg = f'opt={opt}' + (',smoke=True' if smoke else '')
   lams = ','.join(fmt(v) for v in lambdas)
-  argv = ['python', '-m', 'scripts.sweep', f'--config={config}:{arg}',
-          f'--grid=method=demp;demp.peak_lambda={lams};seed={seed_list}']
+  argv = [
+    'python',
+    '-m',
+    'scripts.sweep',
+    f'--config={config}:{arg}',
+    f'--grid=method=demp;demp.peak_lambda={lams};seed={seed_list}',
+  ]
   if dense:
     argv.append(f'--grid=method=dense;seed={seed_list}')
   return argv + [f'--workdir={workdir}']
@@ -157,8 +173,15 @@ def report_argv(workdir: str, out: str, targets: Sequence[float] = ()) -> list[s
 
 def plot_argv(workdir: str, out: str, title: str) -> list[str]:
   """``scripts.plot``: test accuracy vs neuron and weight sparsity (the paper's Fig. 3 panels)."""
-  return ['python', '-m', 'scripts.plot', f'--runs={workdir}', '--figure=tradeoff',
-          f'--out={out}', f'--title={title}']
+  return [
+    'python',
+    '-m',
+    'scripts.plot',
+    f'--runs={workdir}',
+    '--figure=tradeoff',
+    f'--out={out}',
+    f'--title={title}',
+  ]
 
 
 def shell(argv: Sequence[str]) -> str:
@@ -166,10 +189,19 @@ def shell(argv: Sequence[str]) -> str:
   return ' \\\n    '.join([' '.join(argv[:3])] + [shlex.quote(a) for a in argv[3:]])
 
 
-def recipe_commands(config: str, name: str, opt: str, lambdas: Sequence[float], *,
-                    title: str, targets: Sequence[float] = (), seeds: Sequence[int] = SEEDS,
-                    smoke: bool = False, dense: bool = True,
-                    root: str = '') -> dict[str, list[str]]:
+def recipe_commands(
+  config: str,
+  name: str,
+  opt: str,
+  lambdas: Sequence[float],
+  *,
+  title: str,
+  targets: Sequence[float] = (),
+  seeds: Sequence[int] = SEEDS,
+  smoke: bool = False,
+  dense: bool = True,
+  root: str = '',
+) -> dict[str, list[str]]:
   """The sweep / report / plot commands of recipe ``name`` (``<config stem>_<opt>``).
 
   ``root`` prefixes the output paths (default: relative to the repository root).
@@ -177,14 +209,15 @@ def recipe_commands(config: str, name: str, opt: str, lambdas: Sequence[float], 
   join = lambda *p: '/'.join(x.rstrip('/') for x in (root, *p) if x)  # noqa: E731
   runs = join('runs', name)
   return {
-      'sweep': sweep_argv(config, opt, lambdas, seeds, workdir=runs, dense=dense, smoke=smoke),
-      'report': report_argv(runs, join('docs', 'results', name), targets),
-      'plot': plot_argv(runs, join('docs', 'figures', name), title),
+    'sweep': sweep_argv(config, opt, lambdas, seeds, workdir=runs, dense=dense, smoke=smoke),
+    'report': report_argv(runs, join('docs', 'results', name), targets),
+    'plot': plot_argv(runs, join('docs', 'figures', name), title),
   }
 
 
-def recipe_doc(settings: dict[str, Sequence[Setting]],
-               commands: dict[str, dict[str, list[str]]]) -> str:
+def recipe_doc(
+  settings: dict[str, Sequence[Setting]], commands: dict[str, dict[str, list[str]]]
+) -> str:
   """The part of a recipe config's docstring generated from its dicts (settings, commands)."""
   out = []
   for opt, rows in settings.items():

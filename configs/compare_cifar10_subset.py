@@ -27,19 +27,38 @@ from baselines import config as baselines_config
 from baselines import sparse
 from configs.analysis import convnet_cifar10_subset, parse
 
-DEFAULTS = dict(method='dense', steps=600, seed=0, lam=3e-2, width=1.0, target=0.5, kind='units',
-                steer=False, fallback=0, eps=1e-3, mu=0.5, p=0.2, opt='adamw', lr=5e-3, every=100,
-                path='', smoke=False)
+DEFAULTS = dict(
+  method='dense',
+  steps=600,
+  seed=0,
+  lam=3e-2,
+  width=1.0,
+  target=0.5,
+  kind='units',
+  steer=False,
+  fallback=0,
+  eps=1e-3,
+  mu=0.5,
+  p=0.2,
+  opt='adamw',
+  lr=5e-3,
+  every=100,
+  path='',
+  smoke=False,
+)
 
 
 def get_config(arg: str | None = None):
   args = parse(arg, **DEFAULTS)
-  c = convnet_cifar10_subset.build(parse(
+  c = convnet_cifar10_subset.build(
+    parse(
       f"method={args['method']},steps={args['steps']},lam={args['lam']},width={args['width']},"
       f"opt={args['opt']},lr={args['lr']},every={args['every']},smoke={args['smoke']}",
-      **convnet_cifar10_subset.DEFAULTS))
+      **convnet_cifar10_subset.DEFAULTS,
+    )
+  )
   c.seed = args['seed']
-  if args['steer']:   # DemP aims at the baselines' target (demp.target)
+  if args['steer']:  # DemP aims at the baselines' target (demp.target)
     c.demp.target_sparsity = args['target']
     c.demp.target_kind = args['kind']
   c.data.path = args['path'] or None
@@ -62,6 +81,6 @@ def get_config(arg: str | None = None):
     b.holdout_fraction = 0.004
   b.fallback_epoch = args['fallback']
   c.baselines = b
-  if args['method'] == 'neq':   # NEq's measurement slice, held out from training (1 %)
+  if args['method'] == 'neq':  # NEq's measurement slice, held out from training (1 %)
     c.data.holdout = 16 if args['smoke'] else 51
   return c

@@ -28,13 +28,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   c.method = a['method']
   c.model.name = 'convnet'
-  c.model.widths = (32, 64, 128, 256)   # a tuple: --config.model.widths='(16,32,64,128)'
+  c.model.widths = (32, 64, 128, 256)  # a tuple: --config.model.widths='(16,32,64,128)'
   c.model.pool = True
   c.model.head = 'global'
 
   c.data.source = 'npz'
   c.data.name = 'cifar10'
-  c.data.path = None                      # by flag: --config.data.path=...
+  c.data.path = None  # by flag: --config.data.path=...
   c.data.augment = 'none'
   c.data.normalize = True
 
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.demp.penalty = 'lasso'
   c.demp.peak_lambda = a['lam']
-  c.demp.noise_std = 5e-5   # peak std (authors' code); paper text: 7.07e-3
+  c.demp.noise_std = 5e-5  # peak std (authors' code); paper text: 7.07e-3
   c.prune.every = 100
   c.prune.num_examples = 512
   c.prune.batch_size = 128

@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.method = args.get('method', 'demp')
   c.model.name = 'mlp'
-  c.model.widths = (256, 256)   # a tuple: --config.model.widths='(32,64)' overrides it
+  c.model.widths = (256, 256)  # a tuple: --config.model.widths='(32,64)' overrides it
   c.model.activation = 'relu'
   c.data.source = 'digits'
   c.batch_size = 64
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 3e-3
   c.demp.peak_lambda = 3e-2
-  c.demp.noise_std = 5e-5   # peak std (authors' code); paper text: 7.07e-3
+  c.demp.noise_std = 5e-5  # peak std (authors' code); paper text: 7.07e-3
   c.prune.every = 250
   c.prune.num_examples = 512
   c.log_every = 50

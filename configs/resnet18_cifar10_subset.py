@@ -31,8 +31,19 @@ from configs.analysis import parse
 from demp.train import base_config
 
 LEARNING_RATE = {'adam': 5e-3, 'sgdm': 0.1}
-ARGS = dict(method='demp', opt='adam', lam=2e-2, act='relu', stream=True, steps=1200, path='',
-            target=0.5, kind='units', fallback=0, smoke=False)
+ARGS = dict(
+  method='demp',
+  opt='adam',
+  lam=2e-2,
+  act='relu',
+  stream=True,
+  steps=1200,
+  path='',
+  target=0.5,
+  kind='units',
+  fallback=0,
+  smoke=False,
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data.source = 'npz'
   c.data.name = 'cifar10'
-  c.data.path = a['path'] or None         # or by flag: --config.data.path=...
+  c.data.path = a['path'] or None  # or by flag: --config.data.path=...
   c.data.augment = 'crop_flip'
   c.data.normalize = True
 
@@ -59,18 +70,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 5e-4
   c.optimizer.lr_schedule = 'step'
   c.optimizer.lr_kwargs = ml_collections.ConfigDict(
-      {'step_size': max(1, round(77 / 250 * c.num_steps)), 'decay_factor': 0.2})
+    {'step_size': max(1, round(77 / 250 * c.num_steps)), 'decay_factor': 0.2}
+  )
 
   c.demp.penalty = 'lasso'
   c.demp.peak_lambda = a['lam']
-  c.demp.noise_std = 5e-5   # peak std (authors' code); paper text: 7.07e-3
+  c.demp.noise_std = 5e-5  # peak std (authors' code); paper text: 7.07e-3
   c.prune.every = max(1, c.num_steps // 4)
   c.prune.num_examples = 512
   c.prune.batch_size = 128
-  c.eval_batch_size = 339                 # the 1,017 test images in 3 batches, no padding
+  c.eval_batch_size = 339  # the 1,017 test images in 3 batches, no padding
   c.log_every = 50
 
-  b = baselines_config.default_config()   # read only when method is a baseline
+  b = baselines_config.default_config()  # read only when method is a baseline
   b.target_sparsity = a['target']
   b.target_kind = a['kind']
   b.fallback_epoch = a['fallback']

@@ -43,62 +43,88 @@ from demp.train import base_config
 S, LAUNCH, TEXT, OURS = common.Setting, common.LAUNCH, common.TEXT, common.OURS
 
 CONFIG = 'configs/resnet50_imagenet.py'
-STEPS_PER_EPOCH = 1_281_167 / 256        # 5004.56: epochs counted as ResNet-18's launch script does
-NUM_STEPS = int(100 * STEPS_PER_EPOCH)   # 500,455
+STEPS_PER_EPOCH = 1_281_167 / 256  # 5004.56: epochs counted as ResNet-18's launch script does
+NUM_STEPS = int(100 * STEPS_PER_EPOCH)  # 500,455
 BOUNDARIES = [int(e * STEPS_PER_EPOCH) for e in (30, 70, 90)]
-SPAN = 85_000 / 97_656                   # the ResNet-18 launch script's λ span, as a fraction
+SPAN = 85_000 / 97_656  # the ResNet-18 launch script's λ span, as a fraction
 
 # The peak λ grids (our choice: no source gives ResNet-50's). AdamW: the ResNet-18 launch
 # script's range extended down, since 5x more steps under the same lr push harder at a given λ.
 # SGDM: ResNet-18's grid (Fig. 8) shifted up, since lr 0.005 (vs 0.1) x 5x the steps is
 # ~4x less push from lr·λ per run. Pending the λ-transfer measurements (docs/recipes.md).
-LAMBDA_GRID = {'adam': (0.05, 0.1, 0.175, 0.25, 0.35),
-               'sgdm': (5e-5, 1e-4, 5e-4, 1e-3, 5e-3)}
-PEAK_LAMBDA = {'adam': 0.1, 'sgdm': 5e-4}    # defaults: from inside each grid
-FIGURE = {'adam': 'Table 1: ResNet-50 / ImageNet, AdamW',
-          'sgdm': 'Table 2: ResNet-50 / ImageNet, SGDM'}
-TARGETS = (0.8, 0.9)                       # the tables' weight sparsities
+LAMBDA_GRID = {'adam': (0.05, 0.1, 0.175, 0.25, 0.35), 'sgdm': (5e-5, 1e-4, 5e-4, 1e-3, 5e-3)}
+PEAK_LAMBDA = {'adam': 0.1, 'sgdm': 5e-4}  # defaults: from inside each grid
+FIGURE = {
+  'adam': 'Table 1: ResNet-50 / ImageNet, AdamW',
+  'sgdm': 'Table 2: ResNet-50 / ImageNet, SGDM',
+}
+TARGETS = (0.8, 0.9)  # the tables' weight sparsities
 
 _COMMON = (
-    S('optimizer.learning_rate', 5e-3, TEXT, '', '0.005 (Adam and SGDM)'),
-    S('optimizer.weight_decay', 1e-4, TEXT, '', '1e-4, constant'),
-    S('batch_size', 256, TEXT, '', '256'),
-    S('num_steps', NUM_STEPS, TEXT, '', '100 epochs'),
-    S('label_smoothing', 0.1, TEXT, '', '0.1'),
-    S('optimizer.lr_schedule', 'multistep', TEXT, '', '× 0.1 at epochs 30, 70, 90'),
-    S('optimizer.lr_kwargs.boundaries', BOUNDARIES, TEXT, '', 'epochs 30, 70, 90'),
-    S('optimizer.lr_kwargs.factor', 0.1, TEXT, '', '0.1'),
-    S('data.augment', 'imagenet', TEXT, '', 'resize to 256 or 480, crop 224, flip'),
-    S('demp.penalty', 'lasso', TEXT, '', 'Lasso(γ); Table 1 labels DemP-L2',
-      other='`--config.demp.penalty=l2` (Table 1\'s label)'),
-    S('demp.schedule', 'one_cycle', TEXT, '', 'one-cycle'),
-    S('demp.warmup', 'cosine', OURS, 'cosine (CIFAR-10 runs)', 'linear warm-up',
-      text_value='linear'),
-    S('demp.span', SPAN, OURS, 'ResNet-18: first 85,000 of 97,656 steps', ''),
-    S('demp.noise_std', transforms.AUTHORS_NOISE_STD, OURS, 'std 5e-5 (CIFAR-10 runs)',
-      'variance 5e-5 (std 7.07e-3)', text_value=transforms.PAPER_TEXT_NOISE_STD),
-    S('demp.noise_symmetric', False, TEXT, 'live-only intended; a bug (abs(g) >= 0) noises all',
-      'live units only', other='`--config.demp.noise_symmetric=True` (the code\'s)'),
-    S('prune.every', 5000, TEXT, '', '5000 (default)'),
-    S('prune.num_examples', 2048, TEXT, '', '2048 examples for ImageNet'),
-    S('prune.batch_size', 256, OURS, '', ''),
+  S('optimizer.learning_rate', 5e-3, TEXT, '', '0.005 (Adam and SGDM)'),
+  S('optimizer.weight_decay', 1e-4, TEXT, '', '1e-4, constant'),
+  S('batch_size', 256, TEXT, '', '256'),
+  S('num_steps', NUM_STEPS, TEXT, '', '100 epochs'),
+  S('label_smoothing', 0.1, TEXT, '', '0.1'),
+  S('optimizer.lr_schedule', 'multistep', TEXT, '', '× 0.1 at epochs 30, 70, 90'),
+  S('optimizer.lr_kwargs.boundaries', BOUNDARIES, TEXT, '', 'epochs 30, 70, 90'),
+  S('optimizer.lr_kwargs.factor', 0.1, TEXT, '', '0.1'),
+  S('data.augment', 'imagenet', TEXT, '', 'resize to 256 or 480, crop 224, flip'),
+  S(
+    'demp.penalty',
+    'lasso',
+    TEXT,
+    '',
+    'Lasso(γ); Table 1 labels DemP-L2',
+    other='`--config.demp.penalty=l2` (Table 1\'s label)',
+  ),
+  S('demp.schedule', 'one_cycle', TEXT, '', 'one-cycle'),
+  S('demp.warmup', 'cosine', OURS, 'cosine (CIFAR-10 runs)', 'linear warm-up', text_value='linear'),
+  S('demp.span', SPAN, OURS, 'ResNet-18: first 85,000 of 97,656 steps', ''),
+  S(
+    'demp.noise_std',
+    transforms.AUTHORS_NOISE_STD,
+    OURS,
+    'std 5e-5 (CIFAR-10 runs)',
+    'variance 5e-5 (std 7.07e-3)',
+    text_value=transforms.PAPER_TEXT_NOISE_STD,
+  ),
+  S(
+    'demp.noise_symmetric',
+    False,
+    TEXT,
+    'live-only intended; a bug (abs(g) >= 0) noises all',
+    'live units only',
+    other='`--config.demp.noise_symmetric=True` (the code\'s)',
+  ),
+  S('prune.every', 5000, TEXT, '', '5000 (default)'),
+  S('prune.num_examples', 2048, TEXT, '', '2048 examples for ImageNet'),
+  S('prune.batch_size', 256, OURS, '', ''),
 )
 
 SETTINGS = {
-    'adam': (
-        S('optimizer.name', 'adamw', OURS, 'optax.adamw (ResNet-18 runs)',
-          'Adam + weight decay (form not stated)'),
-        S('demp.peak_lambda', PEAK_LAMBDA['adam'], OURS, '', ''),
-    ) + _COMMON,
-    'sgdm': (
-        S('optimizer.name', 'sgd', TEXT, '', 'SGDM + weight decay'),
-        S('optimizer.momentum', 0.9, OURS, '', ''),
-        S('demp.peak_lambda', PEAK_LAMBDA['sgdm'], OURS, '', ''),
-    ) + _COMMON,
+  'adam': (
+    S(
+      'optimizer.name',
+      'adamw',
+      OURS,
+      'optax.adamw (ResNet-18 runs)',
+      'Adam + weight decay (form not stated)',
+    ),
+    S('demp.peak_lambda', PEAK_LAMBDA['adam'], OURS, '', ''),
+  )
+  + _COMMON,
+  'sgdm': (
+    S('optimizer.name', 'sgd', TEXT, '', 'SGDM + weight decay'),
+    S('optimizer.momentum', 0.9, OURS, '', ''),
+    S('demp.peak_lambda', PEAK_LAMBDA['sgdm'], OURS, '', ''),
+  )
+  + _COMMON,
 }
 
-ARGS = dict(opt='sgdm', method='demp', lam=-1.0, follow='code', act='relu', stream=True,
-            smoke=False)
+ARGS = dict(
+  opt='sgdm', method='demp', lam=-1.0, follow='code', act='relu', stream=True, smoke=False
+)
 
 
 def commands(opt: str, **kwargs) -> dict[str, list[str]]:
@@ -108,8 +134,9 @@ def commands(opt: str, **kwargs) -> dict[str, list[str]]:
   """
   lambdas = kwargs.pop('lambdas', LAMBDA_GRID[opt])
   kwargs.setdefault('targets', TARGETS)
-  return common.recipe_commands(CONFIG, f'resnet50_imagenet_{opt}', opt, lambdas,
-                                title=FIGURE[opt], **kwargs)
+  return common.recipe_commands(
+    CONFIG, f'resnet50_imagenet_{opt}', opt, lambdas, title=FIGURE[opt], **kwargs
+  )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -131,10 +158,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.test_split = 'validation'
   c.optimizer.lr_kwargs = ml_collections.ConfigDict({'boundaries': [0], 'factor': 0.0})
   common.apply_settings(c, SETTINGS[a['opt']], a['follow'])
-  if a['lam'] != ARGS['lam']:             # -1: the recipe's PEAK_LAMBDA
+  if a['lam'] != ARGS['lam']:  # -1: the recipe's PEAK_LAMBDA
     c.demp.peak_lambda = a['lam']
   c.eval_every = 5 * int(STEPS_PER_EPOCH)
-  c.eval_batch_size = 250                # 50,000 validation images: no padding
+  c.eval_batch_size = 250  # 50,000 validation images: no padding
   c.log_every = 500
 
   if a['smoke']:

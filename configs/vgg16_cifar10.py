@@ -34,50 +34,73 @@ from demp.train import base_config
 S, LAUNCH, TEXT, OURS = common.Setting, common.LAUNCH, common.TEXT, common.OURS
 
 CONFIG = 'configs/vgg16_cifar10.py'
-STEPS_PER_EPOCH = 50_000 // 256          # 195 (eval cadence only)
+STEPS_PER_EPOCH = 50_000 // 256  # 195 (eval cadence only)
 
 # The peak λ grids that redraw the curves: the authors' launch-script sweeps, log-spaced
 # (AdamW 1e-6 ... 1e-2, larger values marked not to be run with Lasso; SGDM 5e-6 ... 1.25e-2).
-LAMBDA_GRID = {'adam': (1e-6, 1e-5, 1e-4, 1e-3, 5e-3, 1e-2),
-               'sgdm': (5e-6, 5e-5, 5e-4, 1e-3, 5e-3, 1.25e-2)}
-PEAK_LAMBDA = {'adam': 1e-3, 'sgdm': 1e-3}   # defaults: from inside each grid
-FIGURE = {'adam': 'Fig. 14 (top): VGG-16 / CIFAR-10, AdamW',
-          'sgdm': 'Fig. 14 (bottom): VGG-16 / CIFAR-10, SGDM'}
+LAMBDA_GRID = {
+  'adam': (1e-6, 1e-5, 1e-4, 1e-3, 5e-3, 1e-2),
+  'sgdm': (5e-6, 5e-5, 5e-4, 1e-3, 5e-3, 1.25e-2),
+}
+PEAK_LAMBDA = {'adam': 1e-3, 'sgdm': 1e-3}  # defaults: from inside each grid
+FIGURE = {
+  'adam': 'Fig. 14 (top): VGG-16 / CIFAR-10, AdamW',
+  'sgdm': 'Fig. 14 (bottom): VGG-16 / CIFAR-10, SGDM',
+}
 
 _COMMON = (
-    S('batch_size', 256, LAUNCH, '256', '256'),
-    S('num_steps', 15_626, LAUNCH, '15,626 steps', '80 epochs'),
-    S('optimizer.lr_schedule', 'one_cycle', LAUNCH, 'one-cycle', 'One Cycle (Smith & Topin)'),
-    S('optimizer.weight_decay', 5e-4, OURS, '', ''),
-    S('data.image_size', 64, TEXT, '', 'resized to 64 × 64'),
-    S('data.augment', 'crop_flip', TEXT, '', 'random crop + horizontal flip'),
-    S('demp.penalty', 'lasso', LAUNCH, 'Lasso on BN scales', 'Lasso(γ)'),
-    S('demp.schedule', 'one_cycle', LAUNCH, 'one-cycle', 'one-cycle'),
-    S('demp.warmup', 'cosine', LAUNCH, 'cosine (optax.cosine_onecycle_schedule)',
-      'linear warm-up', text_value='linear'),
-    S('demp.span', 1.0, OURS, 'not stated', 'not stated'),
-    S('demp.noise_std', transforms.AUTHORS_NOISE_STD, LAUNCH, 'std 5e-5, one-cycle',
-      'variance 5e-5 (std 7.07e-3)', text_value=transforms.PAPER_TEXT_NOISE_STD),
-    S('demp.noise_symmetric', False, TEXT, 'live-only intended; a bug (abs(g) >= 0) noises all',
-      'live units only', other='`--config.demp.noise_symmetric=True` (the code\'s)'),
-    S('prune.every', 1000, LAUNCH, '1000', '5000 (the default; VGG not stated)',
-      text_value=5000),
-    S('prune.num_examples', 1536, LAUNCH, '3 batches of 512', '512 examples', text_value=512),
-    S('prune.batch_size', 512, LAUNCH, '512', ''),
+  S('batch_size', 256, LAUNCH, '256', '256'),
+  S('num_steps', 15_626, LAUNCH, '15,626 steps', '80 epochs'),
+  S('optimizer.lr_schedule', 'one_cycle', LAUNCH, 'one-cycle', 'One Cycle (Smith & Topin)'),
+  S('optimizer.weight_decay', 5e-4, OURS, '', ''),
+  S('data.image_size', 64, TEXT, '', 'resized to 64 × 64'),
+  S('data.augment', 'crop_flip', TEXT, '', 'random crop + horizontal flip'),
+  S('demp.penalty', 'lasso', LAUNCH, 'Lasso on BN scales', 'Lasso(γ)'),
+  S('demp.schedule', 'one_cycle', LAUNCH, 'one-cycle', 'one-cycle'),
+  S(
+    'demp.warmup',
+    'cosine',
+    LAUNCH,
+    'cosine (optax.cosine_onecycle_schedule)',
+    'linear warm-up',
+    text_value='linear',
+  ),
+  S('demp.span', 1.0, OURS, 'not stated', 'not stated'),
+  S(
+    'demp.noise_std',
+    transforms.AUTHORS_NOISE_STD,
+    LAUNCH,
+    'std 5e-5, one-cycle',
+    'variance 5e-5 (std 7.07e-3)',
+    text_value=transforms.PAPER_TEXT_NOISE_STD,
+  ),
+  S(
+    'demp.noise_symmetric',
+    False,
+    TEXT,
+    'live-only intended; a bug (abs(g) >= 0) noises all',
+    'live units only',
+    other='`--config.demp.noise_symmetric=True` (the code\'s)',
+  ),
+  S('prune.every', 1000, LAUNCH, '1000', '5000 (the default; VGG not stated)', text_value=5000),
+  S('prune.num_examples', 1536, LAUNCH, '3 batches of 512', '512 examples', text_value=512),
+  S('prune.batch_size', 512, LAUNCH, '512', ''),
 )
 
 SETTINGS = {
-    'adam': (
-        S('optimizer.name', 'adamw', LAUNCH, 'AdamW', 'Adam'),
-        S('optimizer.learning_rate', 5e-3, LAUNCH, '0.005', '0.005'),
-        S('demp.peak_lambda', PEAK_LAMBDA['adam'], LAUNCH, 'peaks 1e-6 … 1e-2', ''),
-    ) + _COMMON,
-    'sgdm': (
-        S('optimizer.name', 'sgd', LAUNCH, 'SGDM', 'SGDM'),
-        S('optimizer.learning_rate', 0.1, LAUNCH, '0.1', '0.1'),
-        S('optimizer.momentum', 0.9, OURS, 'not stated', 'not stated'),
-        S('demp.peak_lambda', PEAK_LAMBDA['sgdm'], LAUNCH, 'peaks 5e-6 … 1.25e-2', ''),
-    ) + _COMMON,
+  'adam': (
+    S('optimizer.name', 'adamw', LAUNCH, 'AdamW', 'Adam'),
+    S('optimizer.learning_rate', 5e-3, LAUNCH, '0.005', '0.005'),
+    S('demp.peak_lambda', PEAK_LAMBDA['adam'], LAUNCH, 'peaks 1e-6 … 1e-2', ''),
+  )
+  + _COMMON,
+  'sgdm': (
+    S('optimizer.name', 'sgd', LAUNCH, 'SGDM', 'SGDM'),
+    S('optimizer.learning_rate', 0.1, LAUNCH, '0.1', '0.1'),
+    S('optimizer.momentum', 0.9, OURS, 'not stated', 'not stated'),
+    S('demp.peak_lambda', PEAK_LAMBDA['sgdm'], LAUNCH, 'peaks 5e-6 … 1.25e-2', ''),
+  )
+  + _COMMON,
 }
 
 ARGS = dict(opt='adam', method='demp', lam=-1.0, follow='code', act='relu', smoke=False)
@@ -89,8 +112,9 @@ def commands(opt: str, **kwargs) -> dict[str, list[str]]:
   ``lambdas`` / ``seeds`` restrict the grid (default: ``LAMBDA_GRID[opt]`` × 3 seeds).
   """
   lambdas = kwargs.pop('lambdas', LAMBDA_GRID[opt])
-  return common.recipe_commands(CONFIG, f'vgg16_cifar10_{opt}', opt, lambdas, title=FIGURE[opt],
-                                **kwargs)
+  return common.recipe_commands(
+    CONFIG, f'vgg16_cifar10_{opt}', opt, lambdas, title=FIGURE[opt], **kwargs
+  )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -107,8 +131,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.source = 'tfds'
   c.data.name = 'cifar10'
   c.data.normalize = True
-  common.apply_settings(c, SETTINGS[a['opt']], a['follow'])   # lr one-cycle: total = num_steps
-  if a['lam'] != ARGS['lam']:             # -1: the recipe's PEAK_LAMBDA
+  common.apply_settings(c, SETTINGS[a['opt']], a['follow'])  # lr one-cycle: total = num_steps
+  if a['lam'] != ARGS['lam']:  # -1: the recipe's PEAK_LAMBDA
     c.demp.peak_lambda = a['lam']
   c.eval_every = 10 * STEPS_PER_EPOCH
   c.log_every = 100

@@ -41,12 +41,13 @@ TRAIN_IMAGES = 1_281_167
 EPOCHS = 150
 WARMUP_EPOCHS = 16
 MICRO_BATCH = 256
-ACCUMULATE = 16                      # effective batch 4096
+ACCUMULATE = 16  # effective batch 4096
 
 
 def get_config(arg: str | None = None):
-  a = parse(arg, method='demp', act='gelu', noise=5e-5, patience=3, every=1000, start='',
-            smoke=False)
+  a = parse(
+    arg, method='demp', act='gelu', noise=5e-5, patience=3, every=1000, start='', smoke=False
+  )
   c = base_config()
   c.method = a['method']
   c.model.name = 'vit'
@@ -59,26 +60,26 @@ def get_config(arg: str | None = None):
   c.data.test_split = 'validation'
   c.data.image_size = 224
   c.data.augment = 'imagenet'
-  c.data.normalize = False           # RandAugment works on [0, 1] pixels
+  c.data.normalize = False  # RandAugment works on [0, 1] pixels
   c.batch_augment.randaugment_ops = 2
   c.batch_augment.randaugment_magnitude = 9
   c.batch_augment.mixup_alpha = 0.2
   c.batch_augment.cutmix_alpha = 1.0
 
   effective = MICRO_BATCH * ACCUMULATE
-  updates = round(EPOCHS * TRAIN_IMAGES / effective)               # 46 917
+  updates = round(EPOCHS * TRAIN_IMAGES / effective)  # 46 917
   c.batch_size = MICRO_BATCH
   c.num_steps = updates * ACCUMULATE
   c.label_smoothing = 0.11
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 3e-3
   c.optimizer.lr_schedule = 'cosine'
-  c.optimizer.lr_kwargs.warmup_steps = round(WARMUP_EPOCHS * TRAIN_IMAGES / effective)   # 5005
+  c.optimizer.lr_kwargs.warmup_steps = round(WARMUP_EPOCHS * TRAIN_IMAGES / effective)  # 5005
   c.optimizer.weight_decay = 0.3
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.accumulate_steps = ACCUMULATE
 
-  c.demp.peak_lambda = 0.0           # noise only (Table 3)
+  c.demp.peak_lambda = 0.0  # noise only (Table 3)
   # The MLP units' own norm scales: they have none, so λ > 0 would penalise nothing (the
   # LayerNorms belong to no prunable unit); give a regex to penalise something else.
   c.demp.penalty_mask = 'groups'
@@ -93,7 +94,7 @@ def get_config(arg: str | None = None):
     c.prune.start_steps[group] = int(step)
 
   c.log_every = 100
-  c.eval_every = 10 * round(TRAIN_IMAGES / MICRO_BATCH)          # every 10 epochs
+  c.eval_every = 10 * round(TRAIN_IMAGES / MICRO_BATCH)  # every 10 epochs
   c.eval_batch_size = 1024
   if a['smoke']:
     c.model.variant = 'Ti/16'

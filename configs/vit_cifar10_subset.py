@@ -24,13 +24,28 @@ noise std), ``lr``, ``steps``, ``batch``, ``every`` (τ), ``patience``,
 from configs.analysis import parse
 from demp.train import base_config
 
-DEFAULT_PATH = None   # by flag: --config.data.path=...
+DEFAULT_PATH = None  # by flag: --config.data.path=...
 
 
 def get_config(arg: str | None = None):
-  a = parse(arg, method='demp', act='gelu', noise=1e-3, lr=1e-3, steps=600, batch=64,
-            every=50, patience=2, dim=128, depth=4, heads=4, mlp=512, aug=False, accumulate=1,
-            smoke=False)
+  a = parse(
+    arg,
+    method='demp',
+    act='gelu',
+    noise=1e-3,
+    lr=1e-3,
+    steps=600,
+    batch=64,
+    every=50,
+    patience=2,
+    dim=128,
+    depth=4,
+    heads=4,
+    mlp=512,
+    aug=False,
+    accumulate=1,
+    smoke=False,
+  )
   c = base_config()
   c.method = a['method']
   c.model.name = 'vit'
@@ -45,7 +60,7 @@ def get_config(arg: str | None = None):
   c.data.name = 'cifar10'
   c.data.path = DEFAULT_PATH
   c.data.augment = 'crop_flip'
-  c.data.normalize = not a['aug']        # RandAugment reads pixel values in [0, 1]
+  c.data.normalize = not a['aug']  # RandAugment reads pixel values in [0, 1]
   if a['aug']:
     c.batch_augment.randaugment_ops = 2
     c.batch_augment.randaugment_magnitude = 9
@@ -63,7 +78,7 @@ def get_config(arg: str | None = None):
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.accumulate_steps = a['accumulate']
 
-  c.demp.peak_lambda = 0.0               # noise only, as the paper's ViT runs
+  c.demp.peak_lambda = 0.0  # noise only, as the paper's ViT runs
   # The MLP units' own norm scales: they have none, so λ > 0 would penalise nothing (the
   # LayerNorms belong to no prunable unit); give a regex to penalise something else.
   c.demp.penalty_mask = 'groups'

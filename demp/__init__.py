@@ -19,10 +19,28 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 from demp.auto import Prunable, describe_groups, make_prunable
 from demp.deadunits import CRITERIA, constant_unit_stats, dead_unit_stats, probe, unit_stats
 from demp.schedules import SCHEDULES, make_schedule, one_cycle
-from demp.surgery import Slice, UnitGroup, keep_masks, param_slices, prune, slice_optimizer_state, slice_variables
-from demp.transforms import (ALL_WEIGHTS, AUTHORS_NOISE_STD, NORM_SCALES, PAPER_TEXT_NOISE_STD, LiveNoiseState, ScheduledPenaltyState,
-                             add_decoupled_penalty, add_scheduled_penalty, demp_optimizer, path_mask,
-                             with_live_noise)
+from demp.surgery import (
+  Slice,
+  UnitGroup,
+  keep_masks,
+  param_slices,
+  prune,
+  slice_optimizer_state,
+  slice_variables,
+)
+from demp.transforms import (
+  ALL_WEIGHTS,
+  AUTHORS_NOISE_STD,
+  NORM_SCALES,
+  PAPER_TEXT_NOISE_STD,
+  LiveNoiseState,
+  ScheduledPenaltyState,
+  add_decoupled_penalty,
+  add_scheduled_penalty,
+  demp_optimizer,
+  path_mask,
+  with_live_noise,
+)
 from demp.units import group_scales_mask, penalty_multipliers, set_live_mask
 
 __version__ = "0.1.0"
@@ -31,15 +49,41 @@ __version__ = "0.1.0"
 def load_exported(directory: str):
   """The Flax module and variables of an export directory (``demp.export.load_exported``)."""
   from demp import export  # pylint: disable=g-import-not-at-top  (orbax: imported on use)
+
   return export.load_exported(directory)
 
 
 __all__ = [
-    'ALL_WEIGHTS', 'AUTHORS_NOISE_STD', 'CRITERIA', 'LiveNoiseState', 'NORM_SCALES', 'SCHEDULES', 'ScheduledPenaltyState',
-    'Prunable', 'Slice', 'UnitGroup', 'add_scheduled_penalty', 'dead_unit_stats', 'demp_optimizer',
-    'describe_groups', 'keep_masks', 'make_prunable',
-    'make_schedule', 'one_cycle', 'PAPER_TEXT_NOISE_STD', 'param_slices', 'path_mask', 'probe', 'prune',
-    'slice_optimizer_state', 'slice_variables', 'with_live_noise',
-    'add_decoupled_penalty', 'constant_unit_stats', 'group_scales_mask', 'penalty_multipliers',
-    'set_live_mask', 'unit_stats',
+  'ALL_WEIGHTS',
+  'AUTHORS_NOISE_STD',
+  'CRITERIA',
+  'LiveNoiseState',
+  'NORM_SCALES',
+  'SCHEDULES',
+  'ScheduledPenaltyState',
+  'Prunable',
+  'Slice',
+  'UnitGroup',
+  'add_scheduled_penalty',
+  'dead_unit_stats',
+  'demp_optimizer',
+  'describe_groups',
+  'keep_masks',
+  'make_prunable',
+  'make_schedule',
+  'one_cycle',
+  'PAPER_TEXT_NOISE_STD',
+  'param_slices',
+  'path_mask',
+  'probe',
+  'prune',
+  'slice_optimizer_state',
+  'slice_variables',
+  'with_live_noise',
+  'add_decoupled_penalty',
+  'constant_unit_stats',
+  'group_scales_mask',
+  'penalty_multipliers',
+  'set_live_mask',
+  'unit_stats',
 ]

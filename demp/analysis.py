@@ -32,7 +32,9 @@ from demp import flops, methods, models, steps
 PyTree = Any
 
 
-def subtract_full_gradient(full_grad_fn: Callable[[PyTree], PyTree]) -> optax.GradientTransformation:
+def subtract_full_gradient(
+  full_grad_fn: Callable[[PyTree], PyTree],
+) -> optax.GradientTransformation:
   """Replaces the gradient ``g`` by ``g − full_grad_fn(params)`` (its noise).
 
   Example::
@@ -75,8 +77,10 @@ def full_gradient_fn(config) -> Callable[[PyTree], PyTree]:
   info = data_lib.get_info(config.data)
   model = models.from_config(config.model, info.num_classes)
   if flops.variables_shape(model, info.image_shape).get('batch_stats'):
-    raise ValueError(f'method=sgd_noise needs a model without batch norm; model '
-                     f'{config.model.name!r} has batch statistics (set model.norm=False).')
+    raise ValueError(
+      f'method=sgd_noise needs a model without batch norm; model '
+      f'{config.model.name!r} has batch statistics (set model.norm=False).'
+    )
   full = data_lib.fixed_examples(config.data, info.num_train, seed=0)
   images, labels = jnp.asarray(full['image']), jnp.asarray(full['label'])
 
@@ -92,10 +96,17 @@ def full_gradient_fn(config) -> Callable[[PyTree], PyTree]:
   return full_grad
 
 
-def _sgd_noise_optimizer(config, base: optax.GradientTransformation) -> optax.GradientTransformation:
+def _sgd_noise_optimizer(
+  config, base: optax.GradientTransformation
+) -> optax.GradientTransformation:
   return optax.chain(subtract_full_gradient(full_gradient_fn(config)), base)
 
 
-methods.register('sgd_noise', methods.Method(optimizer=_sgd_noise_optimizer,
-                                             hook=lambda run, step: run.prune_dead(),
-                                             when=methods.prune_steps))
+methods.register(
+  'sgd_noise',
+  methods.Method(
+    optimizer=_sgd_noise_optimizer,
+    hook=lambda run, step: run.prune_dead(),
+    when=methods.prune_steps,
+  ),
+)

@@ -46,9 +46,15 @@ Batch = dict[str, Any]
 
 def default_config() -> ml_collections.ConfigDict:
   """``config.batch_augment`` with every field and its default (all off)."""
-  return ml_collections.ConfigDict(dict(
-      randaugment_ops=0, randaugment_magnitude=9, randaugment_bins=31,
-      mixup_alpha=0.0, cutmix_alpha=0.0))
+  return ml_collections.ConfigDict(
+    dict(
+      randaugment_ops=0,
+      randaugment_magnitude=9,
+      randaugment_bins=31,
+      mixup_alpha=0.0,
+      cutmix_alpha=0.0,
+    )
+  )
 
 
 def enabled(config: Mapping[str, Any]) -> bool:
@@ -59,8 +65,9 @@ def validate(config: Mapping[str, Any], *, normalize: bool) -> None:
   """Raises ValueError naming the ``batch_augment`` key that cannot work."""
   unknown = set(config.keys()) - set(default_config().keys())
   if unknown:
-    raise ValueError(f'unknown batch_augment keys {sorted(unknown)}; known: '
-                     f'{sorted(default_config().keys())}.')
+    raise ValueError(
+      f'unknown batch_augment keys {sorted(unknown)}; known: {sorted(default_config().keys())}.'
+    )
   for key in ('randaugment_ops', 'randaugment_magnitude'):
     v = config[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -69,15 +76,19 @@ def validate(config: Mapping[str, Any], *, normalize: bool) -> None:
   if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
     raise ValueError(f'batch_augment.randaugment_bins={bins!r} must be an int >= 2.')
   if config['randaugment_magnitude'] >= bins:
-    raise ValueError(f'batch_augment.randaugment_magnitude={config["randaugment_magnitude"]!r} '
-                     f'must be < randaugment_bins={bins}.')
+    raise ValueError(
+      f'batch_augment.randaugment_magnitude={config["randaugment_magnitude"]!r} '
+      f'must be < randaugment_bins={bins}.'
+    )
   for key in ('mixup_alpha', 'cutmix_alpha'):
     v = config[key]
     if not isinstance(v, (int, float)) or v < 0:
       raise ValueError(f'batch_augment.{key}={v!r} must be a number >= 0.')
   if config['randaugment_ops'] and normalize:
-    raise ValueError('batch_augment.randaugment_ops='
-                     f'{config["randaugment_ops"]} needs images in [0, 1]: set data.normalize=False.')
+    raise ValueError(
+      'batch_augment.randaugment_ops='
+      f'{config["randaugment_ops"]} needs images in [0, 1]: set data.normalize=False.'
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -96,12 +107,14 @@ def _blend(image_hwc: jax.Array, degenerate_hwc: jax.Array, factor: jax.Array) -
   return jnp.clip(degenerate_hwc + factor * (image_hwc - degenerate_hwc), 0.0, 1.0)
 
 
-def _affine(image_hwc: jax.Array, matrix_22: jax.Array, offset_2: jax.Array,
-            center_2: jax.Array) -> jax.Array:
+def _affine(
+  image_hwc: jax.Array, matrix_22: jax.Array, offset_2: jax.Array, center_2: jax.Array
+) -> jax.Array:
   """Nearest-neighbour inverse warp: output (x, y) reads input M (p - c) + c + t; fill 0."""
   h, w, _ = image_hwc.shape
-  y_hw, x_hw = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                            indexing='ij')
+  y_hw, x_hw = jnp.meshgrid(
+    jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij'
+  )
   dx_hw, dy_hw = x_hw - center_2[0], y_hw - center_2[1]
   sx_hw = matrix_22[0, 0] * dx_hw + matrix_22[0, 1] * dy_hw + center_2[0] + offset_2[0]
   sy_hw = matrix_22[1, 0] * dx_hw + matrix_22[1, 1] * dy_hw + center_2[1] + offset_2[1]
@@ -122,14 +135,16 @@ def _identity(image_hwc, m):
   return image_hwc
 
 
-def _shear_x(image_hwc, m):   # about the top-left corner, as TorchVision
-  return _affine(image_hwc, jnp.array([[1.0, 0.0], [0.0, 1.0]]).at[0, 1].set(m),
-                 jnp.zeros(2), jnp.zeros(2))
+def _shear_x(image_hwc, m):  # about the top-left corner, as TorchVision
+  return _affine(
+    image_hwc, jnp.array([[1.0, 0.0], [0.0, 1.0]]).at[0, 1].set(m), jnp.zeros(2), jnp.zeros(2)
+  )
 
 
 def _shear_y(image_hwc, m):
-  return _affine(image_hwc, jnp.array([[1.0, 0.0], [0.0, 1.0]]).at[1, 0].set(m),
-                 jnp.zeros(2), jnp.zeros(2))
+  return _affine(
+    image_hwc, jnp.array([[1.0, 0.0], [0.0, 1.0]]).at[1, 0].set(m), jnp.zeros(2), jnp.zeros(2)
+  )
 
 
 def _translate_x(image_hwc, m):  # m: a fraction of the width
@@ -145,8 +160,9 @@ def _translate_y(image_hwc, m):
 def _rotate(image_hwc, m):  # m in degrees, about the centre
   t = jnp.deg2rad(m)
   c, s = jnp.cos(t), jnp.sin(t)
-  return _affine(image_hwc, jnp.stack([jnp.stack([c, -s]), jnp.stack([s, c])]), jnp.zeros(2),
-                 _center(image_hwc))
+  return _affine(
+    image_hwc, jnp.stack([jnp.stack([c, -s]), jnp.stack([s, c])]), jnp.zeros(2), _center(image_hwc)
+  )
 
 
 def _brightness(image_hwc, m):
@@ -166,9 +182,10 @@ def _sharpness(image_hwc, m):
   """Blend with the 3x3 smoothed image ([[1,1,1],[1,5,1],[1,1,1]] / 13), borders kept."""
   h, w, _ = image_hwc.shape
   kernel_33 = jnp.array([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-  smooth_hwc = sum(kernel_33[i, j] * image_hwc[i:h - 2 + i, j:w - 2 + j]
-                   for i in range(3) for j in range(3))
-  degenerate_hwc = image_hwc.at[1:h - 1, 1:w - 1].set(smooth_hwc)
+  smooth_hwc = sum(
+    kernel_33[i, j] * image_hwc[i : h - 2 + i, j : w - 2 + j] for i in range(3) for j in range(3)
+  )
+  degenerate_hwc = image_hwc.at[1 : h - 1, 1 : w - 1].set(smooth_hwc)
   return _blend(image_hwc, degenerate_hwc, 1.0 + m)
 
 
@@ -200,7 +217,7 @@ def _autocontrast(image_hwc, m):
 def _equalize_channel(x_hw: jax.Array) -> jax.Array:
   """PIL/TorchVision histogram equalization of one uint8-valued channel."""
   hist = jnp.bincount(x_hw.ravel(), length=256)
-  last = hist[255 - jnp.argmax(hist[::-1] > 0)]          # count of the top non-empty bin
+  last = hist[255 - jnp.argmax(hist[::-1] > 0)]  # count of the top non-empty bin
   step = (jnp.sum(hist) - last) // 255
   safe = jnp.maximum(step, 1)
   lut = (jnp.cumsum(hist) + safe // 2) // safe
@@ -218,38 +235,45 @@ def _magnitudes(num_bins: int) -> dict[str, Any]:
   """Per op, the magnitude of each bin (None: the op has none)."""
   lin = lambda hi: [hi * i / (num_bins - 1) for i in range(num_bins)]
   return {
-      'identity': None,
-      'shear_x': lin(0.3), 'shear_y': lin(0.3),
-      'translate_x': lin(150.0 / 331.0), 'translate_y': lin(150.0 / 331.0),
-      'rotate': lin(30.0),
-      'brightness': lin(0.9), 'color': lin(0.9), 'contrast': lin(0.9), 'sharpness': lin(0.9),
-      'posterize': [8 - int(round(i / ((num_bins - 1) / 4))) for i in range(num_bins)],
-      'solarize': [1.0 - v for v in lin(1.0)],
-      'autocontrast': None, 'equalize': None,
+    'identity': None,
+    'shear_x': lin(0.3),
+    'shear_y': lin(0.3),
+    'translate_x': lin(150.0 / 331.0),
+    'translate_y': lin(150.0 / 331.0),
+    'rotate': lin(30.0),
+    'brightness': lin(0.9),
+    'color': lin(0.9),
+    'contrast': lin(0.9),
+    'sharpness': lin(0.9),
+    'posterize': [8 - int(round(i / ((num_bins - 1) / 4))) for i in range(num_bins)],
+    'solarize': [1.0 - v for v in lin(1.0)],
+    'autocontrast': None,
+    'equalize': None,
   }
 
 
 # name -> (op, signed): TorchVision's RandAugment op set.
 OPS: dict[str, tuple[Callable[[jax.Array, jax.Array], jax.Array], bool]] = {
-    'identity': (_identity, False),
-    'shear_x': (_shear_x, True),
-    'shear_y': (_shear_y, True),
-    'translate_x': (_translate_x, True),
-    'translate_y': (_translate_y, True),
-    'rotate': (_rotate, True),
-    'brightness': (_brightness, True),
-    'color': (_color, True),
-    'contrast': (_contrast, True),
-    'sharpness': (_sharpness, True),
-    'posterize': (_posterize, False),
-    'solarize': (_solarize, False),
-    'autocontrast': (_autocontrast, False),
-    'equalize': (_equalize, False),
+  'identity': (_identity, False),
+  'shear_x': (_shear_x, True),
+  'shear_y': (_shear_y, True),
+  'translate_x': (_translate_x, True),
+  'translate_y': (_translate_y, True),
+  'rotate': (_rotate, True),
+  'brightness': (_brightness, True),
+  'color': (_color, True),
+  'contrast': (_contrast, True),
+  'sharpness': (_sharpness, True),
+  'posterize': (_posterize, False),
+  'solarize': (_solarize, False),
+  'autocontrast': (_autocontrast, False),
+  'equalize': (_equalize, False),
 }
 
 
-def apply_op(name: str, image_hwc: jax.Array, magnitude: int, *, num_bins: int = 31,
-             sign: float = 1.0) -> jax.Array:
+def apply_op(
+  name: str, image_hwc: jax.Array, magnitude: int, *, num_bins: int = 31, sign: float = 1.0
+) -> jax.Array:
   """One RandAugment op by name at magnitude bin ``magnitude`` (for tests and plots)."""
   op, signed = OPS[name]
   table = _magnitudes(num_bins)[name]
@@ -257,13 +281,15 @@ def apply_op(name: str, image_hwc: jax.Array, magnitude: int, *, num_bins: int =
   return op(image_hwc, jnp.asarray(m, jnp.float32))
 
 
-def randaugment(key: jax.Array, image_hwc: jax.Array, *, num_ops: int = 2, magnitude: int = 9,
-                num_bins: int = 31) -> jax.Array:
+def randaugment(
+  key: jax.Array, image_hwc: jax.Array, *, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31
+) -> jax.Array:
   """RandAugment on one image in ``[0, 1]``: ``num_ops`` random ops at a fixed magnitude."""
   names = list(OPS)
   table = _magnitudes(num_bins)
-  values = jnp.array([0.0 if table[n] is None else float(table[n][magnitude]) for n in names],
-                     jnp.float32)
+  values = jnp.array(
+    [0.0 if table[n] is None else float(table[n][magnitude]) for n in names], jnp.float32
+  )
   signed = jnp.array([OPS[n][1] for n in names])
   branches = [OPS[n][0] for n in names]
   for k in jax.random.split(key, num_ops):
@@ -284,16 +310,18 @@ def randaugment_batch(key: jax.Array, images_bhwc: jax.Array, **kwargs) -> jax.A
 # Mixup and cutmix: labels [B, K] distributions.
 
 
-def mixup(key: jax.Array, images_bhwc: jax.Array, labels_bk: jax.Array,
-          alpha: float) -> tuple[jax.Array, jax.Array]:
+def mixup(
+  key: jax.Array, images_bhwc: jax.Array, labels_bk: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
   """``λ x + (1 - λ) roll(x)`` and the same for labels, ``λ ~ Beta(α, α)``."""
   lam = jax.random.beta(key, alpha, alpha)
   mixed = lambda x: lam * x + (1.0 - lam) * jnp.roll(x, 1, axis=0)
   return mixed(images_bhwc), mixed(labels_bk)
 
 
-def cutmix(key: jax.Array, images_bhwc: jax.Array, labels_bk: jax.Array,
-           alpha: float) -> tuple[jax.Array, jax.Array]:
+def cutmix(
+  key: jax.Array, images_bhwc: jax.Array, labels_bk: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
   """Pastes a box of ``roll(x)`` covering about ``1 - λ`` of the image; labels by true area."""
   k_lam, k_x, k_y = jax.random.split(key, 3)
   _, h, w, _ = images_bhwc.shape
@@ -312,8 +340,14 @@ def cutmix(key: jax.Array, images_bhwc: jax.Array, labels_bk: jax.Array,
   return images, labels
 
 
-def mix(key: jax.Array, images_bhwc: jax.Array, labels_bk: jax.Array, *, mixup_alpha: float,
-        cutmix_alpha: float) -> tuple[jax.Array, jax.Array]:
+def mix(
+  key: jax.Array,
+  images_bhwc: jax.Array,
+  labels_bk: jax.Array,
+  *,
+  mixup_alpha: float,
+  cutmix_alpha: float,
+) -> tuple[jax.Array, jax.Array]:
   """Mixup or cutmix (each with probability 1/2 when both alphas are > 0)."""
   if not mixup_alpha and not cutmix_alpha:
     return images_bhwc, labels_bk
@@ -323,18 +357,28 @@ def mix(key: jax.Array, images_bhwc: jax.Array, labels_bk: jax.Array, *, mixup_a
     return cutmix(key, images_bhwc, labels_bk, cutmix_alpha)
   k_choice, k_mix = jax.random.split(key)
   use_cutmix = jax.random.bernoulli(k_choice)
-  return jax.lax.cond(use_cutmix,
-                      lambda: cutmix(k_mix, images_bhwc, labels_bk, cutmix_alpha),
-                      lambda: mixup(k_mix, images_bhwc, labels_bk, mixup_alpha))
+  return jax.lax.cond(
+    use_cutmix,
+    lambda: cutmix(k_mix, images_bhwc, labels_bk, cutmix_alpha),
+    lambda: mixup(k_mix, images_bhwc, labels_bk, mixup_alpha),
+  )
 
 
 # ----------------------------------------------------------------------------
 # The batch function and the iterator wrapper.
 
 
-def augment_batch(key: jax.Array, batch: Batch, *, num_classes: int, randaugment_ops: int = 0,
-                  randaugment_magnitude: int = 9, randaugment_bins: int = 31,
-                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> Batch:
+def augment_batch(
+  key: jax.Array,
+  batch: Batch,
+  *,
+  num_classes: int,
+  randaugment_ops: int = 0,
+  randaugment_magnitude: int = 9,
+  randaugment_bins: int = 31,
+  mixup_alpha: float = 0.0,
+  cutmix_alpha: float = 0.0,
+) -> Batch:
   """RandAugment per image, then mixup/cutmix over the batch.
 
   ``batch['label']`` is int ``[B]``; it becomes float ``[B, K]`` when mixing
@@ -343,18 +387,30 @@ def augment_batch(key: jax.Array, batch: Batch, *, num_classes: int, randaugment
   k_ra, k_mix = jax.random.split(key)
   images = jnp.asarray(batch['image'], jnp.float32)
   if randaugment_ops:
-    images = randaugment_batch(k_ra, images, num_ops=randaugment_ops,
-                               magnitude=randaugment_magnitude, num_bins=randaugment_bins)
+    images = randaugment_batch(
+      k_ra,
+      images,
+      num_ops=randaugment_ops,
+      magnitude=randaugment_magnitude,
+      num_bins=randaugment_bins,
+    )
   out = dict(batch, image=images)
   if mixup_alpha or cutmix_alpha:
     labels_bk = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
-    out['image'], out['label'] = mix(k_mix, images, labels_bk, mixup_alpha=mixup_alpha,
-                                     cutmix_alpha=cutmix_alpha)
+    out['image'], out['label'] = mix(
+      k_mix, images, labels_bk, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha
+    )
   return out
 
 
-def wrap_iterator(batches: Iterator[Batch], config: Mapping[str, Any], *, num_classes: int,
-                  seed: int, start: int = 0) -> Iterator[Batch]:
+def wrap_iterator(
+  batches: Iterator[Batch],
+  config: Mapping[str, Any],
+  *,
+  num_classes: int,
+  seed: int,
+  start: int = 0,
+) -> Iterator[Batch]:
   """Applies :func:`augment_batch` (jitted) to every batch; ``batches`` itself when all off.
 
   ``start``: index of the first batch in the run (a resumed run's data position),
@@ -362,8 +418,11 @@ def wrap_iterator(batches: Iterator[Batch], config: Mapping[str, Any], *, num_cl
   """
   if not enabled(config):
     return batches
-  fn = jax.jit(functools.partial(augment_batch, num_classes=num_classes,
-                                 **{k: config[k] for k in default_config().keys()}))
+  fn = jax.jit(
+    functools.partial(
+      augment_batch, num_classes=num_classes, **{k: config[k] for k in default_config().keys()}
+    )
+  )
   key = jax.random.fold_in(jax.random.key(seed), 0x5EED)
 
   def gen():
@@ -373,5 +432,17 @@ def wrap_iterator(batches: Iterator[Batch], config: Mapping[str, Any], *, num_cl
   return gen()
 
 
-__all__ = ['OPS', 'apply_op', 'augment_batch', 'cutmix', 'default_config', 'enabled', 'mix',
-           'mixup', 'randaugment', 'randaugment_batch', 'validate', 'wrap_iterator']
+__all__ = [
+  'OPS',
+  'apply_op',
+  'augment_batch',
+  'cutmix',
+  'default_config',
+  'enabled',
+  'mix',
+  'mixup',
+  'randaugment',
+  'randaugment_batch',
+  'validate',
+  'wrap_iterator',
+]

@@ -97,7 +97,7 @@ from demp import transforms
 from demp.surgery import Slice, UnitGroup
 
 Path = tuple[str, ...]
-Form = tuple[int, tuple[str, ...]]   # const + sum(widths[g] for g in names): a size under pruning
+Form = tuple[int, tuple[str, ...]]  # const + sum(widths[g] for g in names): a size under pruning
 
 # ----------------------------------------------------------------------------
 # The marker primitive: identity, visible in a jaxpr with its tag.
@@ -110,16 +110,24 @@ LAYERS = (nn.Dense, nn.Conv)
 NORMS = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 SITE_PREFIX = 'demp_in'
 
-_UNARY = frozenset('''neg exp exp2 log log1p expm1 tanh logistic sin cos tan sinh cosh asinh acosh
+_UNARY = frozenset(
+  '''neg exp exp2 log log1p expm1 tanh logistic sin cos tan sinh cosh asinh acosh
   atanh asin acos atan abs sign floor ceil round sqrt rsqrt cbrt erf erfc erf_inv integer_pow square
   convert_element_type reduce_precision copy copy_p is_finite not stop_gradient real imag
-  sharding_constraint mesh_cast reciprocal'''.split())
-_NARY = frozenset('''add add_any sub mul div max min pow atan2 rem eq ne lt le gt ge and or xor
-  select_n clamp nextafter'''.split())
-_CALLS = frozenset('''pjit jit closed_call core_call custom_jvp_call custom_vjp_call
-  custom_vjp_call_jaxpr remat checkpoint remat2 named_call'''.split())
-_REDUCE = frozenset('''reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax
-  argmin'''.split())
+  sharding_constraint mesh_cast reciprocal'''.split()
+)
+_NARY = frozenset(
+  '''add add_any sub mul div max min pow atan2 rem eq ne lt le gt ge and or xor
+  select_n clamp nextafter'''.split()
+)
+_CALLS = frozenset(
+  '''pjit jit closed_call core_call custom_jvp_call custom_vjp_call
+  custom_vjp_call_jaxpr remat checkpoint remat2 named_call'''.split()
+)
+_REDUCE = frozenset(
+  '''reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax
+  argmin'''.split()
+)
 _WINDOW = frozenset('reduce_window_max reduce_window_min reduce_window_sum reduce_window'.split())
 
 
@@ -201,10 +209,11 @@ def _flatten(jaxpr, env: dict, out: list) -> None:
 @dataclasses.dataclass(frozen=True)
 class _Layout:
   """Units on ``axis``: ``reps`` blocks of ``block`` entries, group ``g`` at its offset."""
+
   axis: int
   reps: int
-  block: tuple[int, tuple[int, ...]]            # const, group ids
-  segs: tuple[tuple[int, tuple[int, tuple[int, ...]]], ...]   # (gid, offset)
+  block: tuple[int, tuple[int, ...]]  # const, group ids
+  segs: tuple[tuple[int, tuple[int, tuple[int, ...]]], ...]  # (gid, offset)
 
 
 class _Groups:
@@ -257,10 +266,11 @@ class Member:
   """A module of a group. ``role``: 'producer' (its outputs are the units),
   'per_unit' (a norm or depthwise conv that applies per unit), 'consumer'
   (its kernel's input axis reads the units) with ``offset``/``block``."""
+
   path: Path
   role: str
   kind: str
-  leaves: tuple[tuple[str, str, int], ...]   # (collection, leaf name, axis)
+  leaves: tuple[tuple[str, str, int], ...]  # (collection, leaf name, axis)
   offset: Form = (0, ())
   block: Form | None = None
 
@@ -276,6 +286,7 @@ class Group:
 @dataclasses.dataclass(frozen=True)
 class SiteSpec:
   """What a consumer call sows: the slice of its input that holds one group."""
+
   name: str
   group: str
   reps: int
@@ -295,11 +306,11 @@ class Refused:
 class Plan:
   groups: tuple[Group, ...]
   refused: tuple[Refused, ...]
-  producers: tuple[tuple[Path, str], ...]        # path -> group
+  producers: tuple[tuple[Path, str], ...]  # path -> group
   depthwise: tuple[Path, ...]
   sites: tuple[tuple[Path, tuple[SiteSpec, ...]], ...]
-  unseen: tuple[Path, ...]                       # intercepted calls the trace did not show
-  penalty_leaves: tuple[str, ...]                # params leaves NORM_SCALES selects
+  unseen: tuple[Path, ...]  # intercepted calls the trace did not show
+  penalty_leaves: tuple[str, ...]  # params leaves NORM_SCALES selects
   discovery_s: float = dataclasses.field(default=0.0, compare=False)
 
 
@@ -319,13 +330,13 @@ class _Discovery:
     self.groups = _Groups()
     self.layout: dict[Any, _Layout] = {}
     self.uniform: dict[Any, frozenset] = {}
-    self.pending: dict[int, _Layout] = {}          # per-unit call index -> input layout
-    self.per_unit: dict[int, list] = {}            # gid -> [(call, offset, block)]
-    self.consumers: dict[int, list] = {}           # gid -> [(call, offset, block)]
-    self.site_specs: dict[Path, tuple] = {}        # consumer path -> (layout, [(k, gid, offset)])
+    self.pending: dict[int, _Layout] = {}  # per-unit call index -> input layout
+    self.per_unit: dict[int, list] = {}  # gid -> [(call, offset, block)]
+    self.consumers: dict[int, list] = {}  # gid -> [(call, offset, block)]
+    self.site_specs: dict[Path, tuple] = {}  # consumer path -> (layout, [(k, gid, offset)])
     self.producer_paths: dict[Path, int] = {}
     self.seen: set[int] = set()
-    self.consumer_ranges: dict[tuple, list] = {}   # (path, role) -> [(offset, width, gid)]
+    self.consumer_ranges: dict[tuple, list] = {}  # (path, role) -> [(offset, width, gid)]
 
   # -- helpers
   def gids(self, lay: _Layout) -> list[int]:
@@ -348,10 +359,16 @@ class _Discovery:
 
   def same(self, a: _Layout, b: _Layout) -> bool:
     size = self.groups.size
-    return (a.axis == b.axis and a.reps == b.reps and size(a.block) == size(b.block)
-            and len(a.segs) == len(b.segs)
-            and all(size(oa) == size(ob) and self.groups.width[ga] == self.groups.width[gb]
-                    for (ga, oa), (gb, ob) in zip(a.segs, b.segs)))
+    return (
+      a.axis == b.axis
+      and a.reps == b.reps
+      and size(a.block) == size(b.block)
+      and len(a.segs) == len(b.segs)
+      and all(
+        size(oa) == size(ob) and self.groups.width[ga] == self.groups.width[gb]
+        for (ga, oa), (gb, ob) in zip(a.segs, b.segs)
+      )
+    )
 
   def claim(self, path: Path, role: str, gid: int, offset) -> None:
     """A leaf range read by two groups couples them; overlapping differently refuses both."""
@@ -415,8 +432,9 @@ class _Discovery:
         self.refuse(lay, f'read by the grouped conv {name}')
         return
       # LayerNorm, RMSNorm.
-      self.refuse(lay, f'{call.kind} {name} normalizes over the units '
-                  '(its statistics include them)')
+      self.refuse(
+        lay, f'{call.kind} {name} normalizes over the units (its statistics include them)'
+      )
       return
     # side == 'out'
     if index in self.pending:
@@ -424,7 +442,7 @@ class _Discovery:
       return
     if call.kind in ('dense', 'conv', 'grouped'):
       width = call.out_shape[-1]
-      if call.path in self.producer_paths:    # shared weights: one group
+      if call.path in self.producer_paths:  # shared weights: one group
         gid = self.producer_paths[call.path]
       else:
         gid = index
@@ -489,10 +507,12 @@ class _Discovery:
         return
       self.layout[out] = dataclasses.replace(lay, axis=a - sum(1 for x in axes if x < a))
     elif p in _WINDOW:
-      ok = (prm['window_dimensions'][a] == 1 and prm['window_strides'][a] == 1
-            and tuple(prm['padding'][a]) == (0, 0)
-            and all(prm.get(k, (1,) * (a + 1))[a] == 1
-                    for k in ('base_dilation', 'window_dilation')))
+      ok = (
+        prm['window_dimensions'][a] == 1
+        and prm['window_strides'][a] == 1
+        and tuple(prm['padding'][a]) == (0, 0)
+        and all(prm.get(k, (1,) * (a + 1))[a] == 1 for k in ('base_dilation', 'window_dilation'))
+      )
       if not ok:
         self.refuse(lay, f'pooled across units ({p})')
         return
@@ -521,7 +541,7 @@ class _Discovery:
           axis += 1
       self.layout[out] = dataclasses.replace(lay, axis=axis)
     elif p == 'broadcast_in_dim':
-      if lays[0] is None:   # a shape operand carries units: not handled
+      if lays[0] is None:  # a shape operand carries units: not handled
         self.refuse(lay, f'{p} with a dynamic shape')
         return
       new = prm['broadcast_dimensions'][a]
@@ -542,8 +562,11 @@ class _Discovery:
         return
       self.layout[out] = lay
     elif p == 'dynamic_slice':
-      if lays[0] is None or any(l is not None for l in lays[1:]) or \
-          prm['slice_sizes'][a] != eqn.invars[0].aval.shape[a]:
+      if (
+        lays[0] is None
+        or any(l is not None for l in lays[1:])
+        or prm['slice_sizes'][a] != eqn.invars[0].aval.shape[a]
+      ):
         self.refuse(lay, 'dynamic_slice along the units')
         return
       self.layout[out] = lay
@@ -571,10 +594,10 @@ class _Discovery:
       return
     a = lay.axis
     S = src[a]
-    pre, post = math.prod(src[:a]), math.prod(src[a + 1:])
+    pre, post = math.prod(src[:a]), math.prod(src[a + 1 :])
     block = self.groups.size(lay.block)
     for j in range(len(dst)):
-      if math.prod(dst[j + 1:]) != post or math.prod(dst[:j + 1]) != pre * S:
+      if math.prod(dst[j + 1 :]) != post or math.prod(dst[: j + 1]) != pre * S:
         continue
       s2 = dst[j]
       if s2 % S == 0:
@@ -583,8 +606,11 @@ class _Discovery:
       if S % s2 == 0 and s2 % block == 0:
         self.layout[eqn.outvars[0]] = dataclasses.replace(lay, axis=j, reps=s2 // block)
         return
-    self.refuse(lay, f'reshaped {tuple(src)} -> {tuple(dst)} with the units not innermost '
-                f'(the reshape mixes units with other axes)')
+    self.refuse(
+      lay,
+      f'reshaped {tuple(src)} -> {tuple(dst)} with the units not innermost '
+      f'(the reshape mixes units with other axes)',
+    )
 
   def concatenate(self, eqn: _Eqn, lays) -> None:
     d = eqn.params['dimension']
@@ -594,8 +620,9 @@ class _Discovery:
       for atom, l in zip(eqn.invars, lays):
         if l is None or not self.same(present[0], l):
           for l2 in present:
-            self.refuse(l2, 'concatenated (along another axis) with values that are not the '
-                        'same units')
+            self.refuse(
+              l2, 'concatenated (along another axis) with values that are not the same units'
+            )
           return
       for l in present[1:]:
         for (g1, _), (g2, _) in zip(present[0].segs, l.segs):
@@ -656,8 +683,9 @@ def _discover(module: nn.Module, args, kwargs) -> Plan:
     if ctx.method_name != '__call__' or not isinstance(ctx.module, LAYERS + NORMS) or not a:
       return next_fun(*a, **kw)
     x = a[0]
-    call = _Call(len(calls), _path(ctx.module), _kind(ctx.module, x.shape[-1]), ctx.module,
-                 tuple(x.shape))
+    call = _Call(
+      len(calls), _path(ctx.module), _kind(ctx.module, x.shape[-1]), ctx.module, tuple(x.shape)
+    )
     calls.append(call)
     y = next_fun(_mark_p.bind(x, tag=('in', call.index)), *a[1:], **kw)
     call.out_shape = tuple(y.shape)
@@ -704,13 +732,20 @@ def _finish(d: _Discovery, variables, seconds: float) -> Plan:
 
   def leaves(call: _Call, role: str):
     kind, path, out = call.kind, call.path, []
-    cands = {'producer': [('params', 'kernel', -1), ('params', 'bias', 0)],
-             'per_unit': {'batchnorm': [('params', 'scale', 0), ('params', 'bias', 0),
-                                        ('batch_stats', 'mean', 0), ('batch_stats', 'var', 0)],
-                          'groupnorm': [('params', 'scale', 0), ('params', 'bias', 0)],
-                          'depthwise': [('params', 'kernel', -1), ('params', 'bias', 0)]}.get(kind),
-             'consumer': [('params', 'kernel',
-                           0 if kind == 'dense' else len(call.in_shape) - 2)]}[role]
+    cands = {
+      'producer': [('params', 'kernel', -1), ('params', 'bias', 0)],
+      'per_unit': {
+        'batchnorm': [
+          ('params', 'scale', 0),
+          ('params', 'bias', 0),
+          ('batch_stats', 'mean', 0),
+          ('batch_stats', 'var', 0),
+        ],
+        'groupnorm': [('params', 'scale', 0), ('params', 'bias', 0)],
+        'depthwise': [('params', 'kernel', -1), ('params', 'bias', 0)],
+      }.get(kind),
+      'consumer': [('params', 'kernel', 0 if kind == 'dense' else len(call.in_shape) - 2)],
+    }[role]
     for col, leaf, axis in cands:
       if _leaf_exists(variables, col, path, leaf):
         out.append((col, leaf, axis))
@@ -722,15 +757,18 @@ def _finish(d: _Discovery, variables, seconds: float) -> Plan:
     if call.path in d.producer_paths:
       r = g.find(d.producer_paths[call.path])
       if r in by_root_members:
-        by_root_members[r].setdefault((call.path, 'producer'), Member(
-            call.path, 'producer', call.kind, leaves(call, 'producer')))
+        by_root_members[r].setdefault(
+          (call.path, 'producer'),
+          Member(call.path, 'producer', call.kind, leaves(call, 'producer')),
+        )
   for gid, uses in d.per_unit.items():
     r = g.find(gid)
     if r not in by_root_members:
       continue
     for call, offset, block in uses:
-      m = Member(call.path, 'per_unit', call.kind, leaves(call, 'per_unit'), form(offset),
-                 form(block))
+      m = Member(
+        call.path, 'per_unit', call.kind, leaves(call, 'per_unit'), form(offset), form(block)
+      )
       by_root_members[r].setdefault((call.path, 'per_unit', m.offset), m)
       if call.kind == 'depthwise' and call.path not in depthwise:
         depthwise.append(call.path)
@@ -740,8 +778,9 @@ def _finish(d: _Discovery, variables, seconds: float) -> Plan:
     if r not in by_root_members:
       continue
     for call, offset, block, reps in uses:
-      m = Member(call.path, 'consumer', call.kind, leaves(call, 'consumer'), form(offset),
-                 form(block))
+      m = Member(
+        call.path, 'consumer', call.kind, leaves(call, 'consumer'), form(offset), form(block)
+      )
       by_root_members[r].setdefault((call.path, 'consumer', m.offset), m)
   sites = []
   for path, (lay, segs) in d.site_specs.items():
@@ -750,24 +789,38 @@ def _finish(d: _Discovery, variables, seconds: float) -> Plan:
       r = g.find(gid)
       if r not in site_of:
         continue
-      specs.append(SiteSpec(f'{SITE_PREFIX}{k}', name_of[r], lay.reps, form(lay.block),
-                            form(offset)))
+      specs.append(
+        SiteSpec(f'{SITE_PREFIX}{k}', name_of[r], lay.reps, form(lay.block), form(offset))
+      )
       site_of[r].append(path + (f'{SITE_PREFIX}{k}',))
     if specs:
       sites.append((path, tuple(specs)))
   for r in live:
-    groups.append(Group(name_of[r], g.width[r], tuple(by_root_members[r].values()),
-                        tuple(dict.fromkeys(site_of[r]))))
+    groups.append(
+      Group(
+        name_of[r], g.width[r], tuple(by_root_members[r].values()), tuple(dict.fromkeys(site_of[r]))
+      )
+    )
     for path in members[r]:
       producers.append((path, name_of[r]))
-  refused = tuple(Refused(name_of[r], g.width[r], tuple(members[r]), g.reason[r])
-                  for r in roots if r in g.reason)
+  refused = tuple(
+    Refused(name_of[r], g.width[r], tuple(members[r]), g.reason[r]) for r in roots if r in g.reason
+  )
   unseen = tuple(dict.fromkeys(c.path for c in d.calls if c.index not in d.seen))
   mask = transforms.path_mask(transforms.NORM_SCALES)(variables.get('params', {}))
-  penalty = tuple('/'.join(str(k.key) for k in kp)
-                  for kp, v in jax.tree_util.tree_flatten_with_path(mask)[0] if v)
-  return Plan(tuple(groups), refused, tuple(producers), tuple(depthwise), tuple(sites), unseen,
-              penalty, seconds)
+  penalty = tuple(
+    '/'.join(str(k.key) for k in kp) for kp, v in jax.tree_util.tree_flatten_with_path(mask)[0] if v
+  )
+  return Plan(
+    tuple(groups),
+    refused,
+    tuple(producers),
+    tuple(depthwise),
+    tuple(sites),
+    unseen,
+    penalty,
+    seconds,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -795,7 +848,7 @@ def _interceptor(plan: Plan, widths: Mapping[str, int]):
       block, offset = _size(spec.block, widths), _size(spec.offset, widths)
       width = int(widths[spec.group])
       if not (spec.reps == 1 and offset == 0 and width == x.shape[-1]):
-        x = x.reshape(x.shape[:-1] + (x.shape[-1] // block, block))[..., offset:offset + width]
+        x = x.reshape(x.shape[:-1] + (x.shape[-1] // block, block))[..., offset : offset + width]
       m.sow('intermediates', spec.name, x)
     return next_fun(*args, **kwargs)
 
@@ -812,6 +865,7 @@ class Prunable:
     plan: what discovery found (groups, members, sites, refusals).
     activation: the death criterion's name (``demp.CRITERIA``), read by the trainer.
   """
+
   module: nn.Module
   widths: flax.core.FrozenDict
   plan: Plan
@@ -839,8 +893,9 @@ class Prunable:
     if 'widths' in updates:
       widths = dict(updates['widths'])
       if set(widths) != set(self.widths):
-        raise ValueError(f'widths must name the groups {sorted(self.widths)}, '
-                         f'got {sorted(widths)}.')
+        raise ValueError(
+          f'widths must name the groups {sorted(self.widths)}, got {sorted(widths)}.'
+        )
       updates['widths'] = flax.core.FrozenDict({k: int(widths[k]) for k in self.widths})
     return dataclasses.replace(self, **updates)
 
@@ -860,14 +915,15 @@ class Prunable:
       out.append(UnitGroup(group.name, group.sites, tuple(producers), tuple(consumers)))
     return tuple(out)
 
-  def __getattr__(self, name):   # the user's fields (num_classes, ...) read through
+  def __getattr__(self, name):  # the user's fields (num_classes, ...) read through
     if name.startswith('_') or name in ('module', 'widths', 'plan', 'activation'):
       raise AttributeError(name)
     return getattr(self.module, name)
 
 
-def make_prunable(module: nn.Module, *example_args, activation: str = 'relu',
-                  **example_kwargs) -> Prunable:
+def make_prunable(
+  module: nn.Module, *example_args, activation: str = 'relu', **example_kwargs
+) -> Prunable:
   """Finds the unit groups of a plain Flax module; returns it as a :class:`Prunable`.
 
   Args:
@@ -888,12 +944,17 @@ def describe_groups(pmodule: Prunable) -> str:
   """A report: every group, its width, producers, per-unit layers, consumers; and refusals."""
   plan, lines = pmodule.plan, []
   total = sum(pmodule.widths.values())
-  lines.append(f'{len(plan.groups)} prunable unit groups, {total} units '
-               f'(discovered in {plan.discovery_s:.2f} s):')
+  lines.append(
+    f'{len(plan.groups)} prunable unit groups, {total} units '
+    f'(discovered in {plan.discovery_s:.2f} s):'
+  )
   for group in plan.groups:
     lines.append(f'  {group.name}  width {pmodule.widths[group.name]}')
-    for role, label in (('producer', 'producers'), ('per_unit', 'per-unit'),
-                        ('consumer', 'consumers')):
+    for role, label in (
+      ('producer', 'producers'),
+      ('per_unit', 'per-unit'),
+      ('consumer', 'consumers'),
+    ):
       ms = [m for m in group.members if m.role == role]
       if not ms:
         continue
@@ -912,10 +973,14 @@ def describe_groups(pmodule: Prunable) -> str:
     prods = ', '.join('/'.join(p) for p in r.producers)
     lines.append(f'  {r.name}  width {r.width} (producers {prods}): {r.reason}')
   if plan.unseen:
-    lines.append('not analysed (called inside scan/while/cond or another opaque primitive): '
-                 + ', '.join('/'.join(p) for p in plan.unseen))
-  lines.append('penalty targets (demp.NORM_SCALES): '
-               + (', '.join(plan.penalty_leaves) if plan.penalty_leaves else 'none'))
+    lines.append(
+      'not analysed (called inside scan/while/cond or another opaque primitive): '
+      + ', '.join('/'.join(p) for p in plan.unseen)
+    )
+  lines.append(
+    'penalty targets (demp.NORM_SCALES): '
+    + (', '.join(plan.penalty_leaves) if plan.penalty_leaves else 'none')
+  )
   return '\n'.join(lines)
 
 
@@ -934,9 +999,15 @@ def load(spec: str):
   return obj
 
 
-def make(num_classes: int, module: str = '', kwargs: Mapping[str, Any] | None = None,
-         input_shape: Sequence[int] = (32, 32, 3), activation: str = 'relu',
-         num_classes_arg: str = 'num_classes', widths: Mapping[str, int] | None = None) -> Prunable:
+def make(
+  num_classes: int,
+  module: str = '',
+  kwargs: Mapping[str, Any] | None = None,
+  input_shape: Sequence[int] = (32, 32, 3),
+  activation: str = 'relu',
+  num_classes_arg: str = 'num_classes',
+  widths: Mapping[str, int] | None = None,
+) -> Prunable:
   """Builds the user's module by import path and makes it prunable (``model.name='auto'``).
 
   Args:

@@ -85,8 +85,13 @@ def random_keeps(model, sparsity: float, seed: int = 0) -> dict[str, np.ndarray]
   return keeps
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3,
-                      steps_per_round: int = 2, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(
+  fns: Mapping[str, Callable[[], Any]],
+  *,
+  rounds: int = 3,
+  steps_per_round: int = 2,
+  warmup: int = 1,
+) -> dict[str, list[float]]:
   """Seconds per call of each function, per round, measured in interleaved rounds.
 
   Every function is called ``warmup`` times first (compilation, caches); then
@@ -129,8 +134,9 @@ def run_step_fn(run, batch) -> Callable[[], Any]:
   return step
 
 
-def method_optimizer(config: ml_collections.ConfigDict | None = None, *,
-                     noise: bool = True) -> optax.GradientTransformation:
+def method_optimizer(
+  config: ml_collections.ConfigDict | None = None, *, noise: bool = True
+) -> optax.GradientTransformation:
   """The DemP optimizer of ``config`` (default: Adam + Lasso(γ) penalty + live noise).
 
   ``noise=False`` drops the live-noise transform (one normal draw per parameter
@@ -156,12 +162,14 @@ class ComputeDtype:
   the optimizer state and BN statistics stay float32. Only ``apply`` is
   provided: what :func:`demp.train.make_train_step` calls.
   """
+
   model: Any
   dtype: Any
 
   def apply(self, variables, x, **kwargs):
     cast = lambda tree, dtype: jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
     variables = {**variables, 'params': cast(variables['params'], self.dtype)}
     return cast(self.model.apply(variables, x.astype(self.dtype), **kwargs), jnp.float32)
 
@@ -184,8 +192,10 @@ def _state(model, tx, x_bhwc, seed):
 
 def _batch(batch_size: int, image_hw: int, num_classes: int, seed: int = 0) -> dict[str, jax.Array]:
   rng = np.random.default_rng(seed)
-  return {'image': jnp.asarray(rng.normal(size=(batch_size, image_hw, image_hw, 3)), jnp.float32),
-          'label': jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32)}
+  return {
+    'image': jnp.asarray(rng.normal(size=(batch_size, image_hw, image_hw, 3)), jnp.float32),
+    'label': jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32),
+  }
 
 
 def _compile(model, tx, state, batch):
@@ -195,12 +205,21 @@ def _compile(model, tx, state, batch):
   return compiled, time.perf_counter() - t0
 
 
-def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
-               batch_size: int = 128, sparsities: Sequence[float] = (0.25, 0.5, 0.75),
-               rounds: int = 3, steps_per_round: int = 2, seed: int = 0,
-               model_kwargs: Mapping[str, Any] | None = None,
-               config: ml_collections.ConfigDict | None = None,
-               noise: bool = True, compute_dtype: str = 'float32') -> list[dict[str, Any]]:
+def step_times(
+  model_name: str,
+  *,
+  num_classes: int = 10,
+  image_hw: int = 32,
+  batch_size: int = 128,
+  sparsities: Sequence[float] = (0.25, 0.5, 0.75),
+  rounds: int = 3,
+  steps_per_round: int = 2,
+  seed: int = 0,
+  model_kwargs: Mapping[str, Any] | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  noise: bool = True,
+  compute_dtype: str = 'float32',
+) -> list[dict[str, Any]]:
   """Train-step seconds and FLOPs of the dense model and of randomly pruned copies.
 
   ``compute_dtype``: 'float32' or 'bfloat16' (:func:`with_compute_dtype`).
@@ -213,27 +232,40 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
   batch = _batch(batch_size, image_hw, num_classes, seed)
   dense_state = _state(dense, tx, batch['image'][:1], seed)
   pruned = [(0.0, dense, dense_state)]
-  for s in sparsities:       # all pruned before any step runs: the steps donate their state
+  for s in sparsities:  # all pruned before any step runs: the steps donate their state
     model, variables, opt_state = surgery.prune(
-        dense, {k: dense_state[k] for k in ('params', 'batch_stats')},
-        dense_state['opt_state'], random_keeps(dense, s, seed))
+      dense,
+      {k: dense_state[k] for k in ('params', 'batch_stats')},
+      dense_state['opt_state'],
+      random_keeps(dense, s, seed),
+    )
     pruned.append((s, model, run_lib.train_state(variables, opt_state)))
   variants = []
   for s, model, state in pruned:
-    state = jax.tree.map(jnp.copy, state)   # the surgery shares untouched leaves; steps donate
+    state = jax.tree.map(jnp.copy, state)  # the surgery shares untouched leaves; steps donate
     compiled, compile_s = _compile(with_compute_dtype(model, compute_dtype), tx, state, batch)
-    variants.append({'sparsity': s, 'model': model, 'state': state, 'compiled': compiled,
-                     'compile_s': compile_s, 'flops': metrics.compiled_flops(compiled),
-                     'params': metrics.num_params(state['params'])})
+    variants.append(
+      {
+        'sparsity': s,
+        'model': model,
+        'state': state,
+        'compiled': compiled,
+        'compile_s': compile_s,
+        'flops': metrics.compiled_flops(compiled),
+        'params': metrics.num_params(state['params']),
+      }
+    )
 
   def step_fn(v):
     def step():
       v['state'], out = v['compiled'](v['state'], batch)
       return out
+
     return step
 
-  times = interleaved_times({i: step_fn(v) for i, v in enumerate(variants)}, rounds=rounds,
-                            steps_per_round=steps_per_round)
+  times = interleaved_times(
+    {i: step_fn(v) for i, v in enumerate(variants)}, rounds=rounds, steps_per_round=steps_per_round
+  )
   for i, v in enumerate(variants):
     v['times'] = times[i]
   base = variants[0]
@@ -241,21 +273,39 @@ def step_times(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
   rows = []
   for v in variants:
     t = float(np.median(v['times']))
-    rows.append({'model': model_name, 'dtype': compute_dtype, 'sparsity': v['sparsity'],
-                 'neuron_sparsity': metrics.neuron_sparsity(v['model'].widths, dense.widths),
-                 'params': v['params'], 'param_ratio': v['params'] / base['params'],
-                 'step_s': t, 'time_ratio': t / base_t, 'flops': v['flops'],
-                 'flop_ratio': v['flops'] / base_f, 'compile_s': v['compile_s'],
-                 'round_times_s': v['times']})
+    rows.append(
+      {
+        'model': model_name,
+        'dtype': compute_dtype,
+        'sparsity': v['sparsity'],
+        'neuron_sparsity': metrics.neuron_sparsity(v['model'].widths, dense.widths),
+        'params': v['params'],
+        'param_ratio': v['params'] / base['params'],
+        'step_s': t,
+        'time_ratio': t / base_t,
+        'flops': v['flops'],
+        'flop_ratio': v['flops'] / base_f,
+        'compile_s': v['compile_s'],
+        'round_times_s': v['times'],
+      }
+    )
   return rows
 
 
-def prune_event_time(model_name: str, *, num_classes: int = 10, image_hw: int = 32,
-                     batch_size: int = 128, sparsity: float = 0.25, num_examples: int = 512,
-                     check_batch_size: int = 128, seed: int = 0,
-                     model_kwargs: Mapping[str, Any] | None = None,
-                     config: ml_collections.ConfigDict | None = None,
-                     noise: bool = True) -> dict[str, float]:
+def prune_event_time(
+  model_name: str,
+  *,
+  num_classes: int = 10,
+  image_hw: int = 32,
+  batch_size: int = 128,
+  sparsity: float = 0.25,
+  num_examples: int = 512,
+  check_batch_size: int = 128,
+  seed: int = 0,
+  model_kwargs: Mapping[str, Any] | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  noise: bool = True,
+) -> dict[str, float]:
   """Seconds of one prune event that removes ``sparsity`` of the units, by phase.
 
   ``check_compile_s``: the death check's first call for this architecture
@@ -274,14 +324,16 @@ def prune_event_time(model_name: str, *, num_classes: int = 10, image_hw: int = 
 
   def check():
     t0 = time.perf_counter()
-    deadunits.dead_unit_stats(model, variables, images, criterion=criterion,
-                              batch_size=check_batch_size)
+    deadunits.dead_unit_stats(
+      model, variables, images, criterion=criterion, batch_size=check_batch_size
+    )
     return time.perf_counter() - t0
 
   check_compile_s, check_s = check(), check()
   t0 = time.perf_counter()
-  new_model, new_vars, new_opt = surgery.prune(model, variables, state['opt_state'],
-                                               random_keeps(model, sparsity, seed))
+  new_model, new_vars, new_opt = surgery.prune(
+    model, variables, state['opt_state'], random_keeps(model, sparsity, seed)
+  )
   jax.block_until_ready((new_vars, new_opt))
   surgery_s = time.perf_counter() - t0
   new_state = run_lib.train_state(new_vars, new_opt)
@@ -292,30 +344,45 @@ def prune_event_time(model_name: str, *, num_classes: int = 10, image_hw: int = 
   new_state, out = compiled(new_state, batch)
   jax.block_until_ready(out)
   step_s = time.perf_counter() - t0
-  return {'model': model_name, 'sparsity': sparsity, 'num_examples': num_examples,
-          'check_compile_s': check_compile_s, 'check_s': check_s, 'surgery_s': surgery_s,
-          'recompile_s': recompile_s,
-          'event_s': check_compile_s + surgery_s + recompile_s, 'step_s': step_s}
+  return {
+    'model': model_name,
+    'sparsity': sparsity,
+    'num_examples': num_examples,
+    'check_compile_s': check_compile_s,
+    'check_s': check_s,
+    'surgery_s': surgery_s,
+    'recompile_s': recompile_s,
+    'event_s': check_compile_s + surgery_s + recompile_s,
+    'step_s': step_s,
+  }
 
 
 def format_step_table(rows: Sequence[Mapping[str, Any]]) -> str:
-  lines = ['| model | neuron sparsity | params | step [s] | time ratio | FLOP ratio | compile [s] |',
-           '|---|---|---|---|---|---|---|']
+  lines = [
+    '| model | neuron sparsity | params | step [s] | time ratio | FLOP ratio | compile [s] |',
+    '|---|---|---|---|---|---|---|',
+  ]
   for r in rows:
-    lines.append(f"| {r['model']} | {r['neuron_sparsity']:.2f} | {r['params']:,} | "
-                 f"{r['step_s']:.3f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | "
-                 f"{r['compile_s']:.1f} |")
+    lines.append(
+      f"| {r['model']} | {r['neuron_sparsity']:.2f} | {r['params']:,} | "
+      f"{r['step_s']:.3f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | "
+      f"{r['compile_s']:.1f} |"
+    )
   return '\n'.join(lines)
 
 
 def format_event_table(rows: Sequence[Mapping[str, Any]], taus: Mapping[str, int]) -> str:
-  lines = ['| model | death check (compile+run) [s] | death check (run) [s] | surgery [s] | '
-           'recompile [s] | event [s] | τ | τ steps [s] | event / τ steps |',
-           '|---|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| model | death check (compile+run) [s] | death check (run) [s] | surgery [s] | '
+    'recompile [s] | event [s] | τ | τ steps [s] | event / τ steps |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
   for r in rows:
     tau = taus[r['model']]
     tau_s = tau * r['step_s']
-    lines.append(f"| {r['model']} | {r['check_compile_s']:.2f} | {r['check_s']:.2f} | "
-                 f"{r['surgery_s']:.2f} | {r['recompile_s']:.2f} | {r['event_s']:.2f} | {tau} | "
-                 f"{tau_s:.0f} | {r['event_s'] / tau_s:.4f} |")
+    lines.append(
+      f"| {r['model']} | {r['check_compile_s']:.2f} | {r['check_s']:.2f} | "
+      f"{r['surgery_s']:.2f} | {r['recompile_s']:.2f} | {r['event_s']:.2f} | {tau} | "
+      f"{tau_s:.0f} | {r['event_s'] / tau_s:.4f} |"
+    )
   return '\n'.join(lines)

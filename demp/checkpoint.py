@@ -70,10 +70,15 @@ PyTree = Any
 FORMAT = 1
 """Version of the layout above; a checkpoint of another version is rejected."""
 
-RESUME_MUTABLE = ('checkpoint', 'log_every', 'eval_every', 'eval_batch_size', 'progress_bar',
-                  'data.data_dir')
+RESUME_MUTABLE = (
+  'checkpoint',
+  'log_every',
+  'eval_every',
+  'eval_batch_size',
+  'progress_bar',
+  'data.data_dir',
+)
 """Config keys (and subtrees) that may differ between a checkpoint and the resumed run."""
-
 
 
 class CheckpointCorruptError(RuntimeError):
@@ -95,10 +100,11 @@ def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.Ch
   directories of interrupted saves are removed on creation.
   """
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True,
-      create=True)
+    preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=True,
+    create=True,
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -116,20 +122,23 @@ def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | No
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointCorruptError(
-        f'cannot read the checkpoint metadata of {path}: {type(e).__name__}: {e}. '
-        f'{_advice(path)}') from e
+      f'cannot read the checkpoint metadata of {path}: {type(e).__name__}: {e}. {_advice(path)}'
+    ) from e
   if not isinstance(meta, dict) or meta.get('format') != FORMAT:
     raise CheckpointMismatchError(
-        f'{path} is not a demp checkpoint of format {FORMAT} '
-        f'(format={meta.get("format") if isinstance(meta, dict) else None!r}). {_advice(path)}')
+      f'{path} is not a demp checkpoint of format {FORMAT} '
+      f'(format={meta.get("format") if isinstance(meta, dict) else None!r}). {_advice(path)}'
+    )
   if meta.get('step') != step:
     raise CheckpointCorruptError(f'{path} says it is step {meta.get("step")}. {_advice(path)}')
   return meta
 
 
 def _advice(path: str) -> str:
-  return (f'It was left untouched. To resume from an earlier checkpoint, move {path} out of '
-          f'the checkpoints directory; to start afresh, use a new workdir.')
+  return (
+    f'It was left untouched. To resume from an earlier checkpoint, move {path} out of '
+    f'the checkpoints directory; to start afresh, use a new workdir.'
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -157,15 +166,20 @@ def flatten(tree: PyTree, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _table(flat: Mapping[str, Any]) -> dict[str, list]:
-  return {k: [list(np.shape(v)), str(v.dtype if hasattr(v, 'dtype') else np.asarray(v).dtype)]
-          for k, v in flat.items()}
+  return {
+    k: [list(np.shape(v)), str(v.dtype if hasattr(v, 'dtype') else np.asarray(v).dtype)]
+    for k, v in flat.items()
+  }
 
 
 def _targets(meta: Mapping, sharding) -> dict[str, Any]:
   """Restore targets: device arrays on ``sharding``; host-side arrays as numpy (exact dtype)."""
-  return {k: np.empty(tuple(shape), np.dtype(dtype)) if k.startswith('host/')
-          else jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
-          for k, (shape, dtype) in meta['arrays'].items()}
+  return {
+    k: np.empty(tuple(shape), np.dtype(dtype))
+    if k.startswith('host/')
+    else jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+    for k, (shape, dtype) in meta['arrays'].items()
+  }
 
 
 def _abstract(tree: PyTree, prefix: str) -> dict[str, jax.ShapeDtypeStruct]:
@@ -206,8 +220,10 @@ def _encode(x, arrays: dict[str, np.ndarray], where: str):
   if isinstance(x, np.generic):
     return {'__scalar__': x.item(), 'dtype': str(x.dtype)}
   if _is_key(x):
-    return {'__key__': _encode(jax.random.key_data(x), arrays, where),
-            'impl': str(jax.random.key_impl(x))}
+    return {
+      '__key__': _encode(jax.random.key_data(x), arrays, where),
+      'impl': str(jax.random.key_impl(x)),
+    }
   if isinstance(x, (np.ndarray, jax.Array)):
     name = f'a{len(arrays)}'
     arrays[name] = np.asarray(x)
@@ -215,17 +231,27 @@ def _encode(x, arrays: dict[str, np.ndarray], where: str):
   if isinstance(x, Mapping):
     if all(isinstance(k, str) and not k.startswith('__') for k in x):
       return {k: _encode(v, arrays, f'{where}.{k}') for k, v in x.items()}
-    return {'__pairs__': [[_encode(k, arrays, where), _encode(v, arrays, f'{where}[{k!r}]')]
-                          for k, v in x.items()]}
+    return {
+      '__pairs__': [
+        [_encode(k, arrays, where), _encode(v, arrays, f'{where}[{k!r}]')] for k, v in x.items()
+      ]
+    }
   if isinstance(x, list):
     return [_encode(v, arrays, f'{where}[{i}]') for i, v in enumerate(x)]
-  if isinstance(x, (tuple, set, frozenset)):   # NamedTuples come back as plain tuples
-    tag = '__frozenset__' if isinstance(x, frozenset) else '__set__' if isinstance(x, set) \
-        else '__tuple__'
+  if isinstance(x, (tuple, set, frozenset)):  # NamedTuples come back as plain tuples
+    tag = (
+      '__frozenset__'
+      if isinstance(x, frozenset)
+      else '__set__'
+      if isinstance(x, set)
+      else '__tuple__'
+    )
     items = sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x
     return {tag: [_encode(v, arrays, f'{where}[{i}]') for i, v in enumerate(items)]}
-  raise TypeError(f'cannot checkpoint {where} of type {type(x).__name__}: host-side run state '
-                  f'must be numbers, strings, arrays, PRNG keys, and dicts/lists/tuples/sets of them.')
+  raise TypeError(
+    f'cannot checkpoint {where} of type {type(x).__name__}: host-side run state '
+    f'must be numbers, strings, arrays, PRNG keys, and dicts/lists/tuples/sets of them.'
+  )
 
 
 def _decode(x, arrays: Mapping[str, np.ndarray]):
@@ -289,15 +315,21 @@ def check_config(meta: Mapping, config: ml_collections.ConfigDict, path: str) ->
   """Raises :class:`CheckpointMismatchError` listing every key that differs."""
   saved, now = _flat_config(meta['config']), _flat_config(config_json(config))
   missing = object()
-  diffs = [k for k in sorted(set(saved) | set(now))
-           if not _mutable(k) and saved.get(k, missing) != now.get(k, missing)]
+  diffs = [
+    k
+    for k in sorted(set(saved) | set(now))
+    if not _mutable(k) and saved.get(k, missing) != now.get(k, missing)
+  ]
   if diffs:
-    lines = '; '.join(f'{k}: checkpoint {saved.get(k, "<absent>")!r} vs now {now.get(k, "<absent>")!r}'
-                      for k in diffs[:12])
+    lines = '; '.join(
+      f'{k}: checkpoint {saved.get(k, "<absent>")!r} vs now {now.get(k, "<absent>")!r}'
+      for k in diffs[:12]
+    )
     raise CheckpointMismatchError(
-        f'the checkpoint {path} was written with a different config ({len(diffs)} keys differ: '
-        f'{lines}). Resuming would not continue the same run: use the original config, or a new '
-        f'workdir for the new one (only {list(RESUME_MUTABLE)} may change on resume).')
+      f'the checkpoint {path} was written with a different config ({len(diffs)} keys differ: '
+      f'{lines}). Resuming would not continue the same run: use the original config, or a new '
+      f'workdir for the new one (only {list(RESUME_MUTABLE)} may change on resume).'
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -318,23 +350,33 @@ def save(mngr: ocp.CheckpointManager, run, *, batches: int, progress: Mapping[st
   flat = {**state_flat, **{f'host/{k}': np.asarray(v) for k, v in host_arrays.items()}}
   model = run.model
   meta = {
-      'format': FORMAT,
-      'step': int(run.step),
-      'batches': int(batches),
-      'model': {'name': run.config.model.name, 'widths': {k: int(v) for k, v in model.widths.items()},
-                'input_shape': [int(d) for d in run.death_images.shape[1:]],
-                'num_classes': int(getattr(model, 'num_classes', -1))},
-      'config': config_json(run.config),
-      'arrays': _table(flat),
-      'fingerprints': fingerprints(flat),
-      'prng_keys': keys,
-      'host': host_json,
-      'progress': dict(progress),
-      'written': {'time': time.time(), 'processes': jax.process_count(),
-                  'devices': jax.device_count(), 'jax': jax.__version__},
+    'format': FORMAT,
+    'step': int(run.step),
+    'batches': int(batches),
+    'model': {
+      'name': run.config.model.name,
+      'widths': {k: int(v) for k, v in model.widths.items()},
+      'input_shape': [int(d) for d in run.death_images.shape[1:]],
+      'num_classes': int(getattr(model, 'num_classes', -1)),
+    },
+    'config': config_json(run.config),
+    'arrays': _table(flat),
+    'fingerprints': fingerprints(flat),
+    'prng_keys': keys,
+    'host': host_json,
+    'progress': dict(progress),
+    'written': {
+      'time': time.time(),
+      'processes': jax.process_count(),
+      'devices': jax.device_count(),
+      'jax': jax.__version__,
+    },
   }
-  mngr.save(run.step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta),
-                                              arrays=ocp.args.StandardSave(flat)), force=True)
+  mngr.save(
+    run.step,
+    args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), arrays=ocp.args.StandardSave(flat)),
+    force=True,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -344,7 +386,8 @@ def save(mngr: ocp.CheckpointManager, run, *, batches: int, progress: Mapping[st
 def abstract_state(model, tx, input_shape) -> PyTree:
   """``ShapeDtypeStruct`` tree of ``{params, batch_stats, opt_state}`` for ``model`` (no compute)."""
   return jax.eval_shape(
-      lambda: run_lib.create_train_state(model, tx, jax.random.key(0), input_shape))
+    lambda: run_lib.create_train_state(model, tx, jax.random.key(0), input_shape)
+  )
 
 
 def _compare(saved: Mapping[str, list], expected: Mapping[str, jax.ShapeDtypeStruct]) -> list[str]:
@@ -352,25 +395,30 @@ def _compare(saved: Mapping[str, list], expected: Mapping[str, jax.ShapeDtypeStr
   out += [f'{k}: in the checkpoint but not expected' for k in saved if k not in expected]
   for k, sds in expected.items():
     if k in saved and (tuple(saved[k][0]) != tuple(sds.shape) or saved[k][1] != str(sds.dtype)):
-      out.append(f'{k}: checkpoint {tuple(saved[k][0])} {saved[k][1]} vs expected '
-                 f'{tuple(sds.shape)} {sds.dtype}')
+      out.append(
+        f'{k}: checkpoint {tuple(saved[k][0])} {saved[k][1]} vs expected '
+        f'{tuple(sds.shape)} {sds.dtype}'
+      )
   return out
 
 
 def _restore_arrays(mngr, step: int, meta: Mapping, targets: Mapping[str, jax.ShapeDtypeStruct]):
   path = step_dir(mngr, step)
   try:
-    flat = mngr.restore(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(dict(targets))))['arrays']
+    flat = mngr.restore(
+      step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(dict(targets)))
+    )['arrays']
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointCorruptError(
-        f'cannot read the arrays of {path}: {type(e).__name__}: {e}. {_advice(path)}') from e
+      f'cannot read the arrays of {path}: {type(e).__name__}: {e}. {_advice(path)}'
+    ) from e
   got = fingerprints(flat)
   bad = sorted(k for k in meta['fingerprints'] if got.get(k) != meta['fingerprints'][k])
   if bad:
     raise CheckpointCorruptError(
-        f'{path} is corrupt: {len(bad)} arrays do not match the fingerprints written with them '
-        f'(first: {bad[:5]}). {_advice(path)}')
+      f'{path} is corrupt: {len(bad)} arrays do not match the fingerprints written with them '
+      f'(first: {bad[:5]}). {_advice(path)}'
+    )
   return flat
 
 
@@ -389,8 +437,9 @@ def restore(mngr: ocp.CheckpointManager, meta: Mapping, run, mesh=None) -> dict[
   widths = meta['model']['widths']
   if set(widths) != set(run.model.widths):
     raise CheckpointMismatchError(
-        f'{path} has unit groups {sorted(widths)}, the model has {sorted(run.model.widths)}. '
-        f'{_advice(path)}')
+      f'{path} has unit groups {sorted(widths)}, the model has {sorted(run.model.widths)}. '
+      f'{_advice(path)}'
+    )
   model = run.model.clone(widths=flax.core.FrozenDict(widths))
   abstract = abstract_state(model, run.tx, tuple(meta['model']['input_shape']))
   expected = _abstract(abstract, 'state')
@@ -398,12 +447,14 @@ def restore(mngr: ocp.CheckpointManager, meta: Mapping, run, mesh=None) -> dict[
   problems = _compare(saved_state, expected)
   if problems:
     raise CheckpointMismatchError(
-        f'{path} does not fit the model {meta["model"]["name"]} at widths {widths}: '
-        f'{"; ".join(problems[:8])}{" ..." if len(problems) > 8 else ""}. The model or optimizer '
-        f'code changed since it was written. {_advice(path)}')
+      f'{path} does not fit the model {meta["model"]["name"]} at widths {widths}: '
+      f'{"; ".join(problems[:8])}{" ..." if len(problems) > 8 else ""}. The model or optimizer '
+      f'code changed since it was written. {_advice(path)}'
+    )
 
   if mesh is not None:
     from demp import parallel  # pylint: disable=g-import-not-at-top
+
     sharding = parallel.replicated(mesh)
   else:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -420,11 +471,12 @@ def restore(mngr: ocp.CheckpointManager, meta: Mapping, run, mesh=None) -> dict[
   run.model = model
   run.step = step
   run.compiled = None
-  host_arrays = {k[len('host/'):]: np.asarray(v) for k, v in flat.items() if k.startswith('host/')}
+  host_arrays = {k[len('host/') :]: np.asarray(v) for k, v in flat.items() if k.startswith('host/')}
   for name, value in meta['host'].items():
     if not hasattr(run, name):
-      raise CheckpointMismatchError(f'{path} holds run.{name}, which this code\'s Run lacks. '
-                                    f'{_advice(path)}')
+      raise CheckpointMismatchError(
+        f'{path} holds run.{name}, which this code\'s Run lacks. {_advice(path)}'
+      )
     setattr(run, name, _decode(value, host_arrays))
   return dict(meta['progress'])
 
@@ -438,8 +490,9 @@ def load(directory: str, step: int | None = None) -> tuple[Any, dict, dict]:
   """
   if os.path.isdir(os.path.join(directory, 'checkpoints')):
     directory = os.path.join(directory, 'checkpoints')
-  mngr = ocp.CheckpointManager(os.path.abspath(directory),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
+  mngr = ocp.CheckpointManager(
+    os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True)
+  )
   meta = read_meta(mngr, step)
   if meta is None:
     raise FileNotFoundError(f'no checkpoint in {directory}.')
@@ -447,7 +500,10 @@ def load(directory: str, step: int | None = None) -> tuple[Any, dict, dict]:
   model = model.clone(widths=flax.core.FrozenDict(meta['model']['widths']))
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   flat = _restore_arrays(mngr, meta['step'], meta, _targets(meta, sharding))
-  variables = {'params': _nest(flat, 'state/params/'), 'batch_stats': _nest(flat, 'state/batch_stats/')}
+  variables = {
+    'params': _nest(flat, 'state/params/'),
+    'batch_stats': _nest(flat, 'state/batch_stats/'),
+  }
   return model, variables, meta
 
 
@@ -455,7 +511,7 @@ def _nest(flat: Mapping[str, Any], prefix: str) -> dict:
   out: dict = {}
   for k, v in flat.items():
     if k.startswith(prefix):
-      *parents, leaf = k[len(prefix):].split('/')
+      *parents, leaf = k[len(prefix) :].split('/')
       node = out
       for p in parents:
         node = node.setdefault(p, {})
@@ -484,7 +540,9 @@ class Preemption:
 
   def _handler(self, signum, frame):
     del frame
-    logging.warning('signal %d received: saving a checkpoint after this step, then stopping.', signum)
+    logging.warning(
+      'signal %d received: saving a checkpoint after this step, then stopping.', signum
+    )
     self.signalled = True
 
   def __enter__(self) -> 'Preemption':
@@ -524,7 +582,7 @@ def truncate_log(path: str, step: int) -> None:
     try:
       record = json.loads(line)
     except json.JSONDecodeError:
-      continue                             # a line cut short by the kill
+      continue  # a line cut short by the kill
     if record.get('step', 0) <= step and 'summary' not in record:
       keep.append(line if line.endswith('\n') else line + '\n')
   with open(path + '.tmp', 'w') as f:
@@ -532,6 +590,19 @@ def truncate_log(path: str, step: int) -> None:
   os.replace(path + '.tmp', path)
 
 
-__all__ = ['CheckpointCorruptError', 'CheckpointMismatchError', 'FORMAT', 'Preemption',
-           'RESUME_MUTABLE', 'abstract_state', 'check_config', 'closing', 'load', 'manager',
-           'read_meta', 'restore', 'save', 'truncate_log']
+__all__ = [
+  'CheckpointCorruptError',
+  'CheckpointMismatchError',
+  'FORMAT',
+  'Preemption',
+  'RESUME_MUTABLE',
+  'abstract_state',
+  'check_config',
+  'closing',
+  'load',
+  'manager',
+  'read_meta',
+  'restore',
+  'save',
+  'truncate_log',
+]

@@ -33,74 +33,87 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.method = 'demp'
-  c.model = ml_collections.ConfigDict({'name': 'mlp'})   # plus the model's kwargs
+  c.model = ml_collections.ConfigDict({'name': 'mlp'})  # plus the model's kwargs
   c.data = data_lib.default_data_config()
   c.batch_size = 128
   c.num_steps = 1000
   c.label_smoothing = 0.0
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adam'               # adam (coupled L2) | adamw (decoupled) | sgd (momentum)
-  c.optimizer.learning_rate = 1e-3        # the peak / initial value of the schedule
-  c.optimizer.lr_schedule = 'constant'    # a key of demp.schedules.SCHEDULES
-  c.optimizer.lr_kwargs = ml_collections.ConfigDict()   # extra schedule arguments, in steps
+  c.optimizer.name = 'adam'  # adam (coupled L2) | adamw (decoupled) | sgd (momentum)
+  c.optimizer.learning_rate = 1e-3  # the peak / initial value of the schedule
+  c.optimizer.lr_schedule = 'constant'  # a key of demp.schedules.SCHEDULES
+  c.optimizer.lr_kwargs = ml_collections.ConfigDict()  # extra schedule arguments, in steps
   c.optimizer.weight_decay = 0.0
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = False
   c.optimizer.eps = 1e-8
-  c.optimizer.grad_clip_norm = 0.0        # 0 = off
-  c.optimizer.accumulate_steps = 1        # optax.MultiSteps: one update per k steps (schedules count updates)
+  c.optimizer.grad_clip_norm = 0.0  # 0 = off
+  c.optimizer.accumulate_steps = (
+    1  # optax.MultiSteps: one update per k steps (schedules count updates)
+  )
 
   c.demp = ml_collections.ConfigDict()
-  c.demp.penalty = 'lasso'                # lasso | l2 (kinds of demp.transforms.add_scheduled_penalty)
-  c.demp.penalty_mask = transforms.NORM_SCALES   # regex over param paths | 'groups' (own scales)
-  c.demp.penalty_coupling = 'coupled'     # coupled (before the optimizer) | decoupled (after, ×lr)
-  c.demp.penalty_weighting = 'none'       # none | params | flops: × a unit's cost / mean
-  c.demp.peak_lambda = 5e-3               # peak of λ_t
-  c.demp.noise_std = transforms.AUTHORS_NOISE_STD   # peak σ_t, a standard deviation (authors' code: 5e-5;
-                                          # the paper's text prints 5e-5 as a variance: 7.07e-3)
+  c.demp.penalty = 'lasso'  # lasso | l2 (kinds of demp.transforms.add_scheduled_penalty)
+  c.demp.penalty_mask = transforms.NORM_SCALES  # regex over param paths | 'groups' (own scales)
+  c.demp.penalty_coupling = 'coupled'  # coupled (before the optimizer) | decoupled (after, ×lr)
+  c.demp.penalty_weighting = 'none'  # none | params | flops: × a unit's cost / mean
+  c.demp.peak_lambda = 5e-3  # peak of λ_t
+  c.demp.noise_std = (
+    transforms.AUTHORS_NOISE_STD
+  )  # peak σ_t, a standard deviation (authors' code: 5e-5;
+  # the paper's text prints 5e-5 as a variance: 7.07e-3)
   c.demp.noise_symmetric = False
-  c.demp.noise_liveness = 'auto'          # auto (relu: gradient, else mask) | gradient | mask
-  c.demp.schedule = 'one_cycle'           # shape of λ_t and σ_t: one_cycle | constant
-  c.demp.warmup = 'cosine'                # one-cycle warm-up: cosine (reference code) | linear (paper text)
-  c.demp.span = 1.0                       # the one-cycle spans this fraction of the run
-  c.demp.target_sparsity = 0.0            # > 0: a controller steers λ_t = shape × gain to it (demp.target)
-  c.demp.target_kind = 'units'            # units | weights | flops (relative to the dense model)
-  c.demp.target_reach = 0.0               # fraction of the run by which to reach it; 0 = 0.65 × span
-  c.demp.target_noise = 'gain'            # the noise std follows the gain | keeps its own 'schedule'
+  c.demp.noise_liveness = 'auto'  # auto (relu: gradient, else mask) | gradient | mask
+  c.demp.schedule = 'one_cycle'  # shape of λ_t and σ_t: one_cycle | constant
+  c.demp.warmup = 'cosine'  # one-cycle warm-up: cosine (reference code) | linear (paper text)
+  c.demp.span = 1.0  # the one-cycle spans this fraction of the run
+  c.demp.target_sparsity = 0.0  # > 0: a controller steers λ_t = shape × gain to it (demp.target)
+  c.demp.target_kind = 'units'  # units | weights | flops (relative to the dense model)
+  c.demp.target_reach = 0.0  # fraction of the run by which to reach it; 0 = 0.65 × span
+  c.demp.target_noise = 'gain'  # the noise std follows the gain | keeps its own 'schedule'
 
   c.prune = ml_collections.ConfigDict()
-  c.prune.every = 1000                    # τ: steps between death checks
+  c.prune.every = 1000  # τ: steps between death checks
   c.prune.at_end = True
-  c.prune.num_examples = 512              # fixed training examples of the death check
+  c.prune.num_examples = 512  # fixed training examples of the death check
   c.prune.batch_size = 128
-  c.prune.criterion = ''                  # '' = from model.activation; else a key of deadunits.CRITERIA
+  c.prune.criterion = ''  # '' = from model.activation; else a key of deadunits.CRITERIA
   c.prune.eps = 0.01
   c.prune.min_width = 1
   c.prune.multiple_of = 1
-  c.prune.dynamic = True                  # False: every check only logs; only the final check (at_end) removes
-  c.prune.revival_patience = 0            # >0: a group starts pruning once its live count stopped rising (demp.revival)
-  c.prune.start_steps = ml_collections.ConfigDict()   # group -> step its pruning starts (overrides patience)
-  c.prune.remove_constant = False         # also remove units constant on the check set, folded
-  c.prune.constant_eps = 0.01             # constant: max - min <= this over the check set
-  c.prune.on_collapse = 'warn'            # every unit of a group died: warn | stop (raise)
+  c.prune.dynamic = True  # False: every check only logs; only the final check (at_end) removes
+  c.prune.revival_patience = (
+    0  # >0: a group starts pruning once its live count stopped rising (demp.revival)
+  )
+  c.prune.start_steps = (
+    ml_collections.ConfigDict()
+  )  # group -> step its pruning starts (overrides patience)
+  c.prune.remove_constant = False  # also remove units constant on the check set, folded
+  c.prune.constant_eps = 0.01  # constant: max - min <= this over the check set
+  c.prune.on_collapse = 'warn'  # every unit of a group died: warn | stop (raise)
 
-  c.batch_augment = augment.default_config()   # RandAugment / mixup / cutmix in JAX (demp.augment)
+  c.batch_augment = augment.default_config()  # RandAugment / mixup / cutmix in JAX (demp.augment)
   c.log_every = 50
-  c.eval_every = 0                        # 0 = only at the end
+  c.eval_every = 0  # 0 = only at the end
   c.eval_batch_size = 256
   c.progress_bar = True
 
-  c.checkpoint = ml_collections.ConfigDict()   # demp.checkpoint: <workdir>/checkpoints, resumed automatically
-  c.checkpoint.every = 0                  # save every N steps and at the end; 0 = only on SIGTERM
-  c.checkpoint.keep = 3                   # keep the last N checkpoints
-  c.checkpoint.async_save = True          # write in a background thread while training goes on
-  c.checkpoint.data_resume = 'skip'       # skip: exact (re-reads consumed records) | reseed: instant, not exact
+  c.checkpoint = (
+    ml_collections.ConfigDict()
+  )  # demp.checkpoint: <workdir>/checkpoints, resumed automatically
+  c.checkpoint.every = 0  # save every N steps and at the end; 0 = only on SIGTERM
+  c.checkpoint.keep = 3  # keep the last N checkpoints
+  c.checkpoint.async_save = True  # write in a background thread while training goes on
+  c.checkpoint.data_resume = (
+    'skip'  # skip: exact (re-reads consumed records) | reseed: instant, not exact
+  )
   return c
 
 
 # ----------------------------------------------------------------------------
 # Plug-in sections.
+
 
 class _Section(NamedTuple):
   default_config: Callable[[], Mapping[str, Any]]
@@ -110,8 +123,11 @@ class _Section(NamedTuple):
 _SECTIONS: dict[str, dict[str, _Section]] = {}
 
 
-def register_section(name: str, default_config: Callable[[], Mapping[str, Any]],
-                     check: Callable[[ml_collections.ConfigDict], Any] | None = None) -> None:
+def register_section(
+  name: str,
+  default_config: Callable[[], Mapping[str, Any]],
+  check: Callable[[ml_collections.ConfigDict], Any] | None = None,
+) -> None:
   """Declares the keys a plug-in reads from ``config.<name>`` (several plug-ins may share one).
 
   ``default_config()`` returns them with their defaults; :func:`validate_config`
@@ -152,11 +168,16 @@ def _check_unknown(given: Iterable[str], known: Iterable[str], prefix: str = '')
   known = sorted(known)
   unknown = sorted(set(given) - set(known))
   if unknown:
-    hints = [f'{prefix}{k}: did you mean {prefix}{m[0]}?'
-             for k in unknown if (m := difflib.get_close_matches(k, known, n=1))]
+    hints = [
+      f'{prefix}{k}: did you mean {prefix}{m[0]}?'
+      for k in unknown
+      if (m := difflib.get_close_matches(k, known, n=1))
+    ]
     hint = f' ({"; ".join(hints)})' if hints else ''
-    raise ValueError(f'unknown config keys {[prefix + k for k in unknown]}{hint}; known: '
-                     f'{[prefix + k for k in known]}.')
+    raise ValueError(
+      f'unknown config keys {[prefix + k for k in unknown]}{hint}; known: '
+      f'{[prefix + k for k in known]}.'
+    )
 
 
 def _check_keys(config, base, prefix: str = '') -> None:
@@ -176,14 +197,20 @@ def _check_keys(config, base, prefix: str = '') -> None:
 
 def _allowed(key: str, value, allowed) -> None:
   if value not in allowed:
-    raise ValueError(f'{key}={value!r} is not one of {sorted(allowed)}'
-                     f'{closest(value, allowed) if isinstance(value, str) else ""}.')
+    raise ValueError(
+      f'{key}={value!r} is not one of {sorted(allowed)}'
+      f'{closest(value, allowed) if isinstance(value, str) else ""}.'
+    )
 
 
 def _number(key: str, value, *, low: float = 0.0, strict: bool = True) -> None:
   """A finite real number > low (or >= low when not ``strict``)."""
-  ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-        and math.isfinite(value) and (value > low if strict else value >= low))
+  ok = (
+    isinstance(value, numbers.Real)
+    and not isinstance(value, bool)
+    and math.isfinite(value)
+    and (value > low if strict else value >= low)
+  )
   if not ok:
     raise ValueError(f'{key}={value!r} must be a finite number {">" if strict else ">="} {low}.')
 
@@ -208,23 +235,29 @@ def check_model(model_config) -> None:
   _allowed('model.name', model_config.name, models.MODELS)
   factory = models.MODELS[model_config.name]
   params = inspect.signature(factory).parameters
-  accepted = [p for p in params if p != 'num_classes'
-              and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
-                                         inspect.Parameter.VAR_KEYWORD)]
+  accepted = [
+    p
+    for p in params
+    if p != 'num_classes'
+    and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+  ]
   given = [k for k in model_config.keys() if k != 'name']
   unknown = sorted(set(given) - set(accepted))
   if unknown:
     k = unknown[0]
-    raise ValueError(f'model.{k}={model_config[k]!r}: model {model_config.name!r} takes no '
-                     f'argument {k!r}{closest(k, accepted)}; its arguments: '
-                     f'{["model." + p for p in accepted]}.')
+    raise ValueError(
+      f'model.{k}={model_config[k]!r}: model {model_config.name!r} takes no '
+      f'argument {k!r}{closest(k, accepted)}; its arguments: '
+      f'{["model." + p for p in accepted]}.'
+    )
   widths = model_config.get('widths', None)
   if widths is not None:
     values = widths.values() if hasattr(widths, 'values') else widths
     for i, w in enumerate(values):
       if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1:
-        raise ValueError(f'model.widths={_plain(widths)!r}: width {i} is {w!r}; every width must '
-                         f'be an int >= 1.')
+        raise ValueError(
+          f'model.widths={_plain(widths)!r}: width {i} is {w!r}; every width must be an int >= 1.'
+        )
   if 'width_multiplier' in given:
     _number('model.width_multiplier', model_config.width_multiplier)
 
@@ -241,14 +274,16 @@ def check_lr_schedule(config) -> None:
   accepted = [p for p in params if p not in ('value', 'init_value', 'peak_value')]
   _check_unknown(c.lr_kwargs.keys(), accepted, 'optimizer.lr_kwargs.')
   for k, v in c.lr_kwargs.items():
-    for x in (v if isinstance(v, (list, tuple)) else [v]):
+    for x in v if isinstance(v, (list, tuple)) else [v]:
       if isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isfinite(x):
         raise ValueError(f'optimizer.lr_kwargs.{k}={v!r} must be finite.')
   try:
-    optim.learning_rate_schedule(config)   # builds the schedule (no compute): checks the ranges
+    optim.learning_rate_schedule(config)  # builds the schedule (no compute): checks the ranges
   except (TypeError, ValueError) as e:
-    raise ValueError(f'optimizer.lr_schedule={c.lr_schedule!r} with optimizer.lr_kwargs='
-                     f'{c.lr_kwargs.to_dict()}: {e}') from e
+    raise ValueError(
+      f'optimizer.lr_schedule={c.lr_schedule!r} with optimizer.lr_kwargs='
+      f'{c.lr_kwargs.to_dict()}: {e}'
+    ) from e
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -273,14 +308,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _allowed('demp.noise_liveness', config.demp.noise_liveness, ('auto',) + transforms.LIVENESS_MODES)
   if config.prune.criterion:
     _allowed('prune.criterion', config.prune.criterion, deadunits.CRITERIA)
-  for key in ('num_steps', 'batch_size', 'prune.every', 'prune.num_examples', 'prune.batch_size',
-              'prune.min_width', 'prune.multiple_of', 'log_every', 'eval_batch_size',
-              'optimizer.accumulate_steps'):
+  for key in (
+    'num_steps',
+    'batch_size',
+    'prune.every',
+    'prune.num_examples',
+    'prune.batch_size',
+    'prune.min_width',
+    'prune.multiple_of',
+    'log_every',
+    'eval_batch_size',
+    'optimizer.accumulate_steps',
+  ):
     _positive(key, _get(config, key))
-  for key in ('demp.peak_lambda', 'demp.noise_std', 'optimizer.learning_rate',
-              'optimizer.weight_decay', 'label_smoothing', 'eval_every', 'prune.eps',
-              'optimizer.grad_clip_norm', 'prune.revival_patience', 'optimizer.momentum',
-              'optimizer.eps', 'prune.constant_eps'):
+  for key in (
+    'demp.peak_lambda',
+    'demp.noise_std',
+    'optimizer.learning_rate',
+    'optimizer.weight_decay',
+    'label_smoothing',
+    'eval_every',
+    'prune.eps',
+    'optimizer.grad_clip_norm',
+    'prune.revival_patience',
+    'optimizer.momentum',
+    'optimizer.eps',
+    'prune.constant_eps',
+  ):
     _positive(key, _get(config, key), strict=False)
   for group, step in config.prune.start_steps.items():
     _positive(f'prune.start_steps.{group}', step, strict=False)
@@ -291,10 +345,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   target.validate(config)
   if not 0 < config.demp.span <= 1:
     raise ValueError(f'demp.span={config.demp.span!r} must be in (0, 1].')
-  if methods.get(config.method).when is methods.prune_steps and config.prune.every > config.num_steps:
-    raise ValueError(f'prune.every={config.prune.every} (τ) is larger than num_steps={config.num_steps}: '
-                     f'no death check would run during training. Use prune.every <= num_steps '
-                     f'(prune.every=num_steps checks once, at the end).')
+  if (
+    methods.get(config.method).when is methods.prune_steps and config.prune.every > config.num_steps
+  ):
+    raise ValueError(
+      f'prune.every={config.prune.every} (τ) is larger than num_steps={config.num_steps}: '
+      f'no death check would run during training. Use prune.every <= num_steps '
+      f'(prune.every=num_steps checks once, at the end).'
+    )
   _check_checkpoint_config(config.checkpoint)
   parallel.check_batch_size('batch_size', config.batch_size)
 
@@ -302,9 +360,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def check_data(config, info) -> None:
   """Checks the config against the dataset's metadata (``demp.data.get_info``), before reading it."""
   if config.batch_size > info.num_train:
-    raise ValueError(f'batch_size={config.batch_size} is larger than the training set '
-                     f'({info.num_train} examples in {config.data.source}:{config.data.name}); '
-                     f'use batch_size <= {info.num_train}.')
+    raise ValueError(
+      f'batch_size={config.batch_size} is larger than the training set '
+      f'({info.num_train} examples in {config.data.source}:{config.data.name}); '
+      f'use batch_size <= {info.num_train}.'
+    )
 
 
 def _check_checkpoint_config(c) -> None:

@@ -60,15 +60,15 @@ NPZ_KEYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
 
 # Per-channel mean and std of images in [0, 1], by TFDS name ('normalize').
 CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    'mnist': ((0.1307,), (0.3081,)),
+  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+  'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+  'mnist': ((0.1307,), (0.3081,)),
 }
 
 # Files a manual-download TFDS dataset needs in `<data_dir>/downloads/manual/`.
 MANUAL_FILES: dict[str, tuple[str, ...]] = {
-    'imagenet2012': ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'),
+  'imagenet2012': ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'),
 }
 
 # ImageNet recipe at 224 px: train resizes the shorter side to [256, 480],
@@ -132,29 +132,27 @@ def default_data_config() -> ml_collections.ConfigDict:
       0 = none.
   """
   return ml_collections.ConfigDict(
-      dict(
-          source='digits',
-          name='cifar10',
-          data_dir=config_dict.placeholder(str),
-          path=config_dict.placeholder(str),
-          image_size=config_dict.placeholder(int),
-          augment='none',
-          normalize=True,
-          train_split='train',
-          test_split='test',
-          pad_mode='reflect',
-          shuffle_buffer=50_000,
-          cache=True,
-          holdout=0,
-      )
+    dict(
+      source='digits',
+      name='cifar10',
+      data_dir=config_dict.placeholder(str),
+      path=config_dict.placeholder(str),
+      image_size=config_dict.placeholder(int),
+      augment='none',
+      normalize=True,
+      train_split='train',
+      test_split='test',
+      pad_mode='reflect',
+      shuffle_buffer=50_000,
+      cache=True,
+      holdout=0,
+    )
   )
 
 
 def _choice(key: str, value: Any, allowed: Mapping[str, Any] | tuple[str, ...]):
   if value not in allowed:
-    raise ValueError(
-        f'data.{key}={value!r} is not allowed; choose one of {sorted(allowed)}.'
-    )
+    raise ValueError(f'data.{key}={value!r} is not allowed; choose one of {sorted(allowed)}.')
 
 
 def _resolve(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -162,9 +160,7 @@ def _resolve(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
   merged = default_data_config()
   unknown = sorted(set(cfg.keys()) - set(merged.keys()))
   if unknown:
-    raise ValueError(
-        f'Unknown data config keys {unknown}; allowed: {sorted(merged.keys())}.'
-    )
+    raise ValueError(f'Unknown data config keys {unknown}; allowed: {sorted(merged.keys())}.')
   for key in cfg.keys():
     try:
       merged[key] = cfg[key]
@@ -177,14 +173,14 @@ def _resolve(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
   if size is not None and (isinstance(size, bool) or size <= 0):
     raise ValueError(f'data.image_size={size!r}; allowed: None or an int > 0.')
   if merged.augment == 'imagenet' and size is None:
-    raise ValueError(
-        "data.image_size=None; augment='imagenet' needs an int (e.g. 224)."
-    )
+    raise ValueError("data.image_size=None; augment='imagenet' needs an int (e.g. 224).")
   if isinstance(merged.holdout, bool) or merged.holdout < 0:
     raise ValueError(f'data.holdout={merged.holdout!r}; allowed: an int >= 0.')
   if merged.holdout and merged.source == 'tfds' and '[' in merged.train_split:
-    raise ValueError(f'data.holdout={merged.holdout} needs an unsliced data.train_split, got '
-                     f'{merged.train_split!r}.')
+    raise ValueError(
+      f'data.holdout={merged.holdout} needs an unsliced data.train_split, got '
+      f'{merged.train_split!r}.'
+    )
   if merged.shuffle_buffer <= 0:
     raise ValueError(f'data.shuffle_buffer={merged.shuffle_buffer!r}; allowed: > 0.')
   merged.lock()
@@ -236,16 +232,21 @@ def _to_float01(image: tf.Tensor) -> tf.Tensor:
 
 
 def _array_source(
-    arrays: dict[str, np.ndarray], num_classes: int, normalize: bool, holdout: int = 0
+  arrays: dict[str, np.ndarray], num_classes: int, normalize: bool, holdout: int = 0
 ) -> Source:
   """A source over in-memory arrays (the 'npz' and 'digits' sources)."""
   images_nhwc = arrays['train_images']
   num_train = len(images_nhwc) - holdout
   if num_train <= 0:
-    raise ValueError(f'data.holdout={holdout} leaves no training examples '
-                     f'(the train split has {len(images_nhwc)}).')
-  parts = {'train': ('train', slice(0, num_train)), 'test': ('test', slice(None)),
-           'holdout': ('train', slice(num_train, None))}
+    raise ValueError(
+      f'data.holdout={holdout} leaves no training examples '
+      f'(the train split has {len(images_nhwc)}).'
+    )
+  parts = {
+    'train': ('train', slice(0, num_train)),
+    'test': ('test', slice(None)),
+    'holdout': ('train', slice(num_train, None)),
+  }
   mean_std = None
   if normalize:
     scale = 255.0 if images_nhwc.dtype == np.uint8 else 1.0
@@ -261,21 +262,24 @@ def _array_source(
     labels = arrays[f'{name}_labels'][part][shard_index::num_shards]
     if len(images) == 0:
       raise ValueError(
-          f'Shard {shard_index} of {num_shards} of the {split!r} split is empty '
-          f'({len(arrays[f"{split}_images"])} examples).'
+        f'Shard {shard_index} of {num_shards} of the {split!r} split is empty '
+        f'({len(arrays[f"{split}_images"])} examples).'
       )
     examples = _tf().data.Dataset.from_tensor_slices(
-        {'image': images, 'label': labels.astype(np.int32)}
+      {'image': images, 'label': labels.astype(np.int32)}
     )
     return RawSplit(examples, _to_float01)
 
   return Source(
-      num_classes=num_classes,
-      native_shape=tuple(images_nhwc.shape[1:]),
-      num_examples={'train': num_train, 'test': len(arrays['test_images']),
-                    **({'holdout': holdout} if holdout else {})},
-      mean_std=mean_std,
-      load=load,
+    num_classes=num_classes,
+    native_shape=tuple(images_nhwc.shape[1:]),
+    num_examples={
+      'train': num_train,
+      'test': len(arrays['test_images']),
+      **({'holdout': holdout} if holdout else {}),
+    },
+    mean_std=mean_std,
+    load=load,
   )
 
 
@@ -291,10 +295,10 @@ def _digits_arrays() -> dict[str, np.ndarray]:
   num_train = int(DIGITS_TRAIN_FRACTION * len(images))
   train, test = order[:num_train], order[num_train:]
   return {
-      'train_images': images[train],
-      'train_labels': labels[train],
-      'test_images': images[test],
-      'test_labels': labels[test],
+    'train_images': images[train],
+    'train_labels': labels[train],
+    'test_images': images[test],
+    'test_labels': labels[test],
   }
 
 
@@ -304,9 +308,9 @@ def _digits_source(cfg: ml_collections.ConfigDict) -> Source:
 
 
 NPZ_LAYOUT = (
-    'a valid file is an .npz archive (np.savez) of four plain numeric arrays: train_images '
-    '[N, H, W, C] uint8 (or float in [0, 1]), train_labels [N] integers, test_images '
-    '[M, H, W, C], test_labels [M] integers'
+  'a valid file is an .npz archive (np.savez) of four plain numeric arrays: train_images '
+  '[N, H, W, C] uint8 (or float in [0, 1]), train_labels [N] integers, test_images '
+  '[M, H, W, C], test_labels [M] integers'
 )
 
 
@@ -326,7 +330,7 @@ def _read_npz(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
     raise _bad_npz(path, 'is empty (0 bytes)')
   with open(path, 'rb') as f:
     magic = f.read(4)
-  if magic != b'PK\x03\x04':   # an .npz is a zip archive
+  if magic != b'PK\x03\x04':  # an .npz is a zip archive
     kind = 'a single .npy array' if magic[:4] == b'\x93NUM' else 'not an .npz (zip) archive'
     raise _bad_npz(path, f'is {kind} (first bytes {magic!r}, {size} bytes)')
   out = {}
@@ -340,9 +344,10 @@ def _read_npz(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
   except ValueError as e:
     if 'data.path=' in str(e):
       raise
-    if 'pickle' in str(e).lower():   # object arrays need pickle to load
-      raise _bad_npz(path, 'holds pickled (object-dtype) arrays, which are refused: loading '
-                     'them could run code') from None
+    if 'pickle' in str(e).lower():  # object arrays need pickle to load
+      raise _bad_npz(
+        path, 'holds pickled (object-dtype) arrays, which are refused: loading them could run code'
+      ) from None
     raise _bad_npz(path, f'cannot be read: {type(e).__name__}: {e}') from None
   except Exception as e:  # pylint: disable=broad-except  (zipfile/EOF/OS errors of a cut file)
     raise _bad_npz(path, f'is truncated or corrupt ({type(e).__name__}: {e})') from None
@@ -357,39 +362,37 @@ def _npz_source(cfg: ml_collections.ConfigDict) -> Source:
   path = cfg.path
   if path is None:
     raise ValueError(
-        "data.path=None; source='npz' needs data.path set to an .npz file with "
-        f'keys {list(NPZ_KEYS)}.'
+      "data.path=None; source='npz' needs data.path set to an .npz file with "
+      f'keys {list(NPZ_KEYS)}.'
     )
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f'data.path={cfg.path!r} does not exist (resolved: '
-        f'{os.path.abspath(path)}); {NPZ_LAYOUT}.'
+      f'data.path={cfg.path!r} does not exist (resolved: {os.path.abspath(path)}); {NPZ_LAYOUT}.'
     )
   arrays = _read_npz(os.path.abspath(path), os.stat(path).st_mtime_ns)
   for split in ('train', 'test'):
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
     if images.ndim != 4:
       raise ValueError(
-          f'data.path={cfg.path!r}: {split}_images has shape {images.shape}; '
-          'expected [N, H, W, C].'
+        f'data.path={cfg.path!r}: {split}_images has shape {images.shape}; expected [N, H, W, C].'
       )
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(
-          f'data.path={cfg.path!r}: {split}_labels has shape {labels.shape} and '
-          f'dtype {labels.dtype}; expected integers of shape ({len(images)},).'
+        f'data.path={cfg.path!r}: {split}_labels has shape {labels.shape} and '
+        f'dtype {labels.dtype}; expected integers of shape ({len(images)},).'
       )
   if arrays['train_images'].shape[1:] != arrays['test_images'].shape[1:]:
     raise ValueError(
-        f'data.path={cfg.path!r}: train images {arrays["train_images"].shape[1:]} '
-        f'and test images {arrays["test_images"].shape[1:]} differ in shape.'
+      f'data.path={cfg.path!r}: train images {arrays["train_images"].shape[1:]} '
+      f'and test images {arrays["test_images"].shape[1:]} differ in shape.'
     )
   all_labels = np.concatenate([arrays['train_labels'], arrays['test_labels']])
   num_classes = 10 if cfg.name == 'cifar10' else int(all_labels.max()) + 1
   if all_labels.min() < 0 or all_labels.max() >= num_classes:
     raise ValueError(
-        f'data.path={cfg.path!r}: labels span [{all_labels.min()}, '
-        f'{all_labels.max()}], outside [0, {num_classes}) (data.name={cfg.name!r}).'
+      f'data.path={cfg.path!r}: labels span [{all_labels.min()}, '
+      f'{all_labels.max()}], outside [0, {num_classes}) (data.name={cfg.name!r}).'
     )
   return _array_source(arrays, num_classes, cfg.normalize, cfg.holdout)
 
@@ -402,21 +405,21 @@ def _tfds_missing_message(builder, name: str) -> str:
     manual_dir = os.path.join(root, 'downloads', 'manual')
     files = MANUAL_FILES.get(base)
     what = (
-        ' and '.join(files)
-        if files
-        else f'the files below ({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()})'
+      ' and '.join(files)
+      if files
+      else f'the files below ({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()})'
     )
     return (
-        f'TFDS dataset {name!r} is not prepared in {root}. It needs a manual '
-        f'download: put {what} in {manual_dir}/ then run '
-        f'`tfds build {base} --data_dir={root}`.'
+      f'TFDS dataset {name!r} is not prepared in {root}. It needs a manual '
+      f'download: put {what} in {manual_dir}/ then run '
+      f'`tfds build {base} --data_dir={root}`.'
     )
   return (
-      f'TFDS dataset {name!r} is not prepared in {root}. On a machine with '
-      f'internet run `tfds build {base} --data_dir={root}` (or `python -c '
-      f'"import tensorflow_datasets as tfds; tfds.load(\'{name}\', '
-      f'data_dir=\'{root}\')"`) and copy {root} here, set data.data_dir to '
-      'where it is, or use local arrays with data.source=npz.'
+    f'TFDS dataset {name!r} is not prepared in {root}. On a machine with '
+    f'internet run `tfds build {base} --data_dir={root}` (or `python -c '
+    f'"import tensorflow_datasets as tfds; tfds.load(\'{name}\', '
+    f'data_dir=\'{root}\')"`) and copy {root} here, set data.data_dir to '
+    'where it is, or use local arrays with data.source=npz.'
   )
 
 
@@ -430,8 +433,7 @@ def _tfds_source(cfg: ml_collections.ConfigDict) -> Source:
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
     raise ValueError(
-        f"data.name={cfg.name!r} has features {list(features)}; need 'image' "
-        "and 'label'."
+      f"data.name={cfg.name!r} has features {list(features)}; need 'image' and 'label'."
     )
   image_feature = features['image']
   native_shape = tuple(image_feature.shape)
@@ -441,23 +443,24 @@ def _tfds_source(cfg: ml_collections.ConfigDict) -> Source:
     base = cfg.name.split(':')[0].split('/')[0]
     if base not in CHANNEL_STATS:
       raise ValueError(
-          f'data.normalize=True but no channel statistics are known for '
-          f'data.name={cfg.name!r}; known: {sorted(CHANNEL_STATS)}. Set '
-          'data.normalize=False or add the name to demp.data.CHANNEL_STATS.'
+        f'data.normalize=True but no channel statistics are known for '
+        f'data.name={cfg.name!r}; known: {sorted(CHANNEL_STATS)}. Set '
+        'data.normalize=False or add the name to demp.data.CHANNEL_STATS.'
       )
     mean_std = tuple(np.asarray(v, np.float32) for v in CHANNEL_STATS[base])
   splits = {'train': cfg.train_split, 'test': cfg.test_split}
   if cfg.holdout:
-    splits.update(train=f'{cfg.train_split}[:-{cfg.holdout}]',
-                  holdout=f'{cfg.train_split}[-{cfg.holdout}:]')
+    splits.update(
+      train=f'{cfg.train_split}[:-{cfg.holdout}]', holdout=f'{cfg.train_split}[-{cfg.holdout}:]'
+    )
 
   def as_dataset(split_arg, file_seed: int | None, decode_now: bool):
     try:
       return builder.as_dataset(
-          split=split_arg,
-          shuffle_files=file_seed is not None,
-          read_config=tfds.ReadConfig(shuffle_seed=file_seed),
-          decoders=None if decode_now else {'image': tfds.decode.SkipDecoding()},
+        split=split_arg,
+        shuffle_files=file_seed is not None,
+        read_config=tfds.ReadConfig(shuffle_seed=file_seed),
+        decoders=None if decode_now else {'image': tfds.decode.SkipDecoding()},
       )
     except AssertionError as e:  # TFDS's "could not find data in ...".
       raise FileNotFoundError(_tfds_missing_message(builder, cfg.name)) from e
@@ -477,7 +480,7 @@ def _tfds_source(cfg: ml_collections.ConfigDict) -> Source:
       split_arg = tfds.even_splits(split_arg, n=num_shards)[shard_index]
     examples = as_dataset(split_arg, file_seed, decode_now=not variable)
     examples = examples.map(
-        lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)}
+      lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)}
     )
     if cache and not variable:
       examples = examples.cache()
@@ -488,18 +491,18 @@ def _tfds_source(cfg: ml_collections.ConfigDict) -> Source:
     return RawSplit(examples, decode)
 
   return Source(
-      num_classes=features['label'].num_classes,
-      native_shape=native_shape,
-      num_examples={s: num_examples(s) for s in splits},
-      mean_std=mean_std,
-      load=load,
+    num_classes=features['label'].num_classes,
+    native_shape=native_shape,
+    num_examples={s: num_examples(s) for s in splits},
+    mean_std=mean_std,
+    load=load,
   )
 
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Source]] = {
-    'tfds': _tfds_source,
-    'npz': _npz_source,
-    'digits': _digits_source,
+  'tfds': _tfds_source,
+  'npz': _npz_source,
+  'digits': _digits_source,
 }
 
 
@@ -562,13 +565,9 @@ def _train_imagenet(image, seed, cfg):
   tf = _tf()
   size = cfg.image_size
   c = image.shape[-1]
-  size_seed, crop_seed, flip_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 3)
-  )
+  size_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   low, high = (_scaled(p, size) for p in IMAGENET_TRAIN_SHORTER)
-  shorter = tf.random.stateless_uniform(
-      [], size_seed, minval=low, maxval=high + 1, dtype=tf.int32
-  )
+  shorter = tf.random.stateless_uniform([], size_seed, minval=low, maxval=high + 1, dtype=tf.int32)
   image = _resize_shorter_side(image, shorter)
   image = tf.image.stateless_random_crop(image, [size, size, c], seed=crop_seed)
   return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
@@ -576,14 +575,14 @@ def _train_imagenet(image, seed, cfg):
 
 # augment name -> (image, seed [2], cfg) -> image; and its eval counterpart.
 TRAIN_PREPROCESS: dict[str, Callable[..., tf.Tensor]] = {
-    'none': _train_none,
-    'crop_flip': _train_crop_flip,
-    'imagenet': _train_imagenet,
+  'none': _train_none,
+  'crop_flip': _train_crop_flip,
+  'imagenet': _train_imagenet,
 }
 EVAL_PREPROCESS: dict[str, Callable[..., tf.Tensor]] = {
-    'none': _eval_plain,
-    'crop_flip': _eval_plain,
-    'imagenet': _eval_imagenet,
+  'none': _eval_plain,
+  'crop_flip': _eval_plain,
+  'imagenet': _eval_imagenet,
 }
 
 
@@ -600,14 +599,14 @@ def _open(cfg: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, Source, Da
     h = w = cfg.image_size
   elif h is None or w is None:
     raise ValueError(
-        f'data.image_size=None but {cfg.name!r} images vary in size; set '
-        'data.image_size to an int (e.g. 224).'
+      f'data.image_size=None but {cfg.name!r} images vary in size; set '
+      'data.image_size to an int (e.g. 224).'
     )
   info = DatasetInfo(
-      num_classes=int(source.num_classes),
-      image_shape=(int(h), int(w), int(c)),
-      num_train=int(source.num_examples['train']),
-      num_test=int(source.num_examples['test']),
+    num_classes=int(source.num_classes),
+    image_shape=(int(h), int(w), int(c)),
+    num_train=int(source.num_examples['train']),
+    num_test=int(source.num_examples['test']),
   )
   return cfg, source, info
 
@@ -637,11 +636,11 @@ def _eval_dataset(cfg, source: Source, raw: RawSplit) -> tf.data.Dataset:
   """Unbatched examples with eval preprocessing, in the order of `raw`."""
   transform = functools.partial(EVAL_PREPROCESS[cfg.augment], cfg=cfg)
   return raw.examples.map(
-      lambda ex: {
-          'image': _finish(ex['image'], raw.decode, transform, source),
-          'label': ex['label'],
-      },
-      num_parallel_calls=AUTOTUNE,
+    lambda ex: {
+      'image': _finish(ex['image'], raw.decode, transform, source),
+      'label': ex['label'],
+    },
+    num_parallel_calls=AUTOTUNE,
   ).with_options(_options())
 
 
@@ -651,13 +650,13 @@ def get_info(cfg: Mapping[str, Any]) -> DatasetInfo:
 
 
 def train_iterator(
-    cfg: Mapping[str, Any],
-    batch_size: int,
-    seed: int,
-    *,
-    shard_index: int | None = None,
-    num_shards: int | None = None,
-    start_batch: int = 0,
+  cfg: Mapping[str, Any],
+  batch_size: int,
+  seed: int,
+  *,
+  shard_index: int | None = None,
+  num_shards: int | None = None,
+  start_batch: int = 0,
 ) -> Iterator[Batch]:
   """Infinite shuffled, augmented training batches for this host.
 
@@ -701,15 +700,15 @@ def train_iterator(
     example_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
     transform = lambda image: augment(image, example_seed, cfg)
     return {
-        'image': _finish(ex['image'], raw.decode, transform, source),
-        'label': ex['label'],
+      'image': _finish(ex['image'], raw.decode, transform, source),
+      'label': ex['label'],
     }
 
   batches = (
-      examples.map(preprocess, num_parallel_calls=AUTOTUNE)
-      .batch(batch_size, drop_remainder=True)
-      .prefetch(AUTOTUNE)
-      .with_options(_options())
+    examples.map(preprocess, num_parallel_calls=AUTOTUNE)
+    .batch(batch_size, drop_remainder=True)
+    .prefetch(AUTOTUNE)
+    .with_options(_options())
   )
   return batches.as_numpy_iterator()
 
@@ -722,8 +721,8 @@ def _padded(batches: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
     mask[:n] = 1.0
     if n < batch_size:
       batch = {
-          k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
-          for k, v in batch.items()
+        k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+        for k, v in batch.items()
       }
     yield {**batch, 'mask': mask}
 
@@ -743,9 +742,7 @@ def eval_batches(cfg: Mapping[str, Any], split: str, batch_size: int) -> Iterato
   return _padded(batches.as_numpy_iterator(), batch_size)
 
 
-def fixed_examples(
-    cfg: Mapping[str, Any], num: int, seed: int = 0, split: str = 'train'
-) -> Batch:
+def fixed_examples(cfg: Mapping[str, Any], num: int, seed: int = 0, split: str = 'train') -> Batch:
   """`num` examples of `split` chosen by `seed`, with eval preprocessing.
 
   Deterministic: the same (cfg, num, seed, split) gives the same arrays. Used by
@@ -762,8 +759,7 @@ def fixed_examples(
   raw = source.load(split, 0, 1, None, False)
   buffer = min(cfg.shuffle_buffer, available)
   raw = raw._replace(
-      examples=raw.examples.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
-      .take(num)
+    examples=raw.examples.shuffle(buffer, seed=seed, reshuffle_each_iteration=False).take(num)
   )
   return next(_eval_dataset(cfg, source, raw).batch(num).as_numpy_iterator())
 
@@ -774,14 +770,16 @@ def fixed_examples(
 CIFAR10_BINARY_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
 """The public CIFAR-10 binary release (Krizhevsky, 2009); no pickle involved."""
 
-_CIFAR_RECORD = 1 + 32 * 32 * 3   # a label byte, then 3072 pixel bytes (R, G, B planes)
+_CIFAR_RECORD = 1 + 32 * 32 * 3  # a label byte, then 3072 pixel bytes (R, G, B planes)
 
 
 def _cifar_binary_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
   """Images [N, 32, 32, 3] uint8 (HWC) and labels [N] of one ``data_batch_*.bin``."""
   if len(raw) % _CIFAR_RECORD:
-    raise ValueError(f'{name}: {len(raw)} bytes is not a whole number of {_CIFAR_RECORD}-byte '
-                     'CIFAR-10 records; is this the binary release?')
+    raise ValueError(
+      f'{name}: {len(raw)} bytes is not a whole number of {_CIFAR_RECORD}-byte '
+      'CIFAR-10 records; is this the binary release?'
+    )
   records = np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR_RECORD)
   images_nchw = records[:, 1:].reshape(-1, 3, 32, 32)
   return np.ascontiguousarray(images_nchw.transpose(0, 2, 3, 1)), records[:, 0].astype(np.int64)
@@ -817,18 +815,19 @@ def make_cifar10_subset(archive: str, out: str, per_batch: int = 1017) -> dict[s
         found[base] = tar.extractfile(member).read()
   missing = [n for n in names if n not in found]
   if missing:
-    raise ValueError(f'{archive!r} lacks {missing}: expected the CIFAR-10 binary release '
-                     f'({CIFAR10_BINARY_URL}).')
+    raise ValueError(
+      f'{archive!r} lacks {missing}: expected the CIFAR-10 binary release ({CIFAR10_BINARY_URL}).'
+    )
   batches = {n: _cifar_binary_batch(found[n], n) for n in names}
   for n, (images, _) in batches.items():
     if len(images) < per_batch:
       raise ValueError(f'{n} holds {len(images)} images, fewer than per_batch={per_batch}.')
   train = [batches[n] for n in names[:5]]
   arrays = {
-      'train_images': np.concatenate([x[:per_batch] for x, _ in train]),
-      'train_labels': np.concatenate([y[:per_batch] for _, y in train]),
-      'test_images': batches['test_batch.bin'][0][:per_batch],
-      'test_labels': batches['test_batch.bin'][1][:per_batch],
+    'train_images': np.concatenate([x[:per_batch] for x, _ in train]),
+    'train_labels': np.concatenate([y[:per_batch] for _, y in train]),
+    'test_images': batches['test_batch.bin'][0][:per_batch],
+    'test_labels': batches['test_batch.bin'][1][:per_batch],
   }
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   np.savez(out, **arrays)

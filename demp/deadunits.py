@@ -37,11 +37,11 @@ from demp import surgery
 PyTree = Any
 
 CRITERIA: dict[str, Callable[[jax.Array, float], jax.Array]] = {
-    'relu': lambda a, eps: a == 0,
-    'leaky_relu': lambda a, eps: a <= 0,
-    'gelu': lambda a, eps: jnp.abs(a) < eps,
-    'swish': lambda a, eps: jnp.abs(a) < eps,
-    'eps': lambda a, eps: jnp.abs(a) < eps,
+  'relu': lambda a, eps: a == 0,
+  'leaky_relu': lambda a, eps: a <= 0,
+  'gelu': lambda a, eps: jnp.abs(a) < eps,
+  'swish': lambda a, eps: jnp.abs(a) < eps,
+  'eps': lambda a, eps: jnp.abs(a) < eps,
 }
 
 
@@ -63,16 +63,19 @@ def probe(module: nn.Module, name: str, a: jax.Array) -> jax.Array:
 def criterion_for(activation: str) -> str:
   """The death criterion for a named activation (``relu`` -> ``relu`` ...)."""
   if activation not in CRITERIA:
-    raise ValueError(f'no death criterion for activation {activation!r}; '
-                     f'known: {sorted(CRITERIA)}.')
+    raise ValueError(
+      f'no death criterion for activation {activation!r}; known: {sorted(CRITERIA)}.'
+    )
   return activation
 
 
 def _get(tree: Mapping, path: tuple[str, ...]):
   for k in path:
     if k not in tree:
-      raise KeyError(f'site {"/".join(path)!r} was not sown; the model must call '
-                     f'probe()/sow("intermediates", ...) there.')
+      raise KeyError(
+        f'site {"/".join(path)!r} was not sown; the model must call '
+        f'probe()/sow("intermediates", ...) there.'
+      )
     tree = tree[k]
   return tree
 
@@ -106,16 +109,24 @@ def _scan_stats(model, variables, images, *, criterion: str, eps: float, batch_s
 
   def body(carry, x):
     alive, activity = batch_stats(x)
-    return (jax.tree.map(jnp.logical_or, carry[0], alive),
-            jax.tree.map(jnp.maximum, carry[1], activity)), None
+    return (
+      jax.tree.map(jnp.logical_or, carry[0], alive),
+      jax.tree.map(jnp.maximum, carry[1], activity),
+    ), None
 
   (alive, activity), _ = jax.lax.scan(body, first, xs[1:])
   return alive, activity
 
 
-def dead_unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
-                    criterion: str = 'relu', eps: float = 0.01,
-                    batch_size: int = 128) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def dead_unit_stats(
+  model,
+  variables: Mapping[str, PyTree],
+  images: jax.Array,
+  *,
+  criterion: str = 'relu',
+  eps: float = 0.01,
+  batch_size: int = 128,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Liveness of every unit group of ``model`` on ``images``.
 
   Args:
@@ -132,17 +143,22 @@ def dead_unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *
   """
   if criterion not in CRITERIA:
     raise ValueError(f'criterion={criterion!r} is not one of {sorted(CRITERIA)}.')
-  surgery.unit_groups(model)            # a model outside the protocol fails here, with advice
+  surgery.unit_groups(model)  # a model outside the protocol fails here, with advice
   n = images.shape[0]
   batch_size = min(batch_size, n)
   if n % batch_size:
-    raise ValueError(f'the {n} death-check examples are not a multiple of the batch size {batch_size}.')
+    raise ValueError(
+      f'the {n} death-check examples are not a multiple of the batch size {batch_size}.'
+    )
   variables = {k: v for k, v in variables.items() if k != 'intermediates'}
-  alive, activity = _scan_stats(model, variables, images, criterion=criterion,
-                                eps=float(eps), batch_size=batch_size)
+  alive, activity = _scan_stats(
+    model, variables, images, criterion=criterion, eps=float(eps), batch_size=batch_size
+  )
   alive, activity = jax.device_get((alive, activity))
-  return ({k: np.asarray(v) for k, v in alive.items()},
-          {k: np.asarray(v) for k, v in activity.items()})
+  return (
+    {k: np.asarray(v) for k, v in alive.items()},
+    {k: np.asarray(v) for k, v in activity.items()},
+  )
 
 
 def site_ranges(intermediates: Mapping, groups):
@@ -180,9 +196,15 @@ def _scan_all(model, variables, images, *, criterion: str, eps: float, batch_siz
   return out
 
 
-def unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
-               criterion: str = 'relu', eps: float = 0.01,
-               batch_size: int = 128) -> dict[str, dict[str, np.ndarray]]:
+def unit_stats(
+  model,
+  variables: Mapping[str, PyTree],
+  images: jax.Array,
+  *,
+  criterion: str = 'relu',
+  eps: float = 0.01,
+  batch_size: int = 128,
+) -> dict[str, dict[str, np.ndarray]]:
   """:func:`dead_unit_stats` plus each unit's range, in the same single pass.
 
   Returns:
@@ -196,17 +218,22 @@ def unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
   n = images.shape[0]
   batch_size = min(batch_size, n)
   if n % batch_size:
-    raise ValueError(f'the {n} death-check examples are not a multiple of the batch size '
-                     f'{batch_size}.')
+    raise ValueError(
+      f'the {n} death-check examples are not a multiple of the batch size {batch_size}.'
+    )
   variables = {k: v for k, v in variables.items() if k != 'intermediates'}
-  out = jax.device_get(_scan_all(model, variables, images, criterion=criterion,
-                                 eps=float(eps), batch_size=batch_size))
-  return {name: {k: np.asarray(v) for k, v in d.items()}
-          for name, d in zip(('alive', 'activity', 'low', 'high'), out)}
+  out = jax.device_get(
+    _scan_all(model, variables, images, criterion=criterion, eps=float(eps), batch_size=batch_size)
+  )
+  return {
+    name: {k: np.asarray(v) for k, v in d.items()}
+    for name, d in zip(('alive', 'activity', 'low', 'high'), out)
+  }
 
 
-def constant_units(stats: Mapping[str, Mapping[str, np.ndarray]],
-                   eps: float) -> dict[str, np.ndarray]:
+def constant_units(
+  stats: Mapping[str, Mapping[str, np.ndarray]], eps: float
+) -> dict[str, np.ndarray]:
   """Group -> ``[width]`` bool: alive (not dead) units whose output is constant over the check set.
 
   Constant means ``max - min <= eps`` over every example, position and site
@@ -216,8 +243,10 @@ def constant_units(stats: Mapping[str, Mapping[str, np.ndarray]],
   """
   if not eps >= 0:
     raise ValueError(f'eps={eps!r} must be >= 0.')
-  return {k: np.asarray(stats['alive'][k], bool) & (stats['high'][k] - stats['low'][k] <= eps)
-          for k in stats['alive']}
+  return {
+    k: np.asarray(stats['alive'][k], bool) & (stats['high'][k] - stats['low'][k] <= eps)
+    for k in stats['alive']
+  }
 
 
 def constant_values(stats: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -226,22 +255,31 @@ def constant_values(stats: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, 
   The value a constant unit is replaced by when folded (within ``eps / 2`` of
   every output it produced on the check set).
   """
-  return {k: (0.5 * (stats['low'][k].astype(np.float64) + stats['high'][k])).astype(np.float32)
-          for k in stats['low']}
+  return {
+    k: (0.5 * (stats['low'][k].astype(np.float64) + stats['high'][k])).astype(np.float32)
+    for k in stats['low']
+  }
 
 
-def constant_unit_stats(model, variables: Mapping[str, PyTree], images: jax.Array, *,
-                        eps: float = 0.01, criterion: str = 'relu', dead_eps: float = 0.01,
-                        batch_size: int = 128
-                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def constant_unit_stats(
+  model,
+  variables: Mapping[str, PyTree],
+  images: jax.Array,
+  *,
+  eps: float = 0.01,
+  criterion: str = 'relu',
+  dead_eps: float = 0.01,
+  batch_size: int = 128,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Constant (alive) units of every group and their values: ``(constant, value)``.
 
   ``eps`` is the constancy threshold on ``max - min``; ``criterion`` and
   ``dead_eps`` are the death criterion (dead units are not counted). One jitted
   pass over ``images`` (:func:`unit_stats`).
   """
-  stats = unit_stats(model, variables, images, criterion=criterion, eps=dead_eps,
-                     batch_size=batch_size)
+  stats = unit_stats(
+    model, variables, images, criterion=criterion, eps=dead_eps, batch_size=batch_size
+  )
   return constant_units(stats, eps), constant_values(stats)
 
 
@@ -258,8 +296,9 @@ class LayerCollapseError(RuntimeError):
   """Every unit of a group died (``prune.on_collapse='stop'``)."""
 
 
-def check_collapse(alive: Mapping[str, np.ndarray], *, step: int,
-                   on_collapse: str = 'warn') -> list[str]:
+def check_collapse(
+  alive: Mapping[str, np.ndarray], *, step: int, on_collapse: str = 'warn'
+) -> list[str]:
   """The groups whose every unit is dead; warns about them, or raises (``'stop'``).
 
   A collapsed group is kept at ``prune.min_width`` by the surgery (its most
@@ -272,15 +311,31 @@ def check_collapse(alive: Mapping[str, np.ndarray], *, step: int,
   collapsed = sorted(name for name, a in alive.items() if not np.any(a))
   if not collapsed:
     return []
-  message = (f'layer collapse at step {step}: every unit of {collapsed} is dead (kept at '
-             f'prune.min_width, but no signal crosses it). Lower demp.peak_lambda or the learning '
-             f'rate')
+  message = (
+    f'layer collapse at step {step}: every unit of {collapsed} is dead (kept at '
+    f'prune.min_width, but no signal crosses it). Lower demp.peak_lambda or the learning '
+    f'rate'
+  )
   if on_collapse == 'stop':
     raise LayerCollapseError(f'{message}; stopping (prune.on_collapse=\'stop\').')
   logging.warning('%s (prune.on_collapse=\'stop\' stops the run).', message)
   return collapsed
 
 
-__all__ = ['CRITERIA', 'LayerCollapseError', 'ON_COLLAPSE', 'check_collapse', 'probe',
-           'criterion_for', 'constant_unit_stats', 'constant_units', 'constant_values',
-           'dead_unit_stats', 'site_ranges', 'site_stats', 'count', 'surgery', 'unit_stats']
+__all__ = [
+  'CRITERIA',
+  'LayerCollapseError',
+  'ON_COLLAPSE',
+  'check_collapse',
+  'probe',
+  'criterion_for',
+  'constant_unit_stats',
+  'constant_units',
+  'constant_values',
+  'dead_unit_stats',
+  'site_ranges',
+  'site_stats',
+  'count',
+  'surgery',
+  'unit_stats',
+]

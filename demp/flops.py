@@ -57,8 +57,9 @@ def _valid_taps(size_in: int, kernel: int, stride: int, pad_lo: int, size_out: i
   return total
 
 
-def conv_output_size(size_in: int, kernel: int, stride: int, padding: str | tuple[int, int]
-                     ) -> tuple[int, int]:
+def conv_output_size(
+  size_in: int, kernel: int, stride: int, padding: str | tuple[int, int]
+) -> tuple[int, int]:
   """``(size_out, pad_lo)`` of one spatial axis, for 'SAME', 'VALID' or ``(lo, hi)``."""
   if padding == 'SAME':
     size_out = -(-size_in // stride)
@@ -72,9 +73,17 @@ def conv_output_size(size_in: int, kernel: int, stride: int, padding: str | tupl
   raise ValueError(f'padding={padding!r} is not one of SAME, VALID or a (lo, hi) pair.')
 
 
-def conv_flops(batch: int, in_hw: Sequence[int], kernel_hw: Sequence[int], c_in: int, c_out: int,
-               *, strides: Sequence[int] = (1, 1), padding: str | Sequence[tuple[int, int]] = 'SAME',
-               bias: bool = False) -> int:
+def conv_flops(
+  batch: int,
+  in_hw: Sequence[int],
+  kernel_hw: Sequence[int],
+  c_in: int,
+  c_out: int,
+  *,
+  strides: Sequence[int] = (1, 1),
+  padding: str | Sequence[tuple[int, int]] = 'SAME',
+  bias: bool = False,
+) -> int:
   """FLOPs of a (non-dilated, ungrouped) convolution the way XLA counts them.
 
   ``2·B·C_in·C_out·Π_axes(Σ_output positions valid taps)`` (+ ``B·H'·W'·C_out``
@@ -129,21 +138,29 @@ def at_widths(model, widths: Mapping[str, int]):
   return model.clone(widths=flax.core.FrozenDict({k: int(v) for k, v in widths.items()}))
 
 
-def inference_flops(model, dense_widths: Mapping[str, int], image_shape: Sequence[int]
-                    ) -> dict[str, float]:
+def inference_flops(
+  model, dense_widths: Mapping[str, int], image_shape: Sequence[int]
+) -> dict[str, float]:
   """Per-image eval FLOPs of ``model`` and of its dense version, and their ratio.
 
   The dense eval step is compiled here once, from abstract shapes.
   """
   final = forward_flops(model, image_shape)
-  dense = final if dict(model.widths) == dict(dense_widths) else \
-      forward_flops(at_widths(model, dense_widths), image_shape)
-  return {'inference_flops': final, 'inference_flops_dense': dense,
-          'inference_flops_rel': final / dense if dense else float('nan')}
+  dense = (
+    final
+    if dict(model.widths) == dict(dense_widths)
+    else forward_flops(at_widths(model, dense_widths), image_shape)
+  )
+  return {
+    'inference_flops': final,
+    'inference_flops_dense': dense,
+    'inference_flops_rel': final / dense if dense else float('nan'),
+  }
 
 
-def train_step_flops(make_step: Callable, model, tx, image_shape: Sequence[int], batch_size: int,
-                     **step_kwargs) -> float:
+def train_step_flops(
+  make_step: Callable, model, tx, image_shape: Sequence[int], batch_size: int, **step_kwargs
+) -> float:
   """XLA's FLOPs of one train step ``make_step(model, tx, **kw)(state, batch)``.
 
   State ``{params, batch_stats, opt_state}`` and batch ``{image, label}`` are
@@ -151,15 +168,28 @@ def train_step_flops(make_step: Callable, model, tx, image_shape: Sequence[int],
   version of a pruned run).
   """
   state = jax.eval_shape(
-      lambda: run_lib.create_train_state(model, tx, jax.random.key(0), image_shape))
-  batch = {'image': jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
-           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+    lambda: run_lib.create_train_state(model, tx, jax.random.key(0), image_shape)
+  )
+  batch = {
+    'image': jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
+    'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
   return xla_flops(make_step(model, tx, **step_kwargs), state, batch)
 
 
-def run_flops(*, model, tx, dense_widths: Mapping[str, int], image_shape: Sequence[int],
-              batch_size: int, num_steps: int, segments: Sequence[Mapping[str, Any]],
-              train_flops: float, make_step: Callable, **step_kwargs) -> dict[str, float]:
+def run_flops(
+  *,
+  model,
+  tx,
+  dense_widths: Mapping[str, int],
+  image_shape: Sequence[int],
+  batch_size: int,
+  num_steps: int,
+  segments: Sequence[Mapping[str, Any]],
+  train_flops: float,
+  make_step: Callable,
+  **step_kwargs,
+) -> dict[str, float]:
   """The FLOP part of a run summary, relative to the dense model.
 
   Training FLOPs are integrated over the run (Σ over steps of the compiled
@@ -173,10 +203,14 @@ def run_flops(*, model, tx, dense_widths: Mapping[str, int], image_shape: Sequen
   if first is not None and dict(first['widths']) == dict(dense_widths):
     dense_step = float(first['flops'])
   else:
-    dense_step = train_step_flops(make_step, at_widths(model, dense_widths), tx, image_shape,
-                                  batch_size, **step_kwargs)
+    dense_step = train_step_flops(
+      make_step, at_widths(model, dense_widths), tx, image_shape, batch_size, **step_kwargs
+    )
   dense_total = dense_step * num_steps
-  out = {'train_flops': float(train_flops), 'train_flops_dense': dense_total,
-         'train_flops_rel': train_flops / dense_total if dense_total else float('nan')}
+  out = {
+    'train_flops': float(train_flops),
+    'train_flops_dense': dense_total,
+    'train_flops_rel': train_flops / dense_total if dense_total else float('nan'),
+  }
   out.update(inference_flops(model, dense_widths, image_shape))
   return out

@@ -38,8 +38,9 @@ class Method(NamedTuple):
   before the first update (pruning at initialization).
   """
 
-  optimizer: Callable[[ml_collections.ConfigDict, optax.GradientTransformation],
-                      optax.GradientTransformation]
+  optimizer: Callable[
+    [ml_collections.ConfigDict, optax.GradientTransformation], optax.GradientTransformation
+  ]
   hook: Callable[['Run', int], None] | None = None
   when: Callable[[ml_collections.ConfigDict, int], bool] = lambda config, step: False
 
@@ -53,8 +54,10 @@ def register(name: str, method: Method) -> Method:
     raise TypeError(f'register({name!r}, ...): expected a demp.methods.Method, got {method!r}.')
   old = _REGISTRY.get(name)
   if old is not None and _origin(old) != _origin(method):
-    raise ValueError(f'method {name!r} is already registered by {_origin(old)}; pick another '
-                     f'name (registering from {_origin(method)}).')
+    raise ValueError(
+      f'method {name!r} is already registered by {_origin(old)}; pick another '
+      f'name (registering from {_origin(method)}).'
+    )
   _REGISTRY[name] = method
   return method
 
@@ -87,8 +90,10 @@ def closest_hint(name: str, candidates) -> str:
 def _plugin_hint() -> str:
   if any(n in _REGISTRY for n in ('snap', 'rigl')):
     return ''
-  return (' (methods of plug-ins are registered when the plug-in is imported: '
-          '`import baselines` for the baselines.)')
+  return (
+    ' (methods of plug-ins are registered when the plug-in is imported: '
+    '`import baselines` for the baselines.)'
+  )
 
 
 def prune_steps(config, step: int) -> bool:
@@ -97,12 +102,17 @@ def prune_steps(config, step: int) -> bool:
   return step > 0 and (step % c.every == 0 or (c.at_end and step == config.num_steps))
 
 
-def demp_method_optimizer(config,
-                          base: optax.GradientTransformation) -> optax.GradientTransformation:
+def demp_method_optimizer(
+  config, base: optax.GradientTransformation
+) -> optax.GradientTransformation:
   """DemP's optimizer for ``config``: ``base`` with the scheduled penalty and live noise."""
   return optim.demp_wrap(config, base)
 
 
 register('dense', Method(optimizer=lambda config, base: base))
-register('demp', Method(optimizer=demp_method_optimizer, hook=lambda run, step: run.prune_dead(),
-                        when=prune_steps))
+register(
+  'demp',
+  Method(
+    optimizer=demp_method_optimizer, hook=lambda run, step: run.prune_dead(), when=prune_steps
+  ),
+)

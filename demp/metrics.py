@@ -35,8 +35,11 @@ def weight_sparsity(params: PyTree, dense_num_params: int) -> float:
   return 1.0 - num_nonzero(params) / dense_num_params
 
 
-def dead_set(alive: Mapping[str, np.ndarray], unit_ids: Mapping[str, np.ndarray],
-             dense_widths: Mapping[str, int]) -> frozenset[tuple[str, int]]:
+def dead_set(
+  alive: Mapping[str, np.ndarray],
+  unit_ids: Mapping[str, np.ndarray],
+  dense_widths: Mapping[str, int],
+) -> frozenset[tuple[str, int]]:
   """Dead units as ``(group, original index)`` pairs, including those already removed.
 
   ``alive[g]`` is over the units present now; ``unit_ids[g]`` holds their
@@ -113,23 +116,28 @@ def summary_table(summary: Mapping[str, Any]) -> str:
   live = ', '.join(f'{k}={v}' for k, v in summary['widths'].items())
   dense = ', '.join(f'{v}' for v in summary['dense_widths'].values())
   rows = [
-      ('method', summary['method']),
-      ('steps', str(summary['steps'])),
-      ('test accuracy', f'{summary["test_accuracy"]:.4f}'),
-      ('test loss', f'{summary["test_loss"]:.4f}'),
-      ('neuron sparsity', f'{summary["neuron_sparsity"]:.4f}'),
-      ('weight sparsity', f'{summary["weight_sparsity"]:.4f}'),
-      ('live units per group', live),
-      ('dense widths', dense),
-      ('parameters (dense -> final)', f'{summary["dense_params"]} -> {summary["final_params"]}'),
-      ('prune events (that removed units)',
-       f'{summary["prune_events"]} ({summary["prune_events_effective"]})'),
-      ('wall time [s]', f'{summary["wall_time_s"]:.1f}'),
-      ('train-step time, first arch [ms]', f'{1e3 * summary["step_time_first_s"]:.2f}'),
-      ('train-step time, final arch [ms]', f'{1e3 * summary["step_time_final_s"]:.2f}'),
-      ('train-step time ratio final/first', f'{summary["step_time_ratio"]:.3f}'),
-      ('train-step FLOP ratio final/first', f'{summary["step_flops_ratio"]:.3f}'),
-      ('training FLOPs relative to dense', f'{summary["train_flops_rel"]:.3f}'),
-      ('inference FLOPs relative to dense', f'{summary.get("inference_flops_rel", float("nan")):.3f}'),
+    ('method', summary['method']),
+    ('steps', str(summary['steps'])),
+    ('test accuracy', f'{summary["test_accuracy"]:.4f}'),
+    ('test loss', f'{summary["test_loss"]:.4f}'),
+    ('neuron sparsity', f'{summary["neuron_sparsity"]:.4f}'),
+    ('weight sparsity', f'{summary["weight_sparsity"]:.4f}'),
+    ('live units per group', live),
+    ('dense widths', dense),
+    ('parameters (dense -> final)', f'{summary["dense_params"]} -> {summary["final_params"]}'),
+    (
+      'prune events (that removed units)',
+      f'{summary["prune_events"]} ({summary["prune_events_effective"]})',
+    ),
+    ('wall time [s]', f'{summary["wall_time_s"]:.1f}'),
+    ('train-step time, first arch [ms]', f'{1e3 * summary["step_time_first_s"]:.2f}'),
+    ('train-step time, final arch [ms]', f'{1e3 * summary["step_time_final_s"]:.2f}'),
+    ('train-step time ratio final/first', f'{summary["step_time_ratio"]:.3f}'),
+    ('train-step FLOP ratio final/first', f'{summary["step_flops_ratio"]:.3f}'),
+    ('training FLOPs relative to dense', f'{summary["train_flops_rel"]:.3f}'),
+    (
+      'inference FLOPs relative to dense',
+      f'{summary.get("inference_flops_rel", float("nan")):.3f}',
+    ),
   ]
   return format_table(rows, title='DemP run summary')

@@ -35,11 +35,12 @@ def _base_sgd(lr, c):
   return optax.chain(*wd, optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov))
 
 
-OPTIMIZERS: dict[str, Callable[[optax.Schedule, ml_collections.ConfigDict],
-                               optax.GradientTransformation]] = {
-    'adam': _base_adam,                                        # torch-style Adam: L2 added to the gradient
-    'adamw': lambda lr, c: optax.adamw(lr, eps=c.eps, weight_decay=c.weight_decay),
-    'sgd': _base_sgd,                                          # torch-style SGD + momentum + L2
+OPTIMIZERS: dict[
+  str, Callable[[optax.Schedule, ml_collections.ConfigDict], optax.GradientTransformation]
+] = {
+  'adam': _base_adam,  # torch-style Adam: L2 added to the gradient
+  'adamw': lambda lr, c: optax.adamw(lr, eps=c.eps, weight_decay=c.weight_decay),
+  'sgd': _base_sgd,  # torch-style SGD + momentum + L2
 }
 
 DEMP_SCHEDULES = ('one_cycle', 'constant')
@@ -118,30 +119,45 @@ def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTrans
   lam, std = demp_schedules(config)
   c = config.demp
   model, mask, mults, liveness = None, c.penalty_mask, None, c.noise_liveness
-  if (c.penalty_mask == 'groups' or c.penalty_weighting != 'none'
-      or (liveness == 'auto' and c.noise_std > 0)):
+  if (
+    c.penalty_mask == 'groups'
+    or c.penalty_weighting != 'none'
+    or (liveness == 'auto' and c.noise_std > 0)
+  ):
     model, image_shape = _config_model(config)
   if c.penalty_mask == 'groups':
     mask = units.group_scales_mask(model)
   if c.penalty_weighting != 'none' and c.peak_lambda > 0:
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + image_shape),
-                                               train=False))['params']
+    params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1,) + image_shape), train=False)
+    )['params']
     mults = units.penalty_multipliers(model, params, c.penalty_weighting, image_shape)
   if liveness == 'auto':
     liveness = 'gradient' if model is None or model.activation == 'relu' else 'mask'
-  if target.enabled(config):   # λ_t = shape × gain, the gain set by the controller (demp.target)
+  if target.enabled(config):  # λ_t = shape × gain, the gain set by the controller (demp.target)
     return target.target_optimizer(
-        base, lambda_shape=lam, noise_shape=std if c.noise_std > 0 else None,
-        noise=c.target_noise, penalty_kind=c.penalty, penalty_mask=mask,
-        noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric)
-  return transforms.demp_optimizer(
       base,
-      penalty_strength=lam if c.peak_lambda > 0 else None,
-      penalty_kind=c.penalty, penalty_mask=mask,
-      noise_std=std if c.noise_std > 0 else None,
-      noise_seed=config.seed + 1, symmetric_noise=c.noise_symmetric,
-      noise_liveness=liveness, penalty_coupling=c.penalty_coupling,
-      penalty_multipliers=mults, learning_rate=learning_rate_schedule(config))
+      lambda_shape=lam,
+      noise_shape=std if c.noise_std > 0 else None,
+      noise=c.target_noise,
+      penalty_kind=c.penalty,
+      penalty_mask=mask,
+      noise_seed=config.seed + 1,
+      symmetric_noise=c.noise_symmetric,
+    )
+  return transforms.demp_optimizer(
+    base,
+    penalty_strength=lam if c.peak_lambda > 0 else None,
+    penalty_kind=c.penalty,
+    penalty_mask=mask,
+    noise_std=std if c.noise_std > 0 else None,
+    noise_seed=config.seed + 1,
+    symmetric_noise=c.noise_symmetric,
+    noise_liveness=liveness,
+    penalty_coupling=c.penalty_coupling,
+    penalty_multipliers=mults,
+    learning_rate=learning_rate_schedule(config),
+  )
 
 
 def make_optimizer(config, method) -> optax.GradientTransformation:

@@ -46,26 +46,35 @@ PyTree = Any
 DATA_AXIS = 'data'
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """Starts multi-host JAX (``jax.distributed.initialize``); call before any JAX op.
 
   With no arguments, JAX finds the cluster itself on Cloud TPU pod slices,
   SLURM and Open MPI; elsewhere give all three (the same address on every
   process, a distinct ``process_id`` in ``[0, num_processes)``).
   """
-  kwargs = {k: v for k, v in (('coordinator_address', coordinator_address),
-                              ('num_processes', num_processes),
-                              ('process_id', process_id)) if v is not None}
+  kwargs = {
+    k: v
+    for k, v in (
+      ('coordinator_address', coordinator_address),
+      ('num_processes', num_processes),
+      ('process_id', process_id),
+    )
+    if v is not None
+  }
   jax.distributed.initialize(**kwargs)
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
   """A 1-D mesh named ``'data'`` over ``devices`` (default: all devices of all hosts)."""
   devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  return jax.make_mesh(
+    (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -79,16 +88,20 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def step_shardings(mesh: Mesh) -> dict[str, Any]:
   """``jax.jit`` kwargs for ``step(state, batch) -> (state, metrics)``."""
-  return {'in_shardings': (replicated(mesh), batch_sharded(mesh)),
-          'out_shardings': (replicated(mesh), replicated(mesh))}
+  return {
+    'in_shardings': (replicated(mesh), batch_sharded(mesh)),
+    'out_shardings': (replicated(mesh), replicated(mesh)),
+  }
 
 
 def check_batch_size(key: str, batch_size: int, num_devices: int | None = None) -> None:
   """Raises ValueError unless ``batch_size`` splits evenly over the devices."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   if batch_size % num_devices:
-    raise ValueError(f'{key}={batch_size} is not divisible by the device count {num_devices}; '
-                     f'the batch is split evenly over all devices: use a multiple of {num_devices}.')
+    raise ValueError(
+      f'{key}={batch_size} is not divisible by the device count {num_devices}; '
+      f'the batch is split evenly over all devices: use a multiple of {num_devices}.'
+    )
 
 
 def host_batch_size(global_batch_size: int) -> int:
@@ -106,8 +119,9 @@ def _is_key(x) -> bool:
 def _place(x, sharding: NamedSharding):
   """One leaf onto ``sharding``; typed PRNG keys go through their raw key data."""
   if _is_key(x):
-    return jax.random.wrap_key_data(_place(jax.random.key_data(x), sharding),
-                                    impl=jax.random.key_impl(x))
+    return jax.random.wrap_key_data(
+      _place(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x)
+    )
   if isinstance(x, jax.Array) and x.sharding == sharding:
     return x
   if jax.process_count() == 1:
@@ -132,12 +146,15 @@ def shard_global(tree: PyTree, mesh: Mesh) -> PyTree:
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """The global batch from each host's own rows (``[B / num_hosts, ...]`` per host)."""
   sharding = batch_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }
 
 
-def global_batches(local_batches: Iterator[Mapping[str, np.ndarray]],
-                   mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
+def global_batches(
+  local_batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh
+) -> Iterator[dict[str, jax.Array]]:
   for batch in local_batches:
     yield global_batch(batch, mesh)
 
@@ -150,10 +167,26 @@ def assert_same_across_hosts(tree: PyTree, what: str) -> None:
 
 def describe(mesh: Mesh) -> dict[str, int]:
   """Devices and processes of the mesh, for logs and summaries."""
-  return {'devices': int(mesh.devices.size), 'processes': jax.process_count(),
-          'local_devices': jax.local_device_count()}
+  return {
+    'devices': int(mesh.devices.size),
+    'processes': jax.process_count(),
+    'local_devices': jax.local_device_count(),
+  }
 
 
-__all__ = ['DATA_AXIS', 'assert_same_across_hosts', 'batch_sharded', 'check_batch_size',
-           'data_mesh', 'describe', 'global_batch', 'global_batches', 'host_batch_size',
-           'initialize_distributed', 'replicate', 'replicated', 'shard_global', 'step_shardings']
+__all__ = [
+  'DATA_AXIS',
+  'assert_same_across_hosts',
+  'batch_sharded',
+  'check_batch_size',
+  'data_mesh',
+  'describe',
+  'global_batch',
+  'global_batches',
+  'host_batch_size',
+  'initialize_distributed',
+  'replicate',
+  'replicated',
+  'shard_global',
+  'step_shardings',
+]

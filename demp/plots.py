@@ -48,8 +48,9 @@ RunResult = report.RunResult
 
 def check_events(run: RunResult) -> list[dict]:
   """The prune events that carry a death check (``live`` per group), in step order."""
-  return sorted((e for e in run.summary.get('events', []) if e.get('live')),
-                key=lambda e: e['step'])
+  return sorted(
+    (e for e in run.summary.get('events', []) if e.get('live')), key=lambda e: e['step']
+  )
 
 
 def dead_curve(run: RunResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,8 +70,7 @@ def live_curves(run: RunResult) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   events = check_events(run)
   steps = np.array([e['step'] for e in events], np.int64)
   names = list(run.summary['dense_widths'])
-  return steps, {n: np.array([e['live'].get(n, np.nan) for e in events], np.float64)
-                 for n in names}
+  return steps, {n: np.array([e['live'].get(n, np.nan) for e in events], np.float64) for n in names}
 
 
 def overlap_curve(run: RunResult) -> tuple[np.ndarray, np.ndarray]:
@@ -89,16 +89,20 @@ def final_dead_ratio(run: RunResult) -> float:
 
 # What ``final_vs`` can put on its y axis.
 FINAL_METRICS: dict[str, Callable[[RunResult], float]] = {
-    'dead_ratio': final_dead_ratio,
-    'neuron_sparsity': lambda r: float(r.summary['neuron_sparsity']),
-    'weight_sparsity': lambda r: float(r.summary['weight_sparsity']),
-    'test_accuracy': lambda r: float(r.summary['test_accuracy']),
-    'live_ratio': lambda r: 1.0 - final_dead_ratio(r),
+  'dead_ratio': final_dead_ratio,
+  'neuron_sparsity': lambda r: float(r.summary['neuron_sparsity']),
+  'weight_sparsity': lambda r: float(r.summary['weight_sparsity']),
+  'test_accuracy': lambda r: float(r.summary['test_accuracy']),
+  'live_ratio': lambda r: 1.0 - final_dead_ratio(r),
 }
 
-_LABELS = {'dead_ratio': 'Dead units ratio', 'neuron_sparsity': 'Neuron sparsity',
-           'weight_sparsity': 'Weight sparsity', 'test_accuracy': 'Test accuracy',
-           'live_ratio': 'Live units ratio'}
+_LABELS = {
+  'dead_ratio': 'Dead units ratio',
+  'neuron_sparsity': 'Neuron sparsity',
+  'weight_sparsity': 'Weight sparsity',
+  'test_accuracy': 'Test accuracy',
+  'live_ratio': 'Live units ratio',
+}
 
 
 def value(run: RunResult, key: str) -> Any:
@@ -112,8 +116,10 @@ def value(run: RunResult, key: str) -> Any:
 
 def select(runs: Sequence[RunResult], where: dict[str, str]) -> list[RunResult]:
   """Runs whose config values equal ``where``'s (compared as strings, e.g. ``method=demp``)."""
+
   def ok(r):
     return all(_same(value(r, k), v) for k, v in where.items())
+
   out = [r for r in runs if ok(r)]
   if not out:
     raise ValueError(f'no run matches {where}.')
@@ -159,8 +165,14 @@ def _colors(keys: Sequence[Any]) -> dict[Any, Any]:
   return {k: cmap(i % 10) for i, k in enumerate(keys)}
 
 
-def tradeoff(runs: Sequence[RunResult], path: str, *, color_by: str = 'method',
-             xs: Sequence[str] = ('neuron_sparsity', 'weight_sparsity'), title: str = ''):
+def tradeoff(
+  runs: Sequence[RunResult],
+  path: str,
+  *,
+  color_by: str = 'method',
+  xs: Sequence[str] = ('neuron_sparsity', 'weight_sparsity'),
+  title: str = '',
+):
   """Test accuracy vs sparsity, one point per setting, a line per ``color_by`` value.
 
   Dense runs are a horizontal line with a ± std band (they have no sparsity).
@@ -184,8 +196,10 @@ def tradeoff(runs: Sequence[RunResult], path: str, *, color_by: str = 'method',
         ym, ysd = _mean_std([r.summary['test_accuracy'] for r in g.runs])
         pts.append((xm, ym))
         ax.errorbar(xm, ym, xerr=xsd, yerr=ysd, fmt='o', color=colors[key], capsize=3)
-        for r in g.runs:   # each seed, faint
-          ax.plot(100 * r.summary[x], r.summary['test_accuracy'], '.', color=colors[key], alpha=0.35)
+        for r in g.runs:  # each seed, faint
+          ax.plot(
+            100 * r.summary[x], r.summary['test_accuracy'], '.', color=colors[key], alpha=0.35
+          )
       pts.sort()
       name = report.DISPLAY_NAMES.get(key, key) if color_by == 'method' else f'{color_by}={key}'
       ax.plot([p[0] for p in pts], [p[1] for p in pts], '-', color=colors[key], label=name)
@@ -239,12 +253,19 @@ def _with_checks(runs: Sequence[RunResult]) -> list[report.Group]:
   return groups
 
 
-def dead_over_steps(runs: Sequence[RunResult], path: str, *, count: bool = False,
-                    logy: bool = False, title: str = ''):
+def dead_over_steps(
+  runs: Sequence[RunResult], path: str, *, count: bool = False, logy: bool = False, title: str = ''
+):
   """Dead-unit ratio (or count) at each death check, one line per setting (Figs. 1, 9, 12)."""
   idx = 2 if count else 1
-  return _curve_figure(_with_checks(runs), lambda r: (dead_curve(r)[0], dead_curve(r)[idx]),
-                       'Dead units' if count else 'Dead units ratio', path, title, logy)
+  return _curve_figure(
+    _with_checks(runs),
+    lambda r: (dead_curve(r)[0], dead_curve(r)[idx]),
+    'Dead units' if count else 'Dead units ratio',
+    path,
+    title,
+    logy,
+  )
 
 
 def overlap_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
@@ -261,8 +282,14 @@ def live_per_group(runs: Sequence[RunResult], path: str, *, max_panels: int = 6,
     colors = _colors(names)
     for n in names:
       steps, mean, std = _group_curves(g, lambda r, n=n: (live_curves(r)[0], live_curves(r)[1][n]))
-      ax.plot(steps, mean, '-o', ms=3, color=colors[n],
-              label=f'{n} ({g.runs[0].summary["dense_widths"][n]})')
+      ax.plot(
+        steps,
+        mean,
+        '-o',
+        ms=3,
+        color=colors[n],
+        label=f'{n} ({g.runs[0].summary["dense_widths"][n]})',
+      )
       ax.fill_between(steps, mean - std, mean + std, color=colors[n], alpha=0.15)
     ax.set_title(g.label, fontsize=8)
     ax.set_xlabel('Training step')
@@ -276,8 +303,16 @@ def live_per_group(runs: Sequence[RunResult], path: str, *, max_panels: int = 6,
   return fig
 
 
-def final_vs(runs: Sequence[RunResult], path: str, *, x: str, y: str = 'dead_ratio',
-             by: str | None = None, logx: bool = False, title: str = ''):
+def final_vs(
+  runs: Sequence[RunResult],
+  path: str,
+  *,
+  x: str,
+  y: str = 'dead_ratio',
+  by: str | None = None,
+  logx: bool = False,
+  title: str = '',
+):
   """A final quantity against a config value, mean ± std over seeds, a line per ``by`` value.
 
   A list-valued ``x`` (``model.widths``) is plotted by its first entry, the
@@ -289,15 +324,22 @@ def final_vs(runs: Sequence[RunResult], path: str, *, x: str, y: str = 'dead_rat
   for r in runs:
     line = _fmt(value(r, by)) if by else ''
     xv = value(r, x)
-    xv = xv[0] if isinstance(xv, (list, tuple)) else xv    # widths: the first layer's (Fig. 10)
+    xv = xv[0] if isinstance(xv, (list, tuple)) else xv  # widths: the first layer's (Fig. 10)
     lines.setdefault(line, {}).setdefault(float(xv), []).append(FINAL_METRICS[y](r))
   colors = _colors(list(lines))
   fig, ax = plt.subplots(figsize=(6, 4))
   for line, pts in lines.items():
     xs = sorted(pts)
     stats = [_mean_std(pts[v]) for v in xs]
-    ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], fmt='-o', capsize=3,
-                color=colors[line], label=f'{by}={line}' if by else None)
+    ax.errorbar(
+      xs,
+      [m for m, _ in stats],
+      yerr=[s for _, s in stats],
+      fmt='-o',
+      capsize=3,
+      color=colors[line],
+      label=f'{by}={line}' if by else None,
+    )
   if logx:
     ax.set_xscale('log')
   ax.set_xlabel(x)
@@ -327,11 +369,12 @@ def target_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
     hist = r.summary['method_stats']['target_history']
     stats = r.summary['method_stats']
     steps = [h['step'] for h in hist]
-    label = (f'{os.path.basename(os.path.normpath(r.path))}: {stats["target_kind"]} '
-             f'{stats["target_sparsity"]:g} -> {stats["target_reached_sparsity"]:.3f}')
+    label = (
+      f'{os.path.basename(os.path.normpath(r.path))}: {stats["target_kind"]} '
+      f'{stats["target_sparsity"]:g} -> {stats["target_reached_sparsity"]:.3f}'
+    )
     ax.plot(steps, [h['target_now'] for h in hist], '--', color=colors[i])
-    ax.plot(steps, [h['measured_sparsity'] for h in hist], '-o', ms=3, color=colors[i],
-            label=label)
+    ax.plot(steps, [h['measured_sparsity'] for h in hist], '-o', ms=3, color=colors[i], label=label)
     ax_gain.plot(steps, [max(h['gain'], 1e-6) for h in hist], '-o', ms=3, color=colors[i])
   ax.set_xlabel('Training step')
   ax.set_ylabel('Sparsity (dashed: target trajectory)')
@@ -348,10 +391,10 @@ def target_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
 
 
 FIGURES: dict[str, Callable[..., Any]] = {
-    'tradeoff': tradeoff,
-    'dead': dead_over_steps,
-    'live': live_per_group,
-    'final_vs': final_vs,
-    'overlap': overlap_over_steps,
-    'target': target_over_steps,
+  'tradeoff': tradeoff,
+  'dead': dead_over_steps,
+  'live': live_per_group,
+  'final_vs': final_vs,
+  'overlap': overlap_over_steps,
+  'target': target_over_steps,
 }

@@ -34,15 +34,31 @@ from typing import Any, NamedTuple
 import numpy as np
 
 # Keys that never define a group (bookkeeping, not the experiment).
-IGNORED_KEYS = ('seed', 'progress_bar', 'log_every', 'eval_every', 'eval_batch_size', 'checkpoint.',
-                'data.path', 'data.data_dir')
+IGNORED_KEYS = (
+  'seed',
+  'progress_bar',
+  'log_every',
+  'eval_every',
+  'eval_batch_size',
+  'checkpoint.',
+  'data.path',
+  'data.data_dir',
+)
 
 # How the table names a method (unknown methods keep their key).
 DISPLAY_NAMES: dict[str, str] = {
-    'dense': 'Dense', 'demp': 'DemP', 'snap': 'SNAP', 'crop_s': 'CroP-it-S',
-    'early_snap': 'EarlySNAP', 'early_crop_s': 'EarlyCroP-S', 'neq': 'NEq',
-    'neq_stochastic': 'NEq-stochastic', 'magnitude': 'Magnitude', 'saliency': 'Saliency',
-    'set': 'SET', 'rigl': 'RigL',
+  'dense': 'Dense',
+  'demp': 'DemP',
+  'snap': 'SNAP',
+  'crop_s': 'CroP-it-S',
+  'early_snap': 'EarlySNAP',
+  'early_crop_s': 'EarlyCroP-S',
+  'neq': 'NEq',
+  'neq_stochastic': 'NEq-stochastic',
+  'magnitude': 'Magnitude',
+  'saliency': 'Saliency',
+  'set': 'SET',
+  'rigl': 'RigL',
 }
 
 # Table order: dense first, DemP last, the rest alphabetically in between.
@@ -65,7 +81,7 @@ class Group(NamedTuple):
   """Runs of one method and setting (its seeds)."""
 
   method: str
-  setting: tuple[tuple[str, Any], ...]     # the varying keys and their values
+  setting: tuple[tuple[str, Any], ...]  # the varying keys and their values
   runs: tuple[RunResult, ...]
 
   @property
@@ -143,8 +159,7 @@ def _ignored(key: str) -> bool:
 def varying_keys(runs: Sequence[RunResult]) -> list[str]:
   """Config keys whose value differs between ``runs`` (ignored keys left out), sorted."""
   keys = sorted({k for r in runs for k in r.config})
-  return [k for k in keys if not _ignored(k)
-          and len({repr(r.config.get(k)) for r in runs}) > 1]
+  return [k for k in keys if not _ignored(k) and len({repr(r.config.get(k)) for r in runs}) > 1]
 
 
 def group_runs(runs: Sequence[RunResult]) -> list[Group]:
@@ -176,7 +191,7 @@ class Row(NamedTuple):
 
   method: str
   label: str
-  target: float                  # target weight sparsity (NaN for the dense row / all groups)
+  target: float  # target weight sparsity (NaN for the dense row / all groups)
   seeds: int
   accuracy: float
   accuracy_std: float
@@ -188,7 +203,7 @@ class Row(NamedTuple):
   wall_time_s: float
   train_flops: float
   inference_flops: float
-  step_time_rel: float           # Σ train-step seconds (no compile, checks, eval) vs dense
+  step_time_rel: float  # Σ train-step seconds (no compile, checks, eval) vs dense
 
 
 def step_seconds(run: RunResult) -> float:
@@ -200,16 +215,24 @@ def step_seconds(run: RunResult) -> float:
 def _row(group: Group, target: float, dense_wall: float, dense_steps: float) -> Row:
   wall = group.mean('wall_time_s')
   return Row(
-      method=group.method, label=group.label, target=target, seeds=len(group.runs),
-      accuracy=group.mean('test_accuracy'), accuracy_std=group.std('test_accuracy'),
-      neuron_sparsity=group.mean('neuron_sparsity'), weight_sparsity=group.mean('weight_sparsity'),
-      time_rel=wall / dense_wall if dense_wall else float('nan'),
-      train_flops_rel=group.mean('train_flops_rel'),
-      inference_flops_rel=group.mean('inference_flops_rel'),
-      wall_time_s=wall, train_flops=group.mean('train_flops'),
-      inference_flops=group.mean('inference_flops'),
-      step_time_rel=float(np.mean([step_seconds(r) for r in group.runs])) / dense_steps
-      if dense_steps else float('nan'))
+    method=group.method,
+    label=group.label,
+    target=target,
+    seeds=len(group.runs),
+    accuracy=group.mean('test_accuracy'),
+    accuracy_std=group.std('test_accuracy'),
+    neuron_sparsity=group.mean('neuron_sparsity'),
+    weight_sparsity=group.mean('weight_sparsity'),
+    time_rel=wall / dense_wall if dense_wall else float('nan'),
+    train_flops_rel=group.mean('train_flops_rel'),
+    inference_flops_rel=group.mean('inference_flops_rel'),
+    wall_time_s=wall,
+    train_flops=group.mean('train_flops'),
+    inference_flops=group.mean('inference_flops'),
+    step_time_rel=float(np.mean([step_seconds(r) for r in group.runs])) / dense_steps
+    if dense_steps
+    else float('nan'),
+  )
 
 
 def closest(groups: Sequence[Group], target: float) -> Group:
@@ -217,8 +240,9 @@ def closest(groups: Sequence[Group], target: float) -> Group:
   return min(groups, key=lambda g: abs(g.mean('weight_sparsity') - target))
 
 
-def table_rows(runs: Sequence[RunResult], targets: Sequence[float] = (0.8,), *,
-               all_groups: bool = False) -> list[Row]:
+def table_rows(
+  runs: Sequence[RunResult], targets: Sequence[float] = (0.8,), *, all_groups: bool = False
+) -> list[Row]:
   """The table: dense first, then per method and target the closest group.
 
   ``all_groups`` lists every group instead (target NaN). Training time is
@@ -229,10 +253,12 @@ def table_rows(runs: Sequence[RunResult], targets: Sequence[float] = (0.8,), *,
       raise ValueError(f'target weight sparsity {t!r} must be in [0, 1].')
   groups = group_runs(runs)
   dense_runs = [r for r in runs if r.method == 'dense']
-  dense_wall = float(np.mean([r.summary['wall_time_s'] for r in dense_runs])) if dense_runs \
-      else float('nan')
-  dense_steps = float(np.mean([step_seconds(r) for r in dense_runs])) if dense_runs \
-      else float('nan')
+  dense_wall = (
+    float(np.mean([r.summary['wall_time_s'] for r in dense_runs])) if dense_runs else float('nan')
+  )
+  dense_steps = (
+    float(np.mean([step_seconds(r) for r in dense_runs])) if dense_runs else float('nan')
+  )
   rows = []
   for method in _method_order(dict.fromkeys(g.method for g in groups)):
     mine = [g for g in groups if g.method == method]
@@ -262,23 +288,32 @@ def _accuracy(row: Row) -> str:
   return f'{100 * row.accuracy:.2f}%{std}'
 
 
-HEADER = ('Method', 'Target WS', 'Test accuracy', 'Neuron sparsity', 'Weight sparsity',
-          'Training time', 'Training FLOPs', 'Inference FLOPs', 'Seeds')
+HEADER = (
+  'Method',
+  'Target WS',
+  'Test accuracy',
+  'Neuron sparsity',
+  'Weight sparsity',
+  'Training time',
+  'Training FLOPs',
+  'Inference FLOPs',
+  'Seeds',
+)
 
 
 def format_row(row: Row) -> tuple[str, ...]:
   """The Markdown cells of a row; the dense row shows absolute FLOPs and '-' sparsities."""
   dense = row.method == 'dense'
   return (
-      row.label,
-      '-' if math.isnan(row.target) else _pct(row.target, 0),
-      _accuracy(row),
-      '-' if dense else _pct(row.neuron_sparsity),
-      '-' if dense else _pct(row.weight_sparsity),
-      _ratio(row.time_rel),
-      _ratio(row.train_flops_rel) + (f' ({row.train_flops:.2e})' if dense else ''),
-      _ratio(row.inference_flops_rel) + (f' ({row.inference_flops:.2e})' if dense else ''),
-      str(row.seeds),
+    row.label,
+    '-' if math.isnan(row.target) else _pct(row.target, 0),
+    _accuracy(row),
+    '-' if dense else _pct(row.neuron_sparsity),
+    '-' if dense else _pct(row.weight_sparsity),
+    _ratio(row.time_rel),
+    _ratio(row.train_flops_rel) + (f' ({row.train_flops:.2e})' if dense else ''),
+    _ratio(row.inference_flops_rel) + (f' ({row.inference_flops:.2e})' if dense else ''),
+    str(row.seeds),
   )
 
 
@@ -302,8 +337,13 @@ def to_csv(rows: Sequence[Row]) -> str:
   return buf.getvalue()
 
 
-def write_report(runs_dir: str | Sequence[str], out_prefix: str, targets: Sequence[float] = (0.8,), *,
-                 all_groups: bool = False) -> str:
+def write_report(
+  runs_dir: str | Sequence[str],
+  out_prefix: str,
+  targets: Sequence[float] = (0.8,),
+  *,
+  all_groups: bool = False,
+) -> str:
   """Writes ``<out_prefix>.md`` and ``<out_prefix>.csv``; returns the Markdown."""
   rows = table_rows(load_runs(runs_dir), targets, all_groups=all_groups)
   markdown = to_markdown(rows)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-History = Sequence[tuple[int, int]]   # [(step, live units), ...], in step order
+History = Sequence[tuple[int, int]]  # [(step, live units), ...], in step order
 
 
 def stopped_rising(live: Sequence[int], patience: int) -> int | None:
@@ -59,7 +59,7 @@ def stopped_rising(live: Sequence[int], patience: int) -> int | None:
   """
   if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 0:
     raise ValueError(f'patience={patience!r} must be an int >= 0.')
-  run = 0   # consecutive non-rising changes ending at j
+  run = 0  # consecutive non-rising changes ending at j
   for j in range(len(live)):
     if j > 0:
       run = run + 1 if live[j] <= live[j - 1] else 0
@@ -82,14 +82,17 @@ def start_step(history: History, patience: int, fixed: int | None = None) -> int
   return None if j is None else steps[j]
 
 
-def start_steps(histories: Mapping[str, History], *, patience: int,
-                fixed: Mapping[str, int] | None = None) -> dict[str, int | None]:
+def start_steps(
+  histories: Mapping[str, History], *, patience: int, fixed: Mapping[str, int] | None = None
+) -> dict[str, int | None]:
   """:func:`start_step` for every group (``fixed``: group -> step, optional)."""
   fixed = dict(fixed or {})
   unknown = set(fixed) - set(histories)
   if unknown:
-    raise ValueError(f'prune.start_steps names unknown unit groups {sorted(unknown)}; '
-                     f'groups are {sorted(histories)}.')
+    raise ValueError(
+      f'prune.start_steps names unknown unit groups {sorted(unknown)}; '
+      f'groups are {sorted(histories)}.'
+    )
   return {name: start_step(h, patience, fixed.get(name)) for name, h in histories.items()}
 
 
@@ -97,15 +100,20 @@ def check_groups(fixed: Mapping[str, int], widths: Mapping[str, int]) -> None:
   """Raises ValueError when ``prune.start_steps`` names a group the model lacks."""
   unknown = set(fixed) - set(widths)
   if unknown:
-    raise ValueError(f'prune.start_steps names unknown unit groups {sorted(unknown)}; '
-                     f'the model\'s groups are {sorted(widths)}.')
+    raise ValueError(
+      f'prune.start_steps names unknown unit groups {sorted(unknown)}; '
+      f'the model\'s groups are {sorted(widths)}.'
+    )
 
 
-def hold_unstarted(keeps: Mapping[str, np.ndarray],
-                   started: Mapping[str, int | None]) -> dict[str, np.ndarray]:
+def hold_unstarted(
+  keeps: Mapping[str, np.ndarray], started: Mapping[str, int | None]
+) -> dict[str, np.ndarray]:
   """Keep-masks where every group whose pruning has not started keeps all its units."""
-  return {name: (np.asarray(k, bool) if started.get(name) is not None
-                 else np.ones(np.shape(k), bool)) for name, k in keeps.items()}
+  return {
+    name: (np.asarray(k, bool) if started.get(name) is not None else np.ones(np.shape(k), bool))
+    for name, k in keeps.items()
+  }
 
 
 def live_history(events: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[int, int]]]:
@@ -119,8 +127,9 @@ def live_history(events: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[in
   return out
 
 
-def with_check(histories: Mapping[str, History], step: int,
-               live: Mapping[str, int]) -> dict[str, list[tuple[int, int]]]:
+def with_check(
+  histories: Mapping[str, History], step: int, live: Mapping[str, int]
+) -> dict[str, list[tuple[int, int]]]:
   """The histories with one more check (``live`` counts at ``step``) appended."""
   out = {name: list(h) for name, h in histories.items()}
   for name, n in live.items():
@@ -128,9 +137,15 @@ def with_check(histories: Mapping[str, History], step: int,
   return out
 
 
-def gate(keeps: Mapping[str, np.ndarray], events: Iterable[Mapping[str, Any]], step: int,
-         live: Mapping[str, int], *, patience: int,
-         fixed: Mapping[str, int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int | None]]:
+def gate(
+  keeps: Mapping[str, np.ndarray],
+  events: Iterable[Mapping[str, Any]],
+  step: int,
+  live: Mapping[str, int],
+  *,
+  patience: int,
+  fixed: Mapping[str, int] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, int | None]]:
   """Revival-aware keep-masks for the check at ``step``: ``(keeps, started)``.
 
   With ``patience == 0`` and no ``fixed`` steps this returns ``keeps``
@@ -145,14 +160,23 @@ def gate(keeps: Mapping[str, np.ndarray], events: Iterable[Mapping[str, Any]], s
 # The plot.
 
 
-def live_units_series(records: Iterable[Mapping[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def live_units_series(
+  records: Iterable[Mapping[str, Any]],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Per group ``(steps, live)`` arrays from metrics.jsonl records (prune events)."""
-  return {name: (np.array([s for s, _ in h]), np.array([n for _, n in h]))
-          for name, h in live_history(records).items()}
+  return {
+    name: (np.array([s for s, _ in h]), np.array([n for _, n in h]))
+    for name, h in live_history(records).items()
+  }
 
 
-def plot_live_units(records: Iterable[Mapping[str, Any]], path: str, *, title: str = '',
-                    started: Mapping[str, int | None] | None = None) -> None:
+def plot_live_units(
+  records: Iterable[Mapping[str, Any]],
+  path: str,
+  *,
+  title: str = '',
+  started: Mapping[str, int | None] | None = None,
+) -> None:
   """Writes a PNG of live units per group over training steps.
 
   Args:
@@ -165,6 +189,7 @@ def plot_live_units(records: Iterable[Mapping[str, Any]], path: str, *, title: s
       by default read from the prune events' ``started`` field when present.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 

@@ -30,12 +30,16 @@ PyTree = Any
 
 def train_state(variables: Mapping[str, PyTree], opt_state: PyTree) -> dict[str, PyTree]:
   """The train state of ``variables`` (``params``, optional ``batch_stats``) and ``opt_state``."""
-  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
-          'opt_state': opt_state}
+  return {
+    'params': variables['params'],
+    'batch_stats': variables.get('batch_stats', {}),
+    'opt_state': opt_state,
+  }
 
 
-def create_train_state(model, tx: optax.GradientTransformation, key: jax.Array,
-                       image_shape) -> dict[str, PyTree]:
+def create_train_state(
+  model, tx: optax.GradientTransformation, key: jax.Array, image_shape
+) -> dict[str, PyTree]:
   """Initializes ``model`` on a ``[1, *image_shape]`` input and ``tx`` on its params."""
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   variables = model.init(key, dummy, train=False)
@@ -70,11 +74,11 @@ class Run:
   step_flops: float = float('nan')
   events: list = _host(default_factory=list)
   log: Callable[[dict], None] = lambda record: None
-  memo: dict = _host(default_factory=dict)      # a method's host state between hook calls
-  stats: dict = _host(default_factory=dict)     # a method's numbers, copied into the summary
+  memo: dict = _host(default_factory=dict)  # a method's host state between hook calls
+  stats: dict = _host(default_factory=dict)  # a method's numbers, copied into the summary
   unit_ids: dict = _host(default_factory=dict)  # group -> dense indices of the units present
-  dead_set: frozenset | None = _host(default=None)   # (group, dense index) dead at the last check
-  mesh: Any = None                        # demp.parallel mesh: batch split on 'data', state replicated
+  dead_set: frozenset | None = _host(default=None)  # (group, dense index) dead at the last check
+  mesh: Any = None  # demp.parallel mesh: batch split on 'data', state replicated
 
   @property
   def variables(self) -> dict:
@@ -93,8 +97,13 @@ class Run:
     """The death check's one pass: ``alive``, ``activity`` and per-unit output ranges."""
     c = self.config.prune
     return deadunits.unit_stats(
-        self.model, self.variables, self.death_images, eps=c.eps, batch_size=c.batch_size,
-        criterion=c.criterion or deadunits.criterion_for(self.model.activation))
+      self.model,
+      self.variables,
+      self.death_images,
+      eps=c.eps,
+      batch_size=c.batch_size,
+      criterion=c.criterion or deadunits.criterion_for(self.model.activation),
+    )
 
   def dead_units(self) -> tuple[dict, dict]:
     stats = self.unit_stats()
@@ -102,21 +111,29 @@ class Run:
 
   def prune(self, keeps: Mapping[str, np.ndarray], reason: str = '', **info) -> bool:
     """Removes the units not kept; returns whether any unit was removed."""
-    parallel.assert_same_across_hosts(dict(keeps), 'keep-masks')   # every host cuts the same units
+    parallel.assert_same_across_hosts(dict(keeps), 'keep-masks')  # every host cuts the same units
     before = dict(self.model.widths)
     removes = any(int(np.sum(k)) < before[name] for name, k in keeps.items())
     t0 = time.perf_counter()
     if removes:
       example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
       self.model, variables, opt_state = surgery.prune(
-          self.model, self.variables, self.state['opt_state'], keeps, example_input=example)
+        self.model, self.variables, self.state['opt_state'], keeps, example_input=example
+      )
       self.state = train_state(variables, opt_state)
-      self.compiled = None   # compiled again, for the new shapes, before the next step
+      self.compiled = None  # compiled again, for the new shapes, before the next step
       for name, keep in keeps.items():
         ids = self.unit_ids.get(name, np.arange(before[name]))
         self.unit_ids[name] = ids[np.asarray(keep, bool)]
-    event = {'event': 'prune', 'step': self.step, 'reason': reason, 'removed': removes,
-             'widths': dict(self.model.widths), 'surgery_s': time.perf_counter() - t0, **info}
+    event = {
+      'event': 'prune',
+      'step': self.step,
+      'reason': reason,
+      'removed': removes,
+      'widths': dict(self.model.widths),
+      'surgery_s': time.perf_counter() - t0,
+      **info,
+    }
     self.events.append(event)
     self.log(event)
     return removes
@@ -137,45 +154,66 @@ class Run:
     collapsed = deadunits.check_collapse(alive, step=self.step, on_collapse=c.on_collapse)
     constant = deadunits.constant_units(stats, c.constant_eps)
     groups = self.model.unit_groups()
-    opt_state = units.set_live_mask(self.state['opt_state'], self.state['params'], self.model,
-                                    alive)
+    opt_state = units.set_live_mask(
+      self.state['opt_state'], self.state['params'], self.model, alive
+    )
     changed = opt_state is not self.state['opt_state']
     self.state = {**self.state, 'opt_state': opt_state}
     removable = alive
     if c.remove_constant:
       able = surgery.foldable_groups(groups, self.variables)
       removable = {k: v & ~(constant[k] & able[k]) for k, v in alive.items()}
-    keeps = surgery.keep_masks(removable, activity, min_width=c.min_width,
-                               multiple_of=c.multiple_of)
-    keeps, started = revival.gate(keeps, self.events, self.step, deadunits.count(alive),
-                                  patience=c.revival_patience, fixed=dict(c.start_steps))
+    keeps = surgery.keep_masks(
+      removable, activity, min_width=c.min_width, multiple_of=c.multiple_of
+    )
+    keeps, started = revival.gate(
+      keeps,
+      self.events,
+      self.step,
+      deadunits.count(alive),
+      patience=c.revival_patience,
+      fixed=dict(c.start_steps),
+    )
     if not (c.dynamic or (c.at_end and self.step == self.config.num_steps)):
-      keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}   # check and log only
+      keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}  # check and log only
     folded = {}
     if c.remove_constant:
       fold = {k: constant[k] & ~np.asarray(keeps[k], bool) for k in constant}
       folded = deadunits.count(fold)
       if any(folded.values()):
-        variables = surgery.fold_constants(self.variables, groups,
-                                           deadunits.constant_values(stats), fold)
-        self.state = {**self.state, 'params': variables['params'],
-                      'batch_stats': variables.get('batch_stats', {})}
+        variables = surgery.fold_constants(
+          self.variables, groups, deadunits.constant_values(stats), fold
+        )
+        self.state = {
+          **self.state,
+          'params': variables['params'],
+          'batch_stats': variables.get('batch_stats', {}),
+        }
         changed = True
-    if changed and self.mesh is not None:   # new leaves: onto every device, as the step expects
+    if changed and self.mesh is not None:  # new leaves: onto every device, as the step expects
       self.state = parallel.replicate(self.state, self.mesh)
     dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
     overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
     extra = {'folded': folded} if c.remove_constant else {}
     if collapsed:
       extra['collapsed'] = collapsed
-    removed = self.prune(keeps, reason='dead', check_s=check_s, live=deadunits.count(alive),
-                         dead=len(dead), dead_overlap=overlap, started=started,
-                         constant=deadunits.count(constant), **extra)
+    removed = self.prune(
+      keeps,
+      reason='dead',
+      check_s=check_s,
+      live=deadunits.count(alive),
+      dead=len(dead),
+      dead_overlap=overlap,
+      started=started,
+      constant=deadunits.count(constant),
+      **extra,
+    )
     if target.enabled(self.config):
-      target.after_check(self)   # measure the sparsity, set the next gain
+      target.after_check(self)  # measure the sparsity, set the next gain
     return removed
 
 
-HOST_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Run)
-                                     if f.metadata.get('checkpoint') == 'host')
+HOST_FIELDS: tuple[str, ...] = tuple(
+  f.name for f in dataclasses.fields(Run) if f.metadata.get('checkpoint') == 'host'
+)
 """The :class:`Run` fields a checkpoint saves as host-side state."""

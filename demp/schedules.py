@@ -30,8 +30,7 @@ _WARMUPS = ('cosine', 'linear')
 def _check_positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
   """Returns ``value`` as an int, raising if it is not a (non-)positive int."""
   ok = (
-      isinstance(value, numbers.Integral)
-      or (isinstance(value, float) and value.is_integer())
+    isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
   ) and not isinstance(value, bool)
   if not ok or (value < 0 if allow_zero else value <= 0):
     allowed = 'an integer >= 0' if allow_zero else 'an integer > 0'
@@ -59,12 +58,12 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 def one_cycle(
-    peak_value: float,
-    total_steps: int,
-    pct_start: float = 0.3,
-    div_factor: float = 25.0,
-    final_div_factor: float = 1e4,
-    warmup: str = 'cosine',
+  peak_value: float,
+  total_steps: int,
+  pct_start: float = 0.3,
+  div_factor: float = 25.0,
+  final_div_factor: float = 1e4,
+  warmup: str = 'cosine',
 ) -> optax.Schedule:
   r"""One-cycle schedule: warm up to ``peak_value``, then cosine-decay.
 
@@ -125,27 +124,23 @@ def one_cycle(
   except (TypeError, ValueError):
     pct_ok = False
   if not pct_ok:
-    raise ValueError(
-        f'`pct_start` must be a number in (0, 1), got pct_start={pct_start!r}.'
-    )
+    raise ValueError(f'`pct_start` must be a number in (0, 1), got pct_start={pct_start!r}.')
   _check_positive('div_factor', div_factor)
   _check_positive('final_div_factor', final_div_factor)
   if warmup not in _WARMUPS:
-    raise ValueError(
-        f'`warmup` must be one of {_WARMUPS}, got warmup={warmup!r}.'
-    )
+    raise ValueError(f'`warmup` must be one of {_WARMUPS}, got warmup={warmup!r}.')
 
   cosine = optax.cosine_onecycle_schedule(
-      total_steps, peak_value, pct_start, div_factor, final_div_factor
+    total_steps, peak_value, pct_start, div_factor, final_div_factor
   )
   if warmup == 'cosine':
     return cosine
 
   warmup_steps = int(pct_start * total_steps)  # Same rounding as optax.
   linear = optax.linear_schedule(
-      init_value=peak_value / div_factor,
-      end_value=peak_value,
-      transition_steps=warmup_steps,
+    init_value=peak_value / div_factor,
+    end_value=peak_value,
+    transition_steps=warmup_steps,
   )
 
   def schedule(step: jax.typing.ArrayLike) -> jax.Array:
@@ -159,9 +154,7 @@ def _constant(value: float) -> optax.Schedule:
   return optax.constant_schedule(value)
 
 
-def _step(
-    init_value: float, step_size: int, decay_factor: float
-) -> optax.Schedule:
+def _step(init_value: float, step_size: int, decay_factor: float) -> optax.Schedule:
   """``init_value * decay_factor ** (step // step_size)``.
 
   E.g. the ResNet-18/CIFAR-10 recipe divides the learning rate by 5 every 77
@@ -170,43 +163,30 @@ def _step(
   step_size = _check_positive_int('step_size', step_size)
   _check_positive('decay_factor', decay_factor)
   return optax.exponential_decay(
-      init_value=init_value,
-      transition_steps=step_size,
-      decay_rate=decay_factor,
-      staircase=True,
+    init_value=init_value,
+    transition_steps=step_size,
+    decay_rate=decay_factor,
+    staircase=True,
   )
 
 
-def _multistep(
-    init_value: float, boundaries: Sequence[int], factor: float
-) -> optax.Schedule:
+def _multistep(init_value: float, boundaries: Sequence[int], factor: float) -> optax.Schedule:
   """``init_value`` multiplied by ``factor`` at each step in ``boundaries``.
 
   The value at a boundary step is already multiplied.
   """
-  if isinstance(boundaries, (str, bytes)) or not isinstance(
-      boundaries, Sequence
-  ):
+  if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, Sequence):
     raise ValueError(
-        '`boundaries` must be a sequence of increasing integer steps, got '
-        f'boundaries={boundaries!r}.'
+      f'`boundaries` must be a sequence of increasing integer steps, got boundaries={boundaries!r}.'
     )
-  bounds = [_check_positive_int('boundaries', b, allow_zero=True)
-            for b in boundaries]
+  bounds = [_check_positive_int('boundaries', b, allow_zero=True) for b in boundaries]
   if any(b1 <= b0 for b0, b1 in zip(bounds, bounds[1:])):
-    raise ValueError(
-        '`boundaries` must be strictly increasing, got '
-        f'boundaries={boundaries!r}.'
-    )
+    raise ValueError(f'`boundaries` must be strictly increasing, got boundaries={boundaries!r}.')
   _check_nonnegative('factor', factor)
-  return optax.piecewise_constant_schedule(
-      init_value, {b: float(factor) for b in bounds}
-  )
+  return optax.piecewise_constant_schedule(init_value, {b: float(factor) for b in bounds})
 
 
-def _cosine(
-    init_value: float, decay_steps: int, warmup_steps: int = 0
-) -> optax.Schedule:
+def _cosine(init_value: float, decay_steps: int, warmup_steps: int = 0) -> optax.Schedule:
   """Optional linear warm-up from 0, then cosine decay to 0.
 
   ``decay_steps`` is the whole span *including* the warm-up (as in
@@ -214,30 +194,29 @@ def _cosine(
   ``decay_steps`` on.
   """
   decay_steps = _check_positive_int('decay_steps', decay_steps)
-  warmup_steps = _check_positive_int('warmup_steps', warmup_steps,
-                                     allow_zero=True)
+  warmup_steps = _check_positive_int('warmup_steps', warmup_steps, allow_zero=True)
   if warmup_steps == 0:
     return optax.cosine_decay_schedule(init_value, decay_steps)
   if warmup_steps >= decay_steps:
     raise ValueError(
-        '`warmup_steps` must be smaller than `decay_steps`, got '
-        f'warmup_steps={warmup_steps!r}, decay_steps={decay_steps!r}.'
+      '`warmup_steps` must be smaller than `decay_steps`, got '
+      f'warmup_steps={warmup_steps!r}, decay_steps={decay_steps!r}.'
     )
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=init_value,
-      warmup_steps=warmup_steps,
-      decay_steps=decay_steps,
-      end_value=0.0,
+    init_value=0.0,
+    peak_value=init_value,
+    warmup_steps=warmup_steps,
+    decay_steps=decay_steps,
+    end_value=0.0,
   )
 
 
 SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
-    'constant': _constant,
-    'one_cycle': one_cycle,
-    'step': _step,
-    'multistep': _multistep,
-    'cosine': _cosine,
+  'constant': _constant,
+  'one_cycle': one_cycle,
+  'step': _step,
+  'multistep': _multistep,
+  'cosine': _cosine,
 }
 """Schedule factories by name; the keyword arguments of each:
 
@@ -273,7 +252,5 @@ def make_schedule(kind: str, **kwargs: Any) -> optax.Schedule:
     1.00 0.10 0.010
   """
   if kind not in SCHEDULES:
-    raise ValueError(
-        f'Unknown schedule `kind`={kind!r}; allowed: {sorted(SCHEDULES)}.'
-    )
+    raise ValueError(f'Unknown schedule `kind`={kind!r}; allowed: {sorted(SCHEDULES)}.')
   return SCHEDULES[kind](**kwargs)

@@ -25,14 +25,19 @@ def make_train_step(model, tx: optax.GradientTransformation, label_smoothing: fl
   """``step(state, batch) -> (state, metrics)``; state = {params, batch_stats, opt_state}."""
 
   def loss_fn(params, batch_stats, batch):
-    logits_bk, updated = model.apply({'params': params, 'batch_stats': batch_stats},
-                                     batch['image'], train=True, mutable=['batch_stats'])
+    logits_bk, updated = model.apply(
+      {'params': params, 'batch_stats': batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+    )
     loss = cross_entropy(logits_bk, batch['label'], label_smoothing).mean()
     return loss, (updated.get('batch_stats', {}), logits_bk)
 
   def step(state, batch):
     (loss, (batch_stats, logits_bk)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], state['batch_stats'], batch)
+      state['params'], state['batch_stats'], batch
+    )
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     labels_b = batch['label'] if batch['label'].ndim == 1 else jnp.argmax(batch['label'], -1)
@@ -50,8 +55,11 @@ def make_eval_step(model):
     logits_bk = model.apply(variables, batch['image'], train=False)
     mask_b = batch['mask']
     loss = cross_entropy(logits_bk, batch['label'])
-    correct = (jnp.argmax(logits_bk, -1) == batch['label'])
-    return {'loss_sum': jnp.sum(loss * mask_b), 'correct': jnp.sum(correct * mask_b),
-            'count': jnp.sum(mask_b)}
+    correct = jnp.argmax(logits_bk, -1) == batch['label']
+    return {
+      'loss_sum': jnp.sum(loss * mask_b),
+      'correct': jnp.sum(correct * mask_b),
+      'count': jnp.sum(mask_b),
+    }
 
   return jax.jit(step)

@@ -76,8 +76,14 @@ class UnitGroup:
     return self.producers + self.consumers
 
 
-def param_slices(module: str, *, kernel: bool = True, bias: bool = False,
-                 norm: str | None = None, in_axis: int | None = None) -> tuple[Slice, ...]:
+def param_slices(
+  module: str,
+  *,
+  kernel: bool = True,
+  bias: bool = False,
+  norm: str | None = None,
+  in_axis: int | None = None,
+) -> tuple[Slice, ...]:
   """Slices of a layer (and its norm layer) whose outputs are the units.
 
   ``in_axis`` instead makes the layer a *consumer*: its kernel's input axis.
@@ -98,8 +104,13 @@ def param_slices(module: str, *, kernel: bool = True, bias: bool = False,
 # Keep-masks.
 
 
-def keep_masks(alive: Mapping[str, np.ndarray], activity: Mapping[str, np.ndarray],
-               *, min_width: int = 1, multiple_of: int = 1) -> dict[str, np.ndarray]:
+def keep_masks(
+  alive: Mapping[str, np.ndarray],
+  activity: Mapping[str, np.ndarray],
+  *,
+  min_width: int = 1,
+  multiple_of: int = 1,
+) -> dict[str, np.ndarray]:
   """Turns per-unit liveness into keep-masks.
 
   A group never drops below ``min_width`` units, and its width can be rounded
@@ -136,10 +147,14 @@ def _index(size: int, axis: int, parts: Sequence[tuple[np.ndarray, int, int | No
     block = width if block is None else block
     if size % block:
       if block == width:
-        raise ValueError(f'axis {axis} of size {size} is not a multiple of the group width {width}.')
+        raise ValueError(
+          f'axis {axis} of size {size} is not a multiple of the group width {width}.'
+        )
       raise ValueError(f'axis {axis} of size {size} is not a multiple of the block {block}.')
     if offset < 0 or offset + width > block:
-      raise ValueError(f'units {offset}..{offset + width} do not fit a block of {block} on axis {axis}.')
+      raise ValueError(
+        f'units {offset}..{offset + width} do not fit a block of {block} on axis {axis}.'
+      )
     pos = (np.arange(size // block)[:, None] * block + offset + np.arange(width)[None, :]).ravel()
     kept[pos] &= np.tile(keep, size // block)
   return np.flatnonzero(kept)
@@ -170,8 +185,9 @@ def _dict_path(keypath) -> Path:
   return tuple(reversed(names))
 
 
-def _slice_leaves(tree: PyTree, slicers: Mapping[Path, list],
-                  shapes: Mapping[Path, tuple[int, ...]] | None) -> tuple[PyTree, set[Path]]:
+def _slice_leaves(
+  tree: PyTree, slicers: Mapping[Path, list], shapes: Mapping[Path, tuple[int, ...]] | None
+) -> tuple[PyTree, set[Path]]:
   """Slices every leaf whose (trailing) dict path has slicers."""
   used: set[Path] = set()
 
@@ -180,8 +196,7 @@ def _slice_leaves(tree: PyTree, slicers: Mapping[Path, list],
     # Match the longest suffix of the leaf's path that names a sliced leaf.
     for start in range(len(path)):
       sub = path[start:]
-      if sub in slicers and (shapes is None or
-                             getattr(leaf, 'shape', None) == shapes.get(sub)):
+      if sub in slicers and (shapes is None or getattr(leaf, 'shape', None) == shapes.get(sub)):
         used.add(sub)
         by_axis: dict[int, list] = {}
         for axis, keep, offset, block in slicers[sub]:
@@ -194,8 +209,9 @@ def _slice_leaves(tree: PyTree, slicers: Mapping[Path, list],
   return jax.tree_util.tree_map_with_path(fn, tree), used
 
 
-def slice_variables(variables: Mapping[str, PyTree], groups: Sequence[UnitGroup],
-                    keeps: Mapping[str, np.ndarray]) -> dict[str, PyTree]:
+def slice_variables(
+  variables: Mapping[str, PyTree], groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray]
+) -> dict[str, PyTree]:
   """Slices every collection of a Flax variables dict (params, batch_stats...).
 
   Raises if a slice names a leaf that exists in no collection: a unit group that
@@ -203,8 +219,10 @@ def slice_variables(variables: Mapping[str, PyTree], groups: Sequence[UnitGroup]
   """
   unknown = set(keeps) - {g.name for g in groups}
   if unknown:
-    raise ValueError(f'keep-masks for unknown unit groups {sorted(unknown)}; '
-                     f'groups are {[g.name for g in groups]}.')
+    raise ValueError(
+      f'keep-masks for unknown unit groups {sorted(unknown)}; '
+      f'groups are {[g.name for g in groups]}.'
+    )
   slicers = _slicers(groups, keeps)
   out, used = {}, set()
   for col, tree in variables.items():
@@ -214,13 +232,16 @@ def slice_variables(variables: Mapping[str, PyTree], groups: Sequence[UnitGroup]
     used |= used_col
   missing = set(slicers) - used
   if missing:
-    raise ValueError(f'unit-group slices name leaves that exist in no collection: '
-                     f'{sorted("/".join(p) for p in missing)}.')
+    raise ValueError(
+      f'unit-group slices name leaves that exist in no collection: '
+      f'{sorted("/".join(p) for p in missing)}.'
+    )
   return out
 
 
-def slice_optimizer_state(opt_state: PyTree, params: PyTree, groups: Sequence[UnitGroup],
-                          keeps: Mapping[str, np.ndarray]) -> PyTree:
+def slice_optimizer_state(
+  opt_state: PyTree, params: PyTree, groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray]
+) -> PyTree:
   """Slices every param-shaped leaf of an optax state (moments, momentum, masks).
 
   A leaf is param-shaped when the trailing dict keys of its path name a param
@@ -229,8 +250,9 @@ def slice_optimizer_state(opt_state: PyTree, params: PyTree, groups: Sequence[Un
   ``optax.masked`` (whose masked-out leaves are empty nodes), ``MultiSteps``,
   ``inject_hyperparams``, and our own wrappers.
   """
-  shapes = {_dict_path(kp): np.shape(x)
-            for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  shapes = {
+    _dict_path(kp): np.shape(x) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   sliced, _ = _slice_leaves(opt_state, _slicers(groups, keeps), shapes)
   return sliced
 
@@ -250,23 +272,31 @@ def unit_groups(model) -> tuple[UnitGroup, ...]:
   fn = getattr(type(model), 'unit_groups', None)
   widths = getattr(model, 'widths', None)
   if fn is None or not isinstance(widths, Mapping):
-    lacks = [n for n, ok in (('unit_groups()', fn is not None),
-                             ('widths', isinstance(widths, Mapping))) if not ok]
+    lacks = [
+      n
+      for n, ok in (('unit_groups()', fn is not None), ('widths', isinstance(widths, Mapping)))
+      if not ok
+    ]
     raise TypeError(
-        f'{type(model).__name__} cannot be pruned: it lacks {" and ".join(lacks)}. A prunable '
-        f'model defines `widths` (a FrozenDict group name -> width, its constructor argument) '
-        f'and `unit_groups()` returning demp.surgery.UnitGroup entries (the slices of every leaf '
-        f'each group owns), and sows its units with demp.deadunits.probe; see {PROTOCOL_DOC} and '
-        f'demp/models/mlp.py for a complete example.')
+      f'{type(model).__name__} cannot be pruned: it lacks {" and ".join(lacks)}. A prunable '
+      f'model defines `widths` (a FrozenDict group name -> width, its constructor argument) '
+      f'and `unit_groups()` returning demp.surgery.UnitGroup entries (the slices of every leaf '
+      f'each group owns), and sows its units with demp.deadunits.probe; see {PROTOCOL_DOC} and '
+      f'demp/models/mlp.py for a complete example.'
+    )
   groups = tuple(fn(model))
   bad = [g for g in groups if not isinstance(g, UnitGroup)]
   if bad:
-    raise TypeError(f'{type(model).__name__}.unit_groups() must return demp.surgery.UnitGroup '
-                    f'entries; got {type(bad[0]).__name__}. See {PROTOCOL_DOC}.')
+    raise TypeError(
+      f'{type(model).__name__}.unit_groups() must return demp.surgery.UnitGroup '
+      f'entries; got {type(bad[0]).__name__}. See {PROTOCOL_DOC}.'
+    )
   unknown = [g.name for g in groups if g.name not in widths]
   if unknown:
-    raise ValueError(f'{type(model).__name__}.unit_groups() names groups {unknown} that are not '
-                     f'in model.widths {sorted(widths)}. See {PROTOCOL_DOC}.')
+    raise ValueError(
+      f'{type(model).__name__}.unit_groups() names groups {unknown} that are not '
+      f'in model.widths {sorted(widths)}. See {PROTOCOL_DOC}.'
+    )
   return groups
 
 
@@ -285,8 +315,9 @@ def _name(path: Path) -> str:
   return '/'.join(path)
 
 
-def check_slices(model, variables: Mapping[str, PyTree],
-                 groups: Sequence[UnitGroup] | None = None) -> None:
+def check_slices(
+  model, variables: Mapping[str, PyTree], groups: Sequence[UnitGroup] | None = None
+) -> None:
   """Raises, naming the leaf and the group, when a group's slices do not fit the variables.
 
   * a slice names a leaf that exists in no collection;
@@ -297,8 +328,11 @@ def check_slices(model, variables: Mapping[str, PyTree],
   """
   groups = unit_groups(model) if groups is None else groups
   shapes = _shapes(variables)
-  covered = {(s.path, s.axis % max(1, len(shapes[s.path][1])) if s.path in shapes else s.axis)
-             for g in groups for s in g.slices}
+  covered = {
+    (s.path, s.axis % max(1, len(shapes[s.path][1])) if s.path in shapes else s.axis)
+    for g in groups
+    for s in g.slices
+  }
   for g in groups:
     width = int(model.widths[g.name])
     for kind, slices in (('producer', g.producers), ('consumer', g.consumers)):
@@ -308,33 +342,45 @@ def check_slices(model, variables: Mapping[str, PyTree],
           near = sorted(_name(p) for p in shapes if p[:-1] == module)
           where = f'leaves of that module: {near}' if near else 'no such module'
           raise ValueError(
-              f'unit group {g.name!r}: its {kind} slice names the leaf {_name(s.path)!r}, which '
-              f'is in no collection ({where}). '
-              f'Fix {type(model).__name__}.unit_groups(); see {PROTOCOL_DOC}.')
+            f'unit group {g.name!r}: its {kind} slice names the leaf {_name(s.path)!r}, which '
+            f'is in no collection ({where}). '
+            f'Fix {type(model).__name__}.unit_groups(); see {PROTOCOL_DOC}.'
+          )
         col, shape = shapes[s.path]
-        period = width if s.block is None else s.block   # a concatenation: blocks of `block`
-        if (not -len(shape) <= s.axis < len(shape) or shape[s.axis] % period
-            or s.offset + width > period):
-          axis_rule = ('enumerate the units (outputs: usually -1 for a kernel, 0 for a bias)'
-                       if kind == 'producer' else
-                       'read the units (inputs: 0 for a Dense kernel, 2 for a Conv kernel)')
+        period = width if s.block is None else s.block  # a concatenation: blocks of `block`
+        if (
+          not -len(shape) <= s.axis < len(shape)
+          or shape[s.axis] % period
+          or s.offset + width > period
+        ):
+          axis_rule = (
+            'enumerate the units (outputs: usually -1 for a kernel, 0 for a bias)'
+            if kind == 'producer'
+            else 'read the units (inputs: 0 for a Dense kernel, 2 for a Conv kernel)'
+          )
           raise ValueError(
-              f'unit group {g.name!r} (width {width}): its {kind} slice of {col} leaf '
-              f'{_name(s.path)!r} (shape {shape}) uses axis {s.axis}, whose size is not a '
-              f'multiple of the group width (or of its block {s.block}, offset {s.offset}). '
-              f'The {kind} axis must '
-              f'{axis_rule}; '
-              f'see {PROTOCOL_DOC}.')
+            f'unit group {g.name!r} (width {width}): its {kind} slice of {col} leaf '
+            f'{_name(s.path)!r} (shape {shape}) uses axis {s.axis}, whose size is not a '
+            f'multiple of the group width (or of its block {s.block}, offset {s.offset}). '
+            f'The {kind} axis must '
+            f'{axis_rule}; '
+            f'see {PROTOCOL_DOC}.'
+          )
     for s in g.producers:
       module = s.path[:-1]
       for path, (col, shape) in shapes.items():
-        if (path[:-1] == module and shape and shape[-1] == width
-            and (path, len(shape) - 1) not in covered):
+        if (
+          path[:-1] == module
+          and shape
+          and shape[-1] == width
+          and (path, len(shape) - 1) not in covered
+        ):
           raise ValueError(
-              f'unit group {g.name!r} (width {width}) misses the {col} leaf {_name(path)!r} '
-              f'(shape {shape}): it is in the module of the producer {_name(s.path)!r} and has '
-              f'the group\'s width on its last axis, but no slice of any group covers it. Add '
-              f'Slice({path!r}, -1) to the group\'s producers; see {PROTOCOL_DOC}.')
+            f'unit group {g.name!r} (width {width}) misses the {col} leaf {_name(path)!r} '
+            f'(shape {shape}): it is in the module of the producer {_name(s.path)!r} and has '
+            f'the group\'s width on its last axis, but no slice of any group covers it. Add '
+            f'Slice({path!r}, -1) to the group\'s producers; see {PROTOCOL_DOC}.'
+          )
 
 
 def _reduces_units(module: nn.Module) -> bool:
@@ -372,13 +418,22 @@ def _trace(model, example_input) -> tuple[dict[Path, str], dict]:
 def _looks_like_norm(shapes, module: Path) -> bool:
   """Without an input: a module of per-unit ``scale``/``bias`` params and no running statistics."""
   leaves = {p[-1]: v for p, v in shapes.items() if p[:-1] == module}
-  return ('scale' in leaves and leaves['scale'][0] == 'params' and set(leaves) <= {'scale', 'bias'}
-          and all(len(shape) == 1 for _, shape in leaves.values()))
+  return (
+    'scale' in leaves
+    and leaves['scale'][0] == 'params'
+    and set(leaves) <= {'scale', 'bias'}
+    and all(len(shape) == 1 for _, shape in leaves.values())
+  )
 
 
-def check_normalizations(model, variables: Mapping[str, PyTree], groups: Sequence[UnitGroup],
-                         example_input=None, *, norms: Mapping[Path, str] | None = None
-                         ) -> dict[str, str]:
+def check_normalizations(
+  model,
+  variables: Mapping[str, PyTree],
+  groups: Sequence[UnitGroup],
+  example_input=None,
+  *,
+  norms: Mapping[Path, str] | None = None,
+) -> dict[str, str]:
   """Groups whose slices belong to a normalization over the unit axis -> a description.
 
   Removing a unit there changes the statistics (mean, variance) the other units
@@ -390,7 +445,7 @@ def check_normalizations(model, variables: Mapping[str, PyTree], groups: Sequenc
   """
   shapes = _shapes(variables)
   if norms is None and example_input is not None:
-    norms = _trace(model, example_input)[0]   # the normalizations do not depend on the widths
+    norms = _trace(model, example_input)[0]  # the normalizations do not depend on the widths
   out = {}
   for g in groups:
     for s in g.slices:
@@ -402,8 +457,15 @@ def check_normalizations(model, variables: Mapping[str, PyTree], groups: Sequenc
   return out
 
 
-def prune(model, variables: Mapping[str, PyTree], opt_state: PyTree,
-          keeps: Mapping[str, np.ndarray], *, example_input=None, allow_inexact: bool = False):
+def prune(
+  model,
+  variables: Mapping[str, PyTree],
+  opt_state: PyTree,
+  keeps: Mapping[str, np.ndarray],
+  *,
+  example_input=None,
+  allow_inexact: bool = False,
+):
   """Removes the units not kept: returns ``(model, variables, opt_state)``.
 
   ``model`` must expose ``widths`` (group name -> width, a ``FrozenDict`` so
@@ -421,8 +483,10 @@ def prune(model, variables: Mapping[str, PyTree], opt_state: PyTree,
   check_slices(model, variables, groups)
   for g in groups:
     if g.name in keeps and np.asarray(keeps[g.name]).size != model.widths[g.name]:
-      raise ValueError(f'keep-mask for {g.name!r} has {np.asarray(keeps[g.name]).size} '
-                       f'entries, the group has {model.widths[g.name]} units.')
+      raise ValueError(
+        f'keep-mask for {g.name!r} has {np.asarray(keeps[g.name]).size} '
+        f'entries, the group has {model.widths[g.name]} units.'
+      )
   new_opt_state = slice_optimizer_state(opt_state, variables['params'], groups, keeps)
   new_variables = slice_variables(variables, groups, keeps)
   widths = dict(model.widths)
@@ -436,13 +500,16 @@ def prune(model, variables: Mapping[str, PyTree], opt_state: PyTree,
   inexact = check_normalizations(model, variables, cut, norms=norms) if cut else {}
   if inexact:
     text = '; '.join(f'{name}: its slices include {what}' for name, what in inexact.items())
-    message = (f'pruning {sorted(inexact)} is inexact: {text}, a normalization whose statistics '
-               f'run over the units, so removing even dead units changes the function')
+    message = (
+      f'pruning {sorted(inexact)} is inexact: {text}, a normalization whose statistics '
+      f'run over the units, so removing even dead units changes the function'
+    )
     if not allow_inexact:
       raise InexactPruneError(
-          f'{message}. Move the normalization off the unit axis (BatchNorm is exact), leave '
-          f'that group out of unit_groups(), or pass allow_inexact=True to prune anyway. '
-          f'See {PROTOCOL_DOC}.')
+        f'{message}. Move the normalization off the unit axis (BatchNorm is exact), leave '
+        f'that group out of unit_groups(), or pass allow_inexact=True to prune anyway. '
+        f'See {PROTOCOL_DOC}.'
+      )
     logging.warning('%s (allow_inexact=True).', message)
   if expected is not None:
     _check_pruned_shapes(expected, new_variables, groups, model.widths, widths)
@@ -454,13 +521,15 @@ def _check_pruned_shapes(expected, variables, groups, before, after) -> None:
   got = _shapes(variables)
   for path, (col, shape) in expected.items():
     if path in got and got[path][1] != shape:
-      changed = [g.name for g in groups if before[g.name] != after[g.name]
-                 and before[g.name] in got[path][1]]
+      changed = [
+        g.name for g in groups if before[g.name] != after[g.name] and before[g.name] in got[path][1]
+      ]
       raise ValueError(
-          f'after pruning, {col} leaf {_name(path)!r} has shape {got[path][1]} but the model at '
-          f'the new widths expects {shape}: unit group {changed or "?"} misses a slice of it '
-          f'(the leaf holds the group\'s old width). Add it to that group in unit_groups(); '
-          f'see {PROTOCOL_DOC}.')
+        f'after pruning, {col} leaf {_name(path)!r} has shape {got[path][1]} but the model at '
+        f'the new widths expects {shape}: unit group {changed or "?"} misses a slice of it '
+        f'(the leaf holds the group\'s old width). Add it to that group in unit_groups(); '
+        f'see {PROTOCOL_DOC}.'
+      )
 
 
 # ----------------------------------------------------------------------------
@@ -485,8 +554,9 @@ def _set(tree: Mapping, path: Path, value) -> dict:
   return tree
 
 
-def fold_target(groups: Sequence[UnitGroup], variables: Mapping[str, PyTree],
-                consumer: Slice) -> tuple[str, Path, float] | None:
+def fold_target(
+  groups: Sequence[UnitGroup], variables: Mapping[str, PyTree], consumer: Slice
+) -> tuple[str, Path, float] | None:
   """Where a constant input of ``consumer`` (a kernel's input slice) can be absorbed.
 
   Returns ``(collection, path, sign)``: the consumer module's ``bias`` in
@@ -509,21 +579,28 @@ def fold_target(groups: Sequence[UnitGroup], variables: Mapping[str, PyTree],
   return None
 
 
-def foldable_groups(groups: Sequence[UnitGroup],
-                    variables: Mapping[str, PyTree]) -> dict[str, bool]:
+def foldable_groups(
+  groups: Sequence[UnitGroup], variables: Mapping[str, PyTree]
+) -> dict[str, bool]:
   """Group -> whether its constant units can be folded (:func:`fold_constants`).
 
   A group qualifies when it has one site (a residual stream channel is read at
   several places, each with its own consumers) and every consumer has a fold
   target (:func:`fold_target`).
   """
-  return {g.name: len(g.sites) == 1 and all(fold_target(groups, variables, c) is not None
-                                            for c in g.consumers)
-          for g in groups}
+  return {
+    g.name: len(g.sites) == 1
+    and all(fold_target(groups, variables, c) is not None for c in g.consumers)
+    for g in groups
+  }
 
 
-def fold_constants(variables: Mapping[str, PyTree], groups: Sequence[UnitGroup],
-                   values: Mapping[str, np.ndarray], fold: Mapping[str, np.ndarray]) -> dict:
+def fold_constants(
+  variables: Mapping[str, PyTree],
+  groups: Sequence[UnitGroup],
+  values: Mapping[str, np.ndarray],
+  fold: Mapping[str, np.ndarray],
+) -> dict:
   """Adds the contribution of constant units to their consumers' biases (or running means).
 
   For each group and each unit ``u`` with ``fold[group][u]``, the unit is taken
@@ -550,16 +627,18 @@ def fold_constants(variables: Mapping[str, PyTree], groups: Sequence[UnitGroup],
     if not mask.any():
       continue
     if not able[g.name]:
-      raise ValueError(f'group {g.name!r} has constant units to fold but is not foldable '
-                       f'(several sites, or a consumer without bias or running mean).')
+      raise ValueError(
+        f'group {g.name!r} has constant units to fold but is not foldable '
+        f'(several sites, or a consumer without bias or running mean).'
+      )
     c = np.where(mask, np.asarray(values[g.name], np.float64), 0.0)
     for s in g.consumers:
       col, path, sign = fold_target(groups, out, s)
       w = np.asarray(_leaf(out['params'], s.path), np.float64)
       axis = s.axis % w.ndim
       vec = np.tile(c, w.shape[axis] // c.size)
-      k = np.tensordot(w, vec, axes=([axis], [0]))    # the input axis contracted
-      k = k.reshape(-1, w.shape[-1]).sum(axis=0)       # every other axis but the output one
+      k = np.tensordot(w, vec, axes=([axis], [0]))  # the input axis contracted
+      k = k.reshape(-1, w.shape[-1]).sum(axis=0)  # every other axis but the output one
       target = _leaf(out[col], path)
       new = np.asarray(target, np.float64) + sign * k
       out[col] = _set(out[col], path, jax.numpy.asarray(new, dtype=target.dtype))

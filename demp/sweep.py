@@ -47,10 +47,10 @@ class RunSpec:
   """One run of a sweep: its overrides and where it lives."""
 
   name: str
-  overrides: tuple[tuple[str, str], ...]   # (key, value) in grid order
+  overrides: tuple[tuple[str, str], ...]  # (key, value) in grid order
 
   def config_args(self) -> dict[str, str]:
-    return {k[len(ARG_PREFIX):]: v for k, v in self.overrides if k.startswith(ARG_PREFIX)}
+    return {k[len(ARG_PREFIX) :]: v for k, v in self.overrides if k.startswith(ARG_PREFIX)}
 
   def config_overrides(self) -> dict[str, str]:
     return {k: v for k, v in self.overrides if not k.startswith(ARG_PREFIX)}
@@ -104,8 +104,14 @@ def command(spec: RunSpec, config: str, workdir: str, python: str = sys.executab
   args = dict(kv.split('=', 1) for kv in arg.split(',') if kv) if arg else {}
   args.update(spec.config_args())
   config_flag = path + (':' + ','.join(f'{k}={v}' for k, v in args.items()) if args else '')
-  cmd = [python, '-m', 'scripts.train', f'--config={config_flag}',
-         f'--workdir={os.path.join(workdir, spec.name)}', '--config.progress_bar=False']
+  cmd = [
+    python,
+    '-m',
+    'scripts.train',
+    f'--config={config_flag}',
+    f'--workdir={os.path.join(workdir, spec.name)}',
+    '--config.progress_bar=False',
+  ]
   cmd += [f'--config.{k}={v}' for k, v in spec.config_overrides().items()]
   return cmd
 
@@ -178,9 +184,17 @@ def _run_one(spec: RunSpec, config: str, workdir: str, cwd: str) -> tuple[str, i
   return spec.name, rc, time.perf_counter() - t0
 
 
-def run_sweep(config: str, grids: Sequence[str], workdir: str, *, parallel: int = 1,
-              dry_run: bool = False, cwd: str | None = None, echo=print,
-              results_dir: str | None = None) -> dict[str, int]:
+def run_sweep(
+  config: str,
+  grids: Sequence[str],
+  workdir: str,
+  *,
+  parallel: int = 1,
+  dry_run: bool = False,
+  cwd: str | None = None,
+  echo=print,
+  results_dir: str | None = None,
+) -> dict[str, int]:
   """Runs every run of the grids not done yet; returns ``{name: return code}``.
 
   A failed run is reported and the sweep goes on; its directory has no
@@ -194,10 +208,14 @@ def run_sweep(config: str, grids: Sequence[str], workdir: str, *, parallel: int 
   specs = expand(grids)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
-    json.dump({'config': config, 'grids': list(grids), 'runs': [s.name for s in specs]}, f, indent=2)
+    json.dump(
+      {'config': config, 'grids': list(grids), 'runs': [s.name for s in specs]}, f, indent=2
+    )
   todo = [s for s in specs if not is_done(workdir, s, results_dir)]
-  echo(f'{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run '
-       f'({parallel} at a time) in {workdir}')
+  echo(
+    f'{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run '
+    f'({parallel} at a time) in {workdir}'
+  )
   if dry_run:
     for s in todo:
       echo(' '.join(command(s, config, workdir)))
@@ -210,6 +228,8 @@ def run_sweep(config: str, grids: Sequence[str], workdir: str, *, parallel: int 
       results[name] = rc
       if rc == 0 and results_dir is not None:
         collect_run(os.path.join(workdir, name), results_dir)
-      status = 'ok' if rc == 0 else f'FAILED (exit {rc}; see {os.path.join(workdir, name, "train.log")})'
+      status = (
+        'ok' if rc == 0 else f'FAILED (exit {rc}; see {os.path.join(workdir, name, "train.log")})'
+      )
       echo(f'[{len(results)}/{len(todo)}] {name}: {status} in {seconds:.0f} s')
   return results

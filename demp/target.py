@@ -51,20 +51,20 @@ from demp import schedules
 from demp import transforms
 
 __all__ = [
-    'ControllerParams',
-    'ControllerState',
-    'TARGET_KINDS',
-    'TARGET_NOISE',
-    'TargetPenaltyState',
-    'add_target_penalty',
-    'dead_fraction',
-    'default_reach',
-    'find_gain_state',
-    'set_gain',
-    'target_optimizer',
-    'trajectory',
-    'update_gain',
-    'with_gain_noise',
+  'ControllerParams',
+  'ControllerState',
+  'TARGET_KINDS',
+  'TARGET_NOISE',
+  'TargetPenaltyState',
+  'add_target_penalty',
+  'dead_fraction',
+  'default_reach',
+  'find_gain_state',
+  'set_gain',
+  'target_optimizer',
+  'trajectory',
+  'update_gain',
+  'with_gain_noise',
 ]
 
 # ----------------------------------------------------------------------------
@@ -73,6 +73,7 @@ __all__ = [
 
 class TargetPenaltyState(NamedTuple):
   """State of :func:`add_target_penalty`."""
+
   count: jax.Array  # shape=(), int32: the update count, for shape(t).
   gain: jax.Array  # shape=(), float32: λ_t = shape(count) × gain; set by the controller.
   dead: jax.Array  # shape=(), float32: fraction of penalised entries with a zero gradient.
@@ -95,10 +96,10 @@ def dead_fraction(updates: optax.Updates, selected: Any) -> jax.Array:
 
 
 def add_target_penalty(
-    shape: optax.ScalarOrSchedule,
-    kind: str = 'lasso',
-    mask: transforms.MaskOrFn = transforms.NORM_SCALES,
-    gain: float = 1.0,
+  shape: optax.ScalarOrSchedule,
+  kind: str = 'lasso',
+  mask: transforms.MaskOrFn = transforms.NORM_SCALES,
+  gain: float = 1.0,
 ) -> optax.GradientTransformation:
   r"""A scheduled penalty of strength ``λ_t = shape(t) × gain``, the gain in the state.
 
@@ -140,25 +141,34 @@ def add_target_penalty(
   """
   if kind not in transforms.PENALTY_KINDS:
     raise ValueError(
-        f'Unknown penalty `kind`={kind!r}; allowed: {sorted(transforms.PENALTY_KINDS)}.')
+      f'Unknown penalty `kind`={kind!r}; allowed: {sorted(transforms.PENALTY_KINDS)}.'
+    )
   for name, value in (('shape', shape), ('gain', gain)):
     if name != 'shape' or not callable(value):
       if not (isinstance(value, (int, float)) and value >= 0):
         raise ValueError(f'`{name}` must be a number >= 0, got {name}={value!r}.')
   penalty_grad = transforms.PENALTY_KINDS[kind]
-  mask_fn = (transforms.path_mask(mask) if isinstance(mask, str)
-             else mask if callable(mask) else (lambda params: mask))
+  mask_fn = (
+    transforms.path_mask(mask)
+    if isinstance(mask, str)
+    else mask
+    if callable(mask)
+    else (lambda params: mask)
+  )
 
   def init_fn(params: optax.Params) -> TargetPenaltyState:
     del params
-    return TargetPenaltyState(count=jnp.zeros([], jnp.int32),
-                              gain=jnp.asarray(gain, jnp.float32),
-                              dead=jnp.zeros([], jnp.float32))
+    return TargetPenaltyState(
+      count=jnp.zeros([], jnp.int32),
+      gain=jnp.asarray(gain, jnp.float32),
+      dead=jnp.zeros([], jnp.float32),
+    )
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError('add_target_penalty needs `params` in update(updates, state, params); '
-                       'got params=None.')
+      raise ValueError(
+        'add_target_penalty needs `params` in update(updates, state, params); got params=None.'
+      )
     base = shape(state.count) if callable(shape) else shape
     lam = base * state.gain
     selected = mask_fn(params)
@@ -177,16 +187,17 @@ def add_target_penalty(
 
 class GainNoiseState(NamedTuple):
   """State of :func:`with_gain_noise` (the fields of ``LiveNoiseState``)."""
+
   count: jax.Array
   key: jax.Array
   inner_state: optax.OptState
 
 
 def with_gain_noise(
-    inner: optax.GradientTransformation,
-    std: optax.ScalarOrSchedule,
-    seed: int = 0,
-    symmetric: bool = False,
+  inner: optax.GradientTransformation,
+  std: optax.ScalarOrSchedule,
+  seed: int = 0,
+  symmetric: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DemP's live noise whose std follows the gain: ``σ_t = std(t) × gain``.
 
@@ -212,8 +223,10 @@ def with_gain_noise(
   def init_fn(params):
     inner_state = inner.init(params)
     if find_gain_state(inner_state) is None:
-      raise ValueError('with_gain_noise: `inner` has no TargetPenaltyState (chain '
-                       'add_target_penalty into it), so there is no gain to follow.')
+      raise ValueError(
+        'with_gain_noise: `inner` has no TargetPenaltyState (chain '
+        'add_target_penalty into it), so there is no gain to follow.'
+      )
     return GainNoiseState(jnp.zeros([], jnp.int32), jax.random.key(seed), inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -222,7 +235,8 @@ def with_gain_noise(
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     sigma = (std(state.count) if callable(std) else std) * gain
     noise = transforms._normal_like(  # pylint: disable=protected-access
-        jax.random.fold_in(state.key, state.count), updates)
+      jax.random.fold_in(state.key, state.count), updates
+    )
 
     def add(u, n, m):
       noisy = u + (sigma * n).astype(u.dtype)
@@ -239,15 +253,15 @@ TARGET_NOISE = ('gain', 'schedule')
 
 
 def target_optimizer(
-    base: optax.GradientTransformation,
-    *,
-    lambda_shape: optax.ScalarOrSchedule,
-    noise_shape: optax.ScalarOrSchedule | None,
-    noise: str = 'gain',
-    penalty_kind: str = 'lasso',
-    penalty_mask: transforms.MaskOrFn = transforms.NORM_SCALES,
-    noise_seed: int = 0,
-    symmetric_noise: bool = False,
+  base: optax.GradientTransformation,
+  *,
+  lambda_shape: optax.ScalarOrSchedule,
+  noise_shape: optax.ScalarOrSchedule | None,
+  noise: str = 'gain',
+  penalty_kind: str = 'lasso',
+  penalty_mask: transforms.MaskOrFn = transforms.NORM_SCALES,
+  noise_seed: int = 0,
+  symmetric_noise: bool = False,
 ) -> optax.GradientTransformation:
   """DemP with a controlled gain: :func:`demp.transforms.demp_optimizer`'s layout.
 
@@ -290,11 +304,14 @@ def set_gain(opt_state: optax.OptState, gain: float | jax.Array) -> optax.OptSta
     ValueError: if ``opt_state`` holds no :class:`TargetPenaltyState`.
   """
   if find_gain_state(opt_state) is None:
-    raise ValueError('set_gain: the optimizer state holds no TargetPenaltyState '
-                     '(build the optimizer with add_target_penalty / target_optimizer).')
+    raise ValueError(
+      'set_gain: the optimizer state holds no TargetPenaltyState '
+      '(build the optimizer with add_target_penalty / target_optimizer).'
+    )
   value = jnp.asarray(gain, jnp.float32)
-  return jax.tree.map(lambda s: s._replace(gain=value) if _is_gain_state(s) else s,
-                      opt_state, is_leaf=_is_gain_state)
+  return jax.tree.map(
+    lambda s: s._replace(gain=value) if _is_gain_state(s) else s, opt_state, is_leaf=_is_gain_state
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -318,6 +335,7 @@ class ControllerParams(NamedTuple):
     gain_max: the gain never exceeds this.
     horizon: the prediction looks ``max(1, round(horizon × delay))`` checks ahead.
   """
+
   kp: float = 4.0
   up_max: float = 2.0
   up_idle: float = 1.25
@@ -329,22 +347,23 @@ class ControllerParams(NamedTuple):
 
 class ControllerState(NamedTuple):
   """The controller's explicit host state (plain numbers; saved with the run)."""
+
   gain: float = 1.0
-  measured: float = 0.0   # sparsity at the last check
-  reached: bool = False   # the target was reached: λ decays from then on
-  checks: int = 0         # checks seen so far
-  delay: int = 0          # checks until the first unit died (the plant's delay); 0 = not yet
+  measured: float = 0.0  # sparsity at the last check
+  reached: bool = False  # the target was reached: λ decays from then on
+  checks: int = 0  # checks seen so far
+  delay: int = 0  # checks until the first unit died (the plant's delay); 0 = not yet
 
 
 def update_gain(
-    state: ControllerState,
-    measured: float,
-    target_at: Callable[[int], float],
-    target: float,
-    *,
-    step: int,
-    every: int,
-    params: ControllerParams = ControllerParams(),
+  state: ControllerState,
+  measured: float,
+  target_at: Callable[[int], float],
+  target: float,
+  *,
+  step: int,
+  every: int,
+  params: ControllerParams = ControllerParams(),
 ) -> ControllerState:
   r"""One step of the control law, at a death check. Pure.
 
@@ -402,13 +421,13 @@ def update_gain(
   elif predicted > target:
     factor = min(1.0, max(p.cut, 0.5 * (target - measured) / (h * delta)))
   elif predicted < ahead:
-    factor = min(1.0 + p.kp * (ahead - predicted) / target,
-                 p.up_max if measured > 0 else p.up_idle)
+    factor = min(1.0 + p.kp * (ahead - predicted) / target, p.up_max if measured > 0 else p.up_idle)
   else:
     factor = max(1.0 - p.kp * (predicted - ahead) / target, p.down_min)
   gain = min(state.gain * factor, p.gain_max)
-  return ControllerState(gain=float(gain), measured=float(measured), reached=bool(reached),
-                         checks=checks, delay=delay)
+  return ControllerState(
+    gain=float(gain), measured=float(measured), reached=bool(reached), checks=checks, delay=delay
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -428,8 +447,9 @@ def default_reach(span: float) -> float:
   return span * (PCT_START + (1.0 - PCT_START) / 2.0)
 
 
-def trajectory(shape: optax.ScalarOrSchedule, num_updates: int, target: float,
-               reach: float) -> Callable[[int], float]:
+def trajectory(
+  shape: optax.ScalarOrSchedule, num_updates: int, target: float, reach: float
+) -> Callable[[int], float]:
   """``update -> target sparsity``: ``S · min(1, C(t) / C(reach·T))``.
 
   ``C(t) = Σ_{u<t} shape(u)`` is the cumulative λ shape (sparsity accumulates
@@ -453,11 +473,14 @@ def trajectory(shape: optax.ScalarOrSchedule, num_updates: int, target: float,
     (0.0, 0.3, 0.6, 0.6)
   """
   steps = np.arange(num_updates)
-  values = (np.asarray(jax.device_get(jax.vmap(shape)(jnp.asarray(steps))), np.float64)
-            if callable(shape) else np.full(num_updates, float(shape)))
+  values = (
+    np.asarray(jax.device_get(jax.vmap(shape)(jnp.asarray(steps))), np.float64)
+    if callable(shape)
+    else np.full(num_updates, float(shape))
+  )
   cum = np.concatenate([[0.0], np.cumsum(np.broadcast_to(values, (num_updates,)))])
   t_reach = max(1, min(num_updates, int(round(reach * num_updates))))
-  if not cum[t_reach] > 0:     # an all-zero shape: a straight ramp
+  if not cum[t_reach] > 0:  # an all-zero shape: a straight ramp
     cum = np.arange(num_updates + 1, dtype=np.float64)
 
   def at(update: int) -> float:
@@ -468,14 +491,16 @@ def trajectory(shape: optax.ScalarOrSchedule, num_updates: int, target: float,
 
 
 @functools.lru_cache(maxsize=16)
-def _run_trajectory(schedule: str, warmup: str, span: float, num_updates: int, target: float,
-                    reach_: float) -> Callable[[int], float]:
+def _run_trajectory(
+  schedule: str, warmup: str, span: float, num_updates: int, target: float, reach_: float
+) -> Callable[[int], float]:
   """The trajectory of a config's λ shape (that of ``demp.train.demp_schedules``, unit peak)."""
   if schedule == 'constant':
     shape = 1.0
   else:
-    shape = schedules.one_cycle(1.0, total_steps=max(1, int(round(span * num_updates))),
-                                warmup=warmup)
+    shape = schedules.one_cycle(
+      1.0, total_steps=max(1, int(round(span * num_updates))), warmup=warmup
+    )
   return trajectory(shape, num_updates, target, reach_)
 
 
@@ -483,8 +508,9 @@ def config_trajectory(config) -> Callable[[int], float]:
   """The target trajectory of ``config`` (cached): a function of the update count."""
   c = config.demp
   num_updates = max(1, config.num_steps // config.optimizer.accumulate_steps)
-  return _run_trajectory(c.schedule, c.warmup, float(c.span), num_updates,
-                         float(c.target_sparsity), reach(config))
+  return _run_trajectory(
+    c.schedule, c.warmup, float(c.span), num_updates, float(c.target_sparsity), reach(config)
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -511,23 +537,30 @@ def validate(config) -> None:
   c = config.demp
   ts = c.target_sparsity
   if not (isinstance(ts, (int, float)) and not isinstance(ts, bool) and 0 <= ts < 1):
-    raise ValueError(f'demp.target_sparsity={ts!r} must be a number in [0, 1) '
-                     '(0 = fixed λ, no target).')
+    raise ValueError(
+      f'demp.target_sparsity={ts!r} must be a number in [0, 1) (0 = fixed λ, no target).'
+    )
   if c.target_kind not in TARGET_KINDS:
     raise ValueError(f'demp.target_kind={c.target_kind!r} is not one of {list(TARGET_KINDS)}.')
   tr = c.target_reach
   if not (isinstance(tr, (int, float)) and not isinstance(tr, bool) and 0 <= tr <= 1):
-    raise ValueError(f'demp.target_reach={tr!r} must be a number in [0, 1] '
-                     '(a fraction of the run; 0 = the default, 0.65 × demp.span).')
+    raise ValueError(
+      f'demp.target_reach={tr!r} must be a number in [0, 1] '
+      '(a fraction of the run; 0 = the default, 0.65 × demp.span).'
+    )
   if c.target_noise not in TARGET_NOISE:
     raise ValueError(f'demp.target_noise={c.target_noise!r} is not one of {list(TARGET_NOISE)}.')
   if ts > 0 and config.method == 'demp':
     if not c.peak_lambda > 0:
-      raise ValueError(f'demp.peak_lambda={c.peak_lambda!r} must be > 0 with demp.target_sparsity'
-                       f'={ts!r}: it is the scale of λ_t = shape(t) × gain (gain starts at 1).')
+      raise ValueError(
+        f'demp.peak_lambda={c.peak_lambda!r} must be > 0 with demp.target_sparsity'
+        f'={ts!r}: it is the scale of λ_t = shape(t) × gain (gain starts at 1).'
+      )
     if not config.prune.dynamic:
-      raise ValueError(f'prune.dynamic={config.prune.dynamic!r} must be True with '
-                       f'demp.target_sparsity={ts!r}: the controller measures the pruned model.')
+      raise ValueError(
+        f'prune.dynamic={config.prune.dynamic!r} must be True with '
+        f'demp.target_sparsity={ts!r}: the controller measures the pruned model.'
+      )
 
 
 def reach(config) -> float:
@@ -537,16 +570,16 @@ def reach(config) -> float:
 
 def _flops_sparsity(run) -> float:
   image_shape = tuple(run.death_images.shape[1:])
-  if 'target_dense_flops' not in run.memo:   # compiled once, from shapes
+  if 'target_dense_flops' not in run.memo:  # compiled once, from shapes
     dense = flops_lib.at_widths(run.model, run.dense_widths)
     run.memo['target_dense_flops'] = flops_lib.forward_flops(dense, image_shape)
   return 1.0 - flops_lib.forward_flops(run.model, image_shape) / run.memo['target_dense_flops']
 
 
 MEASURES: dict[str, Callable[[Any], float]] = {
-    'units': lambda run: metrics.neuron_sparsity(run.model.widths, run.dense_widths),
-    'weights': lambda run: metrics.weight_sparsity(run.state['params'], run.dense_params),
-    'flops': _flops_sparsity,
+  'units': lambda run: metrics.neuron_sparsity(run.model.widths, run.dense_widths),
+  'weights': lambda run: metrics.weight_sparsity(run.state['params'], run.dense_params),
+  'flops': _flops_sparsity,
 }
 """The sparsity of each :data:`TARGET_KINDS` entry, from a run (the summary's counting)."""
 
@@ -585,23 +618,38 @@ def after_check(run) -> dict[str, Any]:
   target_now = traj(update)
   before = _controller(run)
   every = max(1, run.config.prune.every // run.config.optimizer.accumulate_steps)
-  after = update_gain(before, measured, traj, float(c.target_sparsity), step=update, every=every,
-                      params=PARAMS)
+  after = update_gain(
+    before, measured, traj, float(c.target_sparsity), step=update, every=every, params=PARAMS
+  )
   run.memo['target'] = after._asdict()
   run.state = dict(run.state, opt_state=set_gain(run.state['opt_state'], after.gain))
   if run.mesh is not None:
     from demp import parallel  # pylint: disable=g-import-not-at-top
+
     run.state = parallel.replicate(run.state, run.mesh)
-  event = {'step': run.step, 'event': 'target', 'target_kind': kind,
-           'target_sparsity': float(c.target_sparsity), 'target_now': target_now,
-           'measured_sparsity': measured, 'gain_before': before.gain,
-           'gain': after.gain, 'reached': after.reached, 'delay_checks': after.delay}
+  event = {
+    'step': run.step,
+    'event': 'target',
+    'target_kind': kind,
+    'target_sparsity': float(c.target_sparsity),
+    'target_now': target_now,
+    'measured_sparsity': measured,
+    'gain_before': before.gain,
+    'gain': after.gain,
+    'reached': after.reached,
+    'delay_checks': after.delay,
+  }
   run.log(event)
-  run.stats.update(target_sparsity=float(c.target_sparsity), target_kind=kind,
-                   target_reached_sparsity=measured, target_reached=after.reached,
-                   target_gain_final=after.gain)
+  run.stats.update(
+    target_sparsity=float(c.target_sparsity),
+    target_kind=kind,
+    target_reached_sparsity=measured,
+    target_reached=after.reached,
+    target_gain_final=after.gain,
+  )
   run.stats.setdefault('target_history', []).append(
-      {k: event[k] for k in ('step', 'target_now', 'measured_sparsity', 'gain')})
+    {k: event[k] for k in ('step', 'target_now', 'measured_sparsity', 'gain')}
+  )
   return event
 
 
@@ -618,11 +666,13 @@ def log_fields(run, record: Mapping[str, Any], update: int) -> dict[str, float]:
     return {}
   ctrl = _controller(run)
   gain_state = find_gain_state(run.state['opt_state'])
-  out = {'lambda': record['lambda'] * ctrl.gain,
-         'target_gain': ctrl.gain,
-         'target_sparsity': config_trajectory(run.config)(update),
-         'measured_sparsity': ctrl.measured,
-         'target_dead': float(gain_state.dead) if gain_state is not None else math.nan}
+  out = {
+    'lambda': record['lambda'] * ctrl.gain,
+    'target_gain': ctrl.gain,
+    'target_sparsity': config_trajectory(run.config)(update),
+    'measured_sparsity': ctrl.measured,
+    'target_dead': float(gain_state.dead) if gain_state is not None else math.nan,
+  }
   if run.config.demp.target_noise == 'gain':
     out['noise_std'] = record['noise_std'] * ctrl.gain
   return out
@@ -632,5 +682,7 @@ def postfix(record: Mapping[str, Any]) -> dict[str, str]:
   """Progress-bar fields of a record: measured / target sparsity and the gain."""
   if 'target_gain' not in record:
     return {}
-  return {'sparsity': f'{record["measured_sparsity"]:.3f}/{record["target_sparsity"]:.3f}',
-          'gain': f'{record["target_gain"]:.3g}'}
+  return {
+    'sparsity': f'{record["measured_sparsity"]:.3f}/{record["target_sparsity"]:.3f}',
+    'gain': f'{record["target_gain"]:.3g}',
+  }

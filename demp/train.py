@@ -52,24 +52,28 @@ def evaluate(model, variables, config, split: str = 'test', mesh=None) -> dict[s
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
   split_batch = mesh is not None and config.eval_batch_size % mesh.devices.size == 0
   for batch in data_lib.eval_batches(config.data, split, config.eval_batch_size):
-    if mesh is not None:   # every host holds the whole batch
+    if mesh is not None:  # every host holds the whole batch
       batch = parallel.shard_global(batch, mesh) if split_batch else parallel.replicate(batch, mesh)
     out = eval_step(variables, batch)
     totals = {k: totals[k] + out[k] for k in totals}
   totals = jax.device_get(totals)
-  return {'accuracy': float(totals['correct'] / totals['count']),
-          'loss': float(totals['loss_sum'] / totals['count'])}
+  return {
+    'accuracy': float(totals['correct'] / totals['count']),
+    'loss': float(totals['loss_sum'] / totals['count']),
+  }
 
 
-def init_run(config, log=lambda record: None, *, mesh=None,
-             start_batch: int = 0) -> tuple[Run, Any]:
+def init_run(
+  config, log=lambda record: None, *, mesh=None, start_batch: int = 0
+) -> tuple[Run, Any]:
   """Validates ``config`` and builds its run: see :func:`resolve_run`."""
   config_lib.validate_config(config)
   return resolve_run(config, log, mesh=mesh, start_batch=start_batch)
 
 
-def resolve_run(config, log=lambda record: None, *, mesh=None,
-                start_batch: int = 0) -> tuple[Run, Any]:
+def resolve_run(
+  config, log=lambda record: None, *, mesh=None, start_batch: int = 0
+) -> tuple[Run, Any]:
   """Builds model, optimizer, state and data of a validated config; returns the run and the train iterator.
 
   With a ``mesh`` (:func:`demp.parallel.data_mesh`) the state and the death-check
@@ -89,23 +93,44 @@ def resolve_run(config, log=lambda record: None, *, mesh=None,
   dense_params = metrics.num_params(state['params'])
   if mesh is not None:
     state, death_images = parallel.replicate((state, death_images), mesh)
-  run = Run(config=config, model=model, tx=tx, state=state, death_images=death_images,
-            dense_widths=dict(model.widths), dense_params=dense_params, log=log, mesh=mesh)
+  run = Run(
+    config=config,
+    model=model,
+    tx=tx,
+    state=state,
+    death_images=death_images,
+    dense_widths=dict(model.widths),
+    dense_params=dense_params,
+    log=log,
+    mesh=mesh,
+  )
   exact = config.checkpoint.data_resume == 'skip' or not start_batch
-  data_seed = config.seed if exact else int(np.random.SeedSequence(
-      [config.seed, start_batch]).generate_state(1)[0])   # 'reseed': a fresh stream, not a replay
-  train_iter = data_lib.train_iterator(config.data, parallel.host_batch_size(config.batch_size),
-                                       seed=data_seed, start_batch=start_batch if exact else 0)
-  train_iter = augment.wrap_iterator(train_iter, config.batch_augment,
-                                     num_classes=info.num_classes, seed=config.seed,
-                                     start=start_batch)
+  data_seed = (
+    config.seed
+    if exact
+    else int(np.random.SeedSequence([config.seed, start_batch]).generate_state(1)[0])
+  )  # 'reseed': a fresh stream, not a replay
+  train_iter = data_lib.train_iterator(
+    config.data,
+    parallel.host_batch_size(config.batch_size),
+    seed=data_seed,
+    start_batch=start_batch if exact else 0,
+  )
+  train_iter = augment.wrap_iterator(
+    train_iter,
+    config.batch_augment,
+    num_classes=info.num_classes,
+    seed=config.seed,
+    start=start_batch,
+  )
   if mesh is not None:
     train_iter = parallel.global_batches(train_iter, mesh)
   return run, train_iter
 
 
-def _check_finite(step0: int, losses: np.ndarray, *, params_finite: bool = True,
-                  last_good: str = '') -> None:
+def _check_finite(
+  step0: int, losses: np.ndarray, *, params_finite: bool = True, last_good: str = ''
+) -> None:
   """Raises FloatingPointError at the first step whose loss, or after which the params, are NaN/Inf.
 
   ``last_good`` names the last checkpoint saved (all checkpoints are finite: the
@@ -113,12 +138,16 @@ def _check_finite(step0: int, losses: np.ndarray, *, params_finite: bool = True,
   """
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size:
-    raise FloatingPointError(f'loss is {losses[bad[0]]} at step {step0 + int(bad[0]) + 1}; '
-                             f'stopping. {last_good}Lower the learning rate or λ, or check the data.')
+    raise FloatingPointError(
+      f'loss is {losses[bad[0]]} at step {step0 + int(bad[0]) + 1}; '
+      f'stopping. {last_good}Lower the learning rate or λ, or check the data.'
+    )
   if not params_finite:
-    raise FloatingPointError(f'parameters are NaN/Inf at step {step0 + len(losses)} (after steps '
-                             f'{step0 + 1}..{step0 + len(losses)}, whose losses were finite); '
-                             f'stopping. {last_good}Lower the learning rate or λ, or check the data.')
+    raise FloatingPointError(
+      f'parameters are NaN/Inf at step {step0 + len(losses)} (after steps '
+      f'{step0 + 1}..{step0 + len(losses)}, whose losses were finite); '
+      f'stopping. {last_good}Lower the learning rate or λ, or check the data.'
+    )
 
 
 @jax.jit
@@ -126,8 +155,13 @@ def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_after: int | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Trains ``config.method`` in ``workdir``; returns (and writes) the run summary.
 
   Resumes from the latest checkpoint in ``<workdir>/checkpoints`` when there is
@@ -145,43 +179,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``<workdir>/previous-<timestamp>/``. Nothing in it is written until every
   check (the checkpoint's included) has passed.
   """
-  config_lib.validate_config(config)   # the one validation of the run
+  config_lib.validate_config(config)  # the one validation of the run
   mesh = parallel.data_mesh()
-  data_lib.get_info(config.data)                 # a bad data file: refused before the workdir
+  data_lib.get_info(config.data)  # a bad data file: refused before the workdir
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.claim(workdir, config, overwrite=overwrite, primary=primary) as claim:
-    mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-                              async_save=config.checkpoint.async_save)
+    mngr = checkpoint.manager(
+      os.path.join(workdir, 'checkpoints'),
+      keep=config.checkpoint.keep,
+      async_save=config.checkpoint.async_save,
+    )
     with checkpoint.closing(mngr), checkpoint.Preemption() as preemption:
       return _train(config, workdir, mesh, mngr, preemption, stop_after, claim)
 
 
-def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
-           claim=None) -> dict[str, Any]:
+def _train(
+  config, workdir: str, mesh, mngr, preemption, stop_after: int | None, claim=None
+) -> dict[str, Any]:
   """The loop of :func:`train_and_evaluate` (arguments as built there)."""
   primary = jax.process_index() == 0
-  meta = checkpoint.read_meta(mngr)              # None for a fresh run; raises when unreadable
+  meta = checkpoint.read_meta(mngr)  # None for a fresh run; raises when unreadable
   log_path = os.path.join(workdir, 'metrics.jsonl')
   if meta is not None:
     checkpoint.check_config(meta, config, checkpoint.step_dir(mngr, meta['step']))
-  batches = meta['batches'] if meta else 0       # the data position: batches consumed per host
+  batches = meta['batches'] if meta else 0  # the data position: batches consumed per host
   run, train_iter = resolve_run(config, mesh=mesh, start_batch=batches)
   method = methods_lib.get(config.method)
   progress = checkpoint.restore(mngr, meta, run, mesh) if meta else {}
-  checkpoint.encode_host_state(run)              # fails now, not at the first save
+  checkpoint.encode_host_state(run)  # fails now, not at the first save
   # Every check passed: only from here on is anything in the workdir written or truncated.
   if claim is not None:
-    claim.commit()                               # the pid into .lock, the identity into run.json
+    claim.commit()  # the pid into .lock, the identity into run.json
   if meta is not None and primary:
-    checkpoint.truncate_log(log_path, meta['step'])   # records written after that checkpoint
+    checkpoint.truncate_log(log_path, meta['step'])  # records written after that checkpoint
     workdir_lib.announce_resume(meta['step'], checkpoint.step_dir(mngr, meta['step']))
   jsonl = metrics.JsonlWriter(log_path) if primary else _NoWriter()
   tb = _summary_writer(workdir) if primary else None
   run.log = jsonl.write
   if meta is not None:
-    jsonl.write({'step': run.step, 'event': 'resume', 'widths': dict(run.model.widths),
-                 **parallel.describe(mesh)})
+    jsonl.write(
+      {
+        'step': run.step,
+        'event': 'resume',
+        'widths': dict(run.model.widths),
+        **parallel.describe(mesh),
+      }
+    )
   if primary:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -189,21 +233,36 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
   lam_t, std_t = optim.demp_schedules(config)
   lr_t = optim.learning_rate_schedule(config)
   t_start = time.perf_counter()
-  timing = {'steps': 0, 'seconds': 0.0, 't0': 0.0, 'widths': {}, 'flops': 0.0}  # current architecture
-  segments = list(progress.get('segments', []))   # per architecture: widths, step FLOPs, steps, seconds
-  totals = {'train_flops': progress.get('train_flops', 0.0), 'compile_s': progress.get('compile_s', 0.0)}
+  timing = {
+    'steps': 0,
+    'seconds': 0.0,
+    't0': 0.0,
+    'widths': {},
+    'flops': 0.0,
+  }  # current architecture
+  segments = list(
+    progress.get('segments', [])
+  )  # per architecture: widths, step FLOPs, steps, seconds
+  totals = {
+    'train_flops': progress.get('train_flops', 0.0),
+    'compile_s': progress.get('compile_s', 0.0),
+  }
   wall_before = progress.get('wall_s', 0.0)
   resumed_at = list(progress.get('resumed_at', [])) + ([run.step] if meta else [])
-  pending = []                            # device metrics not yet fetched
-  fetched = [{'loss': np.float32(l), 'accuracy': np.float32(a)}   # fetched since the last log
-             for l, a in progress.get('log_window', [])]
+  pending = []  # device metrics not yet fetched
+  fetched = [
+    {'loss': np.float32(l), 'accuracy': np.float32(a)}  # fetched since the last log
+    for l, a in progress.get('log_window', [])
+  ]
   last_good = {'text': f'No checkpoint was saved (checkpoint.every={config.checkpoint.every}). '}
   if meta is not None:
-    last_good['text'] = (f'The last good checkpoint is step {meta["step"]}: '
-                         f'{checkpoint.step_dir(mngr, meta["step"])}. ')
+    last_good['text'] = (
+      f'The last good checkpoint is step {meta["step"]}: '
+      f'{checkpoint.step_dir(mngr, meta["step"])}. '
+    )
   bar = _progress(config) if primary else _NoBar()
   bar.update(run.step)
-  postfix = {}                            # the bar's loss / acc / live units, kept across updates
+  postfix = {}  # the bar's loss / acc / live units, kept across updates
 
   def close_segment():
     if timing['steps']:
@@ -214,8 +273,12 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
     got = jax.device_get(pending)
     timing['seconds'] += time.perf_counter() - timing['t0']
     timing['steps'] += len(got)
-    _check_finite(run.step - len(got), np.array([m['loss'] for m in got]),
-                  params_finite=bool(_all_finite(run.state['params'])), last_good=last_good['text'])
+    _check_finite(
+      run.step - len(got),
+      np.array([m['loss'] for m in got]),
+      params_finite=bool(_all_finite(run.state['params'])),
+      last_good=last_good['text'],
+    )
     bar.update(len(got))
     fetched.extend(got)
     pending.clear()
@@ -225,26 +288,41 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
     if pending:
       flush()
     else:
-      _check_finite(run.step, np.zeros(0), params_finite=bool(_all_finite(run.state['params'])),
-                    last_good=last_good['text'])
-    current = [{k: timing[k] for k in ('widths', 'flops', 'steps', 'seconds')}] if timing['steps'] else []
-    checkpoint.save(mngr, run, batches=batches, progress={
-        'segments': segments + current, **totals, 'resumed_at': resumed_at,
+      _check_finite(
+        run.step,
+        np.zeros(0),
+        params_finite=bool(_all_finite(run.state['params'])),
+        last_good=last_good['text'],
+      )
+    current = (
+      [{k: timing[k] for k in ('widths', 'flops', 'steps', 'seconds')}] if timing['steps'] else []
+    )
+    checkpoint.save(
+      mngr,
+      run,
+      batches=batches,
+      progress={
+        'segments': segments + current,
+        **totals,
+        'resumed_at': resumed_at,
         'wall_s': wall_before + time.perf_counter() - t_start,
-        'log_window': [[float(m['loss']), float(m['accuracy'])] for m in fetched]})
-    last_good['text'] = (f'The last good checkpoint is step {run.step}: '
-                         f'{checkpoint.step_dir(mngr, run.step)}. ')
+        'log_window': [[float(m['loss']), float(m['accuracy'])] for m in fetched],
+      },
+    )
+    last_good['text'] = (
+      f'The last good checkpoint is step {run.step}: {checkpoint.step_dir(mngr, run.step)}. '
+    )
     timing['t0'] = time.perf_counter()
 
   if run.step == 0 and method.hook is not None and method.when(run.config, 0):
-    method.hook(run, 0)                   # step 0: before the first update
+    method.hook(run, 0)  # step 0: before the first update
   for step in range(run.step + 1, config.num_steps + 1):
     batch = next(train_iter)
     batches += 1
     if run.compiled is None:
       close_segment()
       timing.update(steps=0, seconds=0.0)
-      run.state = parallel.replicate(run.state, mesh)   # after a surgery: back onto every device
+      run.state = parallel.replicate(run.state, mesh)  # after a surgery: back onto every device
       totals['compile_s'] += run.compile(batch)
       timing.update(widths=dict(run.model.widths), flops=run.step_flops, t0=time.perf_counter())
     run.state, step_metrics = run.compiled(run.state, batch)
@@ -254,18 +332,23 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
 
     if step % config.log_every == 0 or step == config.num_steps:
       flush()
-      update = step // config.optimizer.accumulate_steps   # the schedules count updates
-      record = {'step': step, 'loss': float(np.mean([m['loss'] for m in fetched])),
-                'accuracy': float(np.mean([m['accuracy'] for m in fetched])),
-                'live_units': sum(run.model.widths.values()),
-                'lambda': _value(lam_t, update), 'noise_std': _value(std_t, update),
-                'learning_rate': _value(lr_t, update)}
+      update = step // config.optimizer.accumulate_steps  # the schedules count updates
+      record = {
+        'step': step,
+        'loss': float(np.mean([m['loss'] for m in fetched])),
+        'accuracy': float(np.mean([m['accuracy'] for m in fetched])),
+        'live_units': sum(run.model.widths.values()),
+        'lambda': _value(lam_t, update),
+        'noise_std': _value(std_t, update),
+        'learning_rate': _value(lr_t, update),
+      }
       record.update(target.log_fields(run, record, update))
       fetched.clear()
       jsonl.write(record)
       _tb_write(tb, step, record)
-      postfix.update(loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}',
-                     **target.postfix(record))
+      postfix.update(
+        loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}', **target.postfix(record)
+      )
       _show_live(bar, postfix, run)
       timing['t0'] = time.perf_counter()
 
@@ -273,7 +356,7 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
       if pending:
         flush()
       method.hook(run, step)
-      _show_live(bar, postfix, run)       # the widths after this prune (the last one included)
+      _show_live(bar, postfix, run)  # the widths after this prune (the last one included)
       timing['t0'] = time.perf_counter()
 
     if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
@@ -292,8 +375,11 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
       path = checkpoint.step_dir(mngr, step)
       jsonl.write({'step': step, 'event': 'preempted', 'checkpoint': path})
       jsonl.close()
-      logging.warning('stopped after step %d; checkpoint %s. Run again with the same workdir '
-                      'to continue.', step, path)
+      logging.warning(
+        'stopped after step %d; checkpoint %s. Run again with the same workdir to continue.',
+        step,
+        path,
+      )
       return {'preempted': True, 'step': step, 'checkpoint': path, 'widths': dict(run.model.widths)}
   close_segment()
   bar.close()
@@ -315,8 +401,12 @@ def _train(config, workdir: str, mesh, mngr, preemption, stop_after: int | None,
 
 class _NoWriter:
   """The metrics writer of every host but the first."""
-  def write(self, record): pass
-  def close(self): pass
+
+  def write(self, record):
+    pass
+
+  def close(self):
+    pass
 
 
 def _value(schedule, step: int) -> float:
@@ -332,33 +422,41 @@ def _step_time(segment) -> float:
 def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> dict[str, Any]:
   first, final = segments[0], segments[-1]
   return {
-      'method': config.method,
-      'steps': config.num_steps,
-      'test_accuracy': ev['accuracy'],
-      'test_loss': ev['loss'],
-      'neuron_sparsity': metrics.neuron_sparsity(run.model.widths, run.dense_widths),
-      'weight_sparsity': metrics.weight_sparsity(run.state['params'], run.dense_params),
-      'widths': dict(run.model.widths),
-      'dense_widths': run.dense_widths,
-      'dense_params': run.dense_params,
-      'final_params': metrics.num_params(run.state['params']),
-      'prune_events': len(run.events),
-      'prune_events_effective': sum(e['removed'] for e in run.events),
-      'events': run.events,
-      'wall_time_s': wall,
-      'compile_time_s': compile_s,
-      'step_time_first_s': _step_time(first),
-      'step_time_final_s': _step_time(final),
-      'step_time_ratio': _step_time(final) / _step_time(first),
-      'step_flops_first': first['flops'],
-      'step_flops_final': final['flops'],
-      'step_flops_ratio': final['flops'] / first['flops'],
-      **flops.run_flops(model=run.model, tx=run.tx, dense_widths=run.dense_widths,
-                        image_shape=run.death_images.shape[1:], batch_size=config.batch_size,
-                        num_steps=config.num_steps, segments=segments, train_flops=train_flops,
-                        make_step=steps.make_train_step, label_smoothing=config.label_smoothing),
-      'segments': segments,
-      'method_stats': dict(run.stats),
+    'method': config.method,
+    'steps': config.num_steps,
+    'test_accuracy': ev['accuracy'],
+    'test_loss': ev['loss'],
+    'neuron_sparsity': metrics.neuron_sparsity(run.model.widths, run.dense_widths),
+    'weight_sparsity': metrics.weight_sparsity(run.state['params'], run.dense_params),
+    'widths': dict(run.model.widths),
+    'dense_widths': run.dense_widths,
+    'dense_params': run.dense_params,
+    'final_params': metrics.num_params(run.state['params']),
+    'prune_events': len(run.events),
+    'prune_events_effective': sum(e['removed'] for e in run.events),
+    'events': run.events,
+    'wall_time_s': wall,
+    'compile_time_s': compile_s,
+    'step_time_first_s': _step_time(first),
+    'step_time_final_s': _step_time(final),
+    'step_time_ratio': _step_time(final) / _step_time(first),
+    'step_flops_first': first['flops'],
+    'step_flops_final': final['flops'],
+    'step_flops_ratio': final['flops'] / first['flops'],
+    **flops.run_flops(
+      model=run.model,
+      tx=run.tx,
+      dense_widths=run.dense_widths,
+      image_shape=run.death_images.shape[1:],
+      batch_size=config.batch_size,
+      num_steps=config.num_steps,
+      segments=segments,
+      train_flops=train_flops,
+      make_step=steps.make_train_step,
+      label_smoothing=config.label_smoothing,
+    ),
+    'segments': segments,
+    'method_stats': dict(run.stats),
   }
 
 
@@ -372,21 +470,28 @@ def _show_live(bar, postfix: dict, run) -> None:
 
 
 class _NoBar:
-  def update(self, n): pass
-  def set_postfix(self, **kw): pass
-  def close(self): pass
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kw):
+    pass
+
+  def close(self):
+    pass
 
 
 def _progress(config):
   if not config.progress_bar:
     return _NoBar()
   import tqdm  # pylint: disable=g-import-not-at-top
+
   return tqdm.tqdm(total=config.num_steps, desc=config.method, dynamic_ncols=True, mininterval=1.0)
 
 
 def _summary_writer(workdir: str):
   try:
     from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+
     return tensorboard.SummaryWriter(os.path.join(workdir, 'tb'))
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('TensorBoard summaries disabled: %s', e)

@@ -34,20 +34,20 @@ import numpy as np
 import optax
 
 __all__ = [
-    'ALL_WEIGHTS',
-    'AUTHORS_NOISE_STD',
-    'LIVENESS_MODES',
-    'PENALTY_COUPLINGS',
-    'add_decoupled_penalty',
-    'LiveNoiseState',
-    'NORM_SCALES',
-    'PAPER_TEXT_NOISE_STD',
-    'PENALTY_KINDS',
-    'ScheduledPenaltyState',
-    'add_scheduled_penalty',
-    'demp_optimizer',
-    'path_mask',
-    'with_live_noise',
+  'ALL_WEIGHTS',
+  'AUTHORS_NOISE_STD',
+  'LIVENESS_MODES',
+  'PENALTY_COUPLINGS',
+  'add_decoupled_penalty',
+  'LiveNoiseState',
+  'NORM_SCALES',
+  'PAPER_TEXT_NOISE_STD',
+  'PENALTY_KINDS',
+  'ScheduledPenaltyState',
+  'add_scheduled_penalty',
+  'demp_optimizer',
+  'path_mask',
+  'with_live_noise',
 ]
 
 NORM_SCALES = r'(?i)(?:^|/)(?:[^/]*norm[^/]*|bn[^/]*|[^/]*_bn\d*)/scale$'
@@ -114,13 +114,11 @@ def path_mask(regex: Union[str, re.Pattern]) -> Callable[[optax.Params], Any]:
   try:
     pattern = re.compile(regex)
   except (re.error, TypeError) as e:
-    raise ValueError(
-        f'`regex` must be a valid regular expression, got regex={regex!r}: {e}'
-    ) from e
+    raise ValueError(f'`regex` must be a valid regular expression, got regex={regex!r}: {e}') from e
 
   def mask_fn(params: optax.Params) -> Any:
     return jax.tree.map_with_path(
-        lambda path, _: pattern.search(_path_str(path)) is not None, params
+      lambda path, _: pattern.search(_path_str(path)) is not None, params
     )
 
   return mask_fn
@@ -144,9 +142,7 @@ def _check_nonnegative(name: str, value: optax.ScalarOrSchedule) -> None:
   except (TypeError, ValueError):
     ok = False
   if not ok:
-    raise ValueError(
-        f'`{name}` must be a number >= 0 or a schedule, got {name}={value!r}.'
-    )
+    raise ValueError(f'`{name}` must be a number >= 0 or a schedule, got {name}={value!r}.')
 
 
 def _value_at(value: optax.ScalarOrSchedule, count: jax.Array) -> Any:
@@ -155,12 +151,13 @@ def _value_at(value: optax.ScalarOrSchedule, count: jax.Array) -> Any:
 
 class ScheduledPenaltyState(NamedTuple):
   """State of :func:`add_scheduled_penalty`: the step count for λ_t."""
+
   count: jax.Array  # shape=(), dtype=jnp.int32
 
 
 PENALTY_KINDS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'lasso': jnp.sign,  # ∇ λ‖p‖₁ = λ sign(p), with sign(0) = 0.
-    'l2': lambda p: p,  # ∇ λ/2 ‖p‖² = λ p.
+  'lasso': jnp.sign,  # ∇ λ‖p‖₁ = λ sign(p), with sign(0) = 0.
+  'l2': lambda p: p,  # ∇ λ/2 ‖p‖² = λ p.
 }
 """Penalty kinds: the gradient of ``R(p) / λ`` for each."""
 
@@ -190,10 +187,10 @@ def _penalty_tree(lam, penalty_grad, params, selected, multipliers, like):
 
 
 def add_scheduled_penalty(
-    strength: optax.ScalarOrSchedule,
-    kind: str = 'lasso',
-    mask: MaskOrFn = NORM_SCALES,
-    multipliers: Mapping[str, float] | None = None,
+  strength: optax.ScalarOrSchedule,
+  kind: str = 'lasso',
+  mask: MaskOrFn = NORM_SCALES,
+  multipliers: Mapping[str, float] | None = None,
 ) -> optax.GradientTransformation:
   r"""Adds the gradient of a scheduled penalty to the updates on masked leaves.
 
@@ -250,9 +247,7 @@ def add_scheduled_penalty(
   """
   _check_nonnegative('strength', strength)
   if kind not in PENALTY_KINDS:
-    raise ValueError(
-        f'Unknown penalty `kind`={kind!r}; allowed: {sorted(PENALTY_KINDS)}.'
-    )
+    raise ValueError(f'Unknown penalty `kind`={kind!r}; allowed: {sorted(PENALTY_KINDS)}.')
   penalty_grad = PENALTY_KINDS[kind]
   mask_fn = _mask_fn(mask)
   mult_fn = _multiplier_fn(multipliers)
@@ -262,19 +257,20 @@ def add_scheduled_penalty(
     return ScheduledPenaltyState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(
-      updates: optax.Updates,
-      state: ScheduledPenaltyState,
-      params: optax.Params | None = None,
+    updates: optax.Updates,
+    state: ScheduledPenaltyState,
+    params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScheduledPenaltyState]:
     if params is None:
       raise ValueError(
-          'add_scheduled_penalty needs `params` in update(updates, state, '
-          'params) to compute the penalty gradient; got params=None.'
+        'add_scheduled_penalty needs `params` in update(updates, state, '
+        'params) to compute the penalty gradient; got params=None.'
       )
     lam = _value_at(strength, state.count)
     terms = _penalty_tree(lam, penalty_grad, params, mask_fn(params), mult_fn, updates)
-    updates = jax.tree.map(lambda g, t: g if t is None else g + t, updates, terms,
-                           is_leaf=lambda x: x is None)
+    updates = jax.tree.map(
+      lambda g, t: g if t is None else g + t, updates, terms, is_leaf=lambda x: x is None
+    )
     return updates, ScheduledPenaltyState(optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -286,11 +282,11 @@ after it, on the update, scaled by the learning rate (decoupled, like AdamW's de
 
 
 def add_decoupled_penalty(
-    strength: optax.ScalarOrSchedule,
-    learning_rate: optax.ScalarOrSchedule,
-    kind: str = 'lasso',
-    mask: MaskOrFn = NORM_SCALES,
-    multipliers: Mapping[str, float] | None = None,
+  strength: optax.ScalarOrSchedule,
+  learning_rate: optax.ScalarOrSchedule,
+  kind: str = 'lasso',
+  mask: MaskOrFn = NORM_SCALES,
+  multipliers: Mapping[str, float] | None = None,
 ) -> optax.GradientTransformation:
   r"""Subtracts ``η_t·λ_t·∇R(p)/λ`` from the updates: the penalty, decoupled.
 
@@ -338,9 +334,7 @@ def add_decoupled_penalty(
   _check_nonnegative('strength', strength)
   _check_nonnegative('learning_rate', learning_rate)
   if kind not in PENALTY_KINDS:
-    raise ValueError(
-        f'Unknown penalty `kind`={kind!r}; allowed: {sorted(PENALTY_KINDS)}.'
-    )
+    raise ValueError(f'Unknown penalty `kind`={kind!r}; allowed: {sorted(PENALTY_KINDS)}.')
   penalty_grad = PENALTY_KINDS[kind]
   mask_fn = _mask_fn(mask)
   mult_fn = _multiplier_fn(multipliers)
@@ -352,13 +346,13 @@ def add_decoupled_penalty(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
-          'add_decoupled_penalty needs `params` in update(updates, state, '
-          'params); got params=None.'
+        'add_decoupled_penalty needs `params` in update(updates, state, params); got params=None.'
       )
     step_lam = _value_at(learning_rate, state.count) * _value_at(strength, state.count)
     terms = _penalty_tree(step_lam, penalty_grad, params, mask_fn(params), mult_fn, updates)
-    updates = jax.tree.map(lambda u, t: u if t is None else u - t, updates, terms,
-                           is_leaf=lambda x: x is None)
+    updates = jax.tree.map(
+      lambda u, t: u if t is None else u - t, updates, terms, is_leaf=lambda x: x is None
+    )
     return updates, ScheduledPenaltyState(optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -375,8 +369,9 @@ def _normal_like(key: jax.Array, tree: optax.Updates) -> optax.Updates:
   sizes = [leaf.size for leaf in leaves]
   flat = jax.random.normal(key, (max(1, sum(sizes)),), jnp.float32)
   offsets = np.cumsum([0] + sizes)
-  return treedef.unflatten([flat[a:b].reshape(leaf.shape)
-                            for a, b, leaf in zip(offsets[:-1], offsets[1:], leaves)])
+  return treedef.unflatten(
+    [flat[a:b].reshape(leaf.shape) for a, b, leaf in zip(offsets[:-1], offsets[1:], leaves)]
+  )
 
 
 class LiveNoiseState(NamedTuple):
@@ -388,6 +383,7 @@ class LiveNoiseState(NamedTuple):
   (:func:`demp.units.set_live_mask`). Being param-shaped and keyed by param
   paths, the surgery slices it like Adam's moments.
   """
+
   count: jax.Array  # shape=(), dtype=jnp.int32: the step, for σ_t and keys.
   key: jax.Array  # Typed PRNG key, constant; step keys are fold_in(key, count).
   inner_state: optax.OptState
@@ -400,11 +396,11 @@ exact for ReLU) or from a mask in its state (the last death check's verdict)."""
 
 
 def with_live_noise(
-    inner: optax.GradientTransformation,
-    std: optax.ScalarOrSchedule,
-    seed: int = 0,
-    symmetric: bool = False,
-    liveness: str = 'gradient',
+  inner: optax.GradientTransformation,
+  std: optax.ScalarOrSchedule,
+  seed: int = 0,
+  symmetric: bool = False,
+  liveness: str = 'gradient',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds Gaussian noise to ``inner``'s update, only on live parameters.
 
@@ -488,17 +484,17 @@ def with_live_noise(
     if liveness == 'mask':
       live_mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
     return LiveNoiseState(
-        count=jnp.zeros([], jnp.int32),
-        key=jax.random.key(seed),
-        inner_state=inner.init(params),
-        live_mask=live_mask,
+      count=jnp.zeros([], jnp.int32),
+      key=jax.random.key(seed),
+      inner_state=inner.init(params),
+      live_mask=live_mask,
     )
 
   def update_fn(
-      updates: optax.Updates,
-      state: LiveNoiseState,
-      params: optax.Params | None = None,
-      **extra_args: Any,
+    updates: optax.Updates,
+    state: LiveNoiseState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, LiveNoiseState]:
     if liveness == 'mask':
       if state.live_mask is None:
@@ -506,9 +502,7 @@ def with_live_noise(
       live = state.live_mask
     else:
       live = jax.tree.map(lambda g: g != 0, updates)  # Before any penalty.
-    updates, inner_state = inner.update(
-        updates, state.inner_state, params, **extra_args
-    )
+    updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     sigma = _value_at(std, state.count)
     noise = _normal_like(jax.random.fold_in(state.key, state.count), updates)
 
@@ -518,10 +512,10 @@ def with_live_noise(
 
     updates = jax.tree.map(add, updates, noise, live)
     new_state = LiveNoiseState(
-        count=optax.safe_increment(state.count),
-        key=state.key,
-        inner_state=inner_state,
-        live_mask=state.live_mask,
+      count=optax.safe_increment(state.count),
+      key=state.key,
+      inner_state=inner_state,
+      live_mask=state.live_mask,
     )
     return updates, new_state
 
@@ -529,18 +523,18 @@ def with_live_noise(
 
 
 def demp_optimizer(
-    base: optax.GradientTransformation,
-    *,
-    penalty_strength: optax.ScalarOrSchedule | None = None,
-    penalty_kind: str = 'lasso',
-    penalty_mask: MaskOrFn = NORM_SCALES,
-    noise_std: optax.ScalarOrSchedule | None = None,
-    noise_seed: int = 0,
-    symmetric_noise: bool = False,
-    noise_liveness: str = 'gradient',
-    penalty_coupling: str = 'coupled',
-    penalty_multipliers: Mapping[str, float] | None = None,
-    learning_rate: optax.ScalarOrSchedule | None = None,
+  base: optax.GradientTransformation,
+  *,
+  penalty_strength: optax.ScalarOrSchedule | None = None,
+  penalty_kind: str = 'lasso',
+  penalty_mask: MaskOrFn = NORM_SCALES,
+  noise_std: optax.ScalarOrSchedule | None = None,
+  noise_seed: int = 0,
+  symmetric_noise: bool = False,
+  noise_liveness: str = 'gradient',
+  penalty_coupling: str = 'coupled',
+  penalty_multipliers: Mapping[str, float] | None = None,
+  learning_rate: optax.ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
   r"""DemP around a base optimizer: penalty before it, live noise after it.
 
@@ -604,23 +598,26 @@ def demp_optimizer(
     2024.
   """
   if penalty_coupling not in PENALTY_COUPLINGS:
-    raise ValueError(f'`penalty_coupling`={penalty_coupling!r} is not one of '
-                     f'{list(PENALTY_COUPLINGS)}.')
+    raise ValueError(
+      f'`penalty_coupling`={penalty_coupling!r} is not one of {list(PENALTY_COUPLINGS)}.'
+    )
   opt = base
   if penalty_strength is not None and penalty_coupling == 'coupled':
     opt = optax.chain(
-        add_scheduled_penalty(penalty_strength, penalty_kind, penalty_mask,
-                              penalty_multipliers),
-        opt,
+      add_scheduled_penalty(penalty_strength, penalty_kind, penalty_mask, penalty_multipliers),
+      opt,
     )
   elif penalty_strength is not None:
     if learning_rate is None:
-      raise ValueError("penalty_coupling='decoupled' needs `learning_rate` (the base "
-                       'optimizer\'s η, a number or schedule); got None.')
+      raise ValueError(
+        "penalty_coupling='decoupled' needs `learning_rate` (the base "
+        'optimizer\'s η, a number or schedule); got None.'
+      )
     opt = optax.chain(
-        opt,
-        add_decoupled_penalty(penalty_strength, learning_rate, penalty_kind,
-                              penalty_mask, penalty_multipliers),
+      opt,
+      add_decoupled_penalty(
+        penalty_strength, learning_rate, penalty_kind, penalty_mask, penalty_multipliers
+      ),
     )
   if noise_std is not None:
     opt = with_live_noise(opt, noise_std, noise_seed, symmetric_noise, noise_liveness)

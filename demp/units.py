@@ -46,8 +46,9 @@ def group_scale_paths(model) -> dict[str, list[Path]]:
   A group whose producers hold no ``scale`` (e.g. a ViT MLP block: fc1's kernel
   and bias only) maps to an empty list.
   """
-  return {g.name: [s.path for s in g.producers if s.path[-1] == 'scale']
-          for g in model.unit_groups()}
+  return {
+    g.name: [s.path for s in g.producers if s.path[-1] == 'scale'] for g in model.unit_groups()
+  }
 
 
 def group_scales_mask(model) -> Callable[[PyTree], PyTree]:
@@ -63,8 +64,7 @@ def group_scales_mask(model) -> Callable[[PyTree], PyTree]:
   paths = {p for ps in group_scale_paths(model).values() for p in ps}
 
   def mask_fn(params: PyTree) -> PyTree:
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: surgery._dict_path(kp) in paths, params)
+    return jax.tree_util.tree_map_with_path(lambda kp, _: surgery._dict_path(kp) in paths, params)
 
   return mask_fn
 
@@ -75,8 +75,9 @@ def _module_positions(model, example_shape) -> dict[Path, int]:
 
   def fwd(x):
     variables = model.init(jax.random.key(0), x, train=False)
-    _, state = model.apply(variables, x, train=False, capture_intermediates=True,
-                           mutable=['intermediates'])
+    _, state = model.apply(
+      variables, x, train=False, capture_intermediates=True, mutable=['intermediates']
+    )
     return state['intermediates']
 
   inter = jax.eval_shape(fwd, x)
@@ -95,8 +96,9 @@ def _module_positions(model, example_shape) -> dict[Path, int]:
   return out
 
 
-def unit_costs(model, params: PyTree, kind: str = 'params',
-               example_shape: tuple[int, ...] | None = None) -> dict[str, float]:
+def unit_costs(
+  model, params: PyTree, kind: str = 'params', example_shape: tuple[int, ...] | None = None
+) -> dict[str, float]:
   """Group name -> what one of its units carries, at the current widths.
 
   ``'params'``: the entries of every producer and consumer slice in ``params``,
@@ -129,8 +131,9 @@ def unit_costs(model, params: PyTree, kind: str = 'params',
   return costs
 
 
-def penalty_multipliers(model, params: PyTree, kind: str = 'params',
-                        example_shape: tuple[int, ...] | None = None) -> dict[str, float] | None:
+def penalty_multipliers(
+  model, params: PyTree, kind: str = 'params', example_shape: tuple[int, ...] | None = None
+) -> dict[str, float] | None:
   """Per-leaf penalty weights: ``'/'``-path of each group's norm scale -> cost / mean cost.
 
   The mean is over the groups that own a norm scale (the penalised ones), so the
@@ -179,8 +182,10 @@ def live_mask(params: PyTree, groups, alive: Mapping[str, np.ndarray]) -> PyTree
     for axis, vec in per_path.get(surgery._dict_path(kp), []):
       size = shape[axis]
       if size % vec.size:
-        raise ValueError(f'{"/".join(surgery._dict_path(kp))}: axis {axis} of size {size} is not '
-                         f'a multiple of the group width {vec.size}.')
+        raise ValueError(
+          f'{"/".join(surgery._dict_path(kp))}: axis {axis} of size {size} is not '
+          f'a multiple of the group width {vec.size}.'
+        )
       full = np.tile(vec, size // vec.size)
       bshape = [1] * len(shape)
       bshape[axis] = size
@@ -194,8 +199,9 @@ def _is_noise_state(x) -> bool:
   return isinstance(x, transforms.LiveNoiseState)
 
 
-def set_live_mask(opt_state: PyTree, params: PyTree, model,
-                  alive: Mapping[str, np.ndarray]) -> PyTree:
+def set_live_mask(
+  opt_state: PyTree, params: PyTree, model, alive: Mapping[str, np.ndarray]
+) -> PyTree:
   """Sets the live mask of every mask-mode ``LiveNoiseState`` in ``opt_state``.
 
   Finds the noise state by type at any depth (a chain, ``optax.MultiSteps``...).
@@ -225,5 +231,13 @@ def get_live_mask(opt_state: PyTree) -> PyTree | None:
   return None
 
 
-__all__ = ['WEIGHTINGS', 'get_live_mask', 'group_scale_paths', 'group_scales_mask', 'live_mask',
-           'penalty_multipliers', 'set_live_mask', 'unit_costs']
+__all__ = [
+  'WEIGHTINGS',
+  'get_live_mask',
+  'group_scale_paths',
+  'group_scales_mask',
+  'live_mask',
+  'penalty_multipliers',
+  'set_live_mask',
+  'unit_costs',
+]

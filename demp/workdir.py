@@ -98,8 +98,9 @@ def identity_keys(config_json: Mapping[str, Any]) -> dict[str, Any]:
 
 def fingerprint(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
   """A hash of the config minus its bookkeeping keys: equal exactly when a run may resume."""
-  config_json = checkpoint.config_json(config) if isinstance(
-      config, ml_collections.ConfigDict) else config
+  config_json = (
+    checkpoint.config_json(config) if isinstance(config, ml_collections.ConfigDict) else config
+  )
   text = json.dumps(identity_keys(config_json), sort_keys=True, default=repr)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -108,8 +109,9 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8) -> str
   a, b = identity_keys(old), identity_keys(new)
   missing = '<absent>'
   keys = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
-  shown = '; '.join(f'{k}: {a.get(k, missing)!r} there, {b.get(k, missing)!r} now'
-                    for k in keys[:limit])
+  shown = '; '.join(
+    f'{k}: {a.get(k, missing)!r} there, {b.get(k, missing)!r} now' for k in keys[:limit]
+  )
   verb = 'key differs' if len(keys) == 1 else 'keys differ'
   return f'{len(keys)} {verb}: {shown}{" ..." if len(keys) > limit else ""}'
 
@@ -135,8 +137,7 @@ def previous_config(workdir: str) -> tuple[dict | None, str]:
 def has_checkpoint(workdir: str) -> bool:
   """Whether ``<workdir>/checkpoints`` holds any step (finished or not)."""
   path = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(path) and any(
-      name.split('.')[0].isdigit() for name in os.listdir(path))
+  return os.path.isdir(path) and any(name.split('.')[0].isdigit() for name in os.listdir(path))
 
 
 def results(workdir: str) -> list[str]:
@@ -171,27 +172,37 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> str | None:
     return None
   now = checkpoint.config_json(config)
   old, source = previous_config(workdir)
-  advice = (f'Use a new workdir, or pass --overwrite (train_and_evaluate(..., overwrite=True)) '
-            f'to move the old results into {os.path.join(workdir, PREVIOUS)}<timestamp>/ '
-            f'and start afresh.')
+  advice = (
+    f'Use a new workdir, or pass --overwrite (train_and_evaluate(..., overwrite=True)) '
+    f'to move the old results into {os.path.join(workdir, PREVIOUS)}<timestamp>/ '
+    f'and start afresh.'
+  )
   if old is None:
     if 'checkpoints' in found:
-      return None          # an older layout: demp.checkpoint.check_config compares the configs
-    return (f'workdir {workdir} holds results ({", ".join(found)}) of a run whose config is '
-            f'unknown (no {RUN} or config.json). {advice}')
+      return None  # an older layout: demp.checkpoint.check_config compares the configs
+    return (
+      f'workdir {workdir} holds results ({", ".join(found)}) of a run whose config is '
+      f'unknown (no {RUN} or config.json). {advice}'
+    )
   if fingerprint(old) != fingerprint(now):
-    return (f'workdir {workdir} holds the results ({", ".join(found)}) of a different config '
-            f'(from {source}: {_diff(old, now)}). {advice}')
+    return (
+      f'workdir {workdir} holds the results ({", ".join(found)}) of a different config '
+      f'(from {source}: {_diff(old, now)}). {advice}'
+    )
   if 'checkpoints' in found:
-    return None            # the same run: resume
+    return None  # the same run: resume
   if 'summary.json' in found:
-    return (f'the run in workdir {workdir} is complete (summary.json is there, with this same '
-            f'config, and no checkpoint to resume from). Nothing to do. {advice}')
+    return (
+      f'the run in workdir {workdir} is complete (summary.json is there, with this same '
+      f'config, and no checkpoint to resume from). Nothing to do. {advice}'
+    )
   step = _last_step(workdir)
-  return (f'workdir {workdir} holds a run of this same config that stopped '
-          f'{f"after step {step} " if step is not None else ""}without a checkpoint to resume '
-          f'from (checkpoint.every=0 saves only on SIGTERM). Restarting would mix two runs in '
-          f'metrics.jsonl. {advice}')
+  return (
+    f'workdir {workdir} holds a run of this same config that stopped '
+    f'{f"after step {step} " if step is not None else ""}without a checkpoint to resume '
+    f'from (checkpoint.every=0 saves only on SIGTERM). Restarting would mix two runs in '
+    f'metrics.jsonl. {advice}'
+  )
 
 
 def move_aside(workdir: str) -> str:
@@ -202,8 +213,9 @@ def move_aside(workdir: str) -> str:
   while os.path.exists(dest):
     dest = os.path.join(workdir, f'{PREVIOUS}{stamp}-{n}')
     n += 1
-  entries = [e for e in sorted(os.listdir(workdir))
-             if e not in KEEP_IN_PLACE and not e.startswith(PREVIOUS)]
+  entries = [
+    e for e in sorted(os.listdir(workdir)) if e not in KEEP_IN_PLACE and not e.startswith(PREVIOUS)
+  ]
   os.makedirs(dest)
   for e in entries:
     os.replace(os.path.join(workdir, e), os.path.join(dest, e))
@@ -237,7 +249,7 @@ class Claim:
   workdir: str
   fd: int
   config: ml_collections.ConfigDict
-  created: bool = False                   # .lock did not exist before this start
+  created: bool = False  # .lock did not exist before this start
   moved_to: str | None = None
   committed: bool = False
 
@@ -246,9 +258,12 @@ class Claim:
     os.ftruncate(self.fd, 0)
     os.lseek(self.fd, 0, os.SEEK_SET)
     os.write(self.fd, f'{os.getpid()}\n'.encode())
-    record = {'fingerprint': fingerprint(self.config), 'pid': os.getpid(),
-              'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-              'config': checkpoint.config_json(self.config)}
+    record = {
+      'fingerprint': fingerprint(self.config),
+      'pid': os.getpid(),
+      'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+      'config': checkpoint.config_json(self.config),
+    }
     tmp = os.path.join(self.workdir, RUN + '.tmp')
     with open(tmp, 'w') as f:
       json.dump(record, f, indent=2)
@@ -258,9 +273,9 @@ class Claim:
   def release(self) -> None:
     if self.fd < 0:
       return
-    if self.committed:     # a clean exit leaves an empty lock file
+    if self.committed:  # a clean exit leaves an empty lock file
       os.ftruncate(self.fd, 0)
-    elif self.created:     # a refused start leaves no file behind
+    elif self.created:  # a refused start leaves no file behind
       os.unlink(os.path.join(self.workdir, LOCK))
     fcntl.flock(self.fd, fcntl.LOCK_UN)
     os.close(self.fd)
@@ -283,9 +298,9 @@ def acquire(workdir: str) -> tuple[int, bool]:
       created = True
     except FileExistsError:
       try:
-        fd = os.open(path, os.O_RDWR)                 # never truncates
+        fd = os.open(path, os.O_RDWR)  # never truncates
       except FileNotFoundError:
-        continue                                      # unlinked meanwhile
+        continue  # unlinked meanwhile
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -294,26 +309,32 @@ def acquire(workdir: str) -> tuple[int, bool]:
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise
       raise WorkdirLockedError(
-          f'workdir {workdir} is in use by another run (process '
-          f'{holder if holder is not None else "unknown: it is still checking its workdir"} '
-          f'holds {path}). Wait for it to finish, stop it, or use another workdir.') from None
+        f'workdir {workdir} is in use by another run (process '
+        f'{holder if holder is not None else "unknown: it is still checking its workdir"} '
+        f'holds {path}). Wait for it to finish, stop it, or use another workdir.'
+      ) from None
     try:
       same = os.fstat(fd).st_ino == os.stat(path).st_ino
     except FileNotFoundError:
       same = False
     if same:
       break
-    os.close(fd)                                      # we locked an unlinked file: again
+    os.close(fd)  # we locked an unlinked file: again
   stale = _read_pid(fd)
   if stale is not None and stale != os.getpid():
-    logging.warning('workdir %s: taking over the lock left by process %d, which is %s.', workdir,
-                    stale, 'still alive but no longer holds it' if _pid_alive(stale) else 'gone')
+    logging.warning(
+      'workdir %s: taking over the lock left by process %d, which is %s.',
+      workdir,
+      stale,
+      'still alive but no longer holds it' if _pid_alive(stale) else 'gone',
+    )
   return fd, created
 
 
 @contextlib.contextmanager
-def claim(workdir: str, config: ml_collections.ConfigDict, *, overwrite: bool = False,
-          primary: bool = True) -> Iterator[Claim | None]:
+def claim(
+  workdir: str, config: ml_collections.ConfigDict, *, overwrite: bool = False, primary: bool = True
+) -> Iterator[Claim | None]:
   """Locks ``workdir`` and checks the run identity (module docstring); yields a :class:`Claim`.
 
   Raises :class:`WorkdirLockedError` or :class:`WorkdirConflictError` without
@@ -331,10 +352,10 @@ def claim(workdir: str, config: ml_collections.ConfigDict, *, overwrite: bool = 
       raise WorkdirConflictError(problem)
     if overwrite and results(workdir):
       held.moved_to = move_aside(workdir)
-      logging.warning('workdir %s: moved the earlier results into %s (--overwrite).', workdir,
-                      held.moved_to)
-      print(f'--overwrite: moved the earlier results of {workdir} into {held.moved_to}',
-            flush=True)
+      logging.warning(
+        'workdir %s: moved the earlier results into %s (--overwrite).', workdir, held.moved_to
+      )
+      print(f'--overwrite: moved the earlier results of {workdir} into {held.moved_to}', flush=True)
     yield held
   finally:
     held.release()
@@ -346,6 +367,19 @@ def announce_resume(step: int, path: str) -> None:
   print(f'resumed from step {step} ({path})', flush=True)
 
 
-__all__ = ['Claim', 'LOCK', 'RUN', 'WorkdirConflictError', 'WorkdirError', 'WorkdirLockedError',
-           'acquire', 'announce_resume', 'check', 'claim', 'fingerprint', 'move_aside',
-           'previous_config', 'results']
+__all__ = [
+  'Claim',
+  'LOCK',
+  'RUN',
+  'WorkdirConflictError',
+  'WorkdirError',
+  'WorkdirLockedError',
+  'acquire',
+  'announce_resume',
+  'check',
+  'claim',
+  'fingerprint',
+  'move_aside',
+  'previous_config',
+  'results',
+]

@@ -41,7 +41,9 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'Train batch size for the step-t
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (medians are reported).')
 _EVERY = flags.DEFINE_list('every', ['0', '20', '5'], 'Checkpoint intervals to compare (0 = none).')
 _BLOCK = flags.DEFINE_integer('block_steps', 20, 'Steps per timed block.')
-_SKIP = flags.DEFINE_integer('skip_batches', 2000, 'Batches for the data-position part (0 = skip it).')
+_SKIP = flags.DEFINE_integer(
+  'skip_batches', 2000, 'Batches for the data-position part (0 = skip it).'
+)
 _OUT = flags.DEFINE_string('out', None, 'Optional JSON file for every number.')
 
 
@@ -110,11 +112,17 @@ def save_restore(config, variant: str, rounds: int) -> dict:
     shutil.rmtree(directory)
     block.append(t1 - t0)
     total.append(t2 - t0)
-  return {'variant': variant, 'params': int(sum(np.size(x) for x in jax.tree.leaves(run.state['params']))),
-          'state_mb': nbytes / 2**20, 'disk_mb': statistics.median(sizes) / 2**20,
-          'save_blocking_s': statistics.median(block), 'save_total_s': statistics.median(total),
-          'crc32_s': statistics.median(crc), 'restore_s': statistics.median(restore),
-          'widths_total': int(sum(run.model.widths.values()))}
+  return {
+    'variant': variant,
+    'params': int(sum(np.size(x) for x in jax.tree.leaves(run.state['params']))),
+    'state_mb': nbytes / 2**20,
+    'disk_mb': statistics.median(sizes) / 2**20,
+    'save_blocking_s': statistics.median(block),
+    'save_total_s': statistics.median(total),
+    'crc32_s': statistics.median(crc),
+    'restore_s': statistics.median(restore),
+    'widths_total': int(sum(run.model.widths.values())),
+  }
 
 
 def overhead(config, everies: list[int], rounds: int, block_steps: int) -> dict:
@@ -126,20 +134,23 @@ def overhead(config, everies: list[int], rounds: int, block_steps: int) -> dict:
 
   def block(every):
     """``block_steps`` steps with a save every ``every``; waits for the writes."""
+
     def fn():
       for i, b in enumerate(batches, 1):
         run.state, m = run.compiled(run.state, b)
         run.step += 1
         if every and i % every == 0:
-          jax.block_until_ready(m)                         # the trainer syncs before a save
+          jax.block_until_ready(m)  # the trainer syncs before a save
           checkpoint.save(mngr, run, batches=run.step, progress={})
       jax.block_until_ready(m)
       mngr.wait_until_finished()
       return m
+
     return fn
 
-  times = benchmark.interleaved_times({e: block(e) for e in everies}, rounds=rounds,
-                                      steps_per_round=1)
+  times = benchmark.interleaved_times(
+    {e: block(e) for e in everies}, rounds=rounds, steps_per_round=1
+  )
   mngr.close()
   shutil.rmtree(directory)
   med = {e: t / block_steps for e, t in benchmark.median_times(times).items()}
@@ -155,23 +166,34 @@ def data_skip(config, batches: int) -> dict:
   t0 = time.perf_counter()
   next(data.train_iterator(config.data, config.batch_size, seed=0, start_batch=batches))
   skipped = time.perf_counter() - t0
-  return {'batches': batches, 'examples': batches * config.batch_size, 'consume_s': consumed,
-          'skip_s': skipped}
+  return {
+    'batches': batches,
+    'examples': batches * config.batch_size,
+    'consume_s': consumed,
+    'skip_s': skipped,
+  }
 
 
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:   # orbax logs every save at INFO
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   config = _config()
-  out = {'model': _MODEL.value, 'width_multiplier': _WIDTH.value, 'sparsity': _SPARSITY.value,
-         'backend': jax.default_backend(), 'devices': jax.device_count()}
+  out = {
+    'model': _MODEL.value,
+    'width_multiplier': _WIDTH.value,
+    'sparsity': _SPARSITY.value,
+    'backend': jax.default_backend(),
+    'devices': jax.device_count(),
+  }
   out['save_restore'] = [save_restore(config, v, _ROUNDS.value) for v in ('dense', 'pruned')]
   for r in out['save_restore']:
-    print(f"{r['variant']:>6}: {r['params']:,} params, state {r['state_mb']:.1f} MB, on disk "
-          f"{r['disk_mb']:.1f} MB; save blocking {r['save_blocking_s']:.3f} s (of which CRC-32 "
-          f"{r['crc32_s']:.3f} s), committed {r['save_total_s']:.3f} s; restore {r['restore_s']:.3f} s",
-          flush=True)
+    print(
+      f"{r['variant']:>6}: {r['params']:,} params, state {r['state_mb']:.1f} MB, on disk "
+      f"{r['disk_mb']:.1f} MB; save blocking {r['save_blocking_s']:.3f} s (of which CRC-32 "
+      f"{r['crc32_s']:.3f} s), committed {r['save_total_s']:.3f} s; restore {r['restore_s']:.3f} s",
+      flush=True,
+    )
   everies = [int(e) for e in _EVERY.value]
   out['overhead'] = overhead(config, everies, _ROUNDS.value, _BLOCK.value)
   for e, r in out['overhead'].items():
@@ -179,8 +201,11 @@ def main(argv):
   if _SKIP.value:
     out['data_skip'] = data_skip(config, _SKIP.value)
     d = out['data_skip']
-    print(f"data position: consuming {d['batches']} batches ({d['examples']} examples) "
-          f"{d['consume_s']:.1f} s, skipping them {d['skip_s']:.1f} s", flush=True)
+    print(
+      f"data position: consuming {d['batches']} batches ({d['examples']} examples) "
+      f"{d['consume_s']:.1f} s, skipping them {d['skip_s']:.1f} s",
+      flush=True,
+    )
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       json.dump(out, f, indent=2)

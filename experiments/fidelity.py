@@ -40,8 +40,8 @@ class Stage:
   """One sweep: a config (``{path}`` is the data file) and grids per seed."""
 
   config: str
-  grids: tuple[str, ...]      # each with '{s}' for the seed
-  after: str = ''             # the DemP stage whose sparsities set this stage's targets
+  grids: tuple[str, ...]  # each with '{s}' for the seed
+  after: str = ''  # the DemP stage whose sparsities set this stage's targets
   baselines: tuple[str, ...] = ()
   seeds: tuple[int, ...] = SEEDS
 
@@ -53,30 +53,44 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    # ConvNet (width 0.5), AdamW 5e-3 one-cycle, 1200 steps (30 epochs), τ = 100.
-    'convnet_adam': Stage(CONVNET.replace('{steps}', '1200'), (
-        'arg.method=dense;seed={s}',
-        'arg.method=demp;arg.lam=0.02,0.04,0.08,0.16;seed={s}',
-        'arg.method=early_crop_s,early_snap;arg.target=0.5,0.7,0.9;seed={s}',
-        'arg.method=crop_s,snap;arg.target=0.5,0.7,0.9;seed={s}',
-        'arg.method=magnitude,rigl;arg.target=0.7,0.9;seed={s}',
-    )),
-    # The same ConvNet with SGD-momentum 0.1 one-cycle: dense and DemP, then EarlyCroP-S
-    # at DemP's sparsities. λ is ~10x smaller than with Adam: SGD does not normalize the
-    # penalty, and momentum 0.9 multiplies it by 10 (shrink per step ≈ lr·λ/(1−β)).
-    'convnet_sgdm': Stage(CONVNET.replace('{steps}', '1200') + ',opt=sgd,lr=0.1', (
-        'arg.method=dense;seed={s}',
-        'arg.method=demp;arg.lam=5e-4,1e-3,2e-3,4e-3;seed={s}',
-    )),
-    'convnet_sgdm_baselines': Stage(CONVNET.replace('{steps}', '1200') + ',opt=sgd,lr=0.1', (),
-                                    after='convnet_sgdm', baselines=('early_crop_s',)),
-    # ResNet-18 (width 0.25), Adam 5e-3 ÷5 at 77/250 of the run, 1200 steps, τ = 300.
-    'resnet18': Stage(RESNET, (
-        'arg.method=dense;seed={s}',
-        'arg.method=demp;arg.lam=0.01,0.02,0.05;seed={s}',
-    )),
-    'resnet18_baselines': Stage(RESNET, (), after='resnet18',
-                                baselines=('early_snap', 'early_crop_s')),
+  # ConvNet (width 0.5), AdamW 5e-3 one-cycle, 1200 steps (30 epochs), τ = 100.
+  'convnet_adam': Stage(
+    CONVNET.replace('{steps}', '1200'),
+    (
+      'arg.method=dense;seed={s}',
+      'arg.method=demp;arg.lam=0.02,0.04,0.08,0.16;seed={s}',
+      'arg.method=early_crop_s,early_snap;arg.target=0.5,0.7,0.9;seed={s}',
+      'arg.method=crop_s,snap;arg.target=0.5,0.7,0.9;seed={s}',
+      'arg.method=magnitude,rigl;arg.target=0.7,0.9;seed={s}',
+    ),
+  ),
+  # The same ConvNet with SGD-momentum 0.1 one-cycle: dense and DemP, then EarlyCroP-S
+  # at DemP's sparsities. λ is ~10x smaller than with Adam: SGD does not normalize the
+  # penalty, and momentum 0.9 multiplies it by 10 (shrink per step ≈ lr·λ/(1−β)).
+  'convnet_sgdm': Stage(
+    CONVNET.replace('{steps}', '1200') + ',opt=sgd,lr=0.1',
+    (
+      'arg.method=dense;seed={s}',
+      'arg.method=demp;arg.lam=5e-4,1e-3,2e-3,4e-3;seed={s}',
+    ),
+  ),
+  'convnet_sgdm_baselines': Stage(
+    CONVNET.replace('{steps}', '1200') + ',opt=sgd,lr=0.1',
+    (),
+    after='convnet_sgdm',
+    baselines=('early_crop_s',),
+  ),
+  # ResNet-18 (width 0.25), Adam 5e-3 ÷5 at 77/250 of the run, 1200 steps, τ = 300.
+  'resnet18': Stage(
+    RESNET,
+    (
+      'arg.method=dense;seed={s}',
+      'arg.method=demp;arg.lam=0.01,0.02,0.05;seed={s}',
+    ),
+  ),
+  'resnet18_baselines': Stage(
+    RESNET, (), after='resnet18', baselines=('early_snap', 'early_crop_s')
+  ),
 }
 
 
@@ -97,8 +111,9 @@ def demp_sparsities(results_dir: str, stage: str, seeds=SEEDS) -> list[float] | 
   return [round(m, 2) for m in means if 0.05 <= m <= 0.95] or None
 
 
-def run(stages, data_path: str, results_dir: str, workdir: str, *, dry_run: bool = False,
-        echo=print) -> dict[str, int]:
+def run(
+  stages, data_path: str, results_dir: str, workdir: str, *, dry_run: bool = False, echo=print
+) -> dict[str, int]:
   """Runs the stages in order; returns every run's return code."""
   results = {}
   for name in stages:
@@ -112,9 +127,16 @@ def run(stages, data_path: str, results_dir: str, workdir: str, *, dry_run: bool
       targets = ','.join(f'{t:g}' for t in found)
       echo(f'{name}: targets {targets} (DemP weight sparsities of {stage.after})')
     config = stage.config.replace('{path}', data_path)
-    results.update(sweep.run_sweep(config, stage.expand(targets), os.path.join(workdir, name),
-                                   dry_run=dry_run, echo=echo,
-                                   results_dir=os.path.join(results_dir, name)))
+    results.update(
+      sweep.run_sweep(
+        config,
+        stage.expand(targets),
+        os.path.join(workdir, name),
+        dry_run=dry_run,
+        echo=echo,
+        results_dir=os.path.join(results_dir, name),
+      )
+    )
   return results
 
 

@@ -54,7 +54,9 @@ def init(key) -> dict:
 
 
 def _conv(x, w):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jax.lax.conv_general_dilated(
+    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
 
 
 def make_loss(variant: str, fraction: float):
@@ -65,7 +67,7 @@ def make_loss(variant: str, fraction: float):
     frozen, live = jax.lax.stop_gradient(w[..., :n]), w[..., n:]
     if variant == 'split':
       return jnp.concatenate([_conv(x, frozen), _conv(x, live)], axis=-1)
-    return _conv(x, jnp.concatenate([frozen, live], axis=-1))   # 'concat'
+    return _conv(x, jnp.concatenate([frozen, live], axis=-1))  # 'concat'
 
   def loss(params, x, y):
     for i in range(len(WIDTHS)):
@@ -92,21 +94,31 @@ def main(argv):
       compile_s[(variant, f)] = time.perf_counter() - t0
       compiled[(variant, f)] = c
       flops[(variant, f)] = metrics.compiled_flops(c)
-  times = benchmark.median_times(benchmark.interleaved_times(
+  times = benchmark.median_times(
+    benchmark.interleaved_times(
       {k: functools.partial(c, params, x, y) for k, c in compiled.items()},
-      rounds=_ROUNDS.value, steps_per_round=_STEPS.value))
+      rounds=_ROUNDS.value,
+      steps_per_round=_STEPS.value,
+    )
+  )
   base_t = times[('masked', 0.0)]
   base_f = flops[('masked', 0.0)]
-  print(f'ConvNet {"-".join(map(str, WIDTHS))}, batch {_BATCH.value}, value_and_grad, '
-        f'{jax.devices()[0].platform}, median of {_ROUNDS.value} interleaved rounds x '
-        f'{_STEPS.value} steps\n')
-  print('| variant | frozen fraction | XLA GFLOPs | FLOPs vs masked | step [ms] | time vs masked '
-        '| compile [s] |')
+  print(
+    f'ConvNet {"-".join(map(str, WIDTHS))}, batch {_BATCH.value}, value_and_grad, '
+    f'{jax.devices()[0].platform}, median of {_ROUNDS.value} interleaved rounds x '
+    f'{_STEPS.value} steps\n'
+  )
+  print(
+    '| variant | frozen fraction | XLA GFLOPs | FLOPs vs masked | step [ms] | time vs masked '
+    '| compile [s] |'
+  )
   print('|---|---|---|---|---|---|---|')
   for (variant, f), m in times.items():
-    print(f'| {variant} | {f:.2f} | {flops[(variant, f)] / 1e9:.2f} | '
-          f'{flops[(variant, f)] / base_f:.3f} | {1e3 * m:.1f} | {m / base_t:.3f} | '
-          f'{compile_s[(variant, f)]:.1f} |')
+    print(
+      f'| {variant} | {f:.2f} | {flops[(variant, f)] / 1e9:.2f} | '
+      f'{flops[(variant, f)] / base_f:.3f} | {1e3 * m:.1f} | {m / base_t:.3f} | '
+      f'{compile_s[(variant, f)]:.1f} |'
+    )
 
 
 if __name__ == '__main__':

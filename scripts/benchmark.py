@@ -20,13 +20,17 @@ from demp import benchmark
 _MODELS = flags.DEFINE_list('models', ['resnet18', 'vgg16'], 'Registry names of the models.')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.25', '0.5', '0.75'], 'Neuron sparsities.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Train batch size.')
-_IMAGE = flags.DEFINE_list('image_sizes', ['resnet18=32', 'vgg16=64'],
-                           'Square input size per model, name=size (default 32).')
+_IMAGE = flags.DEFINE_list(
+  'image_sizes', ['resnet18=32', 'vgg16=64'], 'Square input size per model, name=size (default 32).'
+)
 _WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier of every model.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds.')
 _STEPS = flags.DEFINE_integer('steps_per_round', 2, 'Steps per variant per round.')
-_TAUS = flags.DEFINE_list('taus', ['resnet18=5000', 'resnet50=5000', 'vgg16=1000'],
-                          'Prune interval τ per model, name=steps.')
+_TAUS = flags.DEFINE_list(
+  'taus',
+  ['resnet18=5000', 'resnet50=5000', 'vgg16=1000'],
+  'Prune interval τ per model, name=steps.',
+)
 _EXAMPLES = flags.DEFINE_integer('num_examples', 512, 'Death-check examples of the prune event.')
 _EVENT = flags.DEFINE_bool('prune_event', True, 'Also time one prune event per model.')
 _NOISE = flags.DEFINE_bool('noise', True, 'Include the live-noise transform in the optimizer.')
@@ -51,17 +55,28 @@ def main(argv):
   kwargs = {'width_multiplier': _WIDTH.value}
   results = {'steps': [], 'events': []}
   for name in _MODELS.value:
-    rows = benchmark.step_times(name, image_hw=sizes.get(name, 32), batch_size=_BATCH.value,
-                                sparsities=sparsities, rounds=_ROUNDS.value,
-                                steps_per_round=_STEPS.value, model_kwargs=kwargs,
-                                noise=_NOISE.value)
+    rows = benchmark.step_times(
+      name,
+      image_hw=sizes.get(name, 32),
+      batch_size=_BATCH.value,
+      sparsities=sparsities,
+      rounds=_ROUNDS.value,
+      steps_per_round=_STEPS.value,
+      model_kwargs=kwargs,
+      noise=_NOISE.value,
+    )
     results['steps'] += rows
     print(benchmark.format_step_table(rows), flush=True)
     if _EVENT.value:
-      event = benchmark.prune_event_time(name, image_hw=sizes.get(name, 32),
-                                         batch_size=_BATCH.value, sparsity=sparsities[0],
-                                         num_examples=_EXAMPLES.value, model_kwargs=kwargs,
-                                         noise=_NOISE.value)
+      event = benchmark.prune_event_time(
+        name,
+        image_hw=sizes.get(name, 32),
+        batch_size=_BATCH.value,
+        sparsity=sparsities[0],
+        num_examples=_EXAMPLES.value,
+        model_kwargs=kwargs,
+        noise=_NOISE.value,
+      )
       results['events'].append(event)
       print(benchmark.format_event_table([event], taus), flush=True)
   if _EVENT.value:

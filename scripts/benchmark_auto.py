@@ -37,6 +37,7 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Steps per timed round.')
 
 class BottleneckResNetBlock(nn.Module):
   """The Flax examples' bottleneck block."""
+
   filters: int
   conv: type
   norm: type
@@ -64,8 +65,9 @@ class ResNet50(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(nn.Conv, use_bias=False)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5)
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5
+    )
     x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='conv_init')(x)
     x = nn.relu(norm(name='bn_init')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
@@ -79,12 +81,13 @@ class ResNet50(nn.Module):
 def _step(model, tx):
   def step(variables, opt_state, x, y):
     def loss_fn(p):
-      logits, upd = model.apply({**variables, 'params': p}, x, train=True,
-                                mutable=['batch_stats'])
+      logits, upd = model.apply({**variables, 'params': p}, x, train=True, mutable=['batch_stats'])
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
     (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
     updates, opt_state = tx.update(g, opt_state, variables['params'])
     return {**upd, 'params': optax.apply_updates(variables['params'], updates)}, opt_state, loss
+
   return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -107,9 +110,13 @@ def main(argv):
   shapes = jax.eval_shape(lambda: plain.init(jax.random.key(1), x[:1], train=False))
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map_with_path(
-      lambda p, s: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
-      if p[-1].key == 'kernel' else (np.ones if p[-1].key in ('scale', 'var') else np.zeros)(
-          s.shape, s.dtype), flax.core.unfreeze(shapes))
+    lambda p, s: (
+      (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+      if p[-1].key == 'kernel'
+      else (np.ones if p[-1].key in ('scale', 'var') else np.zeros)(s.shape, s.dtype)
+    ),
+    flax.core.unfreeze(shapes),
+  )
   variables = jax.tree.map(jnp.asarray, variables)
   opt_state = tx.init(variables['params'])
   compiled, texts = {}, {}
@@ -140,9 +147,11 @@ def main(argv):
   med = {n: statistics.median(t) for n, t in times.items()}
   for name, t in times.items():
     print(f'{name} rounds (ms/step):', ' '.join(f'{v * 1e3:.0f}' for v in t))
-  print(f'step time (median of {_ROUNDS.value} rounds x {_STEPS.value} steps, '
-        f'batch {_BATCH.value}, {_IMAGE.value}x{_IMAGE.value}): plain {med["plain"] * 1e3:.1f} ms, '
-        f'prunable {med["prunable"] * 1e3:.1f} ms, ratio {med["prunable"] / med["plain"]:.3f}')
+  print(
+    f'step time (median of {_ROUNDS.value} rounds x {_STEPS.value} steps, '
+    f'batch {_BATCH.value}, {_IMAGE.value}x{_IMAGE.value}): plain {med["plain"] * 1e3:.1f} ms, '
+    f'prunable {med["prunable"] * 1e3:.1f} ms, ratio {med["prunable"] / med["plain"]:.3f}'
+  )
 
 
 if __name__ == '__main__':

@@ -45,95 +45,145 @@ from configs import compare_cifar10_subset
 from configs.analysis import convnet_cifar10_subset
 from demp import metrics
 
-_KIND = flags.DEFINE_enum('kind', 'structured', ['structured', 'unstructured'],
-                          'Which baselines to compare with dense and DemP.')
+_KIND = flags.DEFINE_enum(
+  'kind',
+  'structured',
+  ['structured', 'unstructured'],
+  'Which baselines to compare with dense and DemP.',
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the runs write; default a fresh temp dir.')
 _ARG = flags.DEFINE_string('arg', '', 'Extra config arguments, "k=v,k=v" (see the config).')
-_BENCH_ROUNDS = flags.DEFINE_integer('bench_rounds', 3, 'Interleaved rounds of the step benchmark '
-                                     '(0 = skip it).')
+_BENCH_ROUNDS = flags.DEFINE_integer(
+  'bench_rounds', 3, 'Interleaved rounds of the step benchmark (0 = skip it).'
+)
 _BENCH_STEPS = flags.DEFINE_integer('bench_steps', 3, 'Steps per variant per round.')
 # --kind=structured
 _METHODS = flags.DEFINE_list('methods', list(compare.ORDER), 'Methods to train (structured).')
-_MATCH = flags.DEFINE_bool('match_weight_sparsity', True,
-                           'Structured baselines target the weight sparsity DemP reached.')
-_REUSE = flags.DEFINE_bool('reuse', False, 'Read back runs whose summary.json exists in the workdir.')
+_MATCH = flags.DEFINE_bool(
+  'match_weight_sparsity', True, 'Structured baselines target the weight sparsity DemP reached.'
+)
+_REUSE = flags.DEFINE_bool(
+  'reuse', False, 'Read back runs whose summary.json exists in the workdir.'
+)
 # --kind=unstructured
 _STEPS = flags.DEFINE_integer('steps', 600, 'Training steps per run (unstructured).')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.8', '0.9'], 'Target weight sparsities.')
-_ALGORITHMS = flags.DEFINE_list('algorithms', ['magnitude', 'saliency', 'set', 'rigl'],
-                                'Unstructured methods.')
+_ALGORITHMS = flags.DEFINE_list(
+  'algorithms', ['magnitude', 'saliency', 'set', 'rigl'], 'Unstructured methods.'
+)
 _DISTRIBUTION = flags.DEFINE_string('distribution', 'erk', 'uniform | erk.')
 _UPDATE_EVERY = flags.DEFINE_integer('update_every', 50, 'Steps between mask updates.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run (unstructured).')
 _WIDTH = flags.DEFINE_float('width', 1.0, 'Multiplier of the ConvNet widths 32-64-128-256.')
-_DEMP_LAMS = flags.DEFINE_list('demp_lams', ['0.1', '0.2'],
-                               'Peak λ of the DemP rows (pick values whose weight sparsity '
-                               'lands near --sparsities); empty for none.')
+_DEMP_LAMS = flags.DEFINE_list(
+  'demp_lams',
+  ['0.1', '0.2'],
+  'Peak λ of the DemP rows (pick values whose weight sparsity '
+  'lands near --sparsities); empty for none.',
+)
 
 
 def structured(workdir: str) -> tuple[str, dict]:
   extra = f',{_ARG.value}' if _ARG.value else ''
   make_config = lambda method: compare_cifar10_subset.get_config(f'method={method}{extra}')
   t0 = time.perf_counter()
-  summaries = compare.run_methods(make_config, _METHODS.value, workdir,
-                                  match_weight_sparsity=_MATCH.value, reuse=_REUSE.value)
+  summaries = compare.run_methods(
+    make_config, _METHODS.value, workdir, match_weight_sparsity=_MATCH.value, reuse=_REUSE.value
+  )
   train_s = time.perf_counter() - t0
-  step_times = (compare.step_benchmark(make_config, summaries, rounds=_BENCH_ROUNDS.value,
-                                       steps=_BENCH_STEPS.value) if _BENCH_ROUNDS.value else {})
+  step_times = (
+    compare.step_benchmark(
+      make_config, summaries, rounds=_BENCH_ROUNDS.value, steps=_BENCH_STEPS.value
+    )
+    if _BENCH_ROUNDS.value
+    else {}
+  )
   config = make_config('dense')
-  text = '\n'.join([
+  text = '\n'.join(
+    [
       f'CIFAR-10 subset ({config.data.path}), ConvNet {"-".join(map(str, config.model.widths))}, '
       f'{config.num_steps} steps, batch {config.batch_size}, seed {config.seed}, DemP peak λ '
       f'{config.demp.peak_lambda}; training {train_s:.0f} s, step benchmark '
-      f'{time.perf_counter() - t0 - train_s:.0f} s', '',
-      compare.table(summaries, step_times), '', compare.notes(summaries)])
+      f'{time.perf_counter() - t0 - train_s:.0f} s',
+      '',
+      compare.table(summaries, step_times),
+      '',
+      compare.notes(summaries),
+    ]
+  )
   return text, {'runs': summaries, 'step_times_s': step_times}
 
 
-def unstructured_config(method: str, sparsity: float = 0.0, lam: float | None = None,
-                        **baselines):
+def unstructured_config(method: str, sparsity: float = 0.0, lam: float | None = None, **baselines):
   """The unstructured comparison's config of one run."""
   lam_arg = '' if lam is None else f',lam={lam}'
   extra = f',{_ARG.value}' if _ARG.value else ''
   c = convnet_cifar10_subset.get_config(
-      f'method={method},steps={_STEPS.value},width={_WIDTH.value}{lam_arg}{extra}')
+    f'method={method},steps={_STEPS.value},width={_WIDTH.value}{lam_arg}{extra}'
+  )
   c.seed = _SEED.value
   c.progress_bar = False
   c.log_every = max(1, _STEPS.value // 4)
-  c.baselines = {'target_sparsity': sparsity, 'distribution': _DISTRIBUTION.value,
-                 'update_every': _UPDATE_EVERY.value, **baselines}
+  c.baselines = {
+    'target_sparsity': sparsity,
+    'distribution': _DISTRIBUTION.value,
+    'update_every': _UPDATE_EVERY.value,
+    **baselines,
+  }
   return c
 
 
 def unstructured(workdir: str) -> tuple[str, dict]:
   t_start = time.perf_counter()
   rows = compare.run_unstructured(
-      unstructured_config, algorithms=_ALGORITHMS.value,
-      sparsities=[float(x) for x in _SPARSITIES.value],
-      demp_lams=[float(x) for x in _DEMP_LAMS.value], workdir=workdir)
+    unstructured_config,
+    algorithms=_ALGORITHMS.value,
+    sparsities=[float(x) for x in _SPARSITIES.value],
+    demp_lams=[float(x) for x in _DEMP_LAMS.value],
+    workdir=workdir,
+  )
   train_wall = time.perf_counter() - t_start
   widths = '-'.join(str(w) for w in unstructured_config('dense').model.widths)
-  lines = [f'CIFAR-10 subset, ConvNet {widths}, {_STEPS.value} steps, batch 128, seed '
-           f'{_SEED.value}, {_DISTRIBUTION.value}, masks updated every {_UPDATE_EVERY.value} '
-           f'steps from 0.3 T to 0.8 T; training wall time {train_wall:.0f} s', '',
-           compare.unstructured_table(rows), '',
-           'FLOPs: theoretical for the masked methods (conv/dense kernels, dense FLOPs x '
-           'density per layer); for DemP, XLA\'s cost analysis of the compiled steps of the '
-           'shrinking network. Step time: mean over each run (runs are sequential, so the '
-           'machine load differs).', '']
+  lines = [
+    f'CIFAR-10 subset, ConvNet {widths}, {_STEPS.value} steps, batch 128, seed '
+    f'{_SEED.value}, {_DISTRIBUTION.value}, masks updated every {_UPDATE_EVERY.value} '
+    f'steps from 0.3 T to 0.8 T; training wall time {train_wall:.0f} s',
+    '',
+    compare.unstructured_table(rows),
+    '',
+    'FLOPs: theoretical for the masked methods (conv/dense kernels, dense FLOPs x '
+    'density per layer); for DemP, XLA\'s cost analysis of the compiled steps of the '
+    'shrinking network. Step time: mean over each run (runs are sequential, so the '
+    'machine load differs).',
+    '',
+  ]
   bench = {}
   if _BENCH_ROUNDS.value:
-    bench = compare.mask_update_benchmark(unstructured_config, rounds=_BENCH_ROUNDS.value,
-                                          steps=_BENCH_STEPS.value)
+    bench = compare.mask_update_benchmark(
+      unstructured_config, rounds=_BENCH_ROUNDS.value, steps=_BENCH_STEPS.value
+    )
     base = bench['dense']
-    lines += ['Side-by-side step benchmark (interleaved rounds, same batch, median):', '',
-              '| step | time [ms] | vs dense |', '|---|---|---|']
+    lines += [
+      'Side-by-side step benchmark (interleaved rounds, same batch, median):',
+      '',
+      '| step | time [ms] | vs dense |',
+      '|---|---|---|',
+    ]
     lines += [f'| {name} | {1e3 * t:.0f} | {t / base:.2f}x |' for name, t in bench.items()]
   return '\n'.join(lines), {
-      'rows': [{'method': n, 'target': t, 'test_accuracy': s['test_accuracy'],
-                'weight_sparsity': s['weight_sparsity'], 'step_time_s': s['step_time_final_s'],
-                **fl} for n, t, s, fl in rows],
-      'benchmark': bench}
+    'rows': [
+      {
+        'method': n,
+        'target': t,
+        'test_accuracy': s['test_accuracy'],
+        'weight_sparsity': s['weight_sparsity'],
+        'step_time_s': s['step_time_final_s'],
+        **fl,
+      }
+      for n, t, s, fl in rows
+    ],
+    'benchmark': bench,
+  }
 
 
 def main(argv):

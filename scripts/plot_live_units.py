@@ -14,8 +14,9 @@ from demp import metrics, revival
 def main(argv):
   if len(argv) not in (3, 4):
     raise app.UsageError('usage: plot_live_units METRICS.jsonl OUT.png [TITLE]')
-  revival.plot_live_units(metrics.read_jsonl(argv[1]), argv[2],
-                          title=argv[3] if len(argv) == 4 else '')
+  revival.plot_live_units(
+    metrics.read_jsonl(argv[1]), argv[2], title=argv[3] if len(argv) == 4 else ''
+  )
   print(f'wrote {argv[2]}')
 
 

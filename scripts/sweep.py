@@ -24,10 +24,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory (one subdirecto
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs at a time (independent processes).')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the commands of the runs to do and stop.')
 _RESULTS_DIR = flags.DEFINE_string(
-    'results_dir', None, "Keep each finished run's summary.json / metrics.jsonl / config.json "
-    'here (e.g. under version control); runs found here are skipped.')
-_COLLECT_ONLY = flags.DEFINE_bool('collect_only', False,
-                                  'Copy the finished runs of --workdir to --results_dir; run nothing.')
+  'results_dir',
+  None,
+  "Keep each finished run's summary.json / metrics.jsonl / config.json "
+  'here (e.g. under version control); runs found here are skipped.',
+)
+_COLLECT_ONLY = flags.DEFINE_bool(
+  'collect_only', False, 'Copy the finished runs of --workdir to --results_dir; run nothing.'
+)
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -42,9 +46,14 @@ def main(argv):
     return
   if not _CONFIG.value or not _GRID.value:
     raise app.UsageError('--config and --grid are required (unless --collect_only).')
-  results = sweep.run_sweep(_CONFIG.value, _GRID.value, _WORKDIR.value,
-                            parallel=_PARALLEL.value, dry_run=_DRY_RUN.value,
-                            results_dir=_RESULTS_DIR.value)
+  results = sweep.run_sweep(
+    _CONFIG.value,
+    _GRID.value,
+    _WORKDIR.value,
+    parallel=_PARALLEL.value,
+    dry_run=_DRY_RUN.value,
+    results_dir=_RESULTS_DIR.value,
+  )
   failed = sorted(k for k, rc in results.items() if rc)
   if failed:
     print(f'{len(failed)} runs failed: {failed}', file=sys.stderr)

@@ -29,15 +29,25 @@ import baselines  # noqa: F401  (registers the baselines' methods and config key
 from demp import analysis  # noqa: F401  (registers the analysis methods: sgd_noise)
 from demp import parallel, train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Path to a config file.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, summaries and checkpoints.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Start afresh in a workdir holding another run '
-                               "(or a finished one): its results are moved into "
-                               "<workdir>/previous-<timestamp>/, never deleted.")
-_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Start multi-host JAX (jax.distributed.initialize) '
-                               'before anything else.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--multihost '
-                                   'on clusters JAX does not detect).')
+_OVERWRITE = flags.DEFINE_bool(
+  'overwrite',
+  False,
+  'Start afresh in a workdir holding another run '
+  "(or a finished one): its results are moved into "
+  "<workdir>/previous-<timestamp>/, never deleted.",
+)
+_MULTIHOST = flags.DEFINE_bool(
+  'multihost', False, 'Start multi-host JAX (jax.distributed.initialize) before anything else.'
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0 (--multihost on clusters JAX does not detect).',
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (--multihost).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -46,17 +56,19 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:   # orbax and XLA log every save at INFO
+  if not flags.FLAGS['verbosity'].present:  # orbax and XLA log every save at INFO
     logging.set_verbosity(logging.WARNING)
   if _MULTIHOST.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif any(f is not None for f in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)):
     raise app.UsageError('--coordinator_address/--num_processes/--process_id need --multihost.')
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                  overwrite=_OVERWRITE.value)
+  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   if result.get('preempted'):
-    logging.warning('Preempted at step %d; run the same command to resume from %s.',
-                    result['step'], result['checkpoint'])
+    logging.warning(
+      'Preempted at step %d; run the same command to resume from %s.',
+      result['step'],
+      result['checkpoint'],
+    )
 
 
 if __name__ == '__main__':

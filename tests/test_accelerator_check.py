@@ -18,46 +18,79 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Accelerator images may have no TensorFlow: the end-to-end run proves the check needs none.
-_WITHOUT_TF = ("import runpy, sys; sys.modules['tensorflow'] = None; "
-               "sys.modules['tensorflow_datasets'] = None; "
-               "runpy.run_module('scripts.accelerator_check', run_name='__main__')")
+_WITHOUT_TF = (
+  "import runpy, sys; sys.modules['tensorflow'] = None; "
+  "sys.modules['tensorflow_datasets'] = None; "
+  "runpy.run_module('scripts.accelerator_check', run_name='__main__')"
+)
 
 
 def _script(*args, timeout=300, without_tf=False):
   """``python -m scripts.accelerator_check ARGS`` on CPU (a subprocess: its flags are its own)."""
   cmd = ['-c', _WITHOUT_TF] if without_tf else ['-m', 'scripts.accelerator_check']
-  return subprocess.run([sys.executable, *cmd, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  return subprocess.run(
+    [sys.executable, *cmd, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
 
 
 def test_refuses_cpu_without_allow_cpu(tmp_path):
   proc = _script(f'--out={tmp_path}', timeout=120)
   assert proc.returncode == 1
   assert 'JAX sees only CPU devices' in proc.stderr and '--allow_cpu' in proc.stderr
-  assert not os.listdir(tmp_path)           # nothing written that could pass for a result
+  assert not os.listdir(tmp_path)  # nothing written that could pass for a result
   with pytest.raises(check.NoAcceleratorError, match='only CPU devices'):
     check.run_check(check.tiny_plan(), str(tmp_path))
 
 
 def test_allow_cpu_end_to_end_tiny(tmp_path):
   """The CLI's --allow_cpu path: every part done, every field present, the tables render."""
-  proc = _script('--allow_cpu', f'--out={tmp_path}', '--models=mlp=8', '--sparsities=0.5',
-                 '--real_model=mlp', without_tf=True)
+  proc = _script(
+    '--allow_cpu',
+    f'--out={tmp_path}',
+    '--models=mlp=8',
+    '--sparsities=0.5',
+    '--real_model=mlp',
+    without_tf=True,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   folder = tmp_path / 'cpu-tiny'
   results = json.loads((folder / check.JSON_NAME).read_text())
   assert results['platform'] == 'cpu' and results['tiny'] is True and results['complete'] is True
-  assert set(results) >= {'schema_version', 'device', 'plan', 'budget_s', 'bf16_cast', 'steps',
-                          'events', 'real_run', 'parts', 'notes', 'spent_s'}
+  assert set(results) >= {
+    'schema_version',
+    'device',
+    'plan',
+    'budget_s',
+    'bf16_cast',
+    'steps',
+    'events',
+    'real_run',
+    'parts',
+    'notes',
+    'spent_s',
+  }
   assert set(results['device']) >= {'device_kind', 'jax', 'jaxlib', 'xla_flags', 'platform_version'}
   assert [p['name'] for p in results['parts']] == [
-      'steps/mlp/float32', 'steps/mlp/bfloat16', 'event/mlp', 'real_run']
+    'steps/mlp/float32',
+    'steps/mlp/bfloat16',
+    'event/mlp',
+    'real_run',
+  ]
   assert all(p['status'] == 'done' and p['seconds'] > 0 for p in results['parts'])
   assert results['plan']['batch_size'] == 4 and results['plan']['rounds'] == 2
 
   steps = results['steps']
   assert [(r['dtype'], r['sparsity']) for r in steps] == [
-      ('float32', 0.0), ('float32', 0.5), ('bfloat16', 0.0), ('bfloat16', 0.5)]
+    ('float32', 0.0),
+    ('float32', 0.5),
+    ('bfloat16', 0.0),
+    ('bfloat16', 0.5),
+  ]
   for r in steps:
     assert r['step_s'] > 0 and r['compile_s'] > 0 and len(r['round_times_s']) == 2
   # MLP 192 -> 256 -> 256 -> 10 with BN: half of each hidden layer removed.
@@ -68,11 +101,16 @@ def test_allow_cpu_end_to_end_tiny(tmp_path):
 
   f32, bf16 = results['events']
   assert (f32['dtype'], f32['derived'], bf16['dtype'], bf16['derived']) == (
-      'float32', False, 'bfloat16', True)
+    'float32',
+    False,
+    'bfloat16',
+    True,
+  )
   assert f32['pruned_step_s'] == steps[1]['step_s']
   assert f32['event_over_1000_steps'] == pytest.approx(f32['event_s'] / (1000 * steps[1]['step_s']))
-  assert bf16['event_s'] == pytest.approx(f32['check_compile_s'] + f32['surgery_s']
-                                          + steps[3]['compile_s'])
+  assert bf16['event_s'] == pytest.approx(
+    f32['check_compile_s'] + f32['surgery_s'] + steps[3]['compile_s']
+  )
 
   real = results['real_run']
   assert real['dense']['method'] == 'dense' and real['demp']['method'] == 'demp'
@@ -89,19 +127,28 @@ def test_allow_cpu_end_to_end_tiny(tmp_path):
   for title in ('## Train step', '## Prune event', '## Short real run', '## Parts and budget'):
     assert title in md
   table_rows = [l for l in md.splitlines() if l.startswith('| mlp |')]
-  assert len(table_rows) == 4 + 2                      # step rows + event rows
-  assert all(l.count('|') == 10 for l in table_rows[:4])      # 9 columns
+  assert len(table_rows) == 4 + 2  # step rows + event rows
+  assert all(l.count('|') == 10 for l in table_rows[:4])  # 9 columns
   assert re.search(r'\| demp \| [\d.]+ \|', md) and '| real_run | done |' in md
   assert 'TINY DRY RUN' in proc.stdout and 'wrote ' in proc.stdout
 
 
 def test_budget_skips_parts_with_a_note(tmp_path):
   """A zero budget skips every part (nothing compiled) and says why; the report still renders."""
-  results = check.run_check(check.tiny_plan(models=(('mlp', 8),)), str(tmp_path), budget_s=0.0,
-                            allow_cpu=True, real_configs=None, real_note='no --data_path given')
+  results = check.run_check(
+    check.tiny_plan(models=(('mlp', 8),)),
+    str(tmp_path),
+    budget_s=0.0,
+    allow_cpu=True,
+    real_configs=None,
+    real_note='no --data_path given',
+  )
   assert [(p['name'], p['status']) for p in results['parts']] == [
-      ('steps/mlp/float32', 'skipped'), ('steps/mlp/bfloat16', 'skipped'), ('event/mlp', 'skipped'),
-      ('real_run', 'skipped')]
+    ('steps/mlp/float32', 'skipped'),
+    ('steps/mlp/bfloat16', 'skipped'),
+    ('event/mlp', 'skipped'),
+    ('real_run', 'skipped'),
+  ]
   assert all(p['note'].startswith('budget:') for p in results['parts'][:3])
   assert results['parts'][3]['note'] == 'no --data_path given'
   assert results['real_run'] == {'skipped': 'no --data_path given'} and not results['complete']
@@ -116,14 +163,14 @@ def test_budget_and_estimates():
   budget = check.Budget(10.0, clock=lambda: now[0])
   now[0] = 4.0
   assert budget.allows(6.0) and not budget.allows(6.5)
-  parts = [{'name': 'steps/resnet18/float32', 'status': 'done', 'seconds': 30.0,
-            'mean_compile_s': 5.0},
-           {'name': 'steps/vgg16/float32', 'status': 'done', 'seconds': 50.0,
-            'mean_compile_s': 8.0}]
+  parts = [
+    {'name': 'steps/resnet18/float32', 'status': 'done', 'seconds': 30.0, 'mean_compile_s': 5.0},
+    {'name': 'steps/vgg16/float32', 'status': 'done', 'seconds': 50.0, 'mean_compile_s': 8.0},
+  ]
   assert check._estimate('steps/resnet18/bfloat16', parts) == 30.0
   assert check._estimate('steps/convnet/float32', parts) == 40.0
   assert check._estimate('event/vgg16', parts) == 16.0
-  assert check._estimate('event/convnet', parts) == 16.0     # not measured: the slowest
+  assert check._estimate('event/convnet', parts) == 16.0  # not measured: the slowest
   assert check._estimate('real_run', parts) == 48.0
   assert check._estimate('steps/x/float32', []) == 0.0
 
@@ -157,9 +204,9 @@ def test_crop_flip_and_normalizer():
   images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
   out = check.crop_flip(images, np.random.default_rng(1))
   assert out.shape == images.shape and out.dtype == np.uint8
-  padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')   # pad = 8 // 8
-  for i in range(6):   # each output is some 8x8 window of the padded image, maybe flipped
-    windows = [padded[i, y:y + 8, x:x + 8] for y in range(3) for x in range(3)]
+  padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')  # pad = 8 // 8
+  for i in range(6):  # each output is some 8x8 window of the padded image, maybe flipped
+    windows = [padded[i, y : y + 8, x : x + 8] for y in range(3) for x in range(3)]
     assert any(np.array_equal(out[i], w) or np.array_equal(out[i], w[:, ::-1]) for w in windows)
   norm = check.Normalizer(images)
   z = norm(images)

@@ -71,8 +71,9 @@ class PlainBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train):
     inner, out = self.widths
-    y = nn.Conv(inner, (3, 3), strides=self.strides, padding='SAME', use_bias=False,
-                name='conv1')(x)
+    y = nn.Conv(inner, (3, 3), strides=self.strides, padding='SAME', use_bias=False, name='conv1')(
+      x
+    )
     y = nn.relu(_bn(train, 'bn1')(y))
     y = nn.Conv(out, (3, 3), padding='SAME', use_bias=False, name='conv2')(y)
     y = _bn(train, 'bn2')(y)
@@ -92,8 +93,9 @@ class PlainResNet18(nn.Module):
     for s in range(4):
       w = self.base * 2**s
       for b in range(2):
-        x = PlainBlock((w, w), 2 if (s > 0 and b == 0) else 1, s > 0 and b == 0,
-                       name=f'stage{s}_block{b}')(x, train=train)
+        x = PlainBlock(
+          (w, w), 2 if (s > 0 and b == 0) else 1, s > 0 and b == 0, name=f'stage{s}_block{b}'
+        )(x, train=train)
     return nn.Dense(3, name='head')(x.mean(axis=(1, 2)))
 
 
@@ -107,7 +109,6 @@ class PlainMlpBlock(nn.Module):
 
 
 class PlainEncoderBlock(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm(name='norm_attn')(x)
@@ -116,7 +117,6 @@ class PlainEncoderBlock(nn.Module):
 
 
 class PlainViT(nn.Module):
-
   @nn.compact
   def __call__(self, x, *, train):
     x = nn.Conv(8, (4, 4), strides=(4, 4), padding='VALID', name='embedding')(x)
@@ -159,12 +159,14 @@ def test_resnet18_groups_equal_the_hand_written_ones_streams_included():
   ours = demp_resnet.make_resnet18(3, width_multiplier=1 / 16)
   got, pmodel = _discovered(PlainResNet18(4), x)
   want = _canonical(ours.unit_groups(), ours.widths)
-  assert len(want) == 12 and got == want          # 8 block-internal + 4 coupled streams
+  assert len(want) == 12 and got == want  # 8 block-internal + 4 coupled streams
   stream0 = next(g for g in pmodel.unit_groups() if g.name == 'stem_conv')
-  assert stream0.sites == (('stage0_block0', 'conv1', 'demp_in0'),     # every consumer's input
-                           ('stage0_block1', 'conv1', 'demp_in0'),
-                           ('stage1_block0', 'conv1', 'demp_in0'),
-                           ('stage1_block0', 'proj_conv', 'demp_in0'))
+  assert stream0.sites == (
+    ('stage0_block0', 'conv1', 'demp_in0'),  # every consumer's input
+    ('stage0_block1', 'conv1', 'demp_in0'),
+    ('stage1_block0', 'conv1', 'demp_in0'),
+    ('stage1_block0', 'proj_conv', 'demp_in0'),
+  )
 
 
 def test_vgg16_groups_equal_the_hand_written_ones():
@@ -182,7 +184,7 @@ def test_vit_mlp_groups_equal_the_hand_written_ones_and_the_rest_is_refused():
   assert got == _canonical(ours.unit_groups(), ours.widths)
   refused = {r.name: r.reason for r in pmodel.plan.refused}
   assert set(refused) == {'embedding', 'block_0/mlp/fc2', 'block_1/mlp/fc2', 'head'}
-  assert 'concatenated' in refused['embedding']       # with the class token
+  assert 'concatenated' in refused['embedding']  # with the class token
 
 
 # ----------------------------------------------------------------------------
@@ -191,6 +193,7 @@ def test_vit_mlp_groups_equal_the_hand_written_ones_and_the_rest_is_refused():
 
 class ResNetBlock(nn.Module):
   """The Flax examples' ImageNet ResNet block."""
+
   filters: int
   conv: type
   norm: type
@@ -217,8 +220,9 @@ class FlaxExamplesResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(nn.Conv, use_bias=False)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5)
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5
+    )
     x = conv(self.num_filters, (3, 3), name='conv_init')(x)
     x = nn.relu(norm(name='bn_init')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
@@ -249,7 +253,7 @@ class DenseNet(nn.Module):
     for _ in range(2):
       feats.append(DenseLayer(3)(jnp.concatenate(feats, axis=-1), train))
     x = jnp.concatenate(feats, axis=-1)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))   # pre-activation transition
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))  # pre-activation transition
     x = nn.Conv(5, (1, 1))(x)
     x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
     return nn.Dense(3)(x.mean(axis=(1, 2)))
@@ -257,6 +261,7 @@ class DenseNet(nn.Module):
 
 class InvertedResidual(nn.Module):
   """MobileNetV2: expand 1x1 -> depthwise 3x3 -> linear 1x1 projection, residual."""
+
   expand: int
 
   @nn.compact
@@ -271,14 +276,15 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNet(nn.Module):
-
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu6(nn.BatchNorm(use_running_average=not train)(
-        nn.Conv(4, (3, 3), strides=(2, 2), use_bias=False)(x)))
+    x = nn.relu6(
+      nn.BatchNorm(use_running_average=not train)(
+        nn.Conv(4, (3, 3), strides=(2, 2), use_bias=False)(x)
+      )
+    )
     x = InvertedResidual(8)(x, train)
-    x = nn.relu6(nn.BatchNorm(use_running_average=not train)(
-        nn.Conv(6, (1, 1), use_bias=False)(x)))
+    x = nn.relu6(nn.BatchNorm(use_running_average=not train)(nn.Conv(6, (1, 1), use_bias=False)(x)))
     return nn.Dense(3)(x.mean(axis=(1, 2)))
 
 
@@ -334,6 +340,7 @@ def _init(plain, x, **kwargs):
     if name in ('scale', 'var'):
       return np.exp(0.2 * n)
     return 0.1 * n
+
   return jax.tree_util.tree_map_with_path(fn, flax.core.unfreeze(shapes))
 
 
@@ -342,32 +349,36 @@ def _eval(model, variables, x, **kwargs):
 
 
 def _resnet_kill(v):
-  _kill_bn(v, ('ResNetBlock_0', 'BatchNorm_0'), [1])                       # internal, block 0
-  _kill_bn(v, ('ResNetBlock_1', 'BatchNorm_0'), [0, 5])                    # internal, block 1
-  _kill_bn(v, ('ResNetBlock_1', 'BatchNorm_1'), [2])                       # stage-1 stream:
-  _kill_bn(v, ('ResNetBlock_1', 'norm_proj'), [2])                         # both producers
-  _kill_bn(v, ('bn_init',), [3])                                           # stage-0 stream:
-  _kill_bn(v, ('ResNetBlock_0', 'BatchNorm_1'), [3])                       # stem + block 0
-  return {'ResNetBlock_0/Conv_0': [1], 'ResNetBlock_1/Conv_0': [0, 5], 'ResNetBlock_1/Conv_1': [2],
-          'conv_init': [3]}
+  _kill_bn(v, ('ResNetBlock_0', 'BatchNorm_0'), [1])  # internal, block 0
+  _kill_bn(v, ('ResNetBlock_1', 'BatchNorm_0'), [0, 5])  # internal, block 1
+  _kill_bn(v, ('ResNetBlock_1', 'BatchNorm_1'), [2])  # stage-1 stream:
+  _kill_bn(v, ('ResNetBlock_1', 'norm_proj'), [2])  # both producers
+  _kill_bn(v, ('bn_init',), [3])  # stage-0 stream:
+  _kill_bn(v, ('ResNetBlock_0', 'BatchNorm_1'), [3])  # stem + block 0
+  return {
+    'ResNetBlock_0/Conv_0': [1],
+    'ResNetBlock_1/Conv_0': [0, 5],
+    'ResNetBlock_1/Conv_1': [2],
+    'conv_init': [3],
+  }
 
 
 def _densenet_kill(v):
-  _kill_bn(v, ('BatchNorm_0',), [2], bias=-1.0)     # stem unit 2: concatenated at offset 0
-  _set(v['params'], ('BatchNorm_1',), 'bias', [2], 0.0)   # transition BN: zero in -> zero out
+  _kill_bn(v, ('BatchNorm_0',), [2], bias=-1.0)  # stem unit 2: concatenated at offset 0
+  _set(v['params'], ('BatchNorm_1',), 'bias', [2], 0.0)  # transition BN: zero in -> zero out
   _set(v['batch_stats'], ('BatchNorm_1',), 'mean', [2], 0.0)
-  _kill_bn(v, ('DenseLayer_0', 'BatchNorm_0'), [1])        # layer 0 unit 1: offset 4
+  _kill_bn(v, ('DenseLayer_0', 'BatchNorm_0'), [1])  # layer 0 unit 1: offset 4
   _set(v['params'], ('BatchNorm_1',), 'bias', [4 + 1], 0.0)
   _set(v['batch_stats'], ('BatchNorm_1',), 'mean', [4 + 1], 0.0)
-  _kill_bn(v, ('BatchNorm_1',), [4 + 3 + 0])     # layer 1 unit 0: dead after the transition BN
+  _kill_bn(v, ('BatchNorm_1',), [4 + 3 + 0])  # layer 1 unit 0: dead after the transition BN
   return {'Conv_0': [2], 'DenseLayer_0/Conv_0': [1], 'DenseLayer_1/Conv_0': [0]}
 
 
 def _mobilenet_kill(v):
-  _kill_bn(v, ('InvertedResidual_0', 'BatchNorm_1'), [0, 6])    # after the depthwise conv
-  _kill_bn(v, ('BatchNorm_0',), [1])                            # stream unit 1: stem ...
-  _kill_bn(v, ('InvertedResidual_0', 'BatchNorm_2'), [1], bias=0.0)   # ... + linear projection
-  _set(v['params'], ('InvertedResidual_0', 'Conv_2'), 'kernel', [1], 0.0)   # (no activation:
+  _kill_bn(v, ('InvertedResidual_0', 'BatchNorm_1'), [0, 6])  # after the depthwise conv
+  _kill_bn(v, ('BatchNorm_0',), [1])  # stream unit 1: stem ...
+  _kill_bn(v, ('InvertedResidual_0', 'BatchNorm_2'), [1], bias=0.0)  # ... + linear projection
+  _set(v['params'], ('InvertedResidual_0', 'Conv_2'), 'kernel', [1], 0.0)  # (no activation:
   # a zero input keeps its scale's gradient at zero in training too)
   return {'InvertedResidual_0/Conv_0': [0, 6], 'Conv_0': [1]}
 
@@ -375,15 +386,15 @@ def _mobilenet_kill(v):
 def _mixer_kill(v):
   for blk, units in (('MixerMlp_0', [1]), ('MixerMlp_3', [0, 4])):
     _set(v['params'], (blk, 'Dense_0'), 'kernel', units, 0.0)
-    _set(v['params'], (blk, 'Dense_0'), 'bias', units, -10.0)    # gelu(-10) ~ -8e-23
+    _set(v['params'], (blk, 'Dense_0'), 'bias', units, -10.0)  # gelu(-10) ~ -8e-23
   return {'MixerMlp_0/Dense_0': [1], 'MixerMlp_3/Dense_0': [0, 4]}
 
 
 AUTHOR_MODELS = {
-    'flax_examples_resnet': (FlaxExamplesResNet, _resnet_kill, 'relu', 4),
-    'densenet': (DenseNet, _densenet_kill, 'relu', 4),
-    'mobilenet': (MobileNet, _mobilenet_kill, 'relu', 3),
-    'mlp_mixer': (Mixer, _mixer_kill, 'gelu', 4),
+  'flax_examples_resnet': (FlaxExamplesResNet, _resnet_kill, 'relu', 4),
+  'densenet': (DenseNet, _densenet_kill, 'relu', 4),
+  'mobilenet': (MobileNet, _mobilenet_kill, 'relu', 3),
+  'mlp_mixer': (Mixer, _mixer_kill, 'gelu', 4),
 }
 
 
@@ -396,14 +407,14 @@ def test_pruning_a_never_seen_model_keeps_logits_and_training(which):
   pmodel = demp.make_prunable(plain, x[:1], train=False)
   assert len(pmodel.plan.groups) == n_groups, demp.describe_groups(pmodel)
   shapes = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), x[:1], train=False))
-  assert shapes(pmodel) == shapes(plain)                                   # same variables
+  assert shapes(pmodel) == shapes(plain)  # same variables
   v = _init(plain, x)
   killed = kill(v)
   logits = _eval(plain, v, x)
-  np.testing.assert_array_equal(_eval(pmodel, v, x), logits)              # same function
+  np.testing.assert_array_equal(_eval(pmodel, v, x), logits)  # same function
 
   alive, activity = demp.dead_unit_stats(pmodel, v, x, criterion=criterion)
-  for group, units in killed.items():      # every killed unit is found dead
+  for group, units in killed.items():  # every killed unit is found dead
     assert not alive[group][units].any(), (group, alive[group])
   # Every dead unit goes (those killed, and any dead at this random init): same eval logits.
   small, sv, _ = demp.prune(pmodel, v, {}, demp.keep_masks(alive, activity))
@@ -414,7 +425,7 @@ def test_pruning_a_never_seen_model_keeps_logits_and_training(which):
   keeps = {g: np.ones(w, bool) for g, w in pmodel.widths.items()}
   for group, units in killed.items():
     keeps[group][units] = False
-  tx = optax.adam(1e-2, eps=1e-5)   # eps: float-noise gradients (1e-8) stay noise
+  tx = optax.adam(1e-2, eps=1e-5)  # eps: float-noise gradients (1e-8) stay noise
   opt = tx.init(v['params'])
   small, sv, sopt = demp.prune(pmodel, v, opt, keeps)
 
@@ -424,9 +435,11 @@ def test_pruning_a_never_seen_model_keeps_logits_and_training(which):
       def loss_fn(p):
         out, upd = model.apply({'params': p, **state}, x, train=True, mutable=['batch_stats'])
         return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), upd
+
       (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
       updates, opt_state = tx.update(g, opt_state, params)
       return optax.apply_updates(params, updates), {**state, **upd}, opt_state, loss
+
     return fn
 
   runs = []
@@ -446,17 +459,20 @@ def test_pruning_a_never_seen_model_keeps_logits_and_training(which):
 
 
 class Unsupported(nn.Module):
-
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = nn.relu(nn.LayerNorm(name='ln')(nn.Conv(4, (3, 3), name='ln_conv')(x)))
     x = nn.Conv(5, (3, 3), name='gain_conv')(x)
     x = nn.relu(x * self.param('gain', nn.initializers.ones, (5,)).reshape(1, 1, 1, 5))
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name='nchw_bn')(
-        nn.Conv(6, (3, 3), name='nchw_conv')(x)))
-    x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))    # channels outermost
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name='fc_bn')(
-        nn.Dense(7, name='fc')(x)))
+    x = nn.relu(
+      nn.BatchNorm(use_running_average=not train, name='nchw_bn')(
+        nn.Conv(6, (3, 3), name='nchw_conv')(x)
+      )
+    )
+    x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))  # channels outermost
+    x = nn.relu(
+      nn.BatchNorm(use_running_average=not train, name='fc_bn')(nn.Dense(7, name='fc')(x))
+    )
     return nn.Dense(3, name='head')(x)
 
 
@@ -473,11 +489,11 @@ def test_unsupported_patterns_are_reported_and_left_unpruned():
   for name, reason in refused.items():
     assert f'{name}  width' in report and reason in report
   v = _init(plain, x)
-  _kill_bn(v, ('nchw_bn',), [0, 1, 2])    # dead, but the reshape mixes units: it stays
+  _kill_bn(v, ('nchw_bn',), [0, 1, 2])  # dead, but the reshape mixes units: it stays
   _kill_bn(v, ('fc_bn',), [2, 3])
   alive, activity = demp.dead_unit_stats(pmodel, v, x)
   small, sv, _ = demp.prune(pmodel, v, {}, demp.keep_masks(alive, activity))
-  assert small.widths['fc'] <= 5          # the two killed units (and any dead at random init)
+  assert small.widths['fc'] <= 5  # the two killed units (and any dead at random init)
   assert sv['params']['nchw_conv']['kernel'].shape[-1] == 6
   np.testing.assert_allclose(_eval(small, sv, x), _eval(plain, v, x), atol=1e-5, rtol=0)
 
@@ -491,20 +507,30 @@ def test_docs_snippet_runs():
   code = re.search(r'```python\n(.*?)```', text, re.S).group(1)
   scope = {}
   exec(compile(code, 'docs/auto.md', 'exec'), scope)
-  assert scope['model'].widths['Dense_0'] < 64                 # units were removed
+  assert scope['model'].widths['Dense_0'] < 64  # units were removed
   marked = [l for l in code.splitlines() if l.rstrip().endswith('# demp')]
   assert 1 <= len(marked) <= 5
 
 
 def test_registry_builds_a_user_module_by_import_path():
   from demp import models
-  model = models.build('auto', 3, module=f'{__name__}:FlaxExamplesResNet',
-                       input_shape=(8, 8, 3), kwargs={'num_filters': 4})
+
+  model = models.build(
+    'auto',
+    3,
+    module=f'{__name__}:FlaxExamplesResNet',
+    input_shape=(8, 8, 3),
+    kwargs={'num_filters': 4},
+  )
   assert isinstance(model, auto.Prunable) and model.num_classes == 3
   assert model.widths['conv_init'] == 4
-  again = models.build('auto', 3, module=f'{__name__}:FlaxExamplesResNet',
-                       input_shape=(8, 8, 3), kwargs={'num_filters': 4}).clone(
-                           widths={**model.widths, 'conv_init': 2})
+  again = models.build(
+    'auto',
+    3,
+    module=f'{__name__}:FlaxExamplesResNet',
+    input_shape=(8, 8, 3),
+    kwargs={'num_filters': 4},
+  ).clone(widths={**model.widths, 'conv_init': 2})
   v = jax.eval_shape(lambda: again.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))
   assert v['params']['conv_init']['kernel'].shape == (3, 3, 3, 2)
   assert hash(again) != hash(model) and again != model
@@ -514,6 +540,7 @@ def test_registry_builds_a_user_module_by_import_path():
 
 class TinyNet(nn.Module):
   """A user's model for the trainer: flatten -> [Dense -> BN -> ReLU] x 2 -> Dense."""
+
   num_classes: int
 
   @nn.compact
@@ -528,20 +555,25 @@ def test_trainer_runs_a_user_module_by_import_path(tmp_path):
   import ml_collections
   from configs import quickstart
   from demp import train
+
   rng = np.random.default_rng(0)
   path = tmp_path / 'tiny.npz'
-  np.savez(path, train_images=rng.integers(0, 255, (80, 8, 8, 3), dtype=np.uint8),
-           train_labels=rng.integers(0, 10, 80),
-           test_images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8),
-           test_labels=rng.integers(0, 10, 20))
+  np.savez(
+    path,
+    train_images=rng.integers(0, 255, (80, 8, 8, 3), dtype=np.uint8),
+    train_labels=rng.integers(0, 10, 80),
+    test_images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8),
+    test_labels=rng.integers(0, 10, 20),
+  )
   c = quickstart.get_config()
-  c.model = ml_collections.ConfigDict({'name': 'auto', 'module': f'{__name__}:TinyNet',
-                                       'input_shape': (8, 8, 3)})
+  c.model = ml_collections.ConfigDict(
+    {'name': 'auto', 'module': f'{__name__}:TinyNet', 'input_shape': (8, 8, 3)}
+  )
   c.data.source, c.data.path = 'npz', str(path)
   c.num_steps, c.batch_size, c.log_every, c.eval_batch_size = 30, 16, 10, 64
   c.prune.every, c.prune.num_examples, c.prune.batch_size = 10, 64, 32
   c.progress_bar = False
-  c.demp.peak_lambda, c.optimizer.learning_rate = 0.5, 0.05   # units die within 30 steps
+  c.demp.peak_lambda, c.optimizer.learning_rate = 0.5, 0.05  # units die within 30 steps
   summary = train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert summary['prune_events_effective'] >= 1
   assert sum(summary['widths'].values()) < 32 + 16

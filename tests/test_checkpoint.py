@@ -61,12 +61,14 @@ def _assert_same_final_params(workdir, reference):
   leaves = jax.tree_util.tree_leaves_with_path(variables)
   ref_leaves = jax.tree_util.tree_leaves_with_path(ref_variables)
   assert [p for p, _ in leaves] == [p for p, _ in ref_leaves]
-  for (path, x), (_, y) in zip(leaves, ref_leaves):   # bit-identical on CPU
+  for (path, x), (_, y) in zip(leaves, ref_leaves):  # bit-identical on CPU
     assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
 
-CACHE_OPTIONS = {'jax_persistent_cache_min_compile_time_secs': 0,
-                 'jax_persistent_cache_min_entry_size_bytes': -1}
+CACHE_OPTIONS = {
+  'jax_persistent_cache_min_compile_time_secs': 0,
+  'jax_persistent_cache_min_entry_size_bytes': -1,
+}
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -97,8 +99,13 @@ def reference(tmp_path_factory):
   events = [(e['step'], e['widths']) for e in summary['events']]
   # The test is only meaningful if units are removed before and after the interruptions.
   assert [s for s, w in events if sum(w.values()) < 64] == [20, 40, 60], events
-  return {'workdir': workdir, 'summary': summary, 'variables': variables, 'meta': meta,
-          'losses': _losses(workdir)}
+  return {
+    'workdir': workdir,
+    'summary': summary,
+    'variables': variables,
+    'meta': meta,
+    'losses': _losses(workdir),
+  }
 
 
 def test_resume_is_bit_identical_across_prune_events(reference, tmp_path):
@@ -108,7 +115,7 @@ def test_resume_is_bit_identical_across_prune_events(reference, tmp_path):
   assert out['preempted'] and out['step'] == 10 and sum(out['widths'].values()) == 64
   out = train.train_and_evaluate(tiny_config(), workdir, stop_after=30)
   assert out['step'] == 30
-  assert out['widths'] == reference['summary']['events'][0]['widths']   # pruned at 20
+  assert out['widths'] == reference['summary']['events'][0]['widths']  # pruned at 20
   summary = train.train_and_evaluate(tiny_config(), workdir)
   assert summary['resumed_at'] == [10, 30]
   _assert_same_final_params(workdir, reference)
@@ -117,9 +124,9 @@ def test_resume_is_bit_identical_across_prune_events(reference, tmp_path):
   assert [e['widths'] for e in summary['events']] == [e['widths'] for e in ref['events']]
   assert summary['test_accuracy'] == ref['test_accuracy']
   assert summary['test_loss'] == ref['test_loss']
-  assert _losses(workdir) == reference['losses']          # the log windows were saved too
+  assert _losses(workdir) == reference['losses']  # the log windows were saved too
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=3)
-  assert mngr.all_steps() == [30, 40, 60]                 # keep-last-3: 10 and 20 were deleted
+  assert mngr.all_steps() == [30, 40, 60]  # keep-last-3: 10 and 20 were deleted
 
 
 @pytest.fixture
@@ -134,13 +141,23 @@ def children():
 
 
 def _run_child(code: str, **popen):
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-         **{k.upper(): str(v) for k, v in CACHE_OPTIONS.items()}}
+  env = {
+    **os.environ,
+    'PYTHONPATH': REPO,
+    'JAX_PLATFORMS': 'cpu',
+    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+    **{k.upper(): str(v) for k, v in CACHE_OPTIONS.items()},
+  }
   prelude = f'import sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
-  return subprocess.Popen([sys.executable, '-c', prelude + textwrap.dedent(code)], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          **popen)
+  return subprocess.Popen(
+    [sys.executable, '-c', prelude + textwrap.dedent(code)],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **popen,
+  )
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path, children):
@@ -200,10 +217,10 @@ def test_kill9_during_a_save_leaves_the_previous_checkpoint_usable(reference, tm
   assert child.returncode == -signal.SIGKILL
   ckpts = os.path.join(workdir, 'checkpoints')
   assert any(name.startswith('20.') and 'tmp' in name for name in os.listdir(ckpts))  # half-written
-  mngr = checkpoint.manager(ckpts)   # removes the half-written step
+  mngr = checkpoint.manager(ckpts)  # removes the half-written step
   assert mngr.all_steps() == [10]
   assert checkpoint.read_meta(mngr)['model']['widths'] == {'hidden_0': 32, 'hidden_1': 32}
-  t0 = time.time()   # this manager removes the half-written step in a background thread: let it
+  t0 = time.time()  # this manager removes the half-written step in a background thread: let it
   while any('tmp' in name for name in os.listdir(ckpts)) and time.time() - t0 < 60:
     time.sleep(0.05)  # finish, or the trainer's own manager races it on the same folder
   summary = train.train_and_evaluate(tiny_config(**{'checkpoint.every': 10}), workdir)
@@ -239,21 +256,28 @@ def _garble_meta(step_dir):
 @pytest.mark.parametrize('damage', ['flip_array_bytes', 'garble_meta', 'delete_arrays'])
 def test_corrupt_checkpoint_raises_and_is_left_untouched(reference, tmp_path, damage):
   workdir = str(tmp_path)
-  shutil.copytree(os.path.join(reference['workdir'], 'checkpoints'),
-                  os.path.join(workdir, 'checkpoints'))
+  shutil.copytree(
+    os.path.join(reference['workdir'], 'checkpoints'), os.path.join(workdir, 'checkpoints')
+  )
   step_dir = os.path.join(workdir, 'checkpoints', '60')
-  {'flip_array_bytes': _flip_bytes_of_largest_array_file, 'garble_meta': _garble_meta,
-   'delete_arrays': lambda d: shutil.rmtree(os.path.join(d, 'arrays'))}[damage](step_dir)
+  {
+    'flip_array_bytes': _flip_bytes_of_largest_array_file,
+    'garble_meta': _garble_meta,
+    'delete_arrays': lambda d: shutil.rmtree(os.path.join(d, 'arrays')),
+  }[damage](step_dir)
   before = _tree_digest(os.path.join(workdir, 'checkpoints'))
-  with pytest.raises(checkpoint.CheckpointCorruptError, match=r'(?s)checkpoints/60.*left untouched'):
+  with pytest.raises(
+    checkpoint.CheckpointCorruptError, match=r'(?s)checkpoints/60.*left untouched'
+  ):
     train.train_and_evaluate(tiny_config(), workdir)
-  assert _tree_digest(os.path.join(workdir, 'checkpoints')) == before   # nothing replaced
+  assert _tree_digest(os.path.join(workdir, 'checkpoints')) == before  # nothing replaced
 
 
 def test_mismatched_config_or_code_is_rejected(reference, tmp_path):
   workdir = str(tmp_path)
-  shutil.copytree(os.path.join(reference['workdir'], 'checkpoints'),
-                  os.path.join(workdir, 'checkpoints'))
+  shutil.copytree(
+    os.path.join(reference['workdir'], 'checkpoints'), os.path.join(workdir, 'checkpoints')
+  )
   before = _tree_digest(workdir)
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r'demp\.peak_lambda.*0\.5.*0\.1'):
     train.train_and_evaluate(tiny_config(**{'demp.peak_lambda': 0.1}), workdir)
@@ -269,14 +293,15 @@ def test_mismatched_config_or_code_is_rejected(reference, tmp_path):
 
 def test_a_finished_run_resumes_to_the_same_summary(reference, tmp_path):
   workdir = str(tmp_path)
-  shutil.copytree(os.path.join(reference['workdir'], 'checkpoints'),
-                  os.path.join(workdir, 'checkpoints'))
+  shutil.copytree(
+    os.path.join(reference['workdir'], 'checkpoints'), os.path.join(workdir, 'checkpoints')
+  )
   summary = train.train_and_evaluate(tiny_config(), workdir)
   ref = reference['summary']
   assert summary['resumed_at'] == [60]
   for key in ('test_accuracy', 'test_loss', 'widths', 'final_params', 'prune_events'):
     assert summary[key] == ref[key], key
-  assert summary['segments'] == ref['segments']        # the time segments travel in the checkpoint
+  assert summary['segments'] == ref['segments']  # the time segments travel in the checkpoint
 
 
 def test_reseed_data_resume_starts_a_fresh_stream():
@@ -292,23 +317,34 @@ def test_reseed_data_resume_starts_a_fresh_stream():
 
 def test_nan_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
   """The learning rate jumps ×1e30 at step 12: loss NaN/Inf right after; checkpoint 10 is the last."""
-  c = tiny_config(**{'method': 'dense', 'optimizer.lr_schedule': 'multistep',
-                     'checkpoint.every': 5, 'log_every': 1})
+  c = tiny_config(
+    **{
+      'method': 'dense',
+      'optimizer.lr_schedule': 'multistep',
+      'checkpoint.every': 5,
+      'log_every': 1,
+    }
+  )
   c.optimizer.lr_kwargs = {'boundaries': [12], 'factor': 1e30}
-  with pytest.raises(FloatingPointError, match=r'at step 1[2-4]\b.*last good checkpoint is step 10'):
+  with pytest.raises(
+    FloatingPointError, match=r'at step 1[2-4]\b.*last good checkpoint is step 10'
+  ):
     train.train_and_evaluate(c, str(tmp_path))
   mngr = checkpoint.manager(os.path.join(str(tmp_path), 'checkpoints'))
   assert mngr.latest_step() == 10
 
 
-@pytest.mark.parametrize('key,value,message', [
+@pytest.mark.parametrize(
+  'key,value,message',
+  [
     ('prune.every', 61, r'prune\.every=61 \(τ\) is larger than num_steps=60'),
     ('colour', 'red', r"unknown config keys \['colour'\]"),
     ('prune.evry', 5, r"unknown config keys \['prune\.evry'\]"),
     ('checkpoint.every', -1, r'checkpoint\.every=-1'),
     ('checkpoint.keep', 0, r'checkpoint\.keep=0'),
     ('checkpoint.data_resume', 'rewind', r"checkpoint\.data_resume='rewind'"),
-])
+  ],
+)
 def test_bad_configs_are_rejected_before_any_compute(key, value, message):
   c = tiny_config()
   c.unlock()
@@ -332,7 +368,7 @@ def test_data_position_skip_equals_consuming(augment):
   cfg = data.default_data_config()
   cfg.augment = augment
   it = data.train_iterator(cfg, 32, seed=3)
-  consumed = [next(it) for _ in range(60)]      # 1920 examples: crosses an epoch (1437)
+  consumed = [next(it) for _ in range(60)]  # 1920 examples: crosses an epoch (1437)
   resumed = data.train_iterator(cfg, 32, seed=3, start_batch=41)
   for expected in consumed[41:]:
     got = next(resumed)
@@ -340,11 +376,17 @@ def test_data_position_skip_equals_consuming(augment):
 
 
 def test_host_state_round_trips():
-  state = {'events': [{'step': 20, 'live': {'a': 3}, 'overlap': None, 'x': float('nan')}],
-           'memo': {'w1': np.arange(6.0).reshape(2, 3), (1, 'k'): np.int32(7),
-                    'key': jax.random.key(5), 'seen': {('conv_0', 3), ('conv_1', 0)}},
-           'dead_set': frozenset({('hidden_0', 1), ('hidden_1', 4)}),
-           'unit_ids': {'hidden_0': np.array([0, 2, 5])}}
+  state = {
+    'events': [{'step': 20, 'live': {'a': 3}, 'overlap': None, 'x': float('nan')}],
+    'memo': {
+      'w1': np.arange(6.0).reshape(2, 3),
+      (1, 'k'): np.int32(7),
+      'key': jax.random.key(5),
+      'seen': {('conv_0', 3), ('conv_1', 0)},
+    },
+    'dead_set': frozenset({('hidden_0', 1), ('hidden_1', 4)}),
+    'unit_ids': {'hidden_0': np.array([0, 2, 5])},
+  }
   arrays = {}
   encoded = {k: checkpoint._encode(v, arrays, k) for k, v in state.items()}
   decoded = {k: checkpoint._decode(json.loads(json.dumps(v)), arrays) for k, v in encoded.items()}
@@ -352,8 +394,9 @@ def test_host_state_round_trips():
   assert decoded['memo']['seen'] == state['memo']['seen']
   assert np.array_equal(decoded['memo']['w1'], state['memo']['w1'])
   assert decoded['memo'][(1, 'k')] == 7 and decoded['memo'][(1, 'k')].dtype == np.int32
-  assert np.array_equal(jax.random.key_data(decoded['memo']['key']),
-                        jax.random.key_data(state['memo']['key']))
+  assert np.array_equal(
+    jax.random.key_data(decoded['memo']['key']), jax.random.key_data(state['memo']['key'])
+  )
   assert np.array_equal(decoded['unit_ids']['hidden_0'], [0, 2, 5])
   assert decoded['events'][0]['live'] == {'a': 3} and np.isnan(decoded['events'][0]['x'])
   with pytest.raises(TypeError, match=r'run\.memo\.fn'):

@@ -17,7 +17,7 @@ def _fake_release(path, n=5):
       records = []
       for i in range(n):
         chw = np.zeros((3, 32, 32), np.uint8)
-        chw[0], chw[1], chw[2] = 10 * b + i, 100 + i, 200 + b   # R, G, B planes
+        chw[0], chw[1], chw[2] = 10 * b + i, 100 + i, 200 + b  # R, G, B planes
         records.append(bytes([(b + i) % 10]) + chw.tobytes())
       raw = b''.join(records)
       info = tarfile.TarInfo(f'cifar-10-batches-bin/{name}')
@@ -29,8 +29,12 @@ def test_subset_takes_the_first_images_of_every_batch_in_file_order(tmp_path):
   archive, out = str(tmp_path / 'cifar.tar.gz'), str(tmp_path / 'sub' / 'subset.npz')
   _fake_release(archive)
   shapes = data.make_cifar10_subset(archive, out, per_batch=3)
-  assert shapes == {'train_images': (15, 32, 32, 3), 'train_labels': (15,),
-                    'test_images': (3, 32, 32, 3), 'test_labels': (3,)}
+  assert shapes == {
+    'train_images': (15, 32, 32, 3),
+    'train_labels': (15,),
+    'test_images': (3, 32, 32, 3),
+    'test_labels': (3,),
+  }
   with np.load(out, allow_pickle=False) as f:
     images, labels = f['train_images'], f['train_labels']
     assert images.dtype == np.uint8 and labels.dtype == np.int64

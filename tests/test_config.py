@@ -50,21 +50,37 @@ def _imports(path: pathlib.Path) -> set[str]:
 def test_demp_never_imports_baselines():
   files = sorted((ROOT / 'demp').rglob('*.py'))
   assert len(files) > 20
-  offenders = {str(f.relative_to(ROOT)): sorted(m for m in _imports(f) if m.split('.')[0] ==
-                                                'baselines')
-               for f in files}
+  offenders = {
+    str(f.relative_to(ROOT)): sorted(m for m in _imports(f) if m.split('.')[0] == 'baselines')
+    for f in files
+  }
   assert {f: m for f, m in offenders.items() if m} == {}
   # And at run time: importing the trainer and everything it uses loads no baselines module.
-  code = ('import sys, demp, demp.train, demp.checkpoint, demp.benchmark, demp.analysis; '
-          'print(sorted(m for m in sys.modules if m.split(".")[0] == "baselines"))')
-  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                       check=True)
+  code = (
+    'import sys, demp, demp.train, demp.checkpoint, demp.benchmark, demp.analysis; '
+    'print(sorted(m for m in sys.modules if m.split(".")[0] == "baselines"))'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True
+  )
   assert out.stdout.strip() == '[]'
 
 
 def test_registry_names_and_lookup():
-  assert {'dense', 'demp', 'snap', 'crop_s', 'early_snap', 'early_crop_s', 'neq',
-          'neq_stochastic', 'magnitude', 'saliency', 'set', 'rigl'} <= set(methods.names())
+  assert {
+    'dense',
+    'demp',
+    'snap',
+    'crop_s',
+    'early_snap',
+    'early_crop_s',
+    'neq',
+    'neq_stochastic',
+    'magnitude',
+    'saliency',
+    'set',
+    'rigl',
+  } <= set(methods.names())
   assert methods.get('demp').when is methods.prune_steps
   with pytest.raises(ValueError, match=r"method='rigel' .*did you mean 'rigl'"):
     methods.get('rigel')
@@ -72,23 +88,38 @@ def test_registry_names_and_lookup():
     methods.register('snap', methods.Method(optimizer=lambda config, base: base))
 
 
-@pytest.mark.parametrize('key,message', [
+@pytest.mark.parametrize(
+  'key,message',
+  [
     ('colour', r"unknown config keys \['colour'\]"),
     ('methd', r"unknown config keys \['methd'\] \(methd: did you mean method\?\)"),
     ('data.sorce', r"\['data\.sorce'\] \(data\.sorce: did you mean data\.source\?\)"),
     ('optimizer.learnig_rate', r'optimizer\.learnig_rate: did you mean optimizer\.learning_rate'),
     ('demp.peak_lamda', r'demp\.peak_lamda: did you mean demp\.peak_lambda'),
-    ('prune.evry', r"unknown config keys \['prune\.evry'\] \(prune\.evry: did you mean "
-                   r"prune\.every\?\)"),
-    ('batch_augment.mixup_alhpa', r'batch_augment\.mixup_alhpa: did you mean '
-                                  r'batch_augment\.mixup_alpha'),
+    (
+      'prune.evry',
+      r"unknown config keys \['prune\.evry'\] \(prune\.evry: did you mean "
+      r"prune\.every\?\)",
+    ),
+    (
+      'batch_augment.mixup_alhpa',
+      r'batch_augment\.mixup_alhpa: did you mean '
+      r'batch_augment\.mixup_alpha',
+    ),
     ('checkpoint.evry', r'checkpoint\.evry: did you mean checkpoint\.every'),
-    ('baselines.target_sparsty', r'baselines\.target_sparsty: did you mean '
-                                 r'baselines\.target_sparsity'),
+    (
+      'baselines.target_sparsty',
+      r'baselines\.target_sparsty: did you mean '
+      r'baselines\.target_sparsity',
+    ),
     ('baselines.update_evry', r'baselines\.update_evry: did you mean baselines\.update_every'),
-    ('optimizer.lr_kwargs.decay_step', r'optimizer\.lr_kwargs\.decay_step: did you mean '
-                                       r'optimizer\.lr_kwargs\.decay_steps'),
-])
+    (
+      'optimizer.lr_kwargs.decay_step',
+      r'optimizer\.lr_kwargs\.decay_step: did you mean '
+      r'optimizer\.lr_kwargs\.decay_steps',
+    ),
+  ],
+)
 def test_unknown_keys_of_every_section_name_the_closest(key, message):
   overrides = {key: 1}
   if key.startswith('optimizer.lr_kwargs'):
@@ -98,23 +129,37 @@ def test_unknown_keys_of_every_section_name_the_closest(key, message):
 
 
 def test_model_kwarg_typo_names_the_config_key():
-  with pytest.raises(ValueError, match=r"model\.widht=.*takes no argument 'widht' \(did you mean "
-                                       r"'widths'\?\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"model\.widht=.*takes no argument 'widht' \(did you mean "
+    r"'widths'\?\)",
+  ):
     train.validate_config(_config(**{'model.widht': [8]}))
 
 
 @pytest.mark.parametrize('resolve', [baselines_config.resolve, sparse_methods.resolve])
 def test_both_baselines_resolvers_refuse_a_typo(resolve):
   c = _config(**{'baselines.target_sparsty': 0.9})
-  with pytest.raises(ValueError, match=r'baselines\.target_sparsty: did you mean '
-                                       r'baselines\.target_sparsity'):
+  with pytest.raises(
+    ValueError,
+    match=r'baselines\.target_sparsty: did you mean '
+    r'baselines\.target_sparsity',
+  ):
     resolve(c)
   # The other resolver's keys are valid in the shared section.
-  assert resolve(_config(**{'baselines.target_sparsity': 0.9, 'baselines.mu_eq': 0.4,
-                            'baselines.drop_fraction': 0.1})).target_sparsity == 0.9
+  assert (
+    resolve(
+      _config(
+        **{'baselines.target_sparsity': 0.9, 'baselines.mu_eq': 0.4, 'baselines.drop_fraction': 0.1}
+      )
+    ).target_sparsity
+    == 0.9
+  )
 
 
-@pytest.mark.parametrize('key,value,message', [
+@pytest.mark.parametrize(
+  'key,value,message',
+  [
     ('optimizer.learning_rate', float('nan'), r'optimizer\.learning_rate=nan must be a finite'),
     ('optimizer.learning_rate', float('inf'), r'optimizer\.learning_rate=inf'),
     ('demp.noise_std', float('nan'), r'demp\.noise_std=nan'),
@@ -128,15 +173,21 @@ def test_both_baselines_resolvers_refuse_a_typo(resolve):
     ('baselines.end_fraction', 2.0, r'baselines\.start_fraction=.*end_fraction=2\.0'),
     ('label_smoothing', 1.0, r'label_smoothing=1\.0 must be in \[0, 1\)'),
     ('method', 'dmp', r"method='dmp' is not one of .*did you mean 'demp'"),
-])
+  ],
+)
 def test_bad_values_are_refused_before_any_compute(key, value, message):
   with pytest.raises(ValueError, match=message):
     train.validate_config(_config(**{key: value}))
 
 
 def test_lr_schedule_values_are_checked():
-  c = _config(**{'optimizer.lr_schedule': 'step', 'optimizer.lr_kwargs.step_size': 10,
-                 'optimizer.lr_kwargs.decay_factor': float('nan')})
+  c = _config(
+    **{
+      'optimizer.lr_schedule': 'step',
+      'optimizer.lr_kwargs.step_size': 10,
+      'optimizer.lr_kwargs.decay_factor': float('nan'),
+    }
+  )
   with pytest.raises(ValueError, match=r'optimizer\.lr_kwargs\.decay_factor=nan must be finite'):
     train.validate_config(c)
   c = _config(**{'optimizer.lr_schedule': 'cosine', 'optimizer.lr_kwargs.decay_steps': 0})
@@ -168,7 +219,7 @@ def test_validate_config_runs_once_per_run(monkeypatch, tmp_path):
   def stop(*args, **kwargs):
     raise Stop
 
-  monkeypatch.setattr(train, 'resolve_run', stop)   # everything after the checks
+  monkeypatch.setattr(train, 'resolve_run', stop)  # everything after the checks
   with pytest.raises(Stop):
     train.train_and_evaluate(_config(), str(tmp_path))
   assert calls == [1]

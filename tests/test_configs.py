@@ -39,8 +39,13 @@ def _config_files() -> list[str]:
 
 CONFIGS = _config_files()
 # The recipes of the paper's CNNs (and the subset runs): their smoke versions run here.
-SMOKE = ['configs/resnet18_cifar10.py', 'configs/resnet50_imagenet.py', 'configs/vgg16_cifar10.py',
-         'configs/resnet18_cifar10_subset.py', 'configs/convnet_cifar10.py']
+SMOKE = [
+  'configs/resnet18_cifar10.py',
+  'configs/resnet50_imagenet.py',
+  'configs/vgg16_cifar10.py',
+  'configs/resnet18_cifar10_subset.py',
+  'configs/convnet_cifar10.py',
+]
 
 
 @pytest.fixture(scope='module')
@@ -48,10 +53,13 @@ def tiny_npz(tmp_path_factory):
   """64 train / 24 test random 32x32x3 uint8 images, labels 0..9 (CIFAR-like)."""
   rng = np.random.default_rng(0)
   path = str(tmp_path_factory.mktemp('npz') / 'tiny.npz')
-  np.savez(path, train_images=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-           train_labels=rng.integers(0, 10, 64), test_images=rng.integers(0, 256, (24, 32, 32, 3),
-                                                                           dtype=np.uint8),
-           test_labels=rng.integers(0, 10, 24))
+  np.savez(
+    path,
+    train_images=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+    train_labels=rng.integers(0, 10, 64),
+    test_images=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
+    test_labels=rng.integers(0, 10, 24),
+  )
   return path
 
 
@@ -75,14 +83,17 @@ def test_config_builds_and_validates(path, tiny_npz):
     except ValueError:
       if arg is None:
         raise
-      continue                                   # a config without a smoke argument
+      continue  # a config without a smoke argument
     train.validate_config(config)
     with _local_data(config, tiny_npz):
       info = data.get_info(config.data)
     kwargs = {k: v for k, v in config.model.items() if k != 'name'}
     model = models.build(config.model.name, info.num_classes, **kwargs)
-    shapes = jax.eval_shape(lambda: model.init(  # pylint: disable=cell-var-from-loop
-        jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
+    shapes = jax.eval_shape(
+      lambda: model.init(  # pylint: disable=cell-var-from-loop
+        jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False
+      )
+    )
     assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes['params'])) > 0
 
 
@@ -93,35 +104,71 @@ def test_recipe_numbers():
   """
   r18 = _load(os.path.join(ROOT, 'configs/resnet18_cifar10.py'))
   c = r18.get_config('opt=sgdm')
-  assert (c.batch_size, c.num_steps, c.optimizer.name, c.optimizer.learning_rate) == \
-      (128, 97_656, 'sgd', 0.1)                  # 250 epochs as the authors count them
-  assert (c.optimizer.lr_schedule, c.optimizer.lr_kwargs.step_size,
-          c.optimizer.lr_kwargs.decay_factor) == ('step', 30_078, 0.2)   # 77 x 50,000 / 128
-  assert (c.optimizer.weight_decay, c.data.augment, c.prune.every, c.prune.num_examples,
-          c.demp.noise_std) == (5e-4, 'crop_flip', 5000, 1536, 5e-5)   # death check: 3 x 512
+  assert (c.batch_size, c.num_steps, c.optimizer.name, c.optimizer.learning_rate) == (
+    128,
+    97_656,
+    'sgd',
+    0.1,
+  )  # 250 epochs as the authors count them
+  assert (
+    c.optimizer.lr_schedule,
+    c.optimizer.lr_kwargs.step_size,
+    c.optimizer.lr_kwargs.decay_factor,
+  ) == ('step', 30_078, 0.2)  # 77 x 50,000 / 128
+  assert (
+    c.optimizer.weight_decay,
+    c.data.augment,
+    c.prune.every,
+    c.prune.num_examples,
+    c.demp.noise_std,
+  ) == (5e-4, 'crop_flip', 5000, 1536, 5e-5)  # death check: 3 x 512
   c_adam = r18.get_config('opt=adam')
   assert (c_adam.optimizer.name, c_adam.optimizer.learning_rate) == ('adamw', 5e-3)
   lr = train.learning_rate_schedule(c)
-  np.testing.assert_allclose([lr(0), lr(30_077), lr(30_078), lr(60_156)],
-                             [0.1, 0.1, 0.02, 0.004], rtol=1e-6)
+  np.testing.assert_allclose(
+    [lr(0), lr(30_077), lr(30_078), lr(60_156)], [0.1, 0.1, 0.02, 0.004], rtol=1e-6
+  )
 
   c = _load(os.path.join(ROOT, 'configs/resnet50_imagenet.py')).get_config('opt=adam')
-  assert (c.batch_size, c.num_steps, c.optimizer.learning_rate, c.label_smoothing,
-          c.optimizer.weight_decay, c.prune.num_examples) == (256, 500_455, 5e-3, 0.1, 1e-4, 2048)
+  assert (
+    c.batch_size,
+    c.num_steps,
+    c.optimizer.learning_rate,
+    c.label_smoothing,
+    c.optimizer.weight_decay,
+    c.prune.num_examples,
+  ) == (256, 500_455, 5e-3, 0.1, 1e-4, 2048)
   assert list(c.optimizer.lr_kwargs.boundaries) == [150_136, 350_319, 450_410]  # epochs 30/70/90
-  assert (c.data.name, c.data.augment, c.data.image_size, c.data.test_split) == \
-      ('imagenet2012', 'imagenet', 224, 'validation')
+  assert (c.data.name, c.data.augment, c.data.image_size, c.data.test_split) == (
+    'imagenet2012',
+    'imagenet',
+    224,
+    'validation',
+  )
 
   c = _load(os.path.join(ROOT, 'configs/vgg16_cifar10.py')).get_config('opt=sgdm')
-  assert (c.batch_size, c.num_steps, c.optimizer.lr_schedule, c.optimizer.learning_rate,
-          c.data.image_size, c.prune.every) == (256, 15_626, 'one_cycle', 0.1, 64, 1000)
+  assert (
+    c.batch_size,
+    c.num_steps,
+    c.optimizer.lr_schedule,
+    c.optimizer.learning_rate,
+    c.data.image_size,
+    c.prune.every,
+  ) == (256, 15_626, 'one_cycle', 0.1, 64, 1000)
 
   c = _load(os.path.join(ROOT, 'configs/convnet_cifar10.py')).get_config()
-  assert (list(c.model.widths), c.optimizer.name, c.num_steps, c.demp.peak_lambda, c.prune.every) \
-      == ([32, 64, 128, 256], 'adamw', 600, 2e-2, 100)
+  assert (
+    list(c.model.widths),
+    c.optimizer.name,
+    c.num_steps,
+    c.demp.peak_lambda,
+    c.prune.every,
+  ) == ([32, 64, 128, 256], 'adamw', 600, 2e-2, 100)
 
 
-@pytest.mark.parametrize('path', ['configs/convnet_cifar10.py', 'configs/resnet18_cifar10_subset.py'])
+@pytest.mark.parametrize(
+  'path', ['configs/convnet_cifar10.py', 'configs/resnet18_cifar10_subset.py']
+)
 def test_npz_configs_need_a_path(path):
   config = _load(os.path.join(ROOT, path)).get_config()
   assert config.data.path is None
@@ -151,10 +198,10 @@ def test_smoke_runs_end_to_end(path, tiny_npz, tmp_path):
 
 # The peak noise std of every recipe: the authors' code (5e-5), except where stated.
 NOISE_STD_EXCEPTIONS = {
-    'configs/vit_cifar10_subset.py': 1e-3,          # a 600-step ViT: noise is its only push
-    'configs/analysis/dead_units.py': 0.0,          # units die on their own: no noise, λ = 0
-    'configs/analysis/adam_eps.py': 0.0,
-    'configs/analysis/noise_mlp_digits.py': 0.0,    # default mode 'sgd': no Gaussian noise
+  'configs/vit_cifar10_subset.py': 1e-3,  # a 600-step ViT: noise is its only push
+  'configs/analysis/dead_units.py': 0.0,  # units die on their own: no noise, λ = 0
+  'configs/analysis/adam_eps.py': 0.0,
+  'configs/analysis/noise_mlp_digits.py': 0.0,  # default mode 'sgd': no Gaussian noise
 }
 
 
@@ -165,7 +212,7 @@ def test_recipe_noise_is_a_std_of_the_authors_magnitude(path):
   assert 'noise_variance' not in config.demp
   want = NOISE_STD_EXCEPTIONS.get(path, 5e-5)
   assert config.demp.noise_std == pytest.approx(want, rel=1e-12), path
-  if config.demp.noise_std:   # the std schedule peaks at exactly that value
+  if config.demp.noise_std:  # the std schedule peaks at exactly that value
     _, std_t = train.demp_schedules(config)
     n = train.num_updates(config)
     grid = np.unique(np.linspace(0, n, 401).astype(int))

@@ -16,6 +16,7 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 def _randomize_bn(variables, key):
   """Random BN statistics and affine params so that eval mode is a non-trivial function."""
+
   def fn(path, x):
     name = path[-1].key
     k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()) % (2**31))
@@ -24,28 +25,43 @@ def _randomize_bn(variables, key):
     if name in ('var', 'scale') and x.ndim == 1:
       return x * jnp.exp(0.2 * jax.random.normal(k, x.shape))
     return x
+
   return jax.tree_util.tree_map_with_path(fn, variables)
 
 
 def _set_units(variables, norm, units, scale, offset):
   params = dict(variables['params'])
   p = params[norm]
-  params[norm] = {'scale': p['scale'].at[np.asarray(units)].set(scale),
-                  'bias': p['bias'].at[np.asarray(units)].set(offset)}
+  params[norm] = {
+    'scale': p['scale'].at[np.asarray(units)].set(scale),
+    'bias': p['bias'].at[np.asarray(units)].set(offset),
+  }
   return {**variables, 'params': params}
 
 
 # name -> (model kwargs, input shape, {norm: constant units}, {norm: dead units})
 CASES = {
-    # hidden_0 -> dense_1 (no bias, BN after: the running mean absorbs it); hidden_1 -> head (bias).
-    'mlp': (dict(name='mlp', widths=[6, 5]), (16, 4, 4, 1), {'norm_0': [1, 4], 'norm_1': [2]},
-            {'norm_0': [0]}),
-    # The last conv group -> global average pool -> dense head: exact.
-    'convnet_global': (dict(name='convnet', widths=[4, 5], head='global'), (16, 8, 8, 3),
-                       {'norm_1': [0, 3]}, {'norm_1': [1]}),
-    # conv -> flatten -> dense: the constant repeats at every position of the head's input.
-    'convnet_flatten': (dict(name='convnet', widths=[4, 5], head='flatten'), (16, 8, 8, 3),
-                        {'norm_1': [2]}, {}),
+  # hidden_0 -> dense_1 (no bias, BN after: the running mean absorbs it); hidden_1 -> head (bias).
+  'mlp': (
+    dict(name='mlp', widths=[6, 5]),
+    (16, 4, 4, 1),
+    {'norm_0': [1, 4], 'norm_1': [2]},
+    {'norm_0': [0]},
+  ),
+  # The last conv group -> global average pool -> dense head: exact.
+  'convnet_global': (
+    dict(name='convnet', widths=[4, 5], head='global'),
+    (16, 8, 8, 3),
+    {'norm_1': [0, 3]},
+    {'norm_1': [1]},
+  ),
+  # conv -> flatten -> dense: the constant repeats at every position of the head's input.
+  'convnet_flatten': (
+    dict(name='convnet', widths=[4, 5], head='flatten'),
+    (16, 8, 8, 3),
+    {'norm_1': [2]},
+    {},
+  ),
 }
 
 
@@ -56,9 +72,9 @@ def _setup(which, seed=0):
   variables = model.init(jax.random.key(seed), jnp.zeros((1,) + shape[1:]), train=False)
   variables = _randomize_bn(variables, jax.random.key(seed + 1))
   for norm, u in constant.items():
-    variables = _set_units(variables, norm, u, 0.0, 0.7)    # relu(0·x̂ + 0.7) = 0.7
+    variables = _set_units(variables, norm, u, 0.0, 0.7)  # relu(0·x̂ + 0.7) = 0.7
   for norm, u in dead.items():
-    variables = _set_units(variables, norm, u, 0.0, -3.0)   # relu(-3) = 0: dead
+    variables = _set_units(variables, norm, u, 0.0, -3.0)  # relu(-3) = 0: dead
   images = jax.random.normal(jax.random.key(seed + 2), shape)
   return model, variables, images, constant, dead
 
@@ -100,8 +116,9 @@ def test_fold_preserves_the_function_where_exact(which):
   after = new_model.apply(new_vars, images, train=False)
   assert float(jnp.max(jnp.abs(after - before))) <= 1e-5
   # Without the fold, removing them changes the function: the fold is what preserves it.
-  plain_model, plain_vars, _ = surgery.prune(model, variables, {},
-                                             {k: ~v for k, v in found.items()})
+  plain_model, plain_vars, _ = surgery.prune(
+    model, variables, {}, {k: ~v for k, v in found.items()}
+  )
   assert float(jnp.max(jnp.abs(plain_model.apply(plain_vars, images, train=False) - before))) > 1e-2
 
 
@@ -119,30 +136,34 @@ def test_fold_into_a_padded_conv_is_exact_inside_and_measured_at_the_borders():
   after = new_model.apply(new_vars, images, train=False)
   delta = float(jnp.max(jnp.abs(after - before)))
   # Interior: conv_1's pre-norm output is unchanged away from the border of its 16x16 map.
-  _, inter_before = model.apply(variables, images, train=False, capture_intermediates=True,
-                                mutable=['intermediates'])
-  _, inter_after = new_model.apply(new_vars, images, train=False, capture_intermediates=True,
-                                   mutable=['intermediates'])
+  _, inter_before = model.apply(
+    variables, images, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
+  _, inter_after = new_model.apply(
+    new_vars, images, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
   y0 = inter_before['intermediates']['norm_1']['__call__'][0]
   y1 = inter_after['intermediates']['norm_1']['__call__'][0]
   assert float(jnp.max(jnp.abs((y1 - y0)[:, 1:-1, 1:-1]))) <= 1e-5
-  assert float(jnp.max(jnp.abs(y1 - y0))) > 1e-2          # the border is not exact
+  assert float(jnp.max(jnp.abs(y1 - y0))) > 1e-2  # the border is not exact
   # Measured for these seeds (docs/method.md): max |Δlogit| = 0.0308 with the fold, 0.150
   # without it (max |logit| 1.76).
   assert 1e-3 < delta <= 0.035, delta
-  plain_model, plain_vars, _ = surgery.prune(model, variables, {},
-                                             {k: ~v for k, v in found.items()})
+  plain_model, plain_vars, _ = surgery.prune(
+    model, variables, {}, {k: ~v for k, v in found.items()}
+  )
   plain = float(jnp.max(jnp.abs(plain_model.apply(plain_vars, images, train=False) - before)))
   assert plain > 3 * delta, (plain, delta)
 
 
 def test_groups_with_several_sites_are_not_foldable():
   model = build('resnet18', 10, width_multiplier=0.125)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
-                                                train=False))
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  )
   able = surgery.foldable_groups(model.unit_groups(), variables)
   assert not any(v for k, v in able.items() if k.endswith('_stream'))
-  assert sum(able.values()) == 8                            # the 8 blocks' inner groups
+  assert sum(able.values()) == 8  # the 8 blocks' inner groups
 
 
 def test_trainer_removes_constant_units_and_logs_them():

@@ -39,10 +39,10 @@ def npz(tmp_path):
   """A tiny npz: 40 train / 12 test random uint8 32x32x3 images, labels 0..9."""
   rng = np.random.default_rng(0)
   arrays = dict(
-      train_images=rng.integers(0, 256, (NUM_TRAIN, SIZE, SIZE, 3), dtype=np.uint8),
-      train_labels=rng.integers(0, 10, NUM_TRAIN).astype(np.int64),
-      test_images=rng.integers(0, 256, (NUM_TEST, SIZE, SIZE, 3), dtype=np.uint8),
-      test_labels=rng.integers(0, 10, NUM_TEST).astype(np.int64),
+    train_images=rng.integers(0, 256, (NUM_TRAIN, SIZE, SIZE, 3), dtype=np.uint8),
+    train_labels=rng.integers(0, 10, NUM_TRAIN).astype(np.int64),
+    test_images=rng.integers(0, 256, (NUM_TEST, SIZE, SIZE, 3), dtype=np.uint8),
+    test_labels=rng.integers(0, 10, NUM_TEST).astype(np.int64),
   )
   path = tmp_path / 'tiny.npz'
   np.savez(path, **arrays)
@@ -51,19 +51,18 @@ def npz(tmp_path):
 
 def _npz_cfg(path, **overrides):
   """npz config giving raw pixels / 255 unless overridden."""
-  return _cfg(**{'source': 'npz', 'path': path, 'augment': 'none',
-                 'normalize': False, **overrides})
+  return _cfg(**{'source': 'npz', 'path': path, 'augment': 'none', 'normalize': False, **overrides})
 
 
 def _write_npz(tmp_path, train_images, name='x.npz'):
   path = tmp_path / name
   n = len(train_images)
   np.savez(
-      path,
-      train_images=train_images,
-      train_labels=np.arange(n) % 10,
-      test_images=train_images,
-      test_labels=np.arange(n) % 10,
+    path,
+    train_images=train_images,
+    train_labels=np.arange(n) % 10,
+    test_images=train_images,
+    test_labels=np.arange(n) % 10,
   )
   return str(path)
 
@@ -136,8 +135,7 @@ def test_npz_num_classes_from_labels_unless_cifar10(tmp_path):
 def test_npz_reshuffles_each_epoch(npz):
   path, arrays = npz
   it = data.train_iterator(_npz_cfg(path), NUM_TRAIN, 3, shard_index=0, num_shards=1)
-  epoch1, epoch2 = (_index_of(_as_uint8(b['image']), arrays['train_images'])
-                    for b in _take(it, 2))
+  epoch1, epoch2 = (_index_of(_as_uint8(b['image']), arrays['train_images']) for b in _take(it, 2))
   np.testing.assert_array_equal(np.sort(epoch1), np.arange(NUM_TRAIN))
   np.testing.assert_array_equal(np.sort(epoch2), np.arange(NUM_TRAIN))
   assert not np.array_equal(epoch1, epoch2)
@@ -183,7 +181,7 @@ def test_npz_missing_path(tmp_path):
   with pytest.raises(FileNotFoundError, match='data.path') as e:
     data.get_info(_npz_cfg(missing))
   assert missing in str(e.value)
-  assert 'train_images [N, H, W, C]' in str(e.value)     # what a valid file holds
+  assert 'train_images [N, H, W, C]' in str(e.value)  # what a valid file holds
   with pytest.raises(ValueError, match='data.path=None'):
     data.get_info(_npz_cfg(None))
 
@@ -227,9 +225,14 @@ def test_crop_flip_is_shifted_mirrored_copy(tmp_path, pad_mode):
   batch = next(data.train_iterator(cfg, 32, 0, shard_index=0, num_shards=1))
   padded = np.pad(image, [(4, 4), (4, 4), (0, 0)], mode=pad_mode)
   candidates = {
-      (dy, dx, flip): (padded[dy:dy + SIZE, dx:dx + SIZE, :][:, ::-1] if flip
-                       else padded[dy:dy + SIZE, dx:dx + SIZE, :])
-      for dy in range(9) for dx in range(9) for flip in (False, True)
+    (dy, dx, flip): (
+      padded[dy : dy + SIZE, dx : dx + SIZE, :][:, ::-1]
+      if flip
+      else padded[dy : dy + SIZE, dx : dx + SIZE, :]
+    )
+    for dy in range(9)
+    for dx in range(9)
+    for flip in (False, True)
   }
   found = []
   for out in _as_uint8(batch['image']):
@@ -250,9 +253,9 @@ def test_image_size_resizes(npz):
   assert first['image'].shape == (4, 64, 64, 3)
   # Upsampling keeps each image's mean colour.
   np.testing.assert_allclose(
-      first['image'].mean(axis=(1, 2)),
-      arrays['test_images'][:4].mean(axis=(1, 2)) / 255.0,
-      atol=2e-3,
+    first['image'].mean(axis=(1, 2)),
+    arrays['test_images'][:4].mean(axis=(1, 2)) / 255.0,
+    atol=2e-3,
   )
 
 
@@ -311,8 +314,9 @@ def test_tfds_not_prepared_says_how_to_get_it(tmp_path):
     data.get_info(cfg)
   assert str(tmp_path) in str(e.value) and 'data.source=npz' in str(e.value)
 
-  cfg = _cfg(source='tfds', name='imagenet2012', data_dir=str(tmp_path),
-             image_size=224, augment='imagenet')
+  cfg = _cfg(
+    source='tfds', name='imagenet2012', data_dir=str(tmp_path), image_size=224, augment='imagenet'
+  )
   with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar') as e:
     data.get_info(cfg)
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in str(e.value)
@@ -343,8 +347,7 @@ def test_bad_config_values_raise_naming_the_key():
 
 
 def test_importing_demp_data_does_not_import_tensorflow():
-  code = ('import sys, demp.data; '
-          "assert 'tensorflow' not in sys.modules, 'TF imported eagerly'")
+  code = 'import sys, demp.data; assert \'tensorflow\' not in sys.modules, \'TF imported eagerly\''
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': repo}
   subprocess.run([sys.executable, '-c', code], check=True, env=env, cwd=repo)
@@ -356,12 +359,12 @@ def test_holdout_is_carved_out_of_training(npz):
   assert data.get_info(cfg).num_train == NUM_TRAIN - 8
   held = data.fixed_examples(cfg, 8, split='holdout')
   rows = _index_of(_as_uint8(held['image']), arrays['train_images'])
-  assert sorted(rows.tolist()) == list(range(NUM_TRAIN - 8, NUM_TRAIN))   # the last 8
+  assert sorted(rows.tolist()) == list(range(NUM_TRAIN - 8, NUM_TRAIN))  # the last 8
   seen = set()
   for batch in _take(data.train_iterator(cfg, 8, seed=0, shard_index=0, num_shards=1), 12):
     seen |= set(_index_of(_as_uint8(batch['image']), arrays['train_images']).tolist())
-  assert seen == set(range(NUM_TRAIN - 8))           # 3 epochs: every other example, none held out
-  death = data.fixed_examples(cfg, NUM_TRAIN - 8)    # the death check's pool excludes them too
+  assert seen == set(range(NUM_TRAIN - 8))  # 3 epochs: every other example, none held out
+  death = data.fixed_examples(cfg, NUM_TRAIN - 8)  # the death check's pool excludes them too
   assert set(_index_of(_as_uint8(death['image']), arrays['train_images']).tolist()) == seen
   with pytest.raises(ValueError, match='data.holdout'):
     data.fixed_examples(_npz_cfg(path), 4, split='holdout')

@@ -15,22 +15,28 @@ def test_every_row_has_three_seeds_and_seed_zero_comes_first():
     rows = {}
     for spec in specs:
       overrides = dict(spec.overrides)
-      rows.setdefault(tuple(sorted((k, v) for k, v in overrides.items() if k != 'seed')),
-                      []).append(overrides['seed'])
+      rows.setdefault(
+        tuple(sorted((k, v) for k, v in overrides.items() if k != 'seed')), []
+      ).append(overrides['seed'])
     assert all(sorted(s) == ['0', '1', '2'] for s in rows.values()), name
-    first = [dict(s.overrides)['seed'] for s in specs[:len(rows)]]
+    first = [dict(s.overrides)['seed'] for s in specs[: len(rows)]]
     assert first == ['0'] * len(rows), name
 
 
 def test_baseline_stage_waits_for_demp_then_uses_its_sparsities(tmp_path):
   results = str(tmp_path)
-  demp_runs = [s for s in sweep.expand(fidelity.STAGES['resnet18'].expand())
-               if dict(s.overrides)['arg.method'] == 'demp']
+  demp_runs = [
+    s
+    for s in sweep.expand(fidelity.STAGES['resnet18'].expand())
+    if dict(s.overrides)['arg.method'] == 'demp'
+  ]
   echoed = []
-  fidelity.run(['resnet18_baselines'], 'x.npz', results, str(tmp_path / 'w'), dry_run=True,
-               echo=echoed.append)
-  assert echoed == ['resnet18_baselines: skipped until every DemP run of resnet18 is in '
-                    f'{results}.']
+  fidelity.run(
+    ['resnet18_baselines'], 'x.npz', results, str(tmp_path / 'w'), dry_run=True, echo=echoed.append
+  )
+  assert echoed == [
+    f'resnet18_baselines: skipped until every DemP run of resnet18 is in {results}.'
+  ]
   sparsity = {'0.01': (0.31, 0.33, 0.29), '0.02': (0.52, 0.55, 0.49), '0.05': (0.86, 0.88, 0.9)}
   for spec in demp_runs:
     o = dict(spec.overrides)
@@ -40,8 +46,9 @@ def test_baseline_stage_waits_for_demp_then_uses_its_sparsities(tmp_path):
       json.dump({'weight_sparsity': sparsity[o['arg.lam']][int(o['seed'])]}, f)
   assert fidelity.demp_sparsities(results, 'resnet18') == [0.3, 0.5, 0.9]
   echoed.clear()
-  fidelity.run(['resnet18_baselines'], 'x.npz', results, str(tmp_path / 'w'), dry_run=True,
-               echo=echoed.append)
+  fidelity.run(
+    ['resnet18_baselines'], 'x.npz', results, str(tmp_path / 'w'), dry_run=True, echo=echoed.append
+  )
   assert echoed[0] == 'resnet18_baselines: targets 0.3,0.5,0.9 (DemP weight sparsities of resnet18)'
   assert echoed[1].startswith('18 runs, 0 done, 18 to run')
   assert 'arg.target-0.3_seed-0' in echoed[2] and 'path=x.npz' in echoed[2]

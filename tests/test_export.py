@@ -22,10 +22,16 @@ from demp import benchmark, checkpoint, data, export, methods, train
 
 IMAGE = (16, 16, 3)
 MODELS = {
-    'convnet': {'name': 'convnet', 'widths': [8, 16], 'head': 'flatten'},
-    'resnet18': {'name': 'resnet18', 'width_multiplier': 1 / 16, 'prune_stream': True},
-    'vit': {'name': 'vit', 'hidden_dim': 16, 'depth': 2, 'num_heads': 2, 'mlp_dim': 32,
-            'patch_size': 8},
+  'convnet': {'name': 'convnet', 'widths': [8, 16], 'head': 'flatten'},
+  'resnet18': {'name': 'resnet18', 'width_multiplier': 1 / 16, 'prune_stream': True},
+  'vit': {
+    'name': 'vit',
+    'hidden_dim': 16,
+    'depth': 2,
+    'num_heads': 2,
+    'mlp_dim': 32,
+    'patch_size': 8,
+  },
 }
 EXPORTS = [('convnet', True), ('resnet18', False), ('resnet18', True), ('vit', False)]
 METHOD = 'demp_forced_prune'
@@ -39,9 +45,11 @@ def _forced_prune(run, step):
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache_dir(tmp_path_factory):
   """A persistent XLA cache for this module (the unfinished run repeats a run's compiles)."""
-  options = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('xla_cache')),
-             'jax_persistent_cache_min_compile_time_secs': 0,
-             'jax_persistent_cache_min_entry_size_bytes': -1}
+  options = {
+    'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('xla_cache')),
+    'jax_persistent_cache_min_compile_time_secs': 0,
+    'jax_persistent_cache_min_entry_size_bytes': -1,
+  }
   saved = {k: getattr(jax.config, k) for k in options}
   for k, v in options.items():
     jax.config.update(k, v)
@@ -55,20 +63,27 @@ def compilation_cache_dir(tmp_path_factory):
 @pytest.fixture(scope='module', autouse=True)
 def forced_method():
   """DemP's optimizer (penalty + live noise) with a hook that always removes units."""
-  methods.register(METHOD, methods.Method(optimizer=methods.get('demp').optimizer,
-                                          hook=_forced_prune, when=methods.prune_steps))
+  methods.register(
+    METHOD,
+    methods.Method(
+      optimizer=methods.get('demp').optimizer, hook=_forced_prune, when=methods.prune_steps
+    ),
+  )
   yield
-  del methods._REGISTRY[METHOD]   # pylint: disable=protected-access
+  del methods._REGISTRY[METHOD]  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope='module')
 def tiny_npz(tmp_path_factory):
   rng = np.random.default_rng(0)
   path = str(tmp_path_factory.mktemp('npz') / 'tiny.npz')
-  np.savez(path, train_images=rng.integers(0, 256, (48, *IMAGE), dtype=np.uint8),
-           train_labels=rng.integers(0, 10, 48),
-           test_images=rng.integers(0, 256, (24, *IMAGE), dtype=np.uint8),
-           test_labels=rng.integers(0, 10, 24))
+  np.savez(
+    path,
+    train_images=rng.integers(0, 256, (48, *IMAGE), dtype=np.uint8),
+    train_labels=rng.integers(0, 10, 48),
+    test_images=rng.integers(0, 256, (24, *IMAGE), dtype=np.uint8),
+    test_labels=rng.integers(0, 10, 24),
+  )
   return path
 
 
@@ -101,15 +116,23 @@ def runs(tiny_npz, tmp_path_factory):
     assert sum(summary['widths'].values()) < sum(summary['dense_widths'].values())
     model, variables, meta = checkpoint.load(workdir)
     assert meta['step'] == 2 and dict(model.widths) == summary['widths']
-    batch, = list(data.eval_batches(config.data, 'test', 24))
-    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables,
-                                                                              batch['image']))
+    (batch,) = list(data.eval_batches(config.data, 'test', 24))
+    logits = np.asarray(
+      jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, batch['image'])
+    )
     # These are the logits the trainer's final evaluation scored.
     accuracy = float(np.mean(logits.argmax(-1) == batch['label']))
     assert accuracy == pytest.approx(summary['test_accuracy'], abs=1e-7)
-    out[name] = {'workdir': workdir, 'config': config, 'summary': summary, 'model': model,
-                 'variables': variables, 'images': np.asarray(batch['image']),
-                 'labels': np.asarray(batch['label']), 'logits': logits}
+    out[name] = {
+      'workdir': workdir,
+      'config': config,
+      'summary': summary,
+      'model': model,
+      'variables': variables,
+      'images': np.asarray(batch['image']),
+      'labels': np.asarray(batch['label']),
+      'logits': logits,
+    }
   return out
 
 
@@ -137,17 +160,26 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_exported_function_reproduces_final_eval_logits_in_a_fresh_process(runs, exports,
-                                                                            tmp_path):
+def test_exported_function_reproduces_final_eval_logits_in_a_fresh_process(runs, exports, tmp_path):
   jobs = []
   for (name, fold), e in exports.items():
     images = str(tmp_path / f'{name}_images.npy')
     np.save(images, runs[name]['images'])
-    jobs.append({'artifact': os.path.join(e['dir'], export.INFERENCE), 'images': images,
-                 'out': str(tmp_path / f'{name}_{int(fold)}_logits.npy')})
-  proc = subprocess.run([sys.executable, '-c', CHILD, json.dumps(jobs)], cwd=str(tmp_path),
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, 'PYTHONPATH': ''})
+    jobs.append(
+      {
+        'artifact': os.path.join(e['dir'], export.INFERENCE),
+        'images': images,
+        'out': str(tmp_path / f'{name}_{int(fold)}_logits.npy'),
+      }
+    )
+  proc = subprocess.run(
+    [sys.executable, '-c', CHILD, json.dumps(jobs)],
+    cwd=str(tmp_path),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, 'PYTHONPATH': ''},
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'OK {len(jobs)}' in proc.stdout
   for ((name, fold), _), job in zip(exports.items(), jobs):
@@ -163,16 +195,18 @@ def test_architecture_json(runs, exports):
     with open(os.path.join(e['dir'], export.ARCHITECTURE)) as f:
       arch = json.load(f)
     summary = runs[name]['summary']
-    assert arch['model'] == name and arch['kwargs'] == {k: v for k, v in MODELS[name].items()
-                                                        if k != 'name'}
+    assert arch['model'] == name and arch['kwargs'] == {
+      k: v for k, v in MODELS[name].items() if k != 'name'
+    }
     assert arch['widths'] == summary['widths'] and arch['dense_widths'] == summary['dense_widths']
     assert arch['input_shape'] == list(IMAGE) and arch['num_classes'] == 10
     assert arch['dtype'] == 'float32'
     assert arch['params'] == summary['final_params']
     assert arch['dense_params'] == summary['dense_params']
     assert arch['run']['step'] == 2
-    assert arch['inference']['platforms'] == (['cpu', 'cuda'] if (name, fold) == ('resnet18', False)
-                                              else ['cpu'])
+    assert arch['inference']['platforms'] == (
+      ['cpu', 'cuda'] if (name, fold) == ('resnet18', False) else ['cpu']
+    )
     assert arch['check']['max_abs_diff_vs_flax'] <= 1e-5
     assert set(os.listdir(e['dir'])) == {export.ARCHITECTURE, export.VARIABLES, export.INFERENCE}
 
@@ -192,7 +226,12 @@ def test_fold_reports_layer_norms_of_the_vit(runs):
   _, report = export.fold_batch_norm(r['model'], r['variables'], IMAGE)
   assert report['folded'] == []
   assert [e['layer'] for e in report['not_folded']] == [
-      'block_0/norm_attn', 'block_0/norm_mlp', 'block_1/norm_attn', 'block_1/norm_mlp', 'norm']
+    'block_0/norm_attn',
+    'block_0/norm_mlp',
+    'block_1/norm_attn',
+    'block_1/norm_mlp',
+    'norm',
+  ]
   assert all(e['kind'] == 'LayerNorm' for e in report['not_folded'])
 
 
@@ -219,18 +258,22 @@ def test_fold_batch_norm_exact_where_it_applies_and_says_where_not():
   folded, report = export.fold_batch_norm(model, variables, x.shape[1:])
   assert report['folded'] == [['conv', 'bn_conv'], ['dense', 'bn_dense']]
   assert [(e['layer'], e['reason']) for e in report['not_folded']] == [
-      ('bn_add', 'its input is not the output of a Conv or Dense layer'),
-      ('bn_pool', 'its input is not the output of a Conv or Dense layer')]
+    ('bn_add', 'its input is not the output of a Conv or Dense layer'),
+    ('bn_pool', 'its input is not the output of a Conv or Dense layer'),
+  ]
   assert set(folded['params']['bn_conv']) == {'bias'} and 'bn_conv' not in folded['batch_stats']
   assert set(folded['batch_stats']) == {'bn_add', 'bn_pool'}
   # w' = w·γ/sqrt(var+eps); the conv's own bias moves into b'.
   p, s = jax.tree.map(np.asarray, (variables['params'], variables['batch_stats']))
   scale = p['bn_conv']['scale'] / np.sqrt(s['bn_conv']['var'] + 1e-5)
-  np.testing.assert_allclose(folded['params']['conv']['kernel'], p['conv']['kernel'] * scale,
-                             rtol=1e-6)
-  np.testing.assert_allclose(folded['params']['bn_conv']['bias'],
-                             (p['conv']['bias'] - s['bn_conv']['mean']) * scale
-                             + p['bn_conv']['bias'], rtol=1e-6)
+  np.testing.assert_allclose(
+    folded['params']['conv']['kernel'], p['conv']['kernel'] * scale, rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    folded['params']['bn_conv']['bias'],
+    (p['conv']['bias'] - s['bn_conv']['mean']) * scale + p['bn_conv']['bias'],
+    rtol=1e-6,
+  )
   want = model.apply(variables, x, train=False)
   got = jax.jit(export.inference_fn(model, folded, folded=True))(x)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -241,8 +284,9 @@ def test_load_exported_roundtrip(runs, exports):
     r = runs[name]
     loaded = export.load_exported(exports[name, name == 'convnet']['dir'])
     assert type(loaded.model) is type(r['model']) and loaded.model == r['model']
-    flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(a)
-                         for p, a in jax.tree.leaves_with_path(tree)}
+    flat = lambda tree: {
+      jax.tree_util.keystr(p): np.asarray(a) for p, a in jax.tree.leaves_with_path(tree)
+    }
     got, want = flat(loaded.variables), flat(r['variables'])
     assert sorted(got) == sorted(want) and len(got) > 0, name
     for k, a in got.items():
@@ -255,6 +299,7 @@ def test_load_exported_roundtrip(runs, exports):
 
 def test_load_exported_via_the_package(exports):
   import demp  # pylint: disable=g-import-not-at-top
+
   loaded = demp.load_exported(exports['convnet', True]['dir'])
   assert loaded.architecture['fold_bn']['folded'][0] == ['conv_0', 'norm_0']
 
@@ -262,8 +307,9 @@ def test_load_exported_via_the_package(exports):
 def test_not_exportable(runs, tiny_npz, tmp_path):
   empty = str(tmp_path / 'empty')
   os.makedirs(empty)
-  with pytest.raises(export.NotExportableError,
-                     match=re.escape(f'cannot export {empty}: no checkpoint')):
+  with pytest.raises(
+    export.NotExportableError, match=re.escape(f'cannot export {empty}: no checkpoint')
+  ):
     export.export_run(empty, str(tmp_path / 'out'))
   no_ckpt = str(tmp_path / 'no_ckpt')
   os.makedirs(no_ckpt)
@@ -274,9 +320,11 @@ def test_not_exportable(runs, tiny_npz, tmp_path):
   unfinished = str(tmp_path / 'unfinished')
   out = train.train_and_evaluate(tiny_config('convnet', tiny_npz), unfinished, stop_after=1)
   assert out['preempted'] and out['step'] == 1
-  with pytest.raises(export.NotExportableError,
-                     match=re.escape(f'cannot export {unfinished}: the run is not finished')
-                     + '.*step 1 of num_steps=2'):
+  with pytest.raises(
+    export.NotExportableError,
+    match=re.escape(f'cannot export {unfinished}: the run is not finished')
+    + '.*step 1 of num_steps=2',
+  ):
     export.export_run(unfinished, str(tmp_path / 'out'))
   assert not os.path.exists(tmp_path / 'out')
 
@@ -288,10 +336,22 @@ def test_existing_export_is_not_overwritten(runs, exports):
 
 def test_benchmark_run_and_script(runs, exports, tmp_path):
   from scripts import export as script  # pylint: disable=g-import-not-at-top
+
   workdir = runs['convnet']['workdir']
   out = str(tmp_path / 'script_export')
-  flags.FLAGS(['export', f'--workdir={workdir}', f'--out={out}', '--fold_bn', '--benchmark',
-               '--batch_sizes=1,4', '--rounds=2', '--round_s=0.01', '--platforms=cpu'])
+  flags.FLAGS(
+    [
+      'export',
+      f'--workdir={workdir}',
+      f'--out={out}',
+      '--fold_bn',
+      '--benchmark',
+      '--batch_sizes=1,4',
+      '--rounds=2',
+      '--round_s=0.01',
+      '--platforms=cpu',
+    ]
+  )
   try:
     script.main(['export'])
   finally:
@@ -302,13 +362,17 @@ def test_benchmark_run_and_script(runs, exports, tmp_path):
     result = json.load(f)
   rows = result['rows']
   assert [(r['variant'], r['batch']) for r in rows] == [
-      (v, b) for b in (1, 4) for v in ('dense', 'pruned', 'pruned+fold_bn')]
+    (v, b) for b in (1, 4) for v in ('dense', 'pruned', 'pruned+fold_bn')
+  ]
   summary = runs['convnet']['summary']
   for r in rows:
     dense = r['variant'] == 'dense'
-    want = {'dense': summary['dense_params'], 'pruned': summary['final_params'],
-            # Folding leaves no BN scale: one per channel of each conv.
-            'pruned+fold_bn': summary['final_params'] - sum(summary['widths'].values())}
+    want = {
+      'dense': summary['dense_params'],
+      'pruned': summary['final_params'],
+      # Folding leaves no BN scale: one per channel of each conv.
+      'pruned+fold_bn': summary['final_params'] - sum(summary['widths'].values()),
+    }
     assert r['params'] == want[r['variant']]
     assert (r['flop_ratio'] == 1.0) if dense else (0 < r['flop_ratio'] < 0.7)
     assert r['latency_s'] > 0 and len(r['round_latencies_s']) == 2
@@ -316,4 +380,4 @@ def test_benchmark_run_and_script(runs, exports, tmp_path):
     assert r['inference_bytes'] > 0 and r['variables_bytes'] > 0
   folded = [r for r in rows if r['variant'] == 'pruned+fold_bn']
   pruned = [r for r in rows if r['variant'] == 'pruned']
-  assert all(f['flops'] < p['flops'] for f, p in zip(folded, pruned))   # no BN arithmetic left
+  assert all(f['flops'] < p['flops'] for f, p in zip(folded, pruned))  # no BN arithmetic left

@@ -32,8 +32,10 @@ from demp import checkpoint, data, deadunits, surgery, train, workdir
 from demp.models import common, mlp, vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_OPTIONS = {'jax_persistent_cache_min_compile_time_secs': 0,
-                 'jax_persistent_cache_min_entry_size_bytes': -1}
+CACHE_OPTIONS = {
+  'jax_persistent_cache_min_compile_time_secs': 0,
+  'jax_persistent_cache_min_entry_size_bytes': -1,
+}
 
 
 def tiny_config(**overrides):
@@ -49,7 +51,7 @@ def tiny_config(**overrides):
   c.eval_batch_size = 360
   c.progress_bar = False
   c.demp.peak_lambda = 0.5
-  c.demp.schedule = 'constant'            # units die within 4 steps
+  c.demp.schedule = 'constant'  # units die within 4 steps
   c.optimizer.learning_rate = 0.1
   c.checkpoint.every = 4
   c.checkpoint.async_save = False
@@ -72,8 +74,11 @@ def snapshot(root):
       path = os.path.join(dirpath, name)
       st = os.stat(path)
       with open(path, 'rb') as f:
-        out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns,
-                                            hashlib.sha256(f.read()).hexdigest())
+        out[os.path.relpath(path, root)] = (
+          st.st_size,
+          st.st_mtime_ns,
+          hashlib.sha256(f.read()).hexdigest(),
+        )
   return out
 
 
@@ -134,31 +139,35 @@ def test_the_progress_bar_ends_on_the_final_widths(finished):
   summary, bar = finished['summary'], finished['bar']
   assert summary['events'][-1]['step'] == 8
   final = sum(summary['widths'].values())
-  assert final < 32                                       # the last prune removed units
+  assert final < 32  # the last prune removed units
   assert bar.postfixes[-1]['live'] == f'{final}/32'
   assert set(os.listdir(finished['workdir'])) >= {'.lock', 'run.json', 'summary.json'}
   run = json.load(open(os.path.join(finished['workdir'], 'run.json')))
   assert run['fingerprint'] == workdir.fingerprint(tiny_config())
-  assert open(os.path.join(finished['workdir'], '.lock')).read() == ''   # released
+  assert open(os.path.join(finished['workdir'], '.lock')).read() == ''  # released
 
 
 def test_a_different_config_in_a_used_workdir_is_refused_then_moved_aside(finished, tmp_path):
   path = _copy(finished['workdir'], str(tmp_path / 'run'))
   before = snapshot(path)
-  with pytest.raises(workdir.WorkdirConflictError,
-                     match=r'different config.*demp\.peak_lambda: 0\.5 there, 0\.1 now.*'
-                     r'--overwrite'):
+  with pytest.raises(
+    workdir.WorkdirConflictError,
+    match=r'different config.*demp\.peak_lambda: 0\.5 there, 0\.1 now.*'
+    r'--overwrite',
+  ):
     train.train_and_evaluate(tiny_config(**{'demp.peak_lambda': 0.1}), path)
   assert snapshot(path) == before
   # Bookkeeping keys do not make another run: the same config with log_every changed resumes.
-  assert workdir.fingerprint(tiny_config(log_every=1, progress_bar=True)) == \
-      workdir.fingerprint(tiny_config())
-  summary = train.train_and_evaluate(tiny_config(**{'demp.peak_lambda': 0.1, 'num_steps': 4}),
-                                     path, overwrite=True)
+  assert workdir.fingerprint(tiny_config(log_every=1, progress_bar=True)) == workdir.fingerprint(
+    tiny_config()
+  )
+  summary = train.train_and_evaluate(
+    tiny_config(**{'demp.peak_lambda': 0.1, 'num_steps': 4}), path, overwrite=True
+  )
   assert summary['steps'] == 4
   moved = [d for d in os.listdir(path) if d.startswith('previous-')]
   assert len(moved) == 1
-  kept = snapshot(os.path.join(path, moved[0]))         # moved, byte for byte, never deleted
+  kept = snapshot(os.path.join(path, moved[0]))  # moved, byte for byte, never deleted
   assert kept == {k: v for k, v in before.items() if k != '.lock'}
 
 
@@ -174,8 +183,9 @@ def test_a_finished_run_without_checkpoint_is_refused(finished, tmp_path):
   os.remove(os.path.join(path, 'summary.json'))
   os.remove(os.path.join(path, '.lock'))
   before = snapshot(path)
-  with pytest.raises(workdir.WorkdirConflictError,
-                     match=r'stopped after step 8 without a checkpoint'):
+  with pytest.raises(
+    workdir.WorkdirConflictError, match=r'stopped after step 8 without a checkpoint'
+  ):
     train.train_and_evaluate(tiny_config(), path)
   assert snapshot(path) == before
 
@@ -186,8 +196,9 @@ def test_a_corrupt_checkpoint_changes_nothing(finished, tmp_path, damage):
   path = _copy(finished['workdir'], str(tmp_path / 'run'))
   step_dir = os.path.join(path, 'checkpoints', '8')
   if damage == 'flip_array_bytes':
-    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, 'arrays'))
-             for f in fs]
+    files = [
+      os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, 'arrays')) for f in fs
+    ]
     target = max(files, key=os.path.getsize)
     raw = bytearray(open(target, 'rb').read())
     for i in range(len(raw) // 2, len(raw) // 2 + 16):
@@ -217,9 +228,12 @@ def _npz_config(path):
 
 def _write_bad(kind, path):
   rng = np.random.default_rng(0)
-  good = dict(train_images=rng.integers(0, 256, (8, 4, 4, 1), dtype=np.uint8),
-              train_labels=np.arange(8) % 3, test_images=np.zeros((4, 4, 4, 1), np.uint8),
-              test_labels=np.arange(4) % 3)
+  good = dict(
+    train_images=rng.integers(0, 256, (8, 4, 4, 1), dtype=np.uint8),
+    train_labels=np.arange(8) % 3,
+    test_images=np.zeros((4, 4, 4, 1), np.uint8),
+    test_labels=np.arange(4) % 3,
+  )
   if kind == 'empty':
     open(path, 'wb').close()
   elif kind == 'text':
@@ -229,7 +243,7 @@ def _write_bad(kind, path):
   elif kind == 'truncated':
     np.savez(path, **good)
     raw = open(path, 'rb').read()
-    open(path, 'wb').write(raw[:len(raw) // 2])
+    open(path, 'wb').write(raw[: len(raw) // 2])
   elif kind == 'pickled':
     np.savez(path, **{**good, 'train_labels': np.array([{'x': 1}] * 8, dtype=object)})
   elif kind == 'strings':
@@ -238,7 +252,9 @@ def _write_bad(kind, path):
     np.savez(path, train_images=good['train_images'])
 
 
-@pytest.mark.parametrize('kind,message', [
+@pytest.mark.parametrize(
+  'kind,message',
+  [
     ('empty', r'is empty \(0 bytes\)'),
     ('text', r'is not an \.npz \(zip\) archive'),
     ('npy', r'is a single \.npy array'),
@@ -246,9 +262,11 @@ def _write_bad(kind, path):
     ('pickled', r'holds pickled \(object-dtype\) arrays, which are refused'),
     ('strings', r'has train_labels of dtype <U3'),
     ('missing_arrays', r"lacks arrays \['train_labels', 'test_images', 'test_labels'\]"),
-])
-def test_bad_data_files_are_refused_before_the_workdir_is_touched(finished, tmp_path, kind,
-                                                                  message):
+  ],
+)
+def test_bad_data_files_are_refused_before_the_workdir_is_touched(
+  finished, tmp_path, kind, message
+):
   bad = str(tmp_path / f'{kind}.npz')
   _write_bad(kind, bad)
   used = _copy(finished['workdir'], str(tmp_path / 'used'))
@@ -258,7 +276,7 @@ def test_bad_data_files_are_refused_before_the_workdir_is_touched(finished, tmp_
     with pytest.raises(ValueError, match=message) as e:
       train.train_and_evaluate(_npz_config(bad), path)
     assert bad in str(e.value) and 'train_images [N, H, W, C]' in str(e.value)
-    assert 'allow_pickle' not in str(e.value)          # never suggested for data
+    assert 'allow_pickle' not in str(e.value)  # never suggested for data
   assert snapshot(used) == before
   assert not os.path.exists(fresh)
 
@@ -266,11 +284,15 @@ def test_bad_data_files_are_refused_before_the_workdir_is_touched(finished, tmp_
 def test_a_valid_tiny_npz_loads(tmp_path):
   path = str(tmp_path / 'ok.npz')
   rng = np.random.default_rng(0)
-  np.savez(path, train_images=rng.integers(0, 256, (8, 4, 4, 1), dtype=np.uint8),
-           train_labels=np.arange(8) % 3, test_images=np.zeros((4, 4, 4, 1), np.uint8),
-           test_labels=np.arange(4) % 3)
+  np.savez(
+    path,
+    train_images=rng.integers(0, 256, (8, 4, 4, 1), dtype=np.uint8),
+    train_labels=np.arange(8) % 3,
+    test_images=np.zeros((4, 4, 4, 1), np.uint8),
+    test_labels=np.arange(4) % 3,
+  )
   info = data.get_info(_npz_config(path).data)
-  assert info.image_shape == (4, 4, 1) and info.num_train == 8   # data.name cifar10: 10 classes
+  assert info.image_shape == (4, 4, 1) and info.num_train == 8  # data.name cifar10: 10 classes
 
 
 # ----------------------------------------------------------------------------
@@ -288,13 +310,18 @@ def children():
 
 
 def _child(code, *, argv=None):
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-         **{k.upper(): str(v) for k, v in CACHE_OPTIONS.items()}}
+  env = {
+    **os.environ,
+    'PYTHONPATH': REPO,
+    'JAX_PLATFORMS': 'cpu',
+    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+    **{k.upper(): str(v) for k, v in CACHE_OPTIONS.items()},
+  }
   prelude = f'import sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
   cmd = [sys.executable, '-c', prelude + textwrap.dedent(code)] if argv is None else argv
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def _wait_for(path, child, what, timeout=240):
@@ -305,17 +332,27 @@ def _wait_for(path, child, what, timeout=240):
     time.sleep(0.1)
 
 
-CLI_ARGS = ['--config.num_steps=8', '--config.batch_size=16', "--config.model.widths=(16,16)",
-            '--config.prune.every=4', '--config.prune.num_examples=32',
-            '--config.prune.batch_size=32', '--config.log_every=2',
-            '--config.eval_batch_size=360', '--config.progress_bar=False',
-            '--config.demp.peak_lambda=0.5', '--config.demp.schedule=constant',
-            '--config.optimizer.learning_rate=0.1',
-            '--config.checkpoint.every=4', '--config.checkpoint.async_save=False']
+CLI_ARGS = [
+  '--config.num_steps=8',
+  '--config.batch_size=16',
+  "--config.model.widths=(16,16)",
+  '--config.prune.every=4',
+  '--config.prune.num_examples=32',
+  '--config.prune.batch_size=32',
+  '--config.log_every=2',
+  '--config.eval_batch_size=360',
+  '--config.progress_bar=False',
+  '--config.demp.peak_lambda=0.5',
+  '--config.demp.schedule=constant',
+  '--config.optimizer.learning_rate=0.1',
+  '--config.checkpoint.every=4',
+  '--config.checkpoint.async_save=False',
+]
 
 
-def test_second_process_is_refused_then_kill9_during_a_prune_event_resumes(tmp_path, children,
-                                                                           caplog):
+def test_second_process_is_refused_then_kill9_during_a_prune_event_resumes(
+  tmp_path, children, caplog
+):
   """Process 1 (the CLI) pauses inside the prune event of step 8 (checkpoint 4 written);
   process 2 on the same workdir is refused and changes nothing; process 1 is killed -9;
   the run resumes from step 4, taking over the stale lock, and ends like an unbroken run."""
@@ -341,8 +378,19 @@ def test_second_process_is_refused_then_kill9_during_a_prune_event_resumes(tmp_p
   _wait_for(marker, first, 'the prune event of step 8')
   assert open(os.path.join(path, '.lock')).read().strip() == str(first.pid)
   before = snapshot(path)
-  second = _child(None, argv=[sys.executable, '-m', 'scripts.train', '--config',
-                              'configs/quickstart.py', '--workdir', path, *CLI_ARGS])
+  second = _child(
+    None,
+    argv=[
+      sys.executable,
+      '-m',
+      'scripts.train',
+      '--config',
+      'configs/quickstart.py',
+      '--workdir',
+      path,
+      *CLI_ARGS,
+    ],
+  )
   children.append(second)
   out, _ = second.communicate(timeout=240)
   assert second.returncode != 0
@@ -361,7 +409,7 @@ def test_second_process_is_refused_then_kill9_during_a_prune_event_resumes(tmp_p
   assert [e['step'] for e in summary['events']] == [4, 8]
   records = [json.loads(line) for line in open(os.path.join(path, 'metrics.jsonl'))]
   steps = [r['step'] for r in records if 'loss' in r]
-  assert steps == [2, 4, 6, 8]             # records after checkpoint 4 dropped, no duplicates
+  assert steps == [2, 4, 6, 8]  # records after checkpoint 4 dropped, no duplicates
 
 
 def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, children, capfd):
@@ -398,7 +446,7 @@ def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, chil
 def _collapsed_run(on_collapse):
   run, _ = train.init_run(tiny_config(**{'prune.on_collapse': on_collapse}))
   params = flax.core.unfreeze(run.state['params'])
-  params['norm_1']['scale'] = jnp.zeros_like(params['norm_1']['scale'])   # relu(BN) = relu(-1) = 0
+  params['norm_1']['scale'] = jnp.zeros_like(params['norm_1']['scale'])  # relu(BN) = relu(-1) = 0
   params['norm_1']['bias'] = -jnp.ones_like(params['norm_1']['bias'])
   run.state = {**run.state, 'params': params}
   run.step = 4
@@ -411,14 +459,14 @@ def test_a_collapsing_layer_warns(caplog):
     run.prune_dead()
   assert "layer collapse at step 4: every unit of ['hidden_1'] is dead" in caplog.text
   assert run.events[-1]['collapsed'] == ['hidden_1']
-  assert run.model.widths['hidden_1'] == 1        # kept at prune.min_width
+  assert run.model.widths['hidden_1'] == 1  # kept at prune.min_width
 
 
 def test_a_collapsing_layer_stops_when_asked():
   run = _collapsed_run('stop')
   with pytest.raises(deadunits.LayerCollapseError, match=r"step 4: every unit of \['hidden_1'\]"):
     run.prune_dead()
-  assert run.model.widths['hidden_1'] == 16 and not run.events   # nothing pruned
+  assert run.model.widths['hidden_1'] == 16 and not run.events  # nothing pruned
   with pytest.raises(ValueError, match=r"prune\.on_collapse='explode' is not one of"):
     train.validate_config(tiny_config(**{'prune.on_collapse': 'explode'}))
 
@@ -437,20 +485,25 @@ class BiasForgotten(mlp.MLP):
   """An MLP without norm whose groups forget the producer's bias slice."""
 
   def unit_groups(self):
-    return tuple(surgery.UnitGroup(g.name, g.sites, tuple(s for s in g.producers
-                                                          if s.path[-1] != 'bias'), g.consumers)
-                 for g in super().unit_groups())
+    return tuple(
+      surgery.UnitGroup(
+        g.name, g.sites, tuple(s for s in g.producers if s.path[-1] != 'bias'), g.consumers
+      )
+      for g in super().unit_groups()
+    )
 
 
 class WrongConsumerAxis(mlp.MLP):
   def unit_groups(self):
-    return tuple(surgery.UnitGroup(g.name, g.sites, g.producers,
-                                   (surgery.Slice(g.consumers[0].path, -1),))
-                 for g in super().unit_groups())
+    return tuple(
+      surgery.UnitGroup(g.name, g.sites, g.producers, (surgery.Slice(g.consumers[0].path, -1),))
+      for g in super().unit_groups()
+    )
 
 
 class LayerNormMLP(nn.Module):
   """Dense -> LayerNorm -> relu -> head: the units feed a normalization over the unit axis."""
+
   widths: flax.core.FrozenDict
   slice_norm: bool = True
   activation: str = 'relu'
@@ -462,10 +515,19 @@ class LayerNormMLP(nn.Module):
     return nn.Dense(3, name='head')(x)
 
   def unit_groups(self):
-    norm = ((surgery.Slice(('ln', 'scale'), 0), surgery.Slice(('ln', 'bias'), 0))
-            if self.slice_norm else ())
-    return (surgery.UnitGroup('h', (('h',),), surgery.param_slices('dense', bias=True) + norm,
-                              surgery.param_slices('head', in_axis=0)),)
+    norm = (
+      (surgery.Slice(('ln', 'scale'), 0), surgery.Slice(('ln', 'bias'), 0))
+      if self.slice_norm
+      else ()
+    )
+    return (
+      surgery.UnitGroup(
+        'h',
+        (('h',),),
+        surgery.param_slices('dense', bias=True) + norm,
+        surgery.param_slices('head', in_axis=0),
+      ),
+    )
 
 
 def _variables(model, x):
@@ -482,27 +544,39 @@ X = jnp.ones((2, 4, 4, 1))
 def test_a_model_without_unit_groups_is_told_the_protocol():
   model = NoGroups()
   variables = _variables(model, X)
-  for call in (lambda: surgery.prune(model, variables, {}, {}),
-               lambda: deadunits.dead_unit_stats(model, variables, X)):
-    with pytest.raises(TypeError, match=r'NoGroups cannot be pruned: it lacks unit_groups\(\) and '
-                       r'widths.*docs/reliability\.md'):
+  for call in (
+    lambda: surgery.prune(model, variables, {}, {}),
+    lambda: deadunits.dead_unit_stats(model, variables, X),
+  ):
+    with pytest.raises(
+      TypeError,
+      match=r'NoGroups cannot be pruned: it lacks unit_groups\(\) and '
+      r'widths.*docs/reliability\.md',
+    ):
       call()
 
 
 def test_a_forgotten_bias_slice_is_named_when_prune_is_called():
   model = BiasForgotten(widths=common.frozen_widths(['hidden_0'], [6]), num_classes=3, norm=False)
   variables = _variables(model, X)
-  with pytest.raises(ValueError, match=r"group 'hidden_0' \(width 6\) misses the params leaf "
-                     r"'dense_0/bias' \(shape \(6,\)\).*producer 'dense_0/kernel'"):
+  with pytest.raises(
+    ValueError,
+    match=r"group 'hidden_0' \(width 6\) misses the params leaf "
+    r"'dense_0/bias' \(shape \(6,\)\).*producer 'dense_0/kernel'",
+  ):
     surgery.prune(model, variables, {}, _keep_half(model))
 
 
 def test_a_wrong_consumer_axis_names_the_leaf_and_the_group():
-  model = WrongConsumerAxis(widths=common.frozen_widths(['hidden_0'], [6]), num_classes=4,
-                            norm=False)
+  model = WrongConsumerAxis(
+    widths=common.frozen_widths(['hidden_0'], [6]), num_classes=4, norm=False
+  )
   variables = _variables(model, X)
-  with pytest.raises(ValueError, match=r"unit group 'hidden_0' \(width 6\): its consumer slice of "
-                     r"params leaf 'head/kernel' \(shape \(6, 4\)\) uses axis -1"):
+  with pytest.raises(
+    ValueError,
+    match=r"unit group 'hidden_0' \(width 6\): its consumer slice of "
+    r"params leaf 'head/kernel' \(shape \(6, 4\)\) uses axis -1",
+  ):
     surgery.prune(model, variables, {}, _keep_half(model))
 
 
@@ -510,11 +584,16 @@ def test_a_slice_of_a_missing_leaf_is_named():
   class Typo(mlp.MLP):
     def unit_groups(self):
       g = super().unit_groups()[0]
-      return (surgery.UnitGroup(g.name, g.sites, g.producers,
-                                (surgery.Slice(('haed', 'kernel'), 0),)),)
+      return (
+        surgery.UnitGroup(g.name, g.sites, g.producers, (surgery.Slice(('haed', 'kernel'), 0),)),
+      )
+
   model = Typo(widths=common.frozen_widths(['hidden_0'], [6]), num_classes=3, norm=False)
-  with pytest.raises(ValueError, match=r"consumer slice names the leaf 'haed/kernel', which is in "
-                     r"no collection"):
+  with pytest.raises(
+    ValueError,
+    match=r"consumer slice names the leaf 'haed/kernel', which is in "
+    r"no collection",
+  ):
     surgery.prune(model, _variables(model, X), {}, _keep_half(model))
 
 
@@ -522,13 +601,17 @@ def test_units_behind_a_layernorm_are_refused_or_flagged(caplog):
   model = LayerNormMLP(widths=flax.core.FrozenDict(h=6))
   variables = _variables(model, X)
   keeps = _keep_half(model)
-  for example in (X, None):                        # traced, or by the params' look without input
-    with pytest.raises(surgery.InexactPruneError, match=r"pruning \['h'\] is inexact: h: its "
-                       r"slices include (LayerNorm )?'ln'"):
+  for example in (X, None):  # traced, or by the params' look without input
+    with pytest.raises(
+      surgery.InexactPruneError,
+      match=r"pruning \['h'\] is inexact: h: its "
+      r"slices include (LayerNorm )?'ln'",
+    ):
       surgery.prune(model, variables, {}, keeps, example_input=example)
   with caplog.at_level(logging.WARNING):
-    pruned, new_variables, _ = surgery.prune(model, variables, {}, keeps, example_input=X,
-                                             allow_inexact=True)
+    pruned, new_variables, _ = surgery.prune(
+      model, variables, {}, keeps, example_input=X, allow_inexact=True
+    )
   assert 'is inexact' in caplog.text and pruned.widths['h'] == 3
   # The function does change: the LayerNorm's statistics included the removed units.
   full = model.apply(variables, X, train=False)
@@ -536,8 +619,11 @@ def test_units_behind_a_layernorm_are_refused_or_flagged(caplog):
   assert np.max(np.abs(full - cut)) > 1e-4
   # The LayerNorm left out of the group: the pruned shapes do not fit, named before any apply.
   model = LayerNormMLP(widths=flax.core.FrozenDict(h=6), slice_norm=False)
-  with pytest.raises(ValueError, match=r"params leaf 'ln/(scale|bias)' has shape \(6,\) but the "
-                     r"model at the new widths expects \(3,\): unit group \['h'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"params leaf 'ln/(scale|bias)' has shape \(6,\) but the "
+    r"model at the new widths expects \(3,\): unit group \['h'\]",
+  ):
     surgery.prune(model, variables, {}, keeps, example_input=X)
 
 
@@ -547,8 +633,9 @@ def test_the_vit_mlp_units_still_prune_exactly():
   x = jnp.ones((2, 8, 8, 3))
   variables = _variables(model, x)
   tx = optax.adam(1e-3)
-  pruned, new_variables, _ = surgery.prune(model, variables, tx.init(variables['params']),
-                                           _keep_half(model), example_input=x)
+  pruned, new_variables, _ = surgery.prune(
+    model, variables, tx.init(variables['params']), _keep_half(model), example_input=x
+  )
   assert dict(pruned.widths) == {'mlp_0': 6}
   assert pruned.apply(new_variables, x, train=False).shape == (2, 10)
 
@@ -564,12 +651,24 @@ def test_widths_from_a_string_or_a_tuple_flag():
   assert dict(mlp.make(10, widths='8,4').widths) == {'hidden_0': 8, 'hidden_1': 4}
   with pytest.raises(ValueError, match=r"model\.widths='8,x'"):
     mlp.make(10, widths='8,x')
-  out = subprocess.run([sys.executable, '-c', textwrap.dedent('''
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-c',
+      textwrap.dedent('''
       from absl import app
       from ml_collections import config_flags
       config = config_flags.DEFINE_config_file('config', lock_config=True)
       app.run(lambda argv: print('WIDTHS', tuple(config.value.model.widths)))
-  '''), '--config', 'configs/quickstart.py', '--config.model.widths=(32,8)'],
-                       cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, 'PYTHONPATH': REPO})
+  '''),
+      '--config',
+      'configs/quickstart.py',
+      '--config.model.widths=(32,8)',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'PYTHONPATH': REPO},
+  )
   assert 'WIDTHS (32, 8)' in out.stdout, out.stderr[-2000:]

@@ -27,15 +27,24 @@ def test_dense_layer_is_two_macs(bias):
   assert got == 2 * 8 * 64 * 100 + (8 * 100 if bias else 0)
 
 
-@pytest.mark.parametrize('size,stride,padding', [
-    (8, 1, 'SAME'), (9, 1, 'SAME'), (8, 2, 'SAME'), (9, 2, 'SAME'),
-    (8, 1, 'VALID'), (9, 2, 'VALID'), (8, 1, ((2, 0), (1, 1))),
-])
+@pytest.mark.parametrize(
+  'size,stride,padding',
+  [
+    (8, 1, 'SAME'),
+    (9, 1, 'SAME'),
+    (8, 2, 'SAME'),
+    (9, 2, 'SAME'),
+    (8, 1, 'VALID'),
+    (9, 2, 'VALID'),
+    (8, 1, ((2, 0), (1, 1))),
+  ],
+)
 def test_conv_layer_matches_hand_count(size, stride, padding):
   layer = nn.Conv(16, (3, 3), strides=stride, padding=padding, use_bias=False)
   got = _layer_flops(layer, (2, size, size, 3))
-  assert got == flops.conv_flops(2, (size, size), (3, 3), 3, 16, strides=(stride, stride),
-                                 padding=padding)
+  assert got == flops.conv_flops(
+    2, (size, size), (3, 3), 3, 16, strides=(stride, stride), padding=padding
+  )
 
 
 def test_xla_counts_two_macs_but_skips_the_padding():
@@ -50,21 +59,24 @@ def test_xla_counts_two_macs_but_skips_the_padding():
 def _mlp_hand_count(batch, d_in, widths, num_classes):
   dims = [d_in, *widths, num_classes]
   matmul = sum(flops.dense_flops(batch, a, b, bias=True) for a, b in zip(dims[:-1], dims[1:]))
-  return matmul + batch * sum(widths)          # + one ReLU per hidden unit
+  return matmul + batch * sum(widths)  # + one ReLU per hidden unit
 
 
 def _convnet_hand_count(batch, hw, c_in, widths, num_classes):
   chans = [c_in, *widths]
-  conv = sum(flops.conv_flops(batch, (hw, hw), (3, 3), a, b, bias=True)
-             for a, b in zip(chans[:-1], chans[1:]))
+  conv = sum(
+    flops.conv_flops(batch, (hw, hw), (3, 3), a, b, bias=True)
+    for a, b in zip(chans[:-1], chans[1:])
+  )
   relu = batch * hw * hw * sum(widths)
-  pool = batch * hw * hw * widths[-1]          # global mean: sum + scale
+  pool = batch * hw * hw * widths[-1]  # global mean: sum + scale
   return conv + relu + pool + flops.dense_flops(batch, widths[-1], num_classes, bias=True)
 
 
 def _prune(model, image_shape, keeps):
   variables = jax.jit(model.init, static_argnames='train')(
-      jax.random.key(0), jnp.zeros((1,) + image_shape), train=False)
+    jax.random.key(0), jnp.zeros((1,) + image_shape), train=False
+  )
   params = variables['params']
   opt_state = optax.adam(1e-3).init(params)
   pruned, _, _ = surgery.prune(model, variables, opt_state, keeps)
@@ -74,7 +86,7 @@ def _prune(model, image_shape, keeps):
 def test_mlp_forward_equals_hand_count_and_shrinks_exactly():
   model = models.build('mlp', 10, widths=(32, 16), norm=False)
   assert flops.forward_flops(model, (8, 8, 1), 4) == _mlp_hand_count(4, 64, (32, 16), 10) == 22184
-  keeps = {'hidden_0': np.arange(32) % 3 != 0, 'hidden_1': np.arange(16) < 9}   # 21 and 9 kept
+  keeps = {'hidden_0': np.arange(32) % 3 != 0, 'hidden_1': np.arange(16) < 9}  # 21 and 9 kept
   pruned = _prune(model, (8, 8, 1), keeps)
   assert dict(pruned.widths) == {'hidden_0': 21, 'hidden_1': 9}
   assert flops.forward_flops(pruned, (8, 8, 1), 4) == _mlp_hand_count(4, 64, (21, 9), 10)
@@ -82,7 +94,8 @@ def test_mlp_forward_equals_hand_count_and_shrinks_exactly():
   assert out['inference_flops'] == _mlp_hand_count(1, 64, (21, 9), 10)
   assert out['inference_flops_dense'] == _mlp_hand_count(1, 64, (32, 16), 10)
   assert out['inference_flops_rel'] == pytest.approx(
-      _mlp_hand_count(1, 64, (21, 9), 10) / _mlp_hand_count(1, 64, (32, 16), 10), rel=1e-12)
+    _mlp_hand_count(1, 64, (21, 9), 10) / _mlp_hand_count(1, 64, (32, 16), 10), rel=1e-12
+  )
 
 
 def test_convnet_forward_equals_hand_count_and_shrinks_exactly():
@@ -102,9 +115,17 @@ def test_run_flops_compiles_the_dense_step_when_the_run_never_ran_dense():
   small_step = flops.train_step_flops(train_lib.make_train_step, small, tx, (8, 8, 1), 4)
   assert small_step < dense_step
   segments = [{'widths': dict(small.widths), 'flops': small_step, 'steps': 10, 'seconds': 1.0}]
-  out = flops.run_flops(model=small, tx=tx, dense_widths=dict(dense.widths), image_shape=(8, 8, 1),
-                        batch_size=4, num_steps=10, segments=segments, train_flops=10 * small_step,
-                        make_step=train_lib.make_train_step)
+  out = flops.run_flops(
+    model=small,
+    tx=tx,
+    dense_widths=dict(dense.widths),
+    image_shape=(8, 8, 1),
+    batch_size=4,
+    num_steps=10,
+    segments=segments,
+    train_flops=10 * small_step,
+    make_step=train_lib.make_train_step,
+  )
   assert out['train_flops_dense'] == 10 * dense_step
   assert out['train_flops_rel'] == pytest.approx(small_step / dense_step, rel=1e-12)
   # The matmuls of the backward pass are 2x those of the forward: the step is ~3x the forward.

@@ -34,6 +34,7 @@ def tiny_config(comparable: bool = False):
   within 10 steps (measured); with both off they agree to ~1e-5 over 60 steps.
   """
   from configs import quickstart  # pylint: disable=g-import-not-at-top
+
   c = quickstart.get_config()
   c.num_steps = 60
   c.batch_size = 32
@@ -61,6 +62,7 @@ def tiny_config(comparable: bool = False):
 def _worker(out: str, workdir: str, multihost: str | None) -> None:
   """Runs the tiny config on every visible device; writes what the tests compare."""
   from demp import checkpoint, parallel, train  # pylint: disable=g-import-not-at-top
+
   if multihost:
     port, pid = multihost.split(':')
     parallel.initialize_distributed(f'localhost:{port}', 2, int(pid))
@@ -74,8 +76,12 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
 
   def record_compile(run, batch):
     seconds = compile_(run, batch)
-    shardings.append({'batch': str(run.compiled.input_shardings[0][1]['image']),
-                      'state': str(jax.tree.leaves(run.compiled.input_shardings[0][0])[0])})
+    shardings.append(
+      {
+        'batch': str(run.compiled.input_shardings[0][1]['image']),
+        'state': str(jax.tree.leaves(run.compiled.input_shardings[0][0])[0]),
+      }
+    )
     return seconds
 
   train.Run.unit_stats, train.Run.compile = record_dead_units, record_compile
@@ -87,20 +93,28 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
     train.validate_config(bad)
   except ValueError as e:
     result['bad_batch_error'] = str(e)
-  if multihost:                          # interrupted and resumed, across hosts
+  if multihost:  # interrupted and resumed, across hosts
     stopped = train.train_and_evaluate(config, workdir, stop_after=30)
     result['stopped_at'] = stopped['step']
   summary = train.train_and_evaluate(config, workdir)
-  result.update(masks=masks, shardings=shardings, widths=summary['widths'],
-                events=[e['widths'] for e in summary['events']],
-                test_accuracy=summary['test_accuracy'], resumed_at=summary['resumed_at'],
-                summary_devices=summary['devices'], summary_processes=summary['processes'])
-  _, variables, _ = checkpoint.load(workdir)   # every process: orbax synchronizes them
+  result.update(
+    masks=masks,
+    shardings=shardings,
+    widths=summary['widths'],
+    events=[e['widths'] for e in summary['events']],
+    test_accuracy=summary['test_accuracy'],
+    resumed_at=summary['resumed_at'],
+    summary_devices=summary['devices'],
+    summary_processes=summary['processes'],
+  )
+  _, variables, _ = checkpoint.load(workdir)  # every process: orbax synchronizes them
   if jax.process_index() == 0:
     records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
     result['losses'] = [[r['step'], r['loss']] for r in records if 'loss' in r]
-    flat = {jax.tree_util.keystr(p): np.asarray(x)
-            for p, x in jax.tree_util.tree_leaves_with_path(variables)}
+    flat = {
+      jax.tree_util.keystr(p): np.asarray(x)
+      for p, x in jax.tree_util.tree_leaves_with_path(variables)
+    }
     np.savez(out + '.npz', **flat)
   with open(out, 'w') as f:
     json.dump(result, f)
@@ -111,10 +125,18 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
 
 
 def _start(tmp_path, name: str, devices: int, multihost: str | None = None):
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  args = [sys.executable, os.path.abspath(__file__), str(tmp_path / f'{name}.json'),
-          str(tmp_path / 'run' if multihost else tmp_path / name)]
+  env = {
+    **os.environ,
+    'PYTHONPATH': REPO,
+    'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  }
+  args = [
+    sys.executable,
+    os.path.abspath(__file__),
+    str(tmp_path / f'{name}.json'),
+    str(tmp_path / 'run' if multihost else tmp_path / name),
+  ]
   if multihost:
     args.append(multihost)
   log = open(tmp_path / f'{name}.log', 'w')
@@ -154,15 +176,15 @@ def test_four_devices_match_one_device(tmp_path, children):
   children.extend(started.values())
   one, four = (_finish(tmp_path, n, started[n]) for n in ('one', 'four'))
   assert (one['devices'], four['devices'], four['summary_devices']) == (1, 4, 4)
-  assert "spec=P('data',)" in four['shardings'][0]['batch']      # the batch is split
-  assert 'spec=P()' in four['shardings'][0]['state']             # the state replicated
-  assert len(four['shardings']) == 3                                    # dense + after 20, 40
+  assert "spec=P('data',)" in four['shardings'][0]['batch']  # the batch is split
+  assert 'spec=P()' in four['shardings'][0]['state']  # the state replicated
+  assert len(four['shardings']) == 3  # dense + after 20, 40
   assert four['bad_batch_error'].startswith('batch_size=30 is not divisible by the device count 4')
-  assert 'bad_batch_error' not in one                                   # 30 is fine on 1 device
+  assert 'bad_batch_error' not in one  # 30 is fine on 1 device
 
   assert four['masks'] == one['masks'] and len(one['masks']) == 3
   assert four['events'] == one['events'] and four['widths'] == one['widths']
-  assert sum(four['widths'].values()) < 64                              # units were removed
+  assert sum(four['widths'].values()) < 64  # units were removed
   steps_one, losses_one = zip(*one['losses'])
   steps_four, losses_four = zip(*four['losses'])
   assert steps_four == steps_one == tuple(range(10, 61, 10))
@@ -171,9 +193,13 @@ def test_four_devices_match_one_device(tmp_path, children):
   assert sorted(params_four.files) == sorted(params_one.files)
   for k in params_one.files:
     np.testing.assert_allclose(params_four[k], params_one[k], atol=1e-3, rtol=0, err_msg=k)
-  assert abs(four['test_accuracy'] - one['test_accuracy']) <= 1 / 360   # at most one test image
-  print('max |Δloss|/loss', np.max(np.abs(np.array(losses_four) / losses_one - 1)), 'max |Δparam|',
-        max(float(np.abs(params_four[k] - params_one[k]).max()) for k in params_one.files))
+  assert abs(four['test_accuracy'] - one['test_accuracy']) <= 1 / 360  # at most one test image
+  print(
+    'max |Δloss|/loss',
+    np.max(np.abs(np.array(losses_four) / losses_one - 1)),
+    'max |Δparam|',
+    max(float(np.abs(params_four[k] - params_one[k]).max()) for k in params_one.files),
+  )
 
 
 def test_two_processes_agree_and_resume(tmp_path, children):

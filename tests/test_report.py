@@ -17,20 +17,44 @@ DENSE_WIDTHS = {'conv_0': 4, 'conv_1': 6}
 
 
 def _events(lives):
-  return [{'event': 'prune', 'step': 100 * (i + 1), 'removed': False, 'live': live,
-           'dead_overlap': None if i == 0 else 1.0} for i, live in enumerate(lives)]
+  return [
+    {
+      'event': 'prune',
+      'step': 100 * (i + 1),
+      'removed': False,
+      'live': live,
+      'dead_overlap': None if i == 0 else 1.0,
+    }
+    for i, live in enumerate(lives)
+  ]
 
 
-def _write(root, name, method, seed, acc, ns, ws, wall, train_rel, inf_rel, lam=5e-3, extra=None,
-           lives=()):
+def _write(
+  root, name, method, seed, acc, ns, ws, wall, train_rel, inf_rel, lam=5e-3, extra=None, lives=()
+):
   path = os.path.join(root, name)
   os.makedirs(path)
-  config = {'method': method, 'seed': seed, 'demp': {'peak_lambda': lam},
-            'model': {'widths': [4, 6]}, 'progress_bar': False, **(extra or {})}
-  summary = {'method': method, 'test_accuracy': acc, 'neuron_sparsity': ns, 'weight_sparsity': ws,
-             'wall_time_s': wall, 'train_flops': 1e12 * train_rel, 'train_flops_rel': train_rel,
-             'inference_flops': 2e6 * inf_rel, 'inference_flops_rel': inf_rel,
-             'dense_widths': DENSE_WIDTHS, 'events': _events(lives)}
+  config = {
+    'method': method,
+    'seed': seed,
+    'demp': {'peak_lambda': lam},
+    'model': {'widths': [4, 6]},
+    'progress_bar': False,
+    **(extra or {}),
+  }
+  summary = {
+    'method': method,
+    'test_accuracy': acc,
+    'neuron_sparsity': ns,
+    'weight_sparsity': ws,
+    'wall_time_s': wall,
+    'train_flops': 1e12 * train_rel,
+    'train_flops_rel': train_rel,
+    'inference_flops': 2e6 * inf_rel,
+    'inference_flops_rel': inf_rel,
+    'dense_widths': DENSE_WIDTHS,
+    'events': _events(lives),
+  }
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(config, f)
   with open(os.path.join(path, 'summary.json'), 'w') as f:
@@ -42,16 +66,75 @@ def fixture_runs_dir(tmp_path):
   root = str(tmp_path / 'runs')
   _write(root, 'dense_0', 'dense', 0, 0.50, 0.0, 0.0, 100.0, 1.0, 1.0)
   _write(root, 'dense_1', 'dense', 1, 0.52, 0.0, 0.0, 110.0, 1.0, 1.0)
-  _write(root, 'demp_a0', 'demp', 0, 0.55, 0.10, 0.30, 94.5, 0.8, 0.7, lam=0.01,
-         lives=[{'conv_0': 4, 'conv_1': 6}, {'conv_0': 3, 'conv_1': 5}])
-  _write(root, 'demp_a1', 'demp', 1, 0.53, 0.12, 0.32, 94.5, 0.8, 0.7, lam=0.01,
-         lives=[{'conv_0': 4, 'conv_1': 4}, {'conv_0': 2, 'conv_1': 4}])
-  _write(root, 'demp_b0', 'demp', 0, 0.40, 0.50, 0.79, 63.0, 0.5, 0.3, lam=0.1,
-         lives=[{'conv_0': 2, 'conv_1': 3}, {'conv_0': 1, 'conv_1': 2}])
-  _write(root, 'demp_b1', 'demp', 1, 0.44, 0.52, 0.81, 63.0, 0.5, 0.3, lam=0.1,
-         lives=[{'conv_0': 2, 'conv_1': 3}, {'conv_0': 1, 'conv_1': 2}])
-  _write(root, 'snap_0', 'snap', 0, 0.30, 0.45, 0.82, 52.5, 0.4, 0.3,
-         extra={'baselines': {'sparsity': 0.8}})
+  _write(
+    root,
+    'demp_a0',
+    'demp',
+    0,
+    0.55,
+    0.10,
+    0.30,
+    94.5,
+    0.8,
+    0.7,
+    lam=0.01,
+    lives=[{'conv_0': 4, 'conv_1': 6}, {'conv_0': 3, 'conv_1': 5}],
+  )
+  _write(
+    root,
+    'demp_a1',
+    'demp',
+    1,
+    0.53,
+    0.12,
+    0.32,
+    94.5,
+    0.8,
+    0.7,
+    lam=0.01,
+    lives=[{'conv_0': 4, 'conv_1': 4}, {'conv_0': 2, 'conv_1': 4}],
+  )
+  _write(
+    root,
+    'demp_b0',
+    'demp',
+    0,
+    0.40,
+    0.50,
+    0.79,
+    63.0,
+    0.5,
+    0.3,
+    lam=0.1,
+    lives=[{'conv_0': 2, 'conv_1': 3}, {'conv_0': 1, 'conv_1': 2}],
+  )
+  _write(
+    root,
+    'demp_b1',
+    'demp',
+    1,
+    0.44,
+    0.52,
+    0.81,
+    63.0,
+    0.5,
+    0.3,
+    lam=0.1,
+    lives=[{'conv_0': 2, 'conv_1': 3}, {'conv_0': 1, 'conv_1': 2}],
+  )
+  _write(
+    root,
+    'snap_0',
+    'snap',
+    0,
+    0.30,
+    0.45,
+    0.82,
+    52.5,
+    0.4,
+    0.3,
+    extra={'baselines': {'sparsity': 0.8}},
+  )
   return root
 
 
@@ -78,18 +161,30 @@ def test_csv_and_files(runs_dir, tmp_path):
     assert f.read() == markdown
   with open(out + '.csv') as f:
     lines = f.read().splitlines()
-  assert lines[0].split(',')[:6] == ['method', 'label', 'target', 'seeds', 'accuracy', 'accuracy_std']
+  assert lines[0].split(',')[:6] == [
+    'method',
+    'label',
+    'target',
+    'seeds',
+    'accuracy',
+    'accuracy_std',
+  ]
   demp = lines[-1].split(',')
   assert demp[:4] == ['demp', 'DemP (peak_lambda=0.1)', '0.8', '2']
-  np.testing.assert_allclose([float(v) for v in demp[4:11]],
-                             [0.42, 0.0282843, 0.51, 0.80, 0.6, 0.5, 0.3], rtol=1e-5)
+  np.testing.assert_allclose(
+    [float(v) for v in demp[4:11]], [0.42, 0.0282843, 0.51, 0.80, 0.6, 0.5, 0.3], rtol=1e-5
+  )
 
 
 def test_all_groups_and_closest(runs_dir):
   runs = report.load_runs(runs_dir)
   rows = report.table_rows(runs, all_groups=True)
-  assert [r.label for r in rows] == ['Dense', 'SNAP', 'DemP (peak_lambda=0.01)',
-                                     'DemP (peak_lambda=0.1)']
+  assert [r.label for r in rows] == [
+    'Dense',
+    'SNAP',
+    'DemP (peak_lambda=0.01)',
+    'DemP (peak_lambda=0.1)',
+  ]
   demp = [g for g in report.group_runs(runs) if g.method == 'demp']
   # Mean weight sparsities 0.31 and 0.80: the midpoint is 0.555.
   assert report.closest(demp, 0.55).label == 'DemP (peak_lambda=0.01)'
@@ -108,14 +203,15 @@ def test_curves_and_figures(runs_dir, tmp_path):
   assert plots.final_dead_ratio(run) == pytest.approx(0.2)
   group = next(g for g in report.group_runs(runs) if g.label == 'DemP (peak_lambda=0.01)')
   steps, mean, std = plots._group_curves(group, lambda r: plots.dead_curve(r)[::2])
-  np.testing.assert_allclose(mean, [1.0, 3.0])          # seed 0: 0, 2; seed 1: 2, 4 dead
+  np.testing.assert_allclose(mean, [1.0, 3.0])  # seed 0: 0, 2; seed 1: 2, 4 dead
   np.testing.assert_allclose(std, [np.std([0, 2], ddof=1), np.std([2, 4], ddof=1)])
   out = str(tmp_path / 'fig')
   plots.tradeoff(runs, out + '/tradeoff')
   plots.dead_over_steps(plots.select(runs, {'method': 'demp'}), out + '/dead')
   plots.live_per_group(runs, out + '/live')
-  plots.final_vs(plots.select(runs, {'method': 'demp'}), out + '/final', x='demp.peak_lambda',
-                 logx=True)
+  plots.final_vs(
+    plots.select(runs, {'method': 'demp'}), out + '/final', x='demp.peak_lambda', logx=True
+  )
   plots.overlap_over_steps(plots.select(runs, {'method': 'demp'}), out + '/overlap')
   for name in ('tradeoff', 'dead', 'live', 'final', 'overlap'):
     for ext in ('png', 'pdf'):
@@ -123,24 +219,44 @@ def test_curves_and_figures(runs_dir, tmp_path):
 
 
 def test_sweep_grid_names_and_resume(tmp_path):
-  specs = sweep.expand(['method=demp;demp.peak_lambda=1e-3,5e-3;seed=0,1', 'method=dense;seed=0,1',
-                        'method=dense;seed=1'])
+  specs = sweep.expand(
+    [
+      'method=demp;demp.peak_lambda=1e-3,5e-3;seed=0,1',
+      'method=dense;seed=0,1',
+      'method=dense;seed=1',
+    ]
+  )
   assert [s.name for s in specs] == [
-      'method-demp_demp.peak_lambda-1e-3_seed-0', 'method-demp_demp.peak_lambda-1e-3_seed-1',
-      'method-demp_demp.peak_lambda-5e-3_seed-0', 'method-demp_demp.peak_lambda-5e-3_seed-1',
-      'method-dense_seed-0', 'method-dense_seed-1']
+    'method-demp_demp.peak_lambda-1e-3_seed-0',
+    'method-demp_demp.peak_lambda-1e-3_seed-1',
+    'method-demp_demp.peak_lambda-5e-3_seed-0',
+    'method-demp_demp.peak_lambda-5e-3_seed-1',
+    'method-dense_seed-0',
+    'method-dense_seed-1',
+  ]
   spec = sweep.expand(['arg.mode=gaussian;demp.noise_symmetric=True'])[0]
   cmd = sweep.command(spec, 'configs/x.py:smoke=True', '/w', python='py')
-  assert cmd == ['py', '-m', 'scripts.train', '--config=configs/x.py:smoke=True,mode=gaussian',
-                 '--workdir=/w/arg.mode-gaussian_demp.noise_symmetric-True',
-                 '--config.progress_bar=False', '--config.demp.noise_symmetric=True']
+  assert cmd == [
+    'py',
+    '-m',
+    'scripts.train',
+    '--config=configs/x.py:smoke=True,mode=gaussian',
+    '--workdir=/w/arg.mode-gaussian_demp.noise_symmetric-True',
+    '--config.progress_bar=False',
+    '--config.demp.noise_symmetric=True',
+  ]
   workdir = str(tmp_path / 'sweep')
   os.makedirs(os.path.join(workdir, specs[0].name))
   with open(os.path.join(workdir, specs[0].name, 'summary.json'), 'w') as f:
     f.write('{}')
   echoed = []
-  sweep.run_sweep('c.py', ['method=demp;demp.peak_lambda=1e-3,5e-3;seed=0,1'], workdir,
-                  dry_run=True, echo=echoed.append)
+  sweep.run_sweep(
+    'c.py',
+    ['method=demp;demp.peak_lambda=1e-3,5e-3;seed=0,1'],
+    workdir,
+    dry_run=True,
+    echo=echoed.append,
+  )
   assert echoed[0].startswith('4 runs, 1 done, 3 to run')
   assert len(echoed) == 4 and not any(specs[0].name + ' ' in line for line in echoed[1:])
   with pytest.raises(ValueError, match='appears twice'):
@@ -149,7 +265,7 @@ def test_sweep_grid_names_and_resume(tmp_path):
 
 def test_dead_set_and_overlap():
   alive = {'a': np.array([True, False, True]), 'b': np.array([False])}
-  ids = {'a': np.array([0, 2, 3])}                  # unit 1 of 'a' was removed before
+  ids = {'a': np.array([0, 2, 3])}  # unit 1 of 'a' was removed before
   dead = metrics.dead_set(alive, ids, {'a': 4, 'b': 1})
   assert dead == {('a', 1), ('a', 2), ('b', 0)}
   assert metrics.overlap_ratio({('a', 1), ('a', 5)}, dead) == 0.5
@@ -183,24 +299,24 @@ def test_run_tracks_dead_sets_by_dense_index_through_surgery(tmp_path):
   assert run.prune_dead()
   np.testing.assert_array_equal(run.unit_ids['hidden_0'], [0, 2, 4, 5])
   assert run.events[-1]['dead'] == 2 and run.events[-1]['dead_overlap'] is None
-  _set_dead(run, [3])                               # now at position 3: dense unit 5
+  _set_dead(run, [3])  # now at position 3: dense unit 5
   run.prune_dead()
   np.testing.assert_array_equal(run.unit_ids['hidden_0'], [0, 2, 4])
   assert run.dead_set == {('hidden_0', 1), ('hidden_0', 3), ('hidden_0', 5)}
-  assert run.events[-1]['dead_overlap'] == 1.0      # {1,3} ⊂ {1,3,5}
+  assert run.events[-1]['dead_overlap'] == 1.0  # {1,3} ⊂ {1,3,5}
 
 
 def test_check_only_logs_and_measures_revival(tmp_path):
   run = _mlp_run(tmp_path, dynamic=False)
   _set_dead(run, [1, 3])
-  assert not run.prune_dead()                       # checked, logged, nothing removed
+  assert not run.prune_dead()  # checked, logged, nothing removed
   assert dict(run.model.widths) == {'hidden_0': 6, 'hidden_1': 4}
   assert run.events[-1]['live'] == {'hidden_0': 4, 'hidden_1': 4}
-  _set_dead(run, [1, 4])                            # unit 3 revives, 4 dies
+  _set_dead(run, [1, 4])  # unit 3 revives, 4 dies
   run.prune_dead()
   assert run.dead_set == {('hidden_0', 1), ('hidden_0', 4)}
-  assert run.events[-1]['dead_overlap'] == 0.5      # |{1,3} ∩ {1,4}| / 2
-  run.step = run.config.num_steps                   # the final check removes (prune.at_end)
+  assert run.events[-1]['dead_overlap'] == 0.5  # |{1,3} ∩ {1,4}| / 2
+  run.step = run.config.num_steps  # the final check removes (prune.at_end)
   assert run.prune_dead()
   assert dict(run.model.widths) == {'hidden_0': 4, 'hidden_1': 4}
 
@@ -212,7 +328,9 @@ def test_sweep_results_dir_collects_and_skips(tmp_path):
   for spec, finished in zip(specs, (True, False, True)):
     run_dir = os.path.join(workdir, spec.name)
     os.makedirs(os.path.join(run_dir, 'checkpoints'))
-    for name in ('metrics.jsonl', 'config.json', 'train.log') + (('summary.json',) if finished else ()):
+    for name in ('metrics.jsonl', 'config.json', 'train.log') + (
+      ('summary.json',) if finished else ()
+    ):
       with open(os.path.join(run_dir, name), 'w') as f:
         f.write(f'{spec.name} {name}')
   assert sweep.collect(workdir, kept) == [specs[0].name, specs[2].name]
@@ -220,9 +338,15 @@ def test_sweep_results_dir_collects_and_skips(tmp_path):
   assert sorted(os.listdir(os.path.join(kept, specs[0].name))) == sorted(sweep.RESULT_FILES)
   with open(os.path.join(kept, specs[2].name, 'metrics.jsonl')) as f:
     assert f.read() == f'{specs[2].name} metrics.jsonl'
-  assert sweep.collect(workdir, kept) == []                  # unchanged: nothing copied again
+  assert sweep.collect(workdir, kept) == []  # unchanged: nothing copied again
   echoed = []
-  sweep.run_sweep('c.py', ['method=dense;seed=0,1,2'], str(tmp_path / 'fresh'), dry_run=True,
-                  echo=echoed.append, results_dir=kept)
+  sweep.run_sweep(
+    'c.py',
+    ['method=dense;seed=0,1,2'],
+    str(tmp_path / 'fresh'),
+    dry_run=True,
+    echo=echoed.append,
+    results_dir=kept,
+  )
   assert echoed[0].startswith('3 runs, 2 done, 1 to run')
   assert specs[1].name in echoed[1] and len(echoed) == 2

@@ -27,20 +27,17 @@ def _at(schedule, step):
 
 
 @pytest.mark.parametrize(
-    "total_steps, peak, pct_start, div_factor, final_div_factor",
-    [
-        (100, 2.5, 0.3, 25.0, 1e4),
-        (37, 5e-3, 0.25, 10.0, 100.0),
-        (900, 5e-5, 0.3, 25.0, 1e4),
-        (7, 1.0, 0.5, 4.0, 2.0),
-    ],
+  "total_steps, peak, pct_start, div_factor, final_div_factor",
+  [
+    (100, 2.5, 0.3, 25.0, 1e4),
+    (37, 5e-3, 0.25, 10.0, 100.0),
+    (900, 5e-5, 0.3, 25.0, 1e4),
+    (7, 1.0, 0.5, 4.0, 2.0),
+  ],
 )
-def test_one_cycle_cosine_equals_optax(total_steps, peak, pct_start,
-                                       div_factor, final_div_factor):
+def test_one_cycle_cosine_equals_optax(total_steps, peak, pct_start, div_factor, final_div_factor):
   ours = one_cycle(peak, total_steps, pct_start, div_factor, final_div_factor)
-  ref = optax.cosine_onecycle_schedule(
-      total_steps, peak, pct_start, div_factor, final_div_factor
-  )
+  ref = optax.cosine_onecycle_schedule(total_steps, peak, pct_start, div_factor, final_div_factor)
   steps = np.arange(total_steps + 11)
   np.testing.assert_array_equal(_values(ours, steps), _values(ref, steps))
   # Eager, with Python ints, at a few steps too.
@@ -61,23 +58,20 @@ def test_one_cycle_linear_by_hand():
   sched = one_cycle(1.0, 100, warmup="linear")
   final = 1.0 / (25.0 * 1e4)
   expected = {
-      0: 0.04,  # peak / div_factor
-      10: 0.04 + 0.96 * 10 / 30,  # linear, 1/3 of the way: 0.36
-      15: 0.52,  # half way
-      30: 1.0,  # peak at pct_start * T
-      65: final + (1.0 - final) / 2,  # half way down the cosine
-      100: final,  # end of the span
-      101: final,  # held after the span
-      250: final,
+    0: 0.04,  # peak / div_factor
+    10: 0.04 + 0.96 * 10 / 30,  # linear, 1/3 of the way: 0.36
+    15: 0.52,  # half way
+    30: 1.0,  # peak at pct_start * T
+    65: final + (1.0 - final) / 2,  # half way down the cosine
+    100: final,  # end of the span
+    101: final,  # held after the span
+    250: final,
   }
   for step, value in expected.items():
-    np.testing.assert_allclose(_at(sched, step), value, rtol=1e-6,
-                               err_msg=f"step {step}")
+    np.testing.assert_allclose(_at(sched, step), value, rtol=1e-6, err_msg=f"step {step}")
   # The decay segment is the same as with the cosine warm-up.
   steps = np.arange(30, 120)
-  np.testing.assert_array_equal(
-      _values(sched, steps), _values(one_cycle(1.0, 100), steps)
-  )
+  np.testing.assert_array_equal(_values(sched, steps), _values(one_cycle(1.0, 100), steps))
 
 
 def test_one_cycle_span_shorter_than_run():
@@ -105,19 +99,19 @@ def test_one_cycle_zero_peak_is_zero(warmup):
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(total_steps=0), "total_steps"),
-        (dict(total_steps=-3), "total_steps"),
-        (dict(total_steps=10.5), "total_steps"),
-        (dict(pct_start=0.0), "pct_start"),
-        (dict(pct_start=1.0), "pct_start"),
-        (dict(pct_start=1.5), "pct_start"),
-        (dict(warmup="exponential"), "warmup"),
-        (dict(peak_value=-1.0), "peak_value"),
-        (dict(div_factor=0.0), "div_factor"),
-        (dict(final_div_factor=-1.0), "final_div_factor"),
-    ],
+  "kwargs, name",
+  [
+    (dict(total_steps=0), "total_steps"),
+    (dict(total_steps=-3), "total_steps"),
+    (dict(total_steps=10.5), "total_steps"),
+    (dict(pct_start=0.0), "pct_start"),
+    (dict(pct_start=1.0), "pct_start"),
+    (dict(pct_start=1.5), "pct_start"),
+    (dict(warmup="exponential"), "warmup"),
+    (dict(peak_value=-1.0), "peak_value"),
+    (dict(div_factor=0.0), "div_factor"),
+    (dict(final_div_factor=-1.0), "final_div_factor"),
+  ],
 )
 def test_one_cycle_bad_args_raise(kwargs, name):
   args = dict(peak_value=1.0, total_steps=100) | kwargs
@@ -130,46 +124,46 @@ def test_one_cycle_bad_args_raise(kwargs, name):
 
 
 @pytest.mark.parametrize(
-    "kind, kwargs, expected",
-    [
-        ("constant", dict(value=0.3), {0: 0.3, 7: 0.3, 10_000: 0.3}),
-        (
-            "step",
-            dict(init_value=1.0, step_size=10, decay_factor=0.2),
-            {0: 1.0, 9: 1.0, 10: 0.2, 19: 0.2, 25: 0.04},
-        ),
-        (
-            "multistep",
-            dict(init_value=1.0, boundaries=[3, 7], factor=0.1),
-            {0: 1.0, 2: 1.0, 3: 0.1, 6: 0.1, 7: 0.01, 100: 0.01},
-        ),
-        (
-            "cosine",
-            dict(init_value=2.0, decay_steps=10),
-            {0: 2.0, 5: 1.0, 10: 0.0, 20: 0.0},
-        ),
-        (
-            "cosine",
-            dict(init_value=2.0, decay_steps=10, warmup_steps=2),
-            {0: 0.0, 1: 1.0, 2: 2.0, 6: 1.0, 10: 0.0, 15: 0.0},
-        ),
-        (
-            "one_cycle",
-            dict(peak_value=1.0, total_steps=100, warmup="linear"),
-            {0: 0.04, 15: 0.52, 30: 1.0, 100: 4e-6},
-        ),
-    ],
+  "kind, kwargs, expected",
+  [
+    ("constant", dict(value=0.3), {0: 0.3, 7: 0.3, 10_000: 0.3}),
+    (
+      "step",
+      dict(init_value=1.0, step_size=10, decay_factor=0.2),
+      {0: 1.0, 9: 1.0, 10: 0.2, 19: 0.2, 25: 0.04},
+    ),
+    (
+      "multistep",
+      dict(init_value=1.0, boundaries=[3, 7], factor=0.1),
+      {0: 1.0, 2: 1.0, 3: 0.1, 6: 0.1, 7: 0.01, 100: 0.01},
+    ),
+    (
+      "cosine",
+      dict(init_value=2.0, decay_steps=10),
+      {0: 2.0, 5: 1.0, 10: 0.0, 20: 0.0},
+    ),
+    (
+      "cosine",
+      dict(init_value=2.0, decay_steps=10, warmup_steps=2),
+      {0: 0.0, 1: 1.0, 2: 2.0, 6: 1.0, 10: 0.0, 15: 0.0},
+    ),
+    (
+      "one_cycle",
+      dict(peak_value=1.0, total_steps=100, warmup="linear"),
+      {0: 0.04, 15: 0.52, 30: 1.0, 100: 4e-6},
+    ),
+  ],
 )
 def test_make_schedule_values(kind, kwargs, expected):
   sched = make_schedule(kind, **kwargs)
   for step, value in expected.items():
-    np.testing.assert_allclose(_at(sched, step), value, rtol=1e-5, atol=1e-7,
-                               err_msg=f"{kind} at step {step}")
+    np.testing.assert_allclose(
+      _at(sched, step), value, rtol=1e-5, atol=1e-7, err_msg=f"{kind} at step {step}"
+    )
 
 
 def test_make_schedule_registry_names():
-  assert set(SCHEDULES) == {"constant", "one_cycle", "step", "multistep",
-                            "cosine"}
+  assert set(SCHEDULES) == {"constant", "one_cycle", "step", "multistep", "cosine"}
 
 
 def test_make_schedule_unknown_kind_raises_with_names():
@@ -182,20 +176,15 @@ def test_make_schedule_unknown_kind_raises_with_names():
 
 
 @pytest.mark.parametrize(
-    "kind, kwargs, name",
-    [
-        ("step", dict(init_value=1.0, step_size=0, decay_factor=0.2),
-         "step_size"),
-        ("step", dict(init_value=1.0, step_size=5, decay_factor=0.0),
-         "decay_factor"),
-        ("multistep", dict(init_value=1.0, boundaries=[7, 3], factor=0.1),
-         "boundaries"),
-        ("multistep", dict(init_value=1.0, boundaries=[3, 7], factor=-0.1),
-         "factor"),
-        ("cosine", dict(init_value=1.0, decay_steps=0), "decay_steps"),
-        ("cosine", dict(init_value=1.0, decay_steps=10, warmup_steps=10),
-         "warmup_steps"),
-    ],
+  "kind, kwargs, name",
+  [
+    ("step", dict(init_value=1.0, step_size=0, decay_factor=0.2), "step_size"),
+    ("step", dict(init_value=1.0, step_size=5, decay_factor=0.0), "decay_factor"),
+    ("multistep", dict(init_value=1.0, boundaries=[7, 3], factor=0.1), "boundaries"),
+    ("multistep", dict(init_value=1.0, boundaries=[3, 7], factor=-0.1), "factor"),
+    ("cosine", dict(init_value=1.0, decay_steps=0), "decay_steps"),
+    ("cosine", dict(init_value=1.0, decay_steps=10, warmup_steps=10), "warmup_steps"),
+  ],
 )
 def test_make_schedule_bad_args_raise(kind, kwargs, name):
   with pytest.raises(ValueError, match=name):

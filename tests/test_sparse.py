@@ -19,11 +19,11 @@ from demp import models, train  # noqa: E402
 
 # A small network, in call order: first, a (conv), b (conv), norm, c (dense), last.
 SHAPES = {
-    'first': (3, 3, 3, 16),
-    'a': (3, 3, 16, 32),
-    'b': (3, 3, 32, 64),
-    'c': (64, 128),
-    'last': (128, 10),
+  'first': (3, 3, 3, 16),
+  'a': (3, 3, 16, 32),
+  'b': (3, 3, 32, 64),
+  'c': (64, 128),
+  'last': (128, 10),
 }
 
 
@@ -31,8 +31,10 @@ def _params(seed=0, shapes=SHAPES):
   rng = np.random.default_rng(seed)
   params = {}
   for name, shape in shapes.items():
-    params[name] = {'kernel': jnp.asarray(rng.normal(size=shape), jnp.float32),
-                    'bias': jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)}
+    params[name] = {
+      'kernel': jnp.asarray(rng.normal(size=shape), jnp.float32),
+      'bias': jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32),
+    }
     if name == 'b':
       params['norm'] = {'scale': jnp.ones(shape[-1:]), 'bias': jnp.zeros(shape[-1:])}
   return params
@@ -53,9 +55,11 @@ def _np_topk(score, k):
 def _updater(algorithm, sparsity=0.6, distribution='uniform', schedule=None, drop=0.3, **kw):
   dist = lambda p: distributions.layer_sparsities(p, distribution, sparsity, **kw)  # noqa: E731
   return updater.SparseUpdater(
-      algorithm=algorithm, scheduler=schedule or schedules.PeriodicSchedule(1, 1, 1000),
-      sparsity_distribution_fn=dist,
-      drop_fraction_fn=(lambda t: jnp.float32(drop)) if algorithm in ('set', 'rigl') else None)
+    algorithm=algorithm,
+    scheduler=schedule or schedules.PeriodicSchedule(1, 1, 1000),
+    sparsity_distribution_fn=dist,
+    drop_fraction_fn=(lambda t: jnp.float32(drop)) if algorithm in ('set', 'rigl') else None,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -85,7 +89,9 @@ def test_erk_matches_closed_form_and_masks_reach_it():
   for k, shape in pruned.items():
     assert got[k] == pytest.approx(1 - eps * sum(shape) / math.prod(shape), abs=1e-12)
   # Same numbers through the updater's masks (first/last held dense).
-  state = _updater('rigl', sparsity=s, distribution='erk').wrap_optax(optax.sgd(0.1)).init(_params())
+  state = (
+    _updater('rigl', sparsity=s, distribution='erk').wrap_optax(optax.sgd(0.1)).init(_params())
+  )
   for k, shape in pruned.items():
     n = math.prod(shape)
     assert int(np.sum(state.masks[k]['kernel'])) == round((1 - got[k]) * n)
@@ -95,7 +101,7 @@ def test_erk_matches_closed_form_and_masks_reach_it():
 
 def test_erk_redistributes_a_saturated_layer():
   s = 0.8
-  shapes = {'a': (3, 3, 16, 32), 'b': (3, 3, 32, 64), 'tiny': (4, 4)}   # tiny: ε·8/16 > 1
+  shapes = {'a': (3, 3, 16, 32), 'b': (3, 3, 32, 64), 'tiny': (4, 4)}  # tiny: ε·8/16 > 1
   got = distributions.erk(shapes, s)
   assert got['tiny'] == 0.0
   n_total = sum(math.prod(v) for v in shapes.values())
@@ -108,8 +114,9 @@ def test_erk_redistributes_a_saturated_layer():
 
 def test_custom_map_overrides_and_unknown_distribution_raises():
   params = _params()
-  got = distributions.layer_sparsities(params, 'uniform', 0.5,
-                                       custom_sparsity={r'^first/': 0.25, r'^b/': 0.0})
+  got = distributions.layer_sparsities(
+    params, 'uniform', 0.5, custom_sparsity={r'^first/': 0.25, r'^b/': 0.0}
+  )
   assert got['first']['kernel'] == 0.25 and got['a']['kernel'] == 0.5
   assert got['b']['kernel'] is None and got['last']['kernel'] is None
   assert got['norm']['scale'] is None and got['a']['bias'] is None
@@ -134,7 +141,11 @@ def test_pruning_masks_equal_numpy_reference(algorithm):
   targets = jax.tree.map(jnp.float32, u.sparsity_distribution_fn(w))
   new = jax.jit(u.update_masks)(masks, w, g, targets, jnp.int32(5))
   for k, shape in shapes.items():
-    score = np.abs(w[k]['kernel']) if algorithm == 'magnitude' else np.abs(w[k]['kernel'] * g[k]['kernel'])
+    score = (
+      np.abs(w[k]['kernel'])
+      if algorithm == 'magnitude'
+      else np.abs(w[k]['kernel'] * g[k]['kernel'])
+    )
     score = np.where(masks[k]['kernel'], score, -np.inf)
     expected = _np_topk(score, round(0.4 * math.prod(shape)))
     np.testing.assert_array_equal(np.asarray(new[k]['kernel']), expected)
@@ -143,7 +154,7 @@ def test_pruning_masks_equal_numpy_reference(algorithm):
 def test_one_shot_magnitude_through_updater_zeroes_exactly_the_reference():
   params = _params(2)
   u = _updater('magnitude', sparsity=0.75, schedule=schedules.OneShotSchedule(2))
-  tx = u.wrap_optax(optax.sgd(0.0))   # updates are -0: the candidate weights are the weights
+  tx = u.wrap_optax(optax.sgd(0.0))  # updates are -0: the candidate weights are the weights
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   step = jax.jit(lambda p, s: tx.update(grads, s, p))
@@ -156,7 +167,9 @@ def test_one_shot_magnitude_through_updater_zeroes_exactly_the_reference():
     keep = _np_topk(np.abs(w), round(0.25 * w.size))
     np.testing.assert_array_equal(np.asarray(state.masks[k]['kernel']), keep)
     np.testing.assert_array_equal(np.asarray(p[k]['kernel']), np.where(keep, w, 0.0))
-  np.testing.assert_array_equal(np.asarray(p['first']['kernel']), np.asarray(params['first']['kernel']))
+  np.testing.assert_array_equal(
+    np.asarray(p['first']['kernel']), np.asarray(params['first']['kernel'])
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -187,8 +200,13 @@ def test_rigl_regrows_exactly_the_top_gradient_positions():
 @pytest.mark.parametrize('algorithm', ['set', 'rigl'])
 def test_dst_keeps_sparsity_zeroes_regrown_weights_and_moments_without_recompiling(algorithm):
   params = _params(4)
-  u = _updater(algorithm, sparsity=0.8, distribution='erk',
-               schedule=schedules.PeriodicSchedule(2, 2, 100), drop=0.3)
+  u = _updater(
+    algorithm,
+    sparsity=0.8,
+    distribution='erk',
+    schedule=schedules.PeriodicSchedule(2, 2, 100),
+    drop=0.3,
+  )
   tx = u.wrap_optax(optax.adam(1e-2))
   state = tx.init(params)
   counts = {k: int(np.sum(state.masks[k]['kernel'])) for k in ('a', 'b', 'c')}
@@ -230,12 +248,15 @@ def test_schedules():
     steps = np.arange(1, total + 1)
     return steps[np.asarray(schedule.is_mask_update_iter(steps))].tolist()
 
-  poly = schedules.default_schedule('polynomial', 1000, update_freq=150)   # window 300..800
+  poly = schedules.default_schedule('polynomial', 1000, update_freq=150)  # window 300..800
   assert (poly.update_start_step, poly.update_end_step) == (300, 800)
   assert update_steps(poly, 1000) == [300, 450, 600, 750, 800]
-  np.testing.assert_allclose(poly.get_sparsity_at_step(0.9, jnp.array([100, 300, 550, 800, 999])),
-                             [0.0, 0.0, 0.9 * (1 - 0.5 ** 3), 0.9, 0.9], rtol=1e-6)
-  per = schedules.default_schedule('periodic', 10_000)                    # the DemP authors' defaults
+  np.testing.assert_allclose(
+    poly.get_sparsity_at_step(0.9, jnp.array([100, 300, 550, 800, 999])),
+    [0.0, 0.0, 0.9 * (1 - 0.5**3), 0.9, 0.9],
+    rtol=1e-6,
+  )
+  per = schedules.default_schedule('periodic', 10_000)  # the DemP authors' defaults
   assert update_steps(per, 10_000) == list(range(3000, 8001, 500))
   assert update_steps(schedules.default_schedule('one_shot', 1000), 1000) == [300]
   drop = schedules.cosine_drop_fraction(0.3, 300, 800)
@@ -296,8 +317,12 @@ def test_end_to_end_on_digits(method, tmp_path):
   c.optimizer.learning_rate = 3e-3
   c.log_every = 30
   c.progress_bar = False
-  c.baselines = {'target_sparsity': 0.5, 'update_every': 5, 'start_fraction': 0.2,
-                 'end_fraction': 0.8}
+  c.baselines = {
+    'target_sparsity': 0.5,
+    'update_every': 5,
+    'start_fraction': 0.2,
+    'end_fraction': 0.8,
+  }
   summary = train.train_and_evaluate(c, str(tmp_path))
   # Only dense_1 (64 x 64) is pruned: the first and last layers are held dense.
   expected = 0.5 * 64 * 64 / summary['dense_params']

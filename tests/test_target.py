@@ -24,18 +24,19 @@ P = target.ControllerParams()
 def _law(state, measured, now, goal, ahead=None, step=10, every=10):
   """update_gain with a trajectory that is ``now`` at ``step`` and ``ahead`` later."""
   ahead = now if ahead is None else ahead
-  return target.update_gain(state, measured, lambda t: now if t <= step else ahead, goal,
-                            step=step, every=every)
+  return target.update_gain(
+    state, measured, lambda t: now if t <= step else ahead, goal, step=step, every=every
+  )
 
 
 def test_lagging_raises_the_gain_proportionally():
   # Delay 1 check, rose 0.05 -> 0.1: predicted 0.15 at the next check, trajectory 0.2 there.
   s = _law(target.ControllerState(gain=2.0, measured=0.05, delay=1), 0.1, 0.1, 0.5, ahead=0.2)
-  assert s.gain == pytest.approx(2.0 * (1 + 4 * 0.05 / 0.5))      # 2.8
+  assert s.gain == pytest.approx(2.0 * (1 + 4 * 0.05 / 0.5))  # 2.8
   s = _law(target.ControllerState(gain=2.0, measured=0.05, delay=1), 0.1, 0.5, 0.5)
-  assert s.gain == pytest.approx(2.0 * P.up_max)                   # capped at up_max
+  assert s.gain == pytest.approx(2.0 * P.up_max)  # capped at up_max
   s = _law(target.ControllerState(gain=2.0), 0.0, 0.5, 0.5)
-  assert s.gain == pytest.approx(2.0 * P.up_idle)                  # nothing pruned yet
+  assert s.gain == pytest.approx(2.0 * P.up_idle)  # nothing pruned yet
   assert not s.reached and s.delay == 0 and s.checks == 1
 
 
@@ -46,9 +47,9 @@ def test_the_delay_is_the_checks_until_the_first_death():
   assert (s.checks, s.delay) == (5, 4)
   # Horizon 4 checks: 0.05 + 4 · 0.03 = 0.17 predicted, against the trajectory 4 checks ahead.
   s2 = target.update_gain(s, 0.08, lambda t: 0.2 if t >= 50 else 0.0, 0.6, step=10, every=10)
-  assert s2.gain == pytest.approx(s.gain * (1 + 4 * (0.2 - 0.2) / 0.6))   # on it: holds
+  assert s2.gain == pytest.approx(s.gain * (1 + 4 * (0.2 - 0.2) / 0.6))  # on it: holds
   s3 = target.update_gain(s, 0.08, lambda t: 0.2 if t >= 60 else 0.0, 0.6, step=10, every=10)
-  assert s3.gain < s.gain                                                  # ahead: lowers
+  assert s3.gain < s.gain  # ahead: lowers
 
 
 def test_on_the_trajectory_holds_and_ahead_lowers():
@@ -72,7 +73,7 @@ def test_reached_latches_and_decays():
   assert s.reached and s.gain == pytest.approx(4.0 * P.cut)
   # Later checks keep cutting even if the trajectory is ahead of the measurement.
   s = _law(s, 0.5, 0.5, 0.5)
-  assert s.reached and s.gain == pytest.approx(4.0 * P.cut ** 2)
+  assert s.reached and s.gain == pytest.approx(4.0 * P.cut**2)
 
 
 def test_gain_is_capped():
@@ -87,8 +88,7 @@ _LAM_VALUES = [float(v) for v in jax.vmap(_LAM)(jnp.arange(101))]
 
 
 @pytest.mark.parametrize('goal', [0.3, 0.5, 0.8])
-@pytest.mark.parametrize('response,delay', [(0.01, 0), (0.05, 0), (0.2, 0), (0.01, 1),
-                                            (0.05, 1)])
+@pytest.mark.parametrize('response,delay', [(0.01, 0), (0.05, 0), (0.2, 0), (0.01, 1), (0.05, 1)])
 def test_closed_loop_on_a_scripted_plant_reaches_without_overshoot(goal, response, delay):
   """A plant whose sparsity grows by ``response · gain · shape`` per check, the gain of
   ``delay`` checks before (nothing before that): a response and delay unknown to the law."""
@@ -100,8 +100,8 @@ def test_closed_loop_on_a_scripted_plant_reaches_without_overshoot(goal, respons
     s = target.update_gain(s, sparsity, traj, goal, step=step, every=5)
     gains.append(s.gain)
     history.append(sparsity)
-  assert goal - 0.06 <= history[-1] <= goal + 0.03        # reaches, no destructive overshoot
-  assert gains[-1] < max(gains)                           # λ decays at the end
+  assert goal - 0.06 <= history[-1] <= goal + 0.03  # reaches, no destructive overshoot
+  assert gains[-1] < max(gains)  # λ decays at the end
 
 
 def test_trajectory_follows_the_cumulative_shape():
@@ -119,8 +119,10 @@ def test_trajectory_follows_the_cumulative_shape():
 
 
 def _params():
-  return {'norm_0': {'scale': jnp.array([0.5, -2.0, 0.0, 1.0]), 'bias': jnp.ones(4)},
-          'dense_0': {'kernel': jnp.ones((2, 4))}}
+  return {
+    'norm_0': {'scale': jnp.array([0.5, -2.0, 0.0, 1.0]), 'bias': jnp.ones(4)},
+    'dense_0': {'kernel': jnp.ones((2, 4))},
+  }
 
 
 def test_penalty_is_shape_times_gain_under_jit():
@@ -130,20 +132,24 @@ def test_penalty_is_shape_times_gain_under_jit():
   grads['norm_0']['scale'] = jnp.array([0.0, 0.0, 1.0, 2.0])
   update = jax.jit(penalty.update)
   state = target.set_gain(penalty.init(params), 3.0)
-  out, state = update(grads, state, params)          # λ = 0.1 · 1 · 3
+  out, state = update(grads, state, params)  # λ = 0.1 · 1 · 3
   np.testing.assert_allclose(out['norm_0']['scale'], [0.3, -0.3, 1.0, 2.3], rtol=1e-6)
   np.testing.assert_array_equal(out['norm_0']['bias'], 0.0)
   np.testing.assert_array_equal(out['dense_0']['kernel'], 0.0)
-  assert float(state.dead) == 0.5                    # two zero gradients of four scales
-  out, state = update(grads, target.set_gain(state, 0.5), params)   # λ = 0.1 · 2 · 0.5
+  assert float(state.dead) == 0.5  # two zero gradients of four scales
+  out, state = update(grads, target.set_gain(state, 0.5), params)  # λ = 0.1 · 2 · 0.5
   np.testing.assert_allclose(out['norm_0']['scale'], [0.1, -0.1, 1.0, 2.1], rtol=1e-6)
 
 
 def test_changing_the_gain_never_retraces():
   traces = []
   params = _params()
-  tx = target.target_optimizer(optax.adam(1e-2), lambda_shape=one_cycle(1e-2, 50),
-                               noise_shape=one_cycle(1e-3, 50), noise='gain')
+  tx = target.target_optimizer(
+    optax.adam(1e-2),
+    lambda_shape=one_cycle(1e-2, 50),
+    noise_shape=one_cycle(1e-3, 50),
+    noise='gain',
+  )
   tx = optax.MultiSteps(tx, every_k_schedule=1).gradient_transformation()
 
   @jax.jit
@@ -174,12 +180,11 @@ def test_noise_follows_the_gain():
     out, _ = jax.jit(tx.update)(grads, target.set_gain(tx.init(params), gain), params)
     deltas[gain] = jax.tree.map(jnp.subtract, out, base)
   for leaf0, leaf1, leaf2 in zip(*(jax.tree.leaves(deltas[g]) for g in (0.0, 1.0, 2.0))):
-    np.testing.assert_array_equal(leaf0, 0.0)                  # gain 0: no noise at all
+    np.testing.assert_array_equal(leaf0, 0.0)  # gain 0: no noise at all
     assert float(jnp.std(leaf1)) > 1e-3
     np.testing.assert_allclose(leaf2, 2 * leaf1, rtol=1e-5, atol=1e-8)
   # noise='schedule': the noise ignores the gain.
-  tx = target.target_optimizer(optax.sgd(0.1), lambda_shape=0.0, noise_shape=1e-2,
-                               noise='schedule')
+  tx = target.target_optimizer(optax.sgd(0.1), lambda_shape=0.0, noise_shape=1e-2, noise='schedule')
   out0, _ = tx.update(grads, target.set_gain(tx.init(params), 0.0), params)
   out2, _ = tx.update(grads, target.set_gain(tx.init(params), 2.0), params)
   for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(out2)):
@@ -203,8 +208,7 @@ def test_target_zero_is_todays_optimizer_bit_for_bit():
   grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
   base = optax.adam(1e-3)
   lam, std = train.demp_schedules(c)
-  ref = transforms.demp_optimizer(base, penalty_strength=lam, noise_std=std,
-                                  noise_seed=c.seed + 1)
+  ref = transforms.demp_optimizer(base, penalty_strength=lam, noise_std=std, noise_seed=c.seed + 1)
   ours = optim.demp_wrap(c, base)
   state_r, state_o = ref.init(params), ours.init(params)
   assert target.find_gain_state(state_o) is None
@@ -215,13 +219,16 @@ def test_target_zero_is_todays_optimizer_bit_for_bit():
       np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize('key,value,message', [
+@pytest.mark.parametrize(
+  'key,value,message',
+  [
     ('demp.target_sparsity', 1.0, 'demp.target_sparsity=1.0 must be a number in'),
     ('demp.target_sparsity', -0.1, 'demp.target_sparsity=-0.1'),
     ('demp.target_kind', 'params', "demp.target_kind='params' is not one of"),
     ('demp.target_reach', 1.5, 'demp.target_reach=1.5 must be a number in'),
     ('demp.target_noise', 'own', "demp.target_noise='own' is not one of"),
-])
+  ],
+)
 def test_bad_target_values_name_the_key(key, value, message):
   c = quickstart.get_config()
   group, name = key.split('.')
@@ -254,7 +261,7 @@ def _e2e_config(goal, kind):
   c.log_every = 25
   c.eval_batch_size = 512
   c.progress_bar = False
-  c.optimizer.learning_rate = 1e-2   # γ needs ~1/lr steps to reach 0 under Adam: 100 of 300
+  c.optimizer.learning_rate = 1e-2  # γ needs ~1/lr steps to reach 0 under Adam: 100 of 300
   c.demp.target_sparsity = goal
   c.demp.target_kind = kind
   return c
@@ -268,12 +275,18 @@ def test_end_to_end_reaches_the_target(tmp_path):
   assert summary['method_stats']['target_reached_sparsity'] == pytest.approx(reached, abs=1e-6)
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   logs = [r for r in records if 'target_gain' in r]
-  assert logs and all(r['lambda'] == pytest.approx(r['target_gain'] * float(
-      train.demp_schedules(_e2e_config(goal, kind))[0](r['step'])), rel=1e-5) for r in logs)
+  assert logs and all(
+    r['lambda']
+    == pytest.approx(
+      r['target_gain'] * float(train.demp_schedules(_e2e_config(goal, kind))[0](r['step'])),
+      rel=1e-5,
+    )
+    for r in logs
+  )
   assert logs[-1]['target_sparsity'] == pytest.approx(goal)
   checks = [r for r in records if r.get('event') == 'target']
   assert len(checks) == 300 // 25
-  assert all(r['measured_sparsity'] <= goal + TOLERANCE for r in checks)   # from below
+  assert all(r['measured_sparsity'] <= goal + TOLERANCE for r in checks)  # from below
   assert all(0.0 <= r['target_dead'] <= 1.0 for r in logs)
   # --figure target draws it.
   runs = report.load_runs(str(tmp_path))
@@ -284,20 +297,24 @@ def test_end_to_end_reaches_the_target(tmp_path):
 def test_measure_counts_like_the_summary():
   run, _ = train.init_run(_e2e_config(0.5, 'units'))
   assert target.measure(run, 'units') == target.measure(run, 'flops') == 0.0
-  zeros = target.measure(run, 'weights')   # nonzeros are counted: BN offsets start at 0
+  zeros = target.measure(run, 'weights')  # nonzeros are counted: BN offsets start at 0
   assert zeros == pytest.approx((64 + 64 + 10) / run.dense_params)
-  keeps = {'hidden_0': np.arange(64) < 16, 'hidden_1': np.ones(64, bool)}   # 48 of 128 units go
+  keeps = {'hidden_0': np.arange(64) < 16, 'hidden_1': np.ones(64, bool)}  # 48 of 128 units go
   run.prune(keeps)
   assert target.measure(run, 'units') == pytest.approx(48 / 128)
   # 64 → 64 → 64 → 10 with BN (no dense bias): hidden_0 loses 48 of its 64 units:
   # 48·64 kernel in, 48 BN scales (the offsets were 0 already), 48·64 kernel out.
   assert target.measure(run, 'weights') - zeros == pytest.approx(
-      (48 * 64 + 48 + 48 * 64) / run.dense_params)
+    (48 * 64 + 48 + 48 * 64) / run.dense_params
+  )
   flops = target.measure(run, 'flops')
   print('flops sparsity', flops)
   assert 0.5 < flops < 0.7 and flops == pytest.approx(
-      1 - train.flops.inference_flops(run.model, run.dense_widths,
-                                      run.death_images.shape[1:])['inference_flops_rel'])
+    1
+    - train.flops.inference_flops(run.model, run.dense_widths, run.death_images.shape[1:])[
+      'inference_flops_rel'
+    ]
+  )
   with pytest.raises(ValueError, match="demp.target_kind='x' is not one of"):
     target.measure(run, 'x')
 
@@ -315,17 +332,23 @@ def test_after_check_sets_the_gain_logs_and_checkpoints():
   events = []
   run.log = events.append
   run.step = 25
-  event = target.after_check(run)   # nothing pruned at step 25: the gain rises by up_idle
+  event = target.after_check(run)  # nothing pruned at step 25: the gain rises by up_idle
   assert events == [event] and event['measured_sparsity'] == 0.0
   assert event['gain'] == pytest.approx(P.up_idle) and not event['reached']
   assert float(target.find_gain_state(run.state['opt_state']).gain) == pytest.approx(P.up_idle)
   assert run.memo['target']['gain'] == event['gain']
-  checkpoint.encode_host_state(run)   # the controller state is saved with the run
+  checkpoint.encode_host_state(run)  # the controller state is saved with the run
   fields = target.log_fields(run, {'lambda': 0.01, 'noise_std': 1e-5}, 25)
   assert fields['lambda'] == pytest.approx(0.01 * P.up_idle)
-  assert fields['noise_std'] == pytest.approx(1e-5 * P.up_idle)   # target_noise='gain'
-  assert set(fields) == {'lambda', 'noise_std', 'target_gain', 'target_sparsity',
-                         'measured_sparsity', 'target_dead'}
+  assert fields['noise_std'] == pytest.approx(1e-5 * P.up_idle)  # target_noise='gain'
+  assert set(fields) == {
+    'lambda',
+    'noise_std',
+    'target_gain',
+    'target_sparsity',
+    'measured_sparsity',
+    'target_dead',
+  }
   traj = target.config_trajectory(run.config)(25)
   assert fields['target_sparsity'] == traj and 0.0 < traj < 0.01
   assert target.postfix(fields) == {'sparsity': f'0.000/{traj:.3f}', 'gain': '1.25'}

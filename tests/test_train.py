@@ -24,27 +24,43 @@ def test_training_continues_identically_after_pruning(base):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
   params = variables['params']
   dead = {'norm_0': np.array([1, 4]), 'norm_1': np.array([0, 2, 7])}
-  for norm, units in dead.items():   # BN scale 0, offset < 0: exactly dead, zero gradients
-    params[norm] = {'scale': params[norm]['scale'].at[units].set(0.0),
-                    'bias': params[norm]['bias'].at[units].set(-2.0)}
-  base_tx = {'adam': optax.chain(optax.add_decayed_weights(5e-4), optax.adam(1e-2)),
-             'sgdm': optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))}[base]
+  for norm, units in dead.items():  # BN scale 0, offset < 0: exactly dead, zero gradients
+    params[norm] = {
+      'scale': params[norm]['scale'].at[units].set(0.0),
+      'bias': params[norm]['bias'].at[units].set(-2.0),
+    }
+  base_tx = {
+    'adam': optax.chain(optax.add_decayed_weights(5e-4), optax.adam(1e-2)),
+    'sgdm': optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9)),
+  }[base]
   tx = optax.chain(train.transforms.add_scheduled_penalty(1e-3), base_tx)
   state = {'params': params, 'batch_stats': variables['batch_stats'], 'opt_state': tx.init(params)}
 
-  batches = [{'image': jax.random.normal(jax.random.key(i), (16, 8, 8, 3)),
-              'label': jax.random.randint(jax.random.key(100 + i), (16,), 0, 10)} for i in range(8)]
+  batches = [
+    {
+      'image': jax.random.normal(jax.random.key(i), (16, 8, 8, 3)),
+      'label': jax.random.randint(jax.random.key(100 + i), (16,), 0, 10),
+    }
+    for i in range(8)
+  ]
   step = jax.jit(train.make_train_step(model, tx))
-  for batch in batches[:3]:   # some history in the optimizer state before the surgery
+  for batch in batches[:3]:  # some history in the optimizer state before the surgery
     state, _ = step(state, batch)
 
   keeps = {'conv_0': np.ones(6, bool), 'conv_1': np.ones(8, bool)}
   keeps['conv_0'][dead['norm_0']] = False
   keeps['conv_1'][dead['norm_1']] = False
   small, small_vars, small_opt = surgery.prune(
-      model, {'params': state['params'], 'batch_stats': state['batch_stats']}, state['opt_state'], keeps)
-  small_state = {'params': small_vars['params'], 'batch_stats': small_vars['batch_stats'],
-                 'opt_state': small_opt}
+    model,
+    {'params': state['params'], 'batch_stats': state['batch_stats']},
+    state['opt_state'],
+    keeps,
+  )
+  small_state = {
+    'params': small_vars['params'],
+    'batch_stats': small_vars['batch_stats'],
+    'opt_state': small_opt,
+  }
   small_step = jax.jit(train.make_train_step(small, tx))
   losses, small_losses = [], []
   for batch in batches[3:]:
@@ -52,7 +68,7 @@ def test_training_continues_identically_after_pruning(base):
     small_state, sm = small_step(small_state, batch)
     losses.append(float(m['loss']))
     small_losses.append(float(sm['loss']))
-  assert len(set(np.round(losses, 4))) > 1         # training moves
+  assert len(set(np.round(losses, 4))) > 1  # training moves
   np.testing.assert_allclose(small_losses, losses, rtol=2e-5)
 
 
@@ -67,7 +83,7 @@ def _tiny_config(**overrides):
   c.log_every = 10
   c.eval_batch_size = 64
   c.progress_bar = False
-  c.demp.peak_lambda = 0.5      # a large λ so that units die within 30 steps
+  c.demp.peak_lambda = 0.5  # a large λ so that units die within 30 steps
   c.optimizer.learning_rate = 0.05
   for k, v in overrides.items():
     node = c
@@ -90,11 +106,13 @@ def _check_run_dir(workdir, summary, expect_events):
 
 def test_end_to_end_on_tfds_mock_data(tmp_path):
   c = _tiny_config(**{'data.source': 'tfds', 'data.name': 'cifar10', 'model.name': 'convnet'})
-  c.model = train.ml_collections.ConfigDict({'name': 'convnet', 'widths': [8, 16], 'head': 'global'})
+  c.model = train.ml_collections.ConfigDict(
+    {'name': 'convnet', 'widths': [8, 16], 'head': 'global'}
+  )
   with tfds.testing.mock_data(num_examples=96):
     summary = train.train_and_evaluate(c, str(tmp_path))
   _check_run_dir(str(tmp_path), summary, [10, 20, 30])
-  assert summary['prune_events_effective'] >= 1            # units died and were removed
+  assert summary['prune_events_effective'] >= 1  # units died and were removed
   assert summary['neuron_sparsity'] > 0
   assert sum(summary['widths'].values()) < 24
 
@@ -102,9 +120,13 @@ def test_end_to_end_on_tfds_mock_data(tmp_path):
 def test_end_to_end_on_npz(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / 'tiny.npz'
-  np.savez(path, train_images=rng.integers(0, 255, (80, 8, 8, 3), dtype=np.uint8),
-           train_labels=rng.integers(0, 10, 80), test_images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8),
-           test_labels=rng.integers(0, 10, 20))
+  np.savez(
+    path,
+    train_images=rng.integers(0, 255, (80, 8, 8, 3), dtype=np.uint8),
+    train_labels=rng.integers(0, 10, 80),
+    test_images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8),
+    test_labels=rng.integers(0, 10, 20),
+  )
   c = _tiny_config(**{'data.source': 'npz', 'data.path': str(path)})
   summary = train.train_and_evaluate(c, str(tmp_path / 'run'))
   _check_run_dir(str(tmp_path / 'run'), summary, [10, 20, 30])
@@ -116,7 +138,9 @@ def test_end_to_end_on_npz(tmp_path):
   assert summary['neuron_sparsity'] == 0.0 and summary['prune_events'] == 0
 
 
-@pytest.mark.parametrize('key,value,message', [
+@pytest.mark.parametrize(
+  'key,value,message',
+  [
     ('demp.peak_lambda', -1e-3, 'demp.peak_lambda'),
     ('prune.every', 0, 'prune.every'),
     ('prune.every', -5, 'prune.every'),
@@ -124,7 +148,8 @@ def test_end_to_end_on_npz(tmp_path):
     ('data.source', 'hdf5', 'data.source'),
     ('method', 'magic', 'method'),
     ('optimizer.name', 'lion9', 'optimizer.name'),
-])
+  ],
+)
 def test_bad_config_values_name_the_key(key, value, message):
   c = _tiny_config(**{key: value})
   with pytest.raises(ValueError, match=message):
@@ -138,8 +163,9 @@ def test_missing_npz_path_says_how_to_get_it(tmp_path):
 
 
 def test_unknown_tfds_dataset_raises(tmp_path):
-  c = _tiny_config(**{'data.source': 'tfds', 'data.name': 'not_a_dataset_xyz',
-                      'data.data_dir': str(tmp_path)})
+  c = _tiny_config(
+    **{'data.source': 'tfds', 'data.name': 'not_a_dataset_xyz', 'data.data_dir': str(tmp_path)}
+  )
   with pytest.raises(Exception, match='not_a_dataset_xyz'):
     train.init_run(c)
 

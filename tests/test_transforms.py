@@ -11,44 +11,44 @@ import pytest  # noqa: E402
 
 from demp.schedules import one_cycle  # noqa: E402
 from demp.transforms import (  # noqa: E402
-    ALL_WEIGHTS,
-    NORM_SCALES,
-    LiveNoiseState,
-    ScheduledPenaltyState,
-    add_scheduled_penalty,
-    demp_optimizer,
-    path_mask,
-    with_live_noise,
+  ALL_WEIGHTS,
+  NORM_SCALES,
+  LiveNoiseState,
+  ScheduledPenaltyState,
+  add_scheduled_penalty,
+  demp_optimizer,
+  path_mask,
+  with_live_noise,
 )
 
 
 def _params():
   return {
-      "ConvNet_0": {
-          "BatchNorm_1": {
-              "scale": jnp.array([0.5, -2.0, 0.0]),
-              "bias": jnp.array([0.3, -0.3, 0.0]),
-          },
-          "Conv_0": {
-              "kernel": jnp.array([[1.0, -1.0, 0.0], [0.0, 2.0, -3.0]]),
-              "bias": jnp.array([1.0, -1.0, 0.0]),
-          },
-      }
+    "ConvNet_0": {
+      "BatchNorm_1": {
+        "scale": jnp.array([0.5, -2.0, 0.0]),
+        "bias": jnp.array([0.3, -0.3, 0.0]),
+      },
+      "Conv_0": {
+        "kernel": jnp.array([[1.0, -1.0, 0.0], [0.0, 2.0, -3.0]]),
+        "bias": jnp.array([1.0, -1.0, 0.0]),
+      },
+    }
   }
 
 
 def _grads():
   return {
-      "ConvNet_0": {
-          "BatchNorm_1": {
-              "scale": jnp.array([0.1, 0.2, 0.3]),
-              "bias": jnp.array([-0.1, 0.0, 0.1]),
-          },
-          "Conv_0": {
-              "kernel": jnp.array([[0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]]),
-              "bias": jnp.array([0.2, 0.0, -0.2]),
-          },
-      }
+    "ConvNet_0": {
+      "BatchNorm_1": {
+        "scale": jnp.array([0.1, 0.2, 0.3]),
+        "bias": jnp.array([-0.1, 0.0, 0.1]),
+      },
+      "Conv_0": {
+        "kernel": jnp.array([[0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]]),
+        "bias": jnp.array([0.2, 0.0, -0.2]),
+      },
+    }
   }
 
 
@@ -73,12 +73,11 @@ def _selected(mask_fn, paths):
   tree = _tree_from_paths(paths)
   flags = mask_fn(tree)
   return {
-      path: flags_at
-      for path, flags_at in zip(
-          ("/".join(str(k.key) for k in p)
-           for p, _ in jax.tree.leaves_with_path(tree)),
-          jax.tree.leaves(flags),
-      )
+    path: flags_at
+    for path, flags_at in zip(
+      ("/".join(str(k.key) for k in p) for p, _ in jax.tree.leaves_with_path(tree)),
+      jax.tree.leaves(flags),
+    )
   }
 
 
@@ -86,13 +85,13 @@ def _selected(mask_fn, paths):
 
 
 @pytest.mark.parametrize(
-    "kind, expected_scale",
-    [
-        # g + 0.1 * sign(p), sign(0) = 0.
-        ("lasso", [0.1 + 0.1, 0.2 - 0.1, 0.3 + 0.0]),
-        # g + 0.1 * p.
-        ("l2", [0.1 + 0.05, 0.2 - 0.2, 0.3 + 0.0]),
-    ],
+  "kind, expected_scale",
+  [
+    # g + 0.1 * sign(p), sign(0) = 0.
+    ("lasso", [0.1 + 0.1, 0.2 - 0.1, 0.3 + 0.0]),
+    # g + 0.1 * p.
+    ("l2", [0.1 + 0.05, 0.2 - 0.2, 0.3 + 0.0]),
+  ],
 )
 def test_penalty_values_under_jit(kind, expected_scale):
   params, grads = _params(), _grads()
@@ -100,13 +99,13 @@ def test_penalty_values_under_jit(kind, expected_scale):
   state = tx.init(params)
   updates, new_state = jax.jit(tx.update)(grads, state, params)
   np.testing.assert_allclose(
-      updates["ConvNet_0"]["BatchNorm_1"]["scale"], expected_scale, rtol=1e-6
+    updates["ConvNet_0"]["BatchNorm_1"]["scale"], expected_scale, rtol=1e-6
   )
   # Every other leaf is untouched, bit for bit.
-  for module, leaf in [("BatchNorm_1", "bias"), ("Conv_0", "kernel"),
-                       ("Conv_0", "bias")]:
-    np.testing.assert_array_equal(updates["ConvNet_0"][module][leaf],
-                                  grads["ConvNet_0"][module][leaf])
+  for module, leaf in [("BatchNorm_1", "bias"), ("Conv_0", "kernel"), ("Conv_0", "bias")]:
+    np.testing.assert_array_equal(
+      updates["ConvNet_0"][module][leaf], grads["ConvNet_0"][module][leaf]
+    )
   assert isinstance(new_state, ScheduledPenaltyState)
   assert int(new_state.count) == 1
 
@@ -116,15 +115,17 @@ def test_penalty_all_weights_mask():
   tx = add_scheduled_penalty(0.1, "lasso", mask=ALL_WEIGHTS)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   np.testing.assert_allclose(
-      updates["ConvNet_0"]["Conv_0"]["kernel"],
-      [[0.6, 0.4, 0.5], [-0.5, -0.4, -0.6]], rtol=1e-6,
+    updates["ConvNet_0"]["Conv_0"]["kernel"],
+    [[0.6, 0.4, 0.5], [-0.5, -0.4, -0.6]],
+    rtol=1e-6,
   )
   np.testing.assert_allclose(
-      updates["ConvNet_0"]["BatchNorm_1"]["scale"], [0.2, 0.1, 0.3], rtol=1e-6
+    updates["ConvNet_0"]["BatchNorm_1"]["scale"], [0.2, 0.1, 0.3], rtol=1e-6
   )
   for module in ("BatchNorm_1", "Conv_0"):
-    np.testing.assert_array_equal(updates["ConvNet_0"][module]["bias"],
-                                  grads["ConvNet_0"][module]["bias"])
+    np.testing.assert_array_equal(
+      updates["ConvNet_0"][module]["bias"], grads["ConvNet_0"][module]["bias"]
+    )
 
 
 def test_penalty_mask_as_callable_and_bool_tree():
@@ -134,11 +135,10 @@ def test_penalty_mask_as_callable_and_bool_tree():
   for mask in (bool_tree, lambda p: bool_tree):
     tx = add_scheduled_penalty(1.0, "l2", mask=mask)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    np.testing.assert_allclose(updates["ConvNet_0"]["Conv_0"]["bias"],
-                               [1.2, -1.0, -0.2], rtol=1e-6)
+    np.testing.assert_allclose(updates["ConvNet_0"]["Conv_0"]["bias"], [1.2, -1.0, -0.2], rtol=1e-6)
     np.testing.assert_array_equal(
-        updates["ConvNet_0"]["BatchNorm_1"]["scale"],
-        grads["ConvNet_0"]["BatchNorm_1"]["scale"])
+      updates["ConvNet_0"]["BatchNorm_1"]["scale"], grads["ConvNet_0"]["BatchNorm_1"]["scale"]
+    )
 
 
 def test_penalty_schedule_read_from_own_count():
@@ -150,8 +150,9 @@ def test_penalty_schedule_read_from_own_count():
   sign = np.array([1.0, -1.0, 0.0])
   for step in range(3):
     updates, state = update(grads, state, params)
-    np.testing.assert_allclose(updates["ConvNet_0"]["BatchNorm_1"]["scale"],
-                               0.1 * (step + 1) * sign, rtol=1e-6)
+    np.testing.assert_allclose(
+      updates["ConvNet_0"]["BatchNorm_1"]["scale"], 0.1 * (step + 1) * sign, rtol=1e-6
+    )
   assert int(state.count) == 3
 
 
@@ -169,8 +170,9 @@ def test_penalty_chained_before_adam_is_seen_by_adam():
     # By hand: adam on g + λ sign(p) for the BN scale, g elsewhere.
     penalised = jax.tree.map(lambda g: g, grads)
     scale = ref_params["ConvNet_0"]["BatchNorm_1"]["scale"]
-    penalised["ConvNet_0"]["BatchNorm_1"]["scale"] = (
-        grads["ConvNet_0"]["BatchNorm_1"]["scale"] + lam * jnp.sign(scale))
+    penalised["ConvNet_0"]["BatchNorm_1"]["scale"] = grads["ConvNet_0"]["BatchNorm_1"][
+      "scale"
+    ] + lam * jnp.sign(scale)
     ref_updates, ref_state = adam.update(penalised, ref_state, ref_params)
     ref_params = optax.apply_updates(ref_params, ref_updates)
     plain_updates, plain_state = adam.update(grads, plain_state, plain_params)
@@ -185,23 +187,23 @@ def test_penalty_chained_before_adam_is_seen_by_adam():
 
 def test_norm_scales_and_all_weights_select_expected_leaves():
   paths = {
-      # path: (NORM_SCALES, ALL_WEIGHTS)
-      "ConvNet_0/BatchNorm_1/scale": (True, True),
-      "ConvNet_0/BatchNorm_1/bias": (False, False),
-      "ConvNet_0/Conv_0/kernel": (False, True),
-      "ConvNet_0/Conv_0/bias": (False, False),
-      "bn1/scale": (True, True),
-      "bn1/bias": (False, False),
-      "layer1_0/downsample_bn/scale": (True, True),
-      "Encoder/encoderblock_3/LayerNorm_3/scale": (True, True),
-      "Encoder/encoderblock_3/LayerNorm_3/bias": (False, False),
-      "norm/scale": (True, True),
-      "GroupNorm_0/scale": (True, True),
-      "Dense_0/kernel": (False, True),
-      "Dense_0/bias": (False, False),
-      "head/kernel": (False, True),
-      "layerscale_0/scale": (False, True),
-      "pos_embedding": (False, False),
+    # path: (NORM_SCALES, ALL_WEIGHTS)
+    "ConvNet_0/BatchNorm_1/scale": (True, True),
+    "ConvNet_0/BatchNorm_1/bias": (False, False),
+    "ConvNet_0/Conv_0/kernel": (False, True),
+    "ConvNet_0/Conv_0/bias": (False, False),
+    "bn1/scale": (True, True),
+    "bn1/bias": (False, False),
+    "layer1_0/downsample_bn/scale": (True, True),
+    "Encoder/encoderblock_3/LayerNorm_3/scale": (True, True),
+    "Encoder/encoderblock_3/LayerNorm_3/bias": (False, False),
+    "norm/scale": (True, True),
+    "GroupNorm_0/scale": (True, True),
+    "Dense_0/kernel": (False, True),
+    "Dense_0/bias": (False, False),
+    "head/kernel": (False, True),
+    "layerscale_0/scale": (False, True),
+    "pos_embedding": (False, False),
   }
   norm = _selected(path_mask(NORM_SCALES), paths)
   weights = _selected(path_mask(ALL_WEIGHTS), paths)
@@ -213,18 +215,22 @@ def test_norm_scales_and_all_weights_select_expected_leaves():
 def test_path_mask_custom_regex():
   paths = ["Conv_0/kernel", "Conv_1/kernel", "Conv_0/bias", "Dense_0/kernel"]
   got = _selected(path_mask(r"^Conv_\d+/kernel$"), paths)
-  assert got == {"Conv_0/kernel": True, "Conv_1/kernel": True,
-                 "Conv_0/bias": False, "Dense_0/kernel": False}
+  assert got == {
+    "Conv_0/kernel": True,
+    "Conv_1/kernel": True,
+    "Conv_0/bias": False,
+    "Dense_0/kernel": False,
+  }
 
 
 @pytest.mark.parametrize(
-    "kwargs, words",
-    [
-        (dict(strength=-0.1), ["strength", "-0.1"]),
-        (dict(strength=float("nan")), ["strength", "nan"]),
-        (dict(strength=0.1, kind="l1"), ["kind", "'l1'", "lasso", "l2"]),
-        (dict(strength=0.1, mask="(unclosed"), ["regex", "(unclosed"]),
-    ],
+  "kwargs, words",
+  [
+    (dict(strength=-0.1), ["strength", "-0.1"]),
+    (dict(strength=float("nan")), ["strength", "nan"]),
+    (dict(strength=0.1, kind="l1"), ["kind", "'l1'", "lasso", "l2"]),
+    (dict(strength=0.1, mask="(unclosed"), ["regex", "(unclosed"]),
+  ],
 )
 def test_penalty_bad_args_raise(kwargs, words):
   with pytest.raises(ValueError) as info:
@@ -248,8 +254,7 @@ def _dead_params_and_grads():
   kernel_grad = np.full((4, 3), 0.5, np.float32)
   kernel_grad[[1, 3], :] = 0.0  # Dead inputs: zero gradient on their rows.
   kernel_grad[:, 1] = 0.0  # Dead output unit.
-  grads = {"Dense_0": {"kernel": jnp.asarray(kernel_grad),
-                       "bias": jnp.array([0.5, 0.0, -0.2])}}
+  grads = {"Dense_0": {"kernel": jnp.asarray(kernel_grad), "bias": jnp.array([0.5, 0.0, -0.2])}}
   return params, grads
 
 
@@ -257,9 +262,8 @@ def _inner():
   # A penalty on every leaf inside the inner optimizer: it makes dead units'
   # inner updates non-zero, which must not make them look alive.
   return optax.chain(
-      add_scheduled_penalty(0.5, "l2", mask=lambda p: jax.tree.map(
-          lambda _: True, p)),
-      optax.sgd(0.1),
+    add_scheduled_penalty(0.5, "l2", mask=lambda p: jax.tree.map(lambda _: True, p)),
+    optax.sgd(0.1),
   )
 
 
@@ -287,8 +291,7 @@ def test_symmetric_noise_reaches_dead_entries():
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   ref, _ = inner.update(grads, inner.init(params), params)
   for name in ("kernel", "bias"):
-    assert np.all(np.asarray(updates["Dense_0"][name])
-                  != np.asarray(ref["Dense_0"][name]))
+    assert np.all(np.asarray(updates["Dense_0"][name]) != np.asarray(ref["Dense_0"][name]))
 
 
 def test_noise_std_follows_schedule():
@@ -304,11 +307,10 @@ def test_noise_std_follows_schedule():
     if step in (0, 3, 7):
       noise = np.asarray(updates["w"], np.float64)  # sgd(0) gives 0 updates.
       measured[step] = (noise.mean(), noise.var())
-  expected = {s: float(std(s))**2 for s in measured}   # σ_t² from the std schedule
+  expected = {s: float(std(s)) ** 2 for s in measured}  # σ_t² from the std schedule
   assert len(set(expected.values())) == 3  # Three different variances.
   for step, (mean, var) in measured.items():
-    np.testing.assert_allclose(var, expected[step], rtol=0.03,
-                               err_msg=f"step {step}")
+    np.testing.assert_allclose(var, expected[step], rtol=0.03, err_msg=f"step {step}")
     assert abs(mean) < 5 * np.sqrt(expected[step] / 200_000)
 
 
@@ -361,11 +363,12 @@ def test_noise_rng_contract_deterministic_and_varied():
   step_key = jax.random.fold_in(jax.random.key(0), 2)
   sizes = [x.size for x in jax.tree.leaves(params)]
   flat = jax.random.normal(step_key, (sum(sizes),), jnp.float32)
-  expected = {"a": flat[:sizes[0]].reshape(params["a"].shape),
-              "b": flat[sizes[0]:].reshape(params["b"].shape)}
+  expected = {
+    "a": flat[: sizes[0]].reshape(params["a"].shape),
+    "b": flat[sizes[0] :].reshape(params["b"].shape),
+  }
   for leaf in ("a", "b"):
-    np.testing.assert_allclose(first[2][leaf], 2.0 * expected[leaf],
-                               rtol=1e-6)
+    np.testing.assert_allclose(first[2][leaf], 2.0 * expected[leaf], rtol=1e-6)
 
 
 def test_noise_dtype_follows_updates():
@@ -390,9 +393,8 @@ def test_live_noise_bad_std_raises(std):
 def test_no_recompilation_with_schedules():
   total = 5
   opt = with_live_noise(
-      optax.chain(add_scheduled_penalty(one_cycle(5e-3, total)),
-                  optax.adam(one_cycle(1e-3, total))),
-      one_cycle(5e-5, total),
+    optax.chain(add_scheduled_penalty(one_cycle(5e-3, total)), optax.adam(one_cycle(1e-3, total))),
+    one_cycle(5e-5, total),
   )
   params, grads = _params(), _grads()
   state = opt.init(params)
@@ -444,44 +446,48 @@ def test_demp_optimizer_equals_manual_composition(with_penalty, with_noise):
   if with_noise:
     manual = with_live_noise(manual, var, seed=7, symmetric=True)
   opt = demp_optimizer(
-      base,
-      penalty_strength=lam if with_penalty else None,
-      penalty_kind="l2",
-      penalty_mask=ALL_WEIGHTS,
-      noise_std=var if with_noise else None,
-      noise_seed=7,
-      symmetric_noise=True,
+    base,
+    penalty_strength=lam if with_penalty else None,
+    penalty_kind="l2",
+    penalty_mask=ALL_WEIGHTS,
+    noise_std=var if with_noise else None,
+    noise_seed=7,
+    symmetric_noise=True,
   )
   got, got_state = _run(opt)
   want, want_state = _run(manual)
   for x, y in zip(got, want):
     _assert_trees_equal(x, y)
-  assert (jax.tree.structure(got_state) == jax.tree.structure(want_state))
+  assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
   if with_noise:
     assert isinstance(got_state, LiveNoiseState)
   # Each part has an effect: compare with the plain base optimizer.
   plain, _ = _run(base)
   differs = not np.array_equal(
-      np.asarray(got[-1]["ConvNet_0"]["Conv_0"]["kernel"]),
-      np.asarray(plain[-1]["ConvNet_0"]["Conv_0"]["kernel"]))
+    np.asarray(got[-1]["ConvNet_0"]["Conv_0"]["kernel"]),
+    np.asarray(plain[-1]["ConvNet_0"]["Conv_0"]["kernel"]),
+  )
   assert differs == (with_penalty or with_noise)
 
 
 def test_demp_optimizer_passes_seed_and_defaults():
   var = 1e-2
-  a, _ = _run(demp_optimizer(optax.sgd(0.1), penalty_strength=0.1,
-                             noise_std=var, noise_seed=0), steps=1)
-  b, _ = _run(demp_optimizer(optax.sgd(0.1), penalty_strength=0.1,
-                             noise_std=var, noise_seed=1), steps=1)
-  assert not np.array_equal(np.asarray(a[0]["ConvNet_0"]["Conv_0"]["kernel"]),
-                            np.asarray(b[0]["ConvNet_0"]["Conv_0"]["kernel"]))
+  a, _ = _run(
+    demp_optimizer(optax.sgd(0.1), penalty_strength=0.1, noise_std=var, noise_seed=0), steps=1
+  )
+  b, _ = _run(
+    demp_optimizer(optax.sgd(0.1), penalty_strength=0.1, noise_std=var, noise_seed=1), steps=1
+  )
+  assert not np.array_equal(
+    np.asarray(a[0]["ConvNet_0"]["Conv_0"]["kernel"]),
+    np.asarray(b[0]["ConvNet_0"]["Conv_0"]["kernel"]),
+  )
   # Default: asymmetric noise, so the zero-gradient BN bias entry (index 1)
   # gets no noise, and the default mask penalises the BN scale only.
   manual = with_live_noise(
-      optax.chain(add_scheduled_penalty(0.1, "lasso", NORM_SCALES),
-                  optax.sgd(0.1)), var, seed=0)
+    optax.chain(add_scheduled_penalty(0.1, "lasso", NORM_SCALES), optax.sgd(0.1)), var, seed=0
+  )
   m, _ = _run(manual, steps=1)
   for x, y in zip(a, m):
     _assert_trees_equal(x, y)
-  np.testing.assert_array_equal(a[0]["ConvNet_0"]["BatchNorm_1"]["bias"][1],
-                                0.0)
+  np.testing.assert_array_equal(a[0]["ConvNet_0"]["BatchNorm_1"]["bias"][1], 0.0)

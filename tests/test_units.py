@@ -12,7 +12,7 @@ from demp.models import build
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
-DEAD = 2   # the unit of hidden_0 made ε-dead
+DEAD = 2  # the unit of hidden_0 made ε-dead
 # An offset that makes each activation's output dead by its own criterion (scale 0):
 # gelu(-6) = -6e-9, swish(-10) = -4.5e-4 (|a| < 0.01); leaky_relu(-6) = -0.3 (a <= 0).
 DEAD_OFFSET = {'gelu': -6.0, 'swish': -10.0, 'leaky_relu': -6.0, 'relu': -3.0}
@@ -23,8 +23,10 @@ def _dead_mlp(activation):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), train=False)
   params = jax.tree.map(lambda x: x, variables['params'])
   norm = params['norm_0']
-  params['norm_0'] = {'scale': norm['scale'].at[DEAD].set(0.0),
-                      'bias': norm['bias'].at[DEAD].set(DEAD_OFFSET[activation])}
+  params['norm_0'] = {
+    'scale': norm['scale'].at[DEAD].set(0.0),
+    'bias': norm['bias'].at[DEAD].set(DEAD_OFFSET[activation]),
+  }
   images = jax.random.uniform(jax.random.key(1), (8, 4, 4, 1))
   labels = jnp.arange(8) % 3
   return model, {**variables, 'params': params}, images, labels
@@ -32,22 +34,30 @@ def _dead_mlp(activation):
 
 def _dead_slices(params):
   """The dead unit's producer slices and consumer in-slice."""
-  return [params['dense_0']['kernel'][:, DEAD], params['norm_0']['scale'][DEAD],
-          params['norm_0']['bias'][DEAD], params['dense_1']['kernel'][DEAD, :]]
+  return [
+    params['dense_0']['kernel'][:, DEAD],
+    params['norm_0']['scale'][DEAD],
+    params['norm_0']['bias'][DEAD],
+    params['dense_1']['kernel'][DEAD, :],
+  ]
 
 
 def _live_slices(params):
   live = np.array([u for u in range(5) if u != DEAD])
-  return [params['dense_0']['kernel'][:, live], params['norm_0']['scale'][live],
-          params['dense_1']['kernel'][live, :]]
+  return [
+    params['dense_0']['kernel'][:, live],
+    params['norm_0']['scale'][live],
+    params['dense_1']['kernel'][live, :],
+  ]
 
 
 def _train(model, variables, images, labels, tx, state, steps=3):
   batch_stats = variables['batch_stats']
 
   def loss_fn(params):
-    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                            mutable=['batch_stats'])
+    logits, _ = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+    )
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   @jax.jit
@@ -65,8 +75,9 @@ def _train(model, variables, images, labels, tx, state, steps=3):
 @pytest.mark.parametrize('activation', ['gelu', 'leaky_relu', 'swish'])
 def test_mask_liveness_gives_no_noise_to_eps_dead_units(activation):
   model, variables, images, labels = _dead_mlp(activation)
-  alive, _ = deadunits.dead_unit_stats(model, variables, images,
-                                       criterion=deadunits.criterion_for(activation))
+  alive, _ = deadunits.dead_unit_stats(
+    model, variables, images, criterion=deadunits.criterion_for(activation)
+  )
   assert not alive['hidden_0'][DEAD] and alive['hidden_0'].sum() == 4
   params0 = variables['params']
 
@@ -81,14 +92,15 @@ def test_mask_liveness_gives_no_noise_to_eps_dead_units(activation):
   for before, after in zip(_dead_slices(params0), _dead_slices(params)):
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
   for before, after in zip(_live_slices(params0), _live_slices(params)):
-    assert np.all(np.asarray(after) != np.asarray(before))   # every live entry got noise
+    assert np.all(np.asarray(after) != np.asarray(before))  # every live entry got noise
 
   # The gradient rule (the old behaviour for every activation) puts noise on the dead unit.
   tx = transforms.with_live_noise(optax.sgd(0.0), std=1e-2, liveness='gradient')
   params, _, _ = _train(model, variables, images, labels, tx, tx.init(params0))
   assert params['norm_0']['bias'][DEAD] != params0['norm_0']['bias'][DEAD]
-  assert np.all(np.asarray(params['dense_1']['kernel'][DEAD])
-                != np.asarray(params0['dense_1']['kernel'][DEAD]))
+  assert np.all(
+    np.asarray(params['dense_1']['kernel'][DEAD]) != np.asarray(params0['dense_1']['kernel'][DEAD])
+  )
 
 
 def test_live_mask_values_and_flatten_repeat():
@@ -96,12 +108,12 @@ def test_live_mask_values_and_flatten_repeat():
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)['params']
   alive = {'conv_0': np.array([1, 0, 1, 1], bool), 'conv_1': np.array([1, 1, 0], bool)}
   mask = units.live_mask(params, model.unit_groups(), alive)
-  k0 = np.asarray(mask['conv_0']['kernel'])           # [3, 3, 1, 4]: producer of conv_0
+  k0 = np.asarray(mask['conv_0']['kernel'])  # [3, 3, 1, 4]: producer of conv_0
   assert k0[..., 1].sum() == 0 and k0[..., [0, 2, 3]].all()
-  k1 = np.asarray(mask['conv_1']['kernel'])   # [3, 3, 4, 3]: consumes conv_0, produces conv_1
-  assert k1.sum() == 9 * 3 * 2                 # in-unit 1, out-unit 2 masked: 3 x 2 pairs left
+  k1 = np.asarray(mask['conv_1']['kernel'])  # [3, 3, 4, 3]: consumes conv_0, produces conv_1
+  assert k1.sum() == 9 * 3 * 2  # in-unit 1, out-unit 2 masked: 3 x 2 pairs left
   assert not k1[:, :, 1, :].any() and not k1[:, :, :, 2].any()
-  head = np.asarray(mask['head']['kernel'])           # [2*2*3, 3]: flatten, channels innermost
+  head = np.asarray(mask['head']['kernel'])  # [2*2*3, 3]: flatten, channels innermost
   np.testing.assert_array_equal(head[:, 0], np.tile([True, True, False], 4))
   assert np.asarray(mask['norm_0']['scale']).tolist() == [True, False, True, True]
   assert np.asarray(mask['head']['bias']).all()
@@ -111,8 +123,9 @@ def test_surgery_slices_the_live_mask():
   model, variables, images, _ = _dead_mlp('gelu')
   alive, activity = deadunits.dead_unit_stats(model, variables, images, criterion='gelu')
   params = variables['params']
-  tx = transforms.demp_optimizer(optax.adam(1e-3), penalty_strength=1e-3, noise_std=1e-2,
-                                 noise_liveness='mask')
+  tx = transforms.demp_optimizer(
+    optax.adam(1e-3), penalty_strength=1e-3, noise_std=1e-2, noise_liveness='mask'
+  )
   state = units.set_live_mask(tx.init(params), params, model, alive)
   # Remove unit 0 (alive) and keep the dead unit: its mask entries must follow it.
   keeps = {'hidden_0': np.array([0, 1, 1, 1, 1], bool)}
@@ -144,8 +157,11 @@ def test_trainer_picks_liveness_per_activation():
     c.model.activation = act
     c.model.widths = [6, 5]
     tx = optim.demp_wrap(c, optim.base_optimizer(c))
-    state = tx.init(build('mlp', 10, widths=[6, 5]).init(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)['params'])
+    state = tx.init(
+      build('mlp', 10, widths=[6, 5]).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)[
+        'params'
+      ]
+    )
     mask = units.get_live_mask(state)
     assert (mask is None) if expected is None else all(np.all(x) for x in jax.tree.leaves(mask))
   c.model.activation = 'gelu'
@@ -170,8 +186,10 @@ def test_trainer_sets_the_mask_at_every_check(tmp_path):
   # Make unit 3 of hidden_0 ε-dead, then run the trainer's prune event by hand (dynamic off).
   c.prune.dynamic = False
   p = run.state['params']
-  p['norm_0'] = {'scale': p['norm_0']['scale'].at[3].set(0.0),
-                 'bias': p['norm_0']['bias'].at[3].set(-6.0)}
+  p['norm_0'] = {
+    'scale': p['norm_0']['scale'].at[3].set(0.0),
+    'bias': p['norm_0']['bias'].at[3].set(-6.0),
+  }
   run.state = {**run.state, 'params': p}
   run.step = 6
   run.prune_dead()
@@ -188,11 +206,12 @@ def test_trainer_sets_the_mask_at_every_check(tmp_path):
 
 def test_group_scales_mask_selects_only_the_groups_own_scales():
   vit = build('vit', 10, hidden_dim=16, depth=2, num_heads=2, mlp_dim=8, patch_size=4)
-  params = jax.eval_shape(lambda: vit.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
-                                           train=False))['params']
+  params = jax.eval_shape(
+    lambda: vit.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  )['params']
   regex = jax.tree.leaves(transforms.path_mask(transforms.NORM_SCALES)(params))
-  assert sum(regex) == 5                    # 2 LayerNorms per block + the final one: no unit's
-  assert not any(jax.tree.leaves(units.group_scales_mask(vit)(params)))   # MLP groups: no scale
+  assert sum(regex) == 5  # 2 LayerNorms per block + the final one: no unit's
+  assert not any(jax.tree.leaves(units.group_scales_mask(vit)(params)))  # MLP groups: no scale
   conv = build('convnet', 10, widths=[4, 6])
   params = conv.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)['params']
   got = units.group_scales_mask(conv)(params)
@@ -204,6 +223,7 @@ def test_group_scales_mask_selects_only_the_groups_own_scales():
 
 def test_vit_configs_use_the_group_mask():
   from configs import vit_b16_imagenet, vit_cifar10_subset  # pylint: disable=g-import-not-at-top
+
   for cfg in (vit_cifar10_subset.get_config(), vit_b16_imagenet.get_config()):
     assert cfg.demp.penalty_mask == 'groups'
   assert train.base_config().demp.penalty_mask == transforms.NORM_SCALES
@@ -230,8 +250,11 @@ def test_unit_costs_and_multipliers_by_hand():
 
 
 def test_weighted_penalty_under_jit():
-  params = {'norm_0': {'scale': jnp.array([0.5, -2.0])}, 'norm_1': {'scale': jnp.array([1.0])},
-            'dense': {'kernel': jnp.ones((2, 2))}}
+  params = {
+    'norm_0': {'scale': jnp.array([0.5, -2.0])},
+    'norm_1': {'scale': jnp.array([1.0])},
+    'dense': {'kernel': jnp.ones((2, 2))},
+  }
   tx = transforms.add_scheduled_penalty(0.1, multipliers={'norm_0/scale': 1.5, 'norm_1/scale': 0.5})
   updates, _ = jax.jit(tx.update)(optax.tree.zeros_like(params), tx.init(params), params)
   np.testing.assert_allclose(updates['norm_0']['scale'], [0.15, -0.15], rtol=1e-6)
@@ -248,8 +271,9 @@ def test_decoupled_penalty_by_hand_under_jit():
   lam = lambda t: 0.1 * (1.0 + t)
   params = {'norm': {'scale': jnp.array([0.5, -2.0, 0.0]), 'bias': jnp.array([1.0, 1.0, 1.0])}}
   grads = {'norm': {'scale': jnp.array([1.0, 1.0, 1.0]), 'bias': jnp.array([1.0, 1.0, 1.0])}}
-  tx = transforms.demp_optimizer(optax.sgd(lr), penalty_strength=lam, penalty_coupling='decoupled',
-                                 learning_rate=lr)
+  tx = transforms.demp_optimizer(
+    optax.sgd(lr), penalty_strength=lam, penalty_coupling='decoupled', learning_rate=lr
+  )
   update = jax.jit(tx.update)
   state = tx.init(params)
   u, state = update(grads, state, params)
@@ -281,9 +305,10 @@ def test_trainer_wires_coupling_and_weighting():
   lr0 = float(train.learning_rate_schedule(c)(0))
   lam0 = float(train.demp_schedules(c)[0](0))
   # hidden_0: 64 + 2 + 5 = 71 per unit; hidden_1: 6 + 2 + 10 = 18; mean 44.5.
-  scale0 = np.asarray(params['norm_0']['scale'])   # ones at init: sign 1
-  np.testing.assert_allclose(u['norm_0']['scale'], -lr0 * lam0 * 71 / 44.5 * np.sign(scale0),
-                             rtol=1e-5)
+  scale0 = np.asarray(params['norm_0']['scale'])  # ones at init: sign 1
+  np.testing.assert_allclose(
+    u['norm_0']['scale'], -lr0 * lam0 * 71 / 44.5 * np.sign(scale0), rtol=1e-5
+  )
   np.testing.assert_allclose(u['norm_1']['scale'], -lr0 * lam0 * 18 / 44.5, rtol=1e-5)
   c.demp.penalty_weighting = 'bytes'
   with pytest.raises(ValueError, match='demp.penalty_weighting'):
@@ -293,14 +318,17 @@ def test_trainer_wires_coupling_and_weighting():
 def test_the_live_mask_round_trips_through_a_checkpoint(tmp_path):
   """The live mask is optimizer state: saved and restored with the run, bit for bit."""
   from demp import checkpoint  # pylint: disable=g-import-not-at-top
+
   c = quickstart.get_config()
   c.model.widths, c.model.activation = [16, 8], 'gelu'
   c.prune.num_examples, c.prune.batch_size, c.progress_bar = 32, 32, False
   c.prune.dynamic = False
   run, _ = train.init_run(c)
   p = run.state['params']
-  p['norm_0'] = {'scale': p['norm_0']['scale'].at[3].set(0.0),
-                 'bias': p['norm_0']['bias'].at[3].set(-6.0)}
+  p['norm_0'] = {
+    'scale': p['norm_0']['scale'].at[3].set(0.0),
+    'bias': p['norm_0']['bias'].at[3].set(-6.0),
+  }
   run.state = {**run.state, 'params': p}
   run.step = 6
   run.prune_dead()

@@ -15,13 +15,28 @@ comparison needs with the same algorithms and vocabulary:
   (``magnitude``, ``saliency``, ``set``, ``rigl``).
 """
 
-from baselines.sparse import (algorithms, distributions, sparsity_schedules, theoretical_flops,
-                              updater)
+from baselines.sparse import (
+  algorithms,
+  distributions,
+  sparsity_schedules,
+  theoretical_flops,
+  updater,
+)
 from baselines.sparse.methods import default_config, flops_summary, make_updater, resolve
 from baselines.sparse.updater import SparseState, SparseUpdater, create_updater, wrap_optax
 
 __all__ = [
-    'SparseState', 'SparseUpdater', 'algorithms', 'create_updater', 'default_config',
-    'distributions', 'flops_summary', 'make_updater', 'resolve', 'sparsity_schedules', 'theoretical_flops', 'updater',
-    'wrap_optax',
+  'SparseState',
+  'SparseUpdater',
+  'algorithms',
+  'create_updater',
+  'default_config',
+  'distributions',
+  'flops_summary',
+  'make_updater',
+  'resolve',
+  'sparsity_schedules',
+  'theoretical_flops',
+  'updater',
+  'wrap_optax',
 ]

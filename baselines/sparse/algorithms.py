@@ -59,8 +59,9 @@ def prune(mask: jax.Array, score: jax.Array, sparsity: jax.Array | float) -> jax
   return topk_mask(_active_only(mask, score), num_to_keep(mask.size, sparsity))
 
 
-def drop_and_grow(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
-                  drop_fraction: jax.Array | float) -> jax.Array:
+def drop_and_grow(
+  mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array, drop_fraction: jax.Array | float
+) -> jax.Array:
   """Drops ``floor(drop_fraction n_active)`` active weights of lowest ``drop_score``,
   then grows as many of highest ``grow_score`` among the weights not kept.
   """
@@ -86,6 +87,7 @@ class Algorithm(NamedTuple):
   whether masks start at the target sparsity (dynamic sparse training) or dense.
   ``uses_drop_fraction``: whether it reads ``drop_fraction`` (SET, RigL).
   """
+
   update: Callable[..., jax.Array]
   sparse_init: bool
   uses_drop_fraction: bool
@@ -112,8 +114,8 @@ def _rigl(mask, w, g, sparsity, drop_fraction, key):
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    'magnitude': Algorithm(_magnitude, sparse_init=False, uses_drop_fraction=False),
-    'saliency': Algorithm(_saliency, sparse_init=False, uses_drop_fraction=False),
-    'set': Algorithm(_set, sparse_init=True, uses_drop_fraction=True),
-    'rigl': Algorithm(_rigl, sparse_init=True, uses_drop_fraction=True),
+  'magnitude': Algorithm(_magnitude, sparse_init=False, uses_drop_fraction=False),
+  'saliency': Algorithm(_saliency, sparse_init=False, uses_drop_fraction=False),
+  'set': Algorithm(_set, sparse_init=True, uses_drop_fraction=True),
+  'rigl': Algorithm(_rigl, sparse_init=True, uses_drop_fraction=True),
 }

@@ -117,19 +117,25 @@ def erk(shapes: Shapes, sparsity: float, power_scale: float = 1.0) -> dict[str, 
     if max_raw * eps <= 1.0:
       break
     dense.update(p for p, r in raw.items() if r == max_raw)
-  return {path: 0.0 if path in dense else float(min(1.0, max(0.0, 1.0 - eps * raw[path])))
-          for path in shapes}
+  return {
+    path: 0.0 if path in dense else float(min(1.0, max(0.0, 1.0 - eps * raw[path])))
+    for path in shapes
+  }
 
 
 DISTRIBUTIONS: dict[str, Callable[[Shapes, float], dict[str, float]]] = {
-    'uniform': uniform,
-    'erk': erk,
+  'uniform': uniform,
+  'erk': erk,
 }
 
 
-def prunable_shapes(params: PyTree, *, layer_order: Sequence[str] | None = None,
-                    prune_first_layer: bool = False, prune_last_layer: bool = False,
-                    ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+def prunable_shapes(
+  params: PyTree,
+  *,
+  layer_order: Sequence[str] | None = None,
+  prune_first_layer: bool = False,
+  prune_last_layer: bool = False,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
   """``(pruned, held)``: shapes of the weights to prune, and of the first/last layers held dense.
 
   ``layer_order`` lists module paths in forward order (e.g. from
@@ -151,10 +157,16 @@ def prunable_shapes(params: PyTree, *, layer_order: Sequence[str] | None = None,
   return pruned, held
 
 
-def layer_sparsities(params: PyTree, distribution: str, sparsity: float, *,
-                     layer_order: Sequence[str] | None = None, prune_first_layer: bool = False,
-                     prune_last_layer: bool = False,
-                     custom_sparsity: Mapping[str, float] | None = None) -> PyTree:
+def layer_sparsities(
+  params: PyTree,
+  distribution: str,
+  sparsity: float,
+  *,
+  layer_order: Sequence[str] | None = None,
+  prune_first_layer: bool = False,
+  prune_last_layer: bool = False,
+  custom_sparsity: Mapping[str, float] | None = None,
+) -> PyTree:
   """A tree like ``params``: a sparsity (float) for each pruned weight, ``None`` elsewhere.
 
   Args:
@@ -173,9 +185,12 @@ def layer_sparsities(params: PyTree, distribution: str, sparsity: float, *,
   if distribution not in DISTRIBUTIONS:
     raise ValueError(f'distribution={distribution!r} is not one of {sorted(DISTRIBUTIONS)}.')
   _check_sparsity('sparsity', sparsity)
-  pruned, held = prunable_shapes(params, layer_order=layer_order,
-                                 prune_first_layer=prune_first_layer,
-                                 prune_last_layer=prune_last_layer)
+  pruned, held = prunable_shapes(
+    params,
+    layer_order=layer_order,
+    prune_first_layer=prune_first_layer,
+    prune_last_layer=prune_last_layer,
+  )
   custom = {}
   for regex, value in dict(custom_sparsity or {}).items():
     _check_sparsity(f'custom_sparsity[{regex!r}]', value)
@@ -191,7 +206,7 @@ def layer_sparsities(params: PyTree, distribution: str, sparsity: float, *,
 
   def leaf(path, _):
     value = result.get(path_str(path))
-    return value if value else None   # 0 = not pruned
+    return value if value else None  # 0 = not pruned
 
   return jax.tree.map_with_path(leaf, params)
 

@@ -50,7 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
     custom_sparsity: ``{path regex: sparsity}`` or ``'regex=s;regex=s'``,
       overriding the distribution for the weights it matches.
   """
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       target_sparsity=0.8,
       distribution='erk',
       schedule='',
@@ -61,38 +62,46 @@ def default_config() -> ml_collections.ConfigDict:
       prune_first_layer=False,
       prune_last_layer=False,
       custom_sparsity='',
-  ))
+    )
+  )
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Defaults overridden by ``config.baselines``, validated (errors name the key)."""
   demp_config.check_section(config, 'baselines')
   given = config.get('baselines', None) or {}
-  c = ml_collections.ConfigDict({k: given.get(k, v) for k, v in default_config().items()},
-                                type_safe=False)
+  c = ml_collections.ConfigDict(
+    {k: given.get(k, v) for k, v in default_config().items()}, type_safe=False
+  )
   ts = c.target_sparsity
   if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts < 1:
     raise ValueError(f'baselines.target_sparsity={ts!r} must be a number in [0, 1).')
   if c.distribution not in distributions.DISTRIBUTIONS:
-    raise ValueError(f'baselines.distribution={c.distribution!r} is not one of '
-                     f'{sorted(distributions.DISTRIBUTIONS)}.')
+    raise ValueError(
+      f'baselines.distribution={c.distribution!r} is not one of '
+      f'{sorted(distributions.DISTRIBUTIONS)}.'
+    )
   if c.schedule and c.schedule not in schedules.SCHEDULES:
-    raise ValueError(f'baselines.schedule={c.schedule!r} is not one of '
-                     f"{[''] + sorted(schedules.SCHEDULES)} ('' = the algorithm's default).")
+    raise ValueError(
+      f'baselines.schedule={c.schedule!r} is not one of '
+      f"{[''] + sorted(schedules.SCHEDULES)} ('' = the algorithm's default)."
+    )
   if isinstance(c.update_every, bool) or not isinstance(c.update_every, int) or c.update_every < 1:
     raise ValueError(f'baselines.update_every={c.update_every!r} must be an int >= 1.')
   if not 0 <= c.start_fraction <= c.end_fraction <= 1:
-    raise ValueError(f'baselines.start_fraction={c.start_fraction!r} and baselines.end_fraction='
-                     f'{c.end_fraction!r} must satisfy 0 <= start <= end <= 1.')
+    raise ValueError(
+      f'baselines.start_fraction={c.start_fraction!r} and baselines.end_fraction='
+      f'{c.end_fraction!r} must satisfy 0 <= start <= end <= 1.'
+    )
   if not 0 <= c.drop_fraction <= 1:
     raise ValueError(f'baselines.drop_fraction={c.drop_fraction!r} must be in [0, 1].')
-  c.custom_sparsity = tuple(parse_custom_sparsity(c.custom_sparsity).items())   # (regex, s) pairs
+  c.custom_sparsity = tuple(parse_custom_sparsity(c.custom_sparsity).items())  # (regex, s) pairs
   return c
 
 
 def parse_custom_sparsity(value) -> dict[str, float]:
   """``{regex: sparsity}`` from a mapping or from ``'regex=s;regex=s'``."""
-  if isinstance(value, Mapping) or hasattr(value, 'items'):   # a dict or a ConfigDict
+  if isinstance(value, Mapping) or hasattr(value, 'items'):  # a dict or a ConfigDict
     return {str(k): float(v) for k, v in value.items()}
   if not value:
     return {}
@@ -135,26 +144,38 @@ def flops_summary(config: ml_collections.ConfigDict) -> dict[str, float]:
   x = jax.numpy.zeros((1,) + image_shape, jax.numpy.float32)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))['params']
   per_module = flops.module_sparsities(u.sparsity_distribution_fn(params))
-  return flops.flops_report(records, per_module, config.method, u.scheduler,
-                            optim.num_updates(config))
+  return flops.flops_report(
+    records, per_module, config.method, u.scheduler, optim.num_updates(config)
+  )
 
 
-def make_updater(algorithm: str, config: ml_collections.ConfigDict,
-                 records: list[flops.LayerRecord] | None = None) -> updater.SparseUpdater:
+def make_updater(
+  algorithm: str, config: ml_collections.ConfigDict, records: list[flops.LayerRecord] | None = None
+) -> updater.SparseUpdater:
   """The sparse updater of ``config`` (``records`` default to :func:`model_layers`)."""
   c = resolve(config)
   records = model_layers(config) if records is None else records
   return updater.create_updater(
-      algorithm, sparsity=float(c.target_sparsity), total_steps=optim.num_updates(config),
-      distribution=c.distribution, schedule=c.schedule or None, update_freq=c.update_every,
-      start_fraction=c.start_fraction, end_fraction=c.end_fraction,
-      drop_fraction=c.drop_fraction, layer_order=flops.layer_order(records),
-      prune_first_layer=c.prune_first_layer, prune_last_layer=c.prune_last_layer,
-      custom_sparsity=dict(c.custom_sparsity), seed=config.seed + 2)
+    algorithm,
+    sparsity=float(c.target_sparsity),
+    total_steps=optim.num_updates(config),
+    distribution=c.distribution,
+    schedule=c.schedule or None,
+    update_freq=c.update_every,
+    start_fraction=c.start_fraction,
+    end_fraction=c.end_fraction,
+    drop_fraction=c.drop_fraction,
+    layer_order=flops.layer_order(records),
+    prune_first_layer=c.prune_first_layer,
+    prune_last_layer=c.prune_last_layer,
+    custom_sparsity=dict(c.custom_sparsity),
+    seed=config.seed + 2,
+  )
 
 
-def _optimizer(algorithm: str, config: ml_collections.ConfigDict,
-               base: optax.GradientTransformation) -> optax.GradientTransformation:
+def _optimizer(
+  algorithm: str, config: ml_collections.ConfigDict, base: optax.GradientTransformation
+) -> optax.GradientTransformation:
   return make_updater(algorithm, config).wrap_optax(base)
 
 

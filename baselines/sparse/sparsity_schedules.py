@@ -117,8 +117,9 @@ def _check_window(s) -> None:
   _check_step('update_start_step', s.update_start_step)
   _check_step('update_end_step', s.update_end_step)
   if s.update_end_step < s.update_start_step:
-    raise ValueError(f'update_end_step={s.update_end_step} is before '
-                     f'update_start_step={s.update_start_step}.')
+    raise ValueError(
+      f'update_end_step={s.update_end_step} is before update_start_step={s.update_start_step}.'
+    )
 
 
 def _on_grid(s, step: jax.Array) -> jax.Array:
@@ -126,8 +127,9 @@ def _on_grid(s, step: jax.Array) -> jax.Array:
   return inside & ((step - s.update_start_step) % s.update_freq == 0)
 
 
-def cosine_drop_fraction(drop_fraction: float, start_step: int, end_step: int
-                         ) -> Callable[[Step], jax.Array]:
+def cosine_drop_fraction(
+  drop_fraction: float, start_step: int, end_step: int
+) -> Callable[[Step], jax.Array]:
   """``d_t = d / 2 (1 + cos(π (t - t0) / (t1 - t0)))``: RigL's and SET's decaying drop fraction."""
   if not 0.0 <= drop_fraction <= 1.0:
     raise ValueError(f'drop_fraction={drop_fraction!r} must be in [0, 1].')
@@ -143,8 +145,10 @@ def cosine_drop_fraction(drop_fraction: float, start_step: int, end_step: int
 def window(total_steps: int, start_fraction: float, end_fraction: float) -> tuple[int, int]:
   """``(round(start_fraction T), round(end_fraction T))``, clipped to ``[1, T]``."""
   if not 0.0 <= start_fraction <= end_fraction <= 1.0:
-    raise ValueError(f'start_fraction={start_fraction!r} and end_fraction={end_fraction!r} '
-                     'must satisfy 0 <= start_fraction <= end_fraction <= 1.')
+    raise ValueError(
+      f'start_fraction={start_fraction!r} and end_fraction={end_fraction!r} '
+      'must satisfy 0 <= start_fraction <= end_fraction <= 1.'
+    )
   start = min(total_steps, max(1, int(round(start_fraction * total_steps))))
   end = min(total_steps, max(start, int(round(end_fraction * total_steps))))
   return start, end
@@ -165,15 +169,20 @@ def _polynomial(total_steps, update_freq, start_fraction, end_fraction):
 
 
 SCHEDULES: dict[str, Callable[[int, int, float, float], Schedule]] = {
-    'one_shot': _one_shot,        # prune once, at start_fraction * T
-    'periodic': _periodic,        # constant sparsity, updates in the window (SET, RigL)
-    'polynomial': _polynomial,    # cubic ramp 0 -> target over the window (magnitude, saliency)
+  'one_shot': _one_shot,  # prune once, at start_fraction * T
+  'periodic': _periodic,  # constant sparsity, updates in the window (SET, RigL)
+  'polynomial': _polynomial,  # cubic ramp 0 -> target over the window (magnitude, saliency)
 }
 """``SCHEDULES[kind](total_steps, update_freq, start_fraction, end_fraction)``."""
 
 
-def default_schedule(kind: str, total_steps: int, update_freq: int = 500,
-                     start_fraction: float = 0.3, end_fraction: float = 0.8) -> Schedule:
+def default_schedule(
+  kind: str,
+  total_steps: int,
+  update_freq: int = 500,
+  start_fraction: float = 0.3,
+  end_fraction: float = 0.8,
+) -> Schedule:
   """A schedule by name, defaulting to the DemP authors' window (every 500 steps, 0.3 T → 0.8 T)."""
   if kind not in SCHEDULES:
     raise ValueError(f'schedule={kind!r} is not one of {sorted(SCHEDULES)}.')

@@ -36,9 +36,10 @@ from baselines.sparse import sparsity_schedules as schedules
 
 class LayerRecord(NamedTuple):
   """One call of a module that owns a ``kernel``."""
-  path: str                         # module path, e.g. 'conv_1'
+
+  path: str  # module path, e.g. 'conv_1'
   kernel_shape: tuple[int, ...]
-  output_shape: tuple[int, ...]     # one example's output (batch axis removed)
+  output_shape: tuple[int, ...]  # one example's output (batch axis removed)
 
   @property
   def forward_flops(self) -> float:
@@ -61,8 +62,9 @@ def layer_records(model: nn.Module, input_shape: Sequence[int], **call_kwargs) -
     if context.method_name == '__call__' and context.module.scope is not None:
       kernel = context.module.variables.get('params', {}).get('kernel')
       if kernel is not None and hasattr(out, 'shape'):
-        records.append(LayerRecord('/'.join(context.module.path), tuple(kernel.shape),
-                                   tuple(out.shape[1:])))
+        records.append(
+          LayerRecord('/'.join(context.module.path), tuple(kernel.shape), tuple(out.shape[1:]))
+        )
     return out
 
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
@@ -76,8 +78,9 @@ def layer_order(records: Sequence[LayerRecord]) -> list[str]:
   return list(dict.fromkeys(r.path for r in records))
 
 
-def forward_flops(records: Sequence[LayerRecord],
-                  sparsities: Mapping[str, float] | None = None) -> float:
+def forward_flops(
+  records: Sequence[LayerRecord], sparsities: Mapping[str, float] | None = None
+) -> float:
   """Forward FLOPs per example; ``sparsities`` maps module paths to their kernel's sparsity."""
   sparsities = sparsities or {}
   return float(sum(r.forward_flops * (1.0 - sparsities.get(r.path, 0.0)) for r in records))
@@ -86,6 +89,7 @@ def forward_flops(records: Sequence[LayerRecord],
 def module_sparsities(target_sparsities: Any) -> dict[str, float]:
   """``{module path: sparsity}`` from a tree of per-weight sparsities (``None`` = dense)."""
   from baselines.sparse import distributions  # pylint: disable=g-import-not-at-top
+
   out = {}
   for path, s in jax.tree.leaves_with_path(target_sparsities):
     p = distributions.path_str(path)
@@ -94,8 +98,13 @@ def module_sparsities(target_sparsities: Any) -> dict[str, float]:
   return out
 
 
-def flops_report(records: Sequence[LayerRecord], sparsities: Mapping[str, float], algorithm: str,
-                 scheduler: schedules.Schedule, total_steps: int) -> dict[str, float]:
+def flops_report(
+  records: Sequence[LayerRecord],
+  sparsities: Mapping[str, float],
+  algorithm: str,
+  scheduler: schedules.Schedule,
+  total_steps: int,
+) -> dict[str, float]:
   """Theoretical inference and training FLOPs relative to dense, over a whole run.
 
   The sparsity in effect at step ``t`` is the one set by the last mask update
@@ -107,11 +116,16 @@ def flops_report(records: Sequence[LayerRecord], sparsities: Mapping[str, float]
     (FLOPs per example; ratios to the dense model).
   """
   from baselines.sparse import algorithms  # pylint: disable=g-import-not-at-top
+
   alg = algorithms.ALGORITHMS[algorithm]
   dense = forward_flops(records)
   update = np.asarray(jax.vmap(scheduler.is_mask_update_iter)(jnp.arange(1, total_steps + 1)))
-  levels = {p: np.asarray(jax.vmap(lambda t, s=s: scheduler.get_sparsity_at_step(s, t))(
-      jnp.arange(1, total_steps + 1))) for p, s in sparsities.items()}
+  levels = {
+    p: np.asarray(
+      jax.vmap(lambda t, s=s: scheduler.get_sparsity_at_step(s, t))(jnp.arange(1, total_steps + 1))
+    )
+    for p, s in sparsities.items()
+  }
   current = {p: (float(s) if alg.sparse_init else 0.0) for p, s in sparsities.items()}
   total = 0.0
   for i in range(total_steps):
@@ -124,6 +138,8 @@ def flops_report(records: Sequence[LayerRecord], sparsities: Mapping[str, float]
         current = {p: float(levels[p][i]) for p in sparsities}
     total += step_flops
   final = {p: float(s) for p, s in sparsities.items()}
-  return {'dense_forward_flops': dense,
-          'inference_flops_rel': forward_flops(records, final) / dense,
-          'training_flops_rel': total / (3.0 * dense * total_steps)}
+  return {
+    'dense_forward_flops': dense,
+    'inference_flops_rel': forward_flops(records, final) / dense,
+    'training_flops_rel': total / (3.0 * dense * total_steps),
+  }

@@ -64,6 +64,7 @@ class SparseState(NamedTuple):
       (float32 scalar), ``None`` elsewhere.
     count: updates done so far (the step being taken is ``count + 1``).
   """
+
   inner_state: optax.OptState
   masks: PyTree
   target_sparsities: PyTree
@@ -84,6 +85,7 @@ class SparseUpdater:
       for SET and RigL.
     seed: seeds the random initial masks and SET's random growth.
   """
+
   algorithm: str
   scheduler: schedules.Schedule
   sparsity_distribution_fn: Callable[[PyTree], PyTree]
@@ -92,8 +94,9 @@ class SparseUpdater:
 
   def __post_init__(self):
     if self.algorithm not in algorithms.ALGORITHMS:
-      raise ValueError(f'algorithm={self.algorithm!r} is not one of '
-                       f'{sorted(algorithms.ALGORITHMS)}.')
+      raise ValueError(
+        f'algorithm={self.algorithm!r} is not one of {sorted(algorithms.ALGORITHMS)}.'
+      )
     if algorithms.ALGORITHMS[self.algorithm].uses_drop_fraction and self.drop_fraction_fn is None:
       raise ValueError(f'algorithm={self.algorithm!r} needs a drop_fraction_fn.')
 
@@ -113,18 +116,23 @@ class SparseUpdater:
         masks.append(jnp.ones(shape, jnp.bool_))
     return jax.tree.unflatten(treedef, masks)
 
-  def update_masks(self, masks: PyTree, params: PyTree, grads: PyTree, target_sparsities: PyTree,
-                   step: jax.Array) -> PyTree:
+  def update_masks(
+    self, masks: PyTree, params: PyTree, grads: PyTree, target_sparsities: PyTree, step: jax.Array
+  ) -> PyTree:
     """The algorithm's new masks at ``step`` (jit-friendly; ``step`` may be traced)."""
     alg = algorithms.ALGORITHMS[self.algorithm]
     drop = self.drop_fraction_fn(step) if self.drop_fraction_fn is not None else 0.0
     key = jax.random.fold_in(jax.random.key(self.seed + 1), step)
     leaves, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
     ws, gs, ts = (treedef.flatten_up_to(t) for t in (params, grads, target_sparsities))
-    new = [m if m is None else
-           alg.update(m, w, g, self.scheduler.get_sparsity_at_step(t, step), drop,
-                      jax.random.fold_in(key, i))
-           for i, (m, w, g, t) in enumerate(zip(leaves, ws, gs, ts))]
+    new = [
+      m
+      if m is None
+      else alg.update(
+        m, w, g, self.scheduler.get_sparsity_at_step(t, step), drop, jax.random.fold_in(key, i)
+      )
+      for i, (m, w, g, t) in enumerate(zip(leaves, ws, gs, ts))
+    ]
     return jax.tree.unflatten(treedef, new)
 
   def wrap_optax(self, inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -133,9 +141,13 @@ class SparseUpdater:
     def init_fn(params):
       targets = self.sparsity_distribution_fn(params)
       targets = jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), targets)
-      masks = jax.jit(self.init_masks)(params, targets)   # one compilation, not one per op
-      return SparseState(inner_state=inner.init(params), masks=masks,
-                         target_sparsities=targets, count=jnp.zeros([], jnp.int32))
+      masks = jax.jit(self.init_masks)(params, targets)  # one compilation, not one per op
+      return SparseState(
+        inner_state=inner.init(params),
+        masks=masks,
+        target_sparsities=targets,
+        count=jnp.zeros([], jnp.int32),
+      )
 
     def update_fn(grads, state, params=None):
       if params is None:
@@ -148,18 +160,32 @@ class SparseUpdater:
         candidate = jax.tree.map(lambda w, u: w + u, params, updates)
         new = self.update_masks(masks, candidate, grads, state.target_sparsities, step)
         grown = jax.tree.map(
-            lambda old, n, w: jnp.zeros((), jnp.bool_) if old is None else n & ~old,
-            masks, new, params, is_leaf=_is_none)
+          lambda old, n, w: jnp.zeros((), jnp.bool_) if old is None else n & ~old,
+          masks,
+          new,
+          params,
+          is_leaf=_is_none,
+        )
         inner_state = optax.tree.map_params(inner, _zero_where, inner_state, grown)
         return new, inner_state
 
-      masks, inner_state = jax.lax.cond(self.scheduler.is_mask_update_iter(step), refresh,
-                                        lambda operand: operand, (state.masks, inner_state))
+      masks, inner_state = jax.lax.cond(
+        self.scheduler.is_mask_update_iter(step),
+        refresh,
+        lambda operand: operand,
+        (state.masks, inner_state),
+      )
       updates = jax.tree.map(
-          lambda old, new, u, w: u if old is None else jnp.where(old & new, u, -w),
-          state.masks, masks, updates, params, is_leaf=_is_none)
-      return updates, SparseState(inner_state=inner_state, masks=masks,
-                                  target_sparsities=state.target_sparsities, count=step)
+        lambda old, new, u, w: u if old is None else jnp.where(old & new, u, -w),
+        state.masks,
+        masks,
+        updates,
+        params,
+        is_leaf=_is_none,
+      )
+      return updates, SparseState(
+        inner_state=inner_state, masks=masks, target_sparsities=state.target_sparsities, count=step
+      )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -171,13 +197,23 @@ def _zero_where(x, grown):
   return jnp.where(grown, jnp.zeros_like(x), x)
 
 
-def create_updater(algorithm: str, *, sparsity: float, total_steps: int | None = None,
-                   distribution: str = 'erk', schedule: str | schedules.Schedule | None = None,
-                   update_freq: int = 500, start_fraction: float = 0.3, end_fraction: float = 0.8,
-                   drop_fraction: float = 0.3, layer_order: Sequence[str] | None = None,
-                   prune_first_layer: bool = False, prune_last_layer: bool = False,
-                   custom_sparsity: Mapping[str, float] | None = None, seed: int = 0
-                   ) -> SparseUpdater:
+def create_updater(
+  algorithm: str,
+  *,
+  sparsity: float,
+  total_steps: int | None = None,
+  distribution: str = 'erk',
+  schedule: str | schedules.Schedule | None = None,
+  update_freq: int = 500,
+  start_fraction: float = 0.3,
+  end_fraction: float = 0.8,
+  drop_fraction: float = 0.3,
+  layer_order: Sequence[str] | None = None,
+  prune_first_layer: bool = False,
+  prune_last_layer: bool = False,
+  custom_sparsity: Mapping[str, float] | None = None,
+  seed: int = 0,
+) -> SparseUpdater:
   """A :class:`SparseUpdater` from plain settings (the DemP authors' defaults).
 
   Args:
@@ -202,9 +238,10 @@ def create_updater(algorithm: str, *, sparsity: float, total_steps: int | None =
   if algorithm not in algorithms.ALGORITHMS:
     raise ValueError(f'algorithm={algorithm!r} is not one of {sorted(algorithms.ALGORITHMS)}.')
   if distribution not in distributions.DISTRIBUTIONS:
-    raise ValueError(f'distribution={distribution!r} is not one of '
-                     f'{sorted(distributions.DISTRIBUTIONS)}.')
-  distributions._check_sparsity('sparsity', sparsity)   # pylint: disable=protected-access
+    raise ValueError(
+      f'distribution={distribution!r} is not one of {sorted(distributions.DISTRIBUTIONS)}.'
+    )
+  distributions._check_sparsity('sparsity', sparsity)  # pylint: disable=protected-access
   alg = algorithms.ALGORITHMS[algorithm]
   if not isinstance(schedule, (str, type(None))):
     scheduler = schedule
@@ -214,21 +251,34 @@ def create_updater(algorithm: str, *, sparsity: float, total_steps: int | None =
     if total_steps is None:
       raise ValueError('total_steps is needed to build a schedule from fractions of the run.')
     kind = schedule or ('periodic' if alg.sparse_init else 'polynomial')
-    scheduler = schedules.default_schedule(kind, total_steps, update_freq, start_fraction,
-                                           end_fraction)
+    scheduler = schedules.default_schedule(
+      kind, total_steps, update_freq, start_fraction, end_fraction
+    )
     start, end = schedules.window(total_steps, start_fraction, end_fraction)
-  drop_fn = schedules.cosine_drop_fraction(drop_fraction, start, end) \
-      if alg.uses_drop_fraction else None
+  drop_fn = (
+    schedules.cosine_drop_fraction(drop_fraction, start, end) if alg.uses_drop_fraction else None
+  )
   dist_fn = functools.partial(
-      distributions.layer_sparsities, distribution=distribution, sparsity=sparsity,
-      layer_order=layer_order, prune_first_layer=prune_first_layer,
-      prune_last_layer=prune_last_layer, custom_sparsity=custom_sparsity)
-  return SparseUpdater(algorithm=algorithm, scheduler=scheduler, sparsity_distribution_fn=dist_fn,
-                       drop_fraction_fn=drop_fn, seed=seed)
+    distributions.layer_sparsities,
+    distribution=distribution,
+    sparsity=sparsity,
+    layer_order=layer_order,
+    prune_first_layer=prune_first_layer,
+    prune_last_layer=prune_last_layer,
+    custom_sparsity=custom_sparsity,
+  )
+  return SparseUpdater(
+    algorithm=algorithm,
+    scheduler=scheduler,
+    sparsity_distribution_fn=dist_fn,
+    drop_fraction_fn=drop_fn,
+    seed=seed,
+  )
 
 
-def wrap_optax(inner: optax.GradientTransformation, algorithm: str = 'magnitude',
-               **kwargs) -> optax.GradientTransformation:
+def wrap_optax(
+  inner: optax.GradientTransformation, algorithm: str = 'magnitude', **kwargs
+) -> optax.GradientTransformation:
   """``create_updater(algorithm, **kwargs).wrap_optax(inner)``."""
   return create_updater(algorithm, **kwargs).wrap_optax(inner)
 

@@ -30,7 +30,9 @@ def parse(arg: str | None, **defaults: Any) -> dict[str, Any]:
     if not item.strip():
       continue
     if '=' not in item:
-      raise ValueError(f'config argument {item!r} is not key=value; known keys: {sorted(defaults)}.')
+      raise ValueError(
+        f'config argument {item!r} is not key=value; known keys: {sorted(defaults)}.'
+      )
     key, text = (s.strip() for s in item.split('=', 1))
     if key not in defaults:
       raise ValueError(f'unknown config argument {key!r}; known: {sorted(defaults)}.')

@@ -26,10 +26,28 @@ from configs.analysis import divisor_at_most, parse
 from demp import data as data_lib
 from demp.train import base_config
 
-DEFAULTS = dict(method='demp', lam=3e-2, noise=5e-5, symmetric=False, schedule='one_cycle',
-                warmup='cosine', steps=600, every=100, examples='512', dynamic=True, lr=5e-3,
-                bs=128, eps=1e-8, opt='adamw', wd=5e-4, act='relu', width=1.0, data='npz',
-                path='', smoke=False)
+DEFAULTS = dict(
+  method='demp',
+  lam=3e-2,
+  noise=5e-5,
+  symmetric=False,
+  schedule='one_cycle',
+  warmup='cosine',
+  steps=600,
+  every=100,
+  examples='512',
+  dynamic=True,
+  lr=5e-3,
+  bs=128,
+  eps=1e-8,
+  opt='adamw',
+  wd=5e-4,
+  act='relu',
+  width=1.0,
+  data='npz',
+  path='',
+  smoke=False,
+)
 
 
 def build(args: dict):
@@ -79,8 +97,9 @@ def build(args: dict):
     c.batch_size = 16
     c.num_steps = 6
     c.prune.every = 3
-    c.prune.num_examples = min(c.prune.num_examples, 32) if args['examples'] != 'all' \
-        else c.prune.num_examples
+    c.prune.num_examples = (
+      min(c.prune.num_examples, 32) if args['examples'] != 'all' else c.prune.num_examples
+    )
     c.prune.batch_size = min(c.prune.batch_size, c.prune.num_examples)
     c.log_every = 3
     c.eval_batch_size = 64

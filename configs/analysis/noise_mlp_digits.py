@@ -25,8 +25,17 @@ from demp import analysis  # noqa: F401  (registers method sgd_noise)
 from demp.train import base_config
 
 MODES = ('sgd', 'sgd_noise', 'gaussian')
-DEFAULTS = dict(mode='sgd', lr=0.05, variance=1e-3, symmetric=False, steps=5000, every=250,
-                bs=1, examples=512, smoke=False)
+DEFAULTS = dict(
+  mode='sgd',
+  lr=0.05,
+  variance=1e-3,
+  symmetric=False,
+  steps=5000,
+  every=250,
+  bs=1,
+  examples=512,
+  smoke=False,
+)
 
 
 def get_config(arg: str | None = None):
@@ -48,7 +57,9 @@ def get_config(arg: str | None = None):
   c.optimizer.lr_schedule = 'constant'
   c.demp.peak_lambda = 0.0
   c.demp.schedule = 'constant'
-  c.demp.noise_std = args['variance']**0.5 if args['mode'] == 'gaussian' else 0.0   # the std of that variance
+  c.demp.noise_std = (
+    args['variance'] ** 0.5 if args['mode'] == 'gaussian' else 0.0
+  )  # the std of that variance
   c.demp.noise_symmetric = args['symmetric']
   c.prune.every = args['every']
   c.prune.dynamic = False

@@ -13,13 +13,13 @@ from demp import auto
 from demp.models import convnet, mlp, resnet, vgg, vit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    'mlp': mlp.make,
-    'convnet': convnet.make,
-    'resnet18': resnet.make_resnet18,
-    'resnet50': resnet.make_resnet50,
-    'vgg16': vgg.make,
-    'vit': vit.make,
-    'auto': auto.make,        # a user's module by import path: model.module='pkg.mod:Class'
+  'mlp': mlp.make,
+  'convnet': convnet.make,
+  'resnet18': resnet.make_resnet18,
+  'resnet50': resnet.make_resnet50,
+  'vgg16': vgg.make,
+  'vit': vit.make,
+  'auto': auto.make,  # a user's module by import path: model.module='pkg.mod:Class'
 }
 
 

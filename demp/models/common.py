@@ -10,10 +10,10 @@ import flax.linen as nn
 import jax
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'relu': nn.relu,
-    'leaky_relu': functools.partial(nn.leaky_relu, negative_slope=0.05),
-    'gelu': nn.gelu,
-    'swish': nn.swish,
+  'relu': nn.relu,
+  'leaky_relu': functools.partial(nn.leaky_relu, negative_slope=0.05),
+  'gelu': nn.gelu,
+  'swish': nn.swish,
 }
 
 
@@ -39,8 +39,10 @@ def parse_widths(text: str) -> list[int] | dict[str, int]:
       return {k: int(v) for k, v in (t.split('=', 1) for t in items)}
     return [int(t) for t in items]
   except ValueError:
-    raise ValueError(f'model.widths={text!r}: expected integers separated by commas '
-                     f"('32,64,128') or group=width pairs ('hidden_0=32,hidden_1=64').") from None
+    raise ValueError(
+      f'model.widths={text!r}: expected integers separated by commas '
+      f"('32,64,128') or group=width pairs ('hidden_0=32,hidden_1=64')."
+    ) from None
 
 
 def frozen_widths(names: list[str], widths) -> flax.core.FrozenDict:
@@ -50,7 +52,7 @@ def frozen_widths(names: list[str], widths) -> flax.core.FrozenDict:
   """
   if isinstance(widths, str):
     widths = parse_widths(widths)
-  if hasattr(widths, 'to_dict'):   # an ml_collections.ConfigDict
+  if hasattr(widths, 'to_dict'):  # an ml_collections.ConfigDict
     widths = widths.to_dict()
   if isinstance(widths, Mapping):
     missing = set(names) - set(widths)
@@ -71,5 +73,5 @@ def head_features(x_bhwc: jax.Array, head: str) -> jax.Array:
   if head == 'global':
     return x_bhwc.mean(axis=(1, 2))
   if head == 'flatten':
-    return x_bhwc.reshape((x_bhwc.shape[0], -1))   # (h, w, c): channels innermost
+    return x_bhwc.reshape((x_bhwc.shape[0], -1))  # (h, w, c): channels innermost
   raise ValueError(f'model.head={head!r} is not one of {HEADS}.')

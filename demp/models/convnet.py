@@ -21,11 +21,11 @@ HEADS = common.HEADS
 
 
 class ConvNet(nn.Module):
-  widths: Mapping[str, int]      # {'conv_0': 32, 'conv_1': 64, ...}
+  widths: Mapping[str, int]  # {'conv_0': 32, 'conv_1': 64, ...}
   num_classes: int
   activation: str = 'relu'
-  pool: bool = True              # 2x2 max-pool after every conv block
-  head: str = 'global'           # 'global' average pool or 'flatten'
+  pool: bool = True  # 2x2 max-pool after every conv block
+  head: str = 'global'  # 'global' average pool or 'flatten'
   norm: bool = True
 
   @property
@@ -49,20 +49,39 @@ class ConvNet(nn.Module):
     groups = []
     for i, name in enumerate(self.names):
       last = i + 1 == len(self.names)
-      consumer = param_slices('head', in_axis=0) if last else param_slices(f'conv_{i + 1}', in_axis=2)
-      groups.append(UnitGroup(
-          name=name, sites=((f'{name}_act',),),
-          producers=param_slices(f'conv_{i}', bias=not self.norm,
-                                 norm=f'norm_{i}' if self.norm else None),
-          consumers=consumer))
+      consumer = (
+        param_slices('head', in_axis=0) if last else param_slices(f'conv_{i + 1}', in_axis=2)
+      )
+      groups.append(
+        UnitGroup(
+          name=name,
+          sites=((f'{name}_act',),),
+          producers=param_slices(
+            f'conv_{i}', bias=not self.norm, norm=f'norm_{i}' if self.norm else None
+          ),
+          consumers=consumer,
+        )
+      )
     return tuple(groups)
 
 
-def make(num_classes: int, widths: Sequence[int] = (32, 64, 128, 256), activation: str = 'relu',
-         pool: bool = True, head: str = 'global', norm: bool = True) -> ConvNet:
+def make(
+  num_classes: int,
+  widths: Sequence[int] = (32, 64, 128, 256),
+  activation: str = 'relu',
+  pool: bool = True,
+  head: str = 'global',
+  norm: bool = True,
+) -> ConvNet:
   if head not in HEADS:
     raise ValueError(f'model.head={head!r} is not one of {HEADS}.')
-  widths = common.parse_widths(widths) if isinstance(widths, str) else widths   # '32,64'
+  widths = common.parse_widths(widths) if isinstance(widths, str) else widths  # '32,64'
   names = [f'conv_{i}' for i in range(len(widths))]
-  return ConvNet(widths=common.frozen_widths(names, widths), num_classes=num_classes,
-                 activation=activation, pool=pool, head=head, norm=norm)
+  return ConvNet(
+    widths=common.frozen_widths(names, widths),
+    num_classes=num_classes,
+    activation=activation,
+    pool=pool,
+    head=head,
+    norm=norm,
+  )

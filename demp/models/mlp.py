@@ -16,10 +16,10 @@ from demp.surgery import UnitGroup, param_slices
 
 
 class MLP(nn.Module):
-  widths: Mapping[str, int]      # {'hidden_0': 256, 'hidden_1': 128}
+  widths: Mapping[str, int]  # {'hidden_0': 256, 'hidden_1': 128}
   num_classes: int
   activation: str = 'relu'
-  norm: bool = True              # BatchNorm after each hidden Dense (DemP penalises its scale)
+  norm: bool = True  # BatchNorm after each hidden Dense (DemP penalises its scale)
 
   @property
   def names(self) -> list[str]:
@@ -40,17 +40,27 @@ class MLP(nn.Module):
     groups = []
     for i, name in enumerate(self.names):
       consumer = f'dense_{i + 1}' if i + 1 < len(self.names) else 'head'
-      groups.append(UnitGroup(
-          name=name, sites=((name,),),
-          producers=param_slices(f'dense_{i}', bias=not self.norm,
-                                 norm=f'norm_{i}' if self.norm else None),
-          consumers=param_slices(consumer, in_axis=0)))
+      groups.append(
+        UnitGroup(
+          name=name,
+          sites=((name,),),
+          producers=param_slices(
+            f'dense_{i}', bias=not self.norm, norm=f'norm_{i}' if self.norm else None
+          ),
+          consumers=param_slices(consumer, in_axis=0),
+        )
+      )
     return tuple(groups)
 
 
-def make(num_classes: int, widths: Sequence[int] = (256, 256), activation: str = 'relu',
-         norm: bool = True) -> MLP:
-  widths = common.parse_widths(widths) if isinstance(widths, str) else widths   # '32,64'
+def make(
+  num_classes: int, widths: Sequence[int] = (256, 256), activation: str = 'relu', norm: bool = True
+) -> MLP:
+  widths = common.parse_widths(widths) if isinstance(widths, str) else widths  # '32,64'
   names = [f'hidden_{i}' for i in range(len(widths))]
-  return MLP(widths=common.frozen_widths(names, widths), num_classes=num_classes,
-             activation=activation, norm=norm)
+  return MLP(
+    widths=common.frozen_widths(names, widths),
+    num_classes=num_classes,
+    activation=activation,
+    norm=norm,
+  )

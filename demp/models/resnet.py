@@ -57,7 +57,7 @@ INTERNAL_CONVS: dict[str, tuple[str, ...]] = {'basic': ('conv1',), 'bottleneck':
 LAST_CONV: dict[str, str] = {'basic': 'conv2', 'bottleneck': 'conv3'}
 EXPANSION: dict[str, int] = {'basic': 1, 'bottleneck': 4}
 STAGE_SIZES: dict[str, tuple[int, ...]] = {'resnet18': (2, 2, 2, 2), 'resnet50': (3, 4, 6, 3)}
-BASE_WIDTHS = (64, 128, 256, 512)   # per stage: block-internal width (basic: also the stream)
+BASE_WIDTHS = (64, 128, 256, 512)  # per stage: block-internal width (basic: also the stream)
 
 
 def _bn(prefix: Path, name: str) -> tuple[Slice, ...]:
@@ -99,6 +99,7 @@ class Block(nn.Module):
   ``widths``: the internal widths (``conv1``, and ``conv2`` for bottlenecks),
   then the stream width (output of the last conv, of the shortcut, of the block).
   """
+
   kind: str
   widths: tuple[int, ...]
   strides: int
@@ -115,8 +116,9 @@ class Block(nn.Module):
       specs = [(internal[0], (1, 1), 1), (internal[1], (3, 3), self.strides), (out, (1, 1), 1)]
     y_bhwc = x_bhwc
     for i, (width, kernel, strides) in enumerate(specs, start=1):
-      y_bhwc = nn.Conv(width, kernel, strides=strides, padding='SAME', use_bias=False,
-                       name=f'conv{i}')(y_bhwc)
+      y_bhwc = nn.Conv(
+        width, kernel, strides=strides, padding='SAME', use_bias=False, name=f'conv{i}'
+      )(y_bhwc)
       y_bhwc = common.batch_norm(train, f'bn{i}')(y_bhwc)
       if i < len(specs):
         y_bhwc = probe(self, f'act{i}', act(y_bhwc))
@@ -128,6 +130,7 @@ class Block(nn.Module):
 
 class ResNet(nn.Module):
   """A ResNet whose widths are given per unit group (see the module docstring)."""
+
   widths: Mapping[str, int]
   num_classes: int
   stage_sizes: tuple[int, ...] = STAGE_SIZES['resnet18']
@@ -151,11 +154,18 @@ class ResNet(nn.Module):
       raise ValueError(f'model.stem={self.stem!r} is not one of {STEMS}.')
     act = common.activation(self.activation)
     if self.stem == 'cifar':
-      x_bhwc = nn.Conv(self._stem_width(), (3, 3), padding='SAME', use_bias=False,
-                       name='stem_conv')(x_bhwc)
+      x_bhwc = nn.Conv(
+        self._stem_width(), (3, 3), padding='SAME', use_bias=False, name='stem_conv'
+      )(x_bhwc)
     else:
-      x_bhwc = nn.Conv(self._stem_width(), (7, 7), strides=2, padding=((3, 3), (3, 3)),
-                       use_bias=False, name='stem_conv')(x_bhwc)
+      x_bhwc = nn.Conv(
+        self._stem_width(),
+        (7, 7),
+        strides=2,
+        padding=((3, 3), (3, 3)),
+        use_bias=False,
+        name='stem_conv',
+      )(x_bhwc)
     x_bhwc = common.batch_norm(train, 'stem_bn')(x_bhwc)
     x_bhwc = probe(self, 'stem_act', act(x_bhwc))
     if self.stem == 'imagenet':
@@ -164,10 +174,14 @@ class ResNet(nn.Module):
       for b in range(n):
         name = block_name(s, b)
         widths = tuple(self.widths[f'{name}_{c}'] for c in INTERNAL_CONVS[self.block])
-        x_bhwc = Block(kind=self.block, widths=widths + (self.widths[f'stage{s}_stream'],),
-                       strides=2 if (s > 0 and b == 0) else 1,
-                       projection=has_projection(self.block, s, b),
-                       activation=self.activation, name=name)(x_bhwc, train=train)
+        x_bhwc = Block(
+          kind=self.block,
+          widths=widths + (self.widths[f'stage{s}_stream'],),
+          strides=2 if (s > 0 and b == 0) else 1,
+          projection=has_projection(self.block, s, b),
+          activation=self.activation,
+          name=name,
+        )(x_bhwc, train=train)
     x_bd = jnp.mean(x_bhwc, axis=(1, 2))
     return nn.Dense(self.num_classes, name='head')(x_bd)
 
@@ -177,17 +191,27 @@ class ResNet(nn.Module):
     stem_in_stream = not has_projection(kind, 0, 0)
     if not stem_in_stream:
       first = (block_name(0, 0),)
-      groups.append(UnitGroup(
-          name='stem', sites=(('stem_act',),), producers=_producer((), 'stem_conv', 'stem_bn'),
-          consumers=(_consumer(first, 'conv1'), _consumer(first, 'proj_conv'))))
+      groups.append(
+        UnitGroup(
+          name='stem',
+          sites=(('stem_act',),),
+          producers=_producer((), 'stem_conv', 'stem_bn'),
+          consumers=(_consumer(first, 'conv1'), _consumer(first, 'proj_conv')),
+        )
+      )
     for s, n in enumerate(self.stage_sizes):
       for b in range(n):
         prefix = (block_name(s, b),)
         nexts = internal[1:] + (last,)
         for i, (conv, nxt) in enumerate(zip(internal, nexts), start=1):
-          groups.append(UnitGroup(
-              name=f'{prefix[0]}_{conv}', sites=(prefix + (f'act{i}',),),
-              producers=_producer(prefix, conv, f'bn{i}'), consumers=(_consumer(prefix, nxt),)))
+          groups.append(
+            UnitGroup(
+              name=f'{prefix[0]}_{conv}',
+              sites=(prefix + (f'act{i}',),),
+              producers=_producer(prefix, conv, f'bn{i}'),
+              consumers=(_consumer(prefix, nxt),),
+            )
+          )
       if self.prune_stream:
         groups.append(self._stream_group(s, stem_in_stream and s == 0))
     return tuple(groups)
@@ -195,7 +219,11 @@ class ResNet(nn.Module):
   def _stream_group(self, s: int, with_stem: bool) -> UnitGroup:
     kind, n = self.block, self.stage_sizes[s]
     blocks = [(block_name(s, b),) for b in range(n)]
-    producers = [sl for p in blocks for sl in _producer(p, LAST_CONV[kind], f'bn{len(INTERNAL_CONVS[kind]) + 1}')]
+    producers = [
+      sl
+      for p in blocks
+      for sl in _producer(p, LAST_CONV[kind], f'bn{len(INTERNAL_CONVS[kind]) + 1}')
+    ]
     if has_projection(kind, s, 0):
       producers += _producer(blocks[0], 'proj_conv', 'proj_bn')
     sites = [p + ('out',) for p in blocks]
@@ -211,12 +239,17 @@ class ResNet(nn.Module):
         consumers.append(_consumer(nxt, 'proj_conv'))
     else:
       consumers.append(Slice(('head', 'kernel'), 0))
-    return UnitGroup(name=f'stage{s}_stream', sites=tuple(sites), producers=tuple(producers),
-                     consumers=tuple(consumers))
+    return UnitGroup(
+      name=f'stage{s}_stream',
+      sites=tuple(sites),
+      producers=tuple(producers),
+      consumers=tuple(consumers),
+    )
 
 
-def default_widths(stage_sizes: Sequence[int], block: str,
-                   width_multiplier: float = 1.0) -> dict[str, int]:
+def default_widths(
+  stage_sizes: Sequence[int], block: str, width_multiplier: float = 1.0
+) -> dict[str, int]:
   """The standard widths (64-128-256-512 per stage, streams x expansion), scaled."""
   scale = lambda w: max(1, int(round(w * width_multiplier)))
   widths = {'stem': scale(BASE_WIDTHS[0])}
@@ -228,41 +261,67 @@ def default_widths(stage_sizes: Sequence[int], block: str,
   return {k: widths[k] for k in group_names(stage_sizes, block)}
 
 
-def _make(depth: str, block: str, num_classes: int, stem: str, width_multiplier: float,
-          widths: Mapping[str, int] | None, activation: str, prune_stream: bool) -> ResNet:
+def _make(
+  depth: str,
+  block: str,
+  num_classes: int,
+  stem: str,
+  width_multiplier: float,
+  widths: Mapping[str, int] | None,
+  activation: str,
+  prune_stream: bool,
+) -> ResNet:
   if stem not in STEMS:
     raise ValueError(f'model.stem={stem!r} is not one of {STEMS}.')
   if not (isinstance(width_multiplier, (int, float)) and width_multiplier > 0):
     raise ValueError(f'model.width_multiplier={width_multiplier!r} must be a number > 0.')
-  common.activation(activation)   # fail early on an unknown name
+  common.activation(activation)  # fail early on an unknown name
   stage_sizes = STAGE_SIZES[depth]
   names = group_names(stage_sizes, block)
   if widths is None:
     widths = default_widths(stage_sizes, block, width_multiplier)
-  elif isinstance(widths, str):       # 'stem=32,...' (common.parse_widths)
+  elif isinstance(widths, str):  # 'stem=32,...' (common.parse_widths)
     widths = common.parse_widths(widths)
-  elif hasattr(widths, 'to_dict'):   # an ml_collections.ConfigDict
+  elif hasattr(widths, 'to_dict'):  # an ml_collections.ConfigDict
     widths = widths.to_dict()
   if isinstance(widths, Mapping):
     extra = set(widths) - set(names)
     if extra:
       raise ValueError(f'model.widths has unknown groups {sorted(extra)}; groups are {names}.')
-  return ResNet(widths=common.frozen_widths(names, widths), num_classes=num_classes,
-                stage_sizes=stage_sizes, block=block, stem=stem, activation=activation,
-                prune_stream=bool(prune_stream))
+  return ResNet(
+    widths=common.frozen_widths(names, widths),
+    num_classes=num_classes,
+    stage_sizes=stage_sizes,
+    block=block,
+    stem=stem,
+    activation=activation,
+    prune_stream=bool(prune_stream),
+  )
 
 
-def make_resnet18(num_classes: int, stem: str = 'cifar', width_multiplier: float = 1.0,
-                  widths: Mapping[str, int] | None = None, activation: str = 'relu',
-                  prune_stream: bool = True) -> ResNet:
+def make_resnet18(
+  num_classes: int,
+  stem: str = 'cifar',
+  width_multiplier: float = 1.0,
+  widths: Mapping[str, int] | None = None,
+  activation: str = 'relu',
+  prune_stream: bool = True,
+) -> ResNet:
   """ResNet-18 (basic blocks). ``widths`` (group -> width) overrides ``width_multiplier``."""
-  return _make('resnet18', 'basic', num_classes, stem, width_multiplier, widths, activation,
-               prune_stream)
+  return _make(
+    'resnet18', 'basic', num_classes, stem, width_multiplier, widths, activation, prune_stream
+  )
 
 
-def make_resnet50(num_classes: int, stem: str = 'imagenet', width_multiplier: float = 1.0,
-                  widths: Mapping[str, int] | None = None, activation: str = 'relu',
-                  prune_stream: bool = True) -> ResNet:
+def make_resnet50(
+  num_classes: int,
+  stem: str = 'imagenet',
+  width_multiplier: float = 1.0,
+  widths: Mapping[str, int] | None = None,
+  activation: str = 'relu',
+  prune_stream: bool = True,
+) -> ResNet:
   """ResNet-50 (bottlenecks, expansion 4). ``widths`` overrides ``width_multiplier``."""
-  return _make('resnet50', 'bottleneck', num_classes, stem, width_multiplier, widths, activation,
-               prune_stream)
+  return _make(
+    'resnet50', 'bottleneck', num_classes, stem, width_multiplier, widths, activation, prune_stream
+  )

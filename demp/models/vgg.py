@@ -26,14 +26,32 @@ from demp.models import common
 from demp.surgery import UnitGroup, param_slices
 
 # Conv widths; 'M' marks a 2x2 max-pool.
-VGG16: tuple[int | str, ...] = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',
-                                512, 512, 512, 'M', 512, 512, 512, 'M')
+VGG16: tuple[int | str, ...] = (
+  64,
+  64,
+  'M',
+  128,
+  128,
+  'M',
+  256,
+  256,
+  256,
+  'M',
+  512,
+  512,
+  512,
+  'M',
+  512,
+  512,
+  512,
+  'M',
+)
 HEADS = common.HEADS
 NUM_CONVS = sum(1 for v in VGG16 if v != 'M')
 
 
 class VGG(nn.Module):
-  widths: Mapping[str, int]      # {'conv_0': 64, ..., 'conv_12': 512}
+  widths: Mapping[str, int]  # {'conv_0': 64, ..., 'conv_12': 512}
   num_classes: int
   activation: str = 'relu'
   head: str = 'flatten'
@@ -49,8 +67,10 @@ class VGG(nn.Module):
     for v in VGG16:
       if v == 'M':
         if x_bhwc.shape[1] < 2 or x_bhwc.shape[2] < 2:
-          raise ValueError(f'VGG-16 pools five times; an input of {x_bhwc.shape[1:3]} at this '
-                           'depth is too small (use images of at least 32x32).')
+          raise ValueError(
+            f'VGG-16 pools five times; an input of {x_bhwc.shape[1:3]} at this '
+            'depth is too small (use images of at least 32x32).'
+          )
         x_bhwc = nn.max_pool(x_bhwc, (2, 2), strides=(2, 2))
         continue
       name = f'conv_{i}'
@@ -65,11 +85,16 @@ class VGG(nn.Module):
     groups = []
     for i, name in enumerate(self.names):
       last = i + 1 == NUM_CONVS
-      groups.append(UnitGroup(
-          name=name, sites=((f'{name}_act',),),
+      groups.append(
+        UnitGroup(
+          name=name,
+          sites=((f'{name}_act',),),
           producers=param_slices(name, norm=f'norm_{i}'),
-          consumers=param_slices('head', in_axis=0) if last
-          else param_slices(f'conv_{i + 1}', in_axis=2)))
+          consumers=param_slices('head', in_axis=0)
+          if last
+          else param_slices(f'conv_{i + 1}', in_axis=2),
+        )
+      )
     return tuple(groups)
 
 
@@ -78,8 +103,13 @@ def default_widths(width_multiplier: float = 1.0) -> dict[str, int]:
   return {f'conv_{i}': w for i, w in enumerate(widths)}
 
 
-def make(num_classes: int, width_multiplier: float = 1.0, widths: Mapping[str, int] | None = None,
-         activation: str = 'relu', head: str = 'flatten') -> VGG:
+def make(
+  num_classes: int,
+  width_multiplier: float = 1.0,
+  widths: Mapping[str, int] | None = None,
+  activation: str = 'relu',
+  head: str = 'flatten',
+) -> VGG:
   """VGG-16-BN. ``widths`` (group -> width, or a list of 13) overrides ``width_multiplier``."""
   if head not in HEADS:
     raise ValueError(f'model.head={head!r} is not one of {HEADS}.')
@@ -91,5 +121,9 @@ def make(num_classes: int, width_multiplier: float = 1.0, widths: Mapping[str, i
     widths = default_widths(width_multiplier)
   elif hasattr(widths, 'to_dict'):
     widths = widths.to_dict()
-  return VGG(widths=common.frozen_widths(names, widths), num_classes=num_classes,
-             activation=activation, head=head)
+  return VGG(
+    widths=common.frozen_widths(names, widths),
+    num_classes=num_classes,
+    activation=activation,
+    head=head,
+  )
