@@ -140,21 +140,24 @@ def run(
   return results
 
 
-_DATA = flags.DEFINE_string('data_path', None, 'The CIFAR-10 subset .npz (see docs/results.md).')
-_RESULTS = flags.DEFINE_string('results_dir', 'docs/results/fidelity', 'Kept results, per stage.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch directory for the runs.')
-_STAGES = flags.DEFINE_list('stages', list(STAGES), f'Stages to run, in order: {list(STAGES)}.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs to do and stop.')
-flags.mark_flags_as_required(['data_path', 'workdir'])
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a script, so importing is free)."""
+  flags.DEFINE_string('data_path', None, 'The CIFAR-10 subset .npz (scripts.make_cifar10_subset).')
+  flags.DEFINE_string('results_dir', 'docs/results/fidelity', 'Kept results, per stage.')
+  flags.DEFINE_string('workdir', None, 'Scratch directory for the runs.')
+  flags.DEFINE_list('stages', list(STAGES), f'Stages to run, in order: {list(STAGES)}.')
+  flags.DEFINE_bool('dry_run', False, 'List the runs to do and stop.')
+  flags.mark_flags_as_required(['data_path', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  unknown = [s for s in _STAGES.value if s not in STAGES]
+  f = flags.FLAGS
+  unknown = [s for s in f.stages if s not in STAGES]
   if unknown:
     raise app.UsageError(f'--stages: unknown {unknown}; known: {list(STAGES)}.')
-  results = run(_STAGES.value, _DATA.value, _RESULTS.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
+  results = run(f.stages, f.data_path, f.results_dir, f.workdir, dry_run=f.dry_run)
   failed = sorted(k for k, rc in results.items() if rc)
   if failed:
     print(f'{len(failed)} runs failed: {failed}', file=sys.stderr)
@@ -162,4 +165,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
