@@ -44,12 +44,22 @@ class Stage:
   after: str = ''  # the DemP stage whose sparsities set this stage's targets
   baselines: tuple[str, ...] = ()
   seeds: tuple[int, ...] = SEEDS
+  seed_major: bool = True  # every row's seed 0 first; False: each row's seeds together
 
   def expand(self, targets: str = '') -> list[str]:
     grids = list(self.grids)
     if self.after:
       grids = [f'arg.method={",".join(self.baselines)};arg.target={targets};seed={{s}}']
+    if not self.seed_major:
+      return [g.format(s=','.join(map(str, self.seeds))) for g in grids]
     return [g.format(s=s) for s in self.seeds for g in grids]
+
+
+_ABLATION_LAM = '0.04'  # DemP's middle point in convnet_adam (~60 % weight sparsity)
+
+
+def _ablation(overrides: str, lam: str = _ABLATION_LAM) -> str:
+  return f'arg.method=demp;arg.lam={lam};{overrides};seed={{s}}'
 
 
 STAGES: dict[str, Stage] = {
@@ -63,6 +73,26 @@ STAGES: dict[str, Stage] = {
       'arg.method=crop_s,snap;arg.target=0.5,0.7,0.9;seed={s}',
       'arg.method=magnitude,rigl;arg.target=0.7,0.9;seed={s}',
     ),
+  ),
+  # One change at a time to DemP at λ = 0.04 in convnet_adam (its row there is the
+  # reference), 2 seeds, the most telling first: where the penalty lands (a unit's cost),
+  # the noise scale, the coupling to Adam, constant units, the penalty's form, its span,
+  # τ and the run length. Decoupled λ is the shrink per step ÷ lr, so it needs a larger λ.
+  'convnet_adam_ablations': Stage(
+    CONVNET.replace('{steps}', '1200'),
+    (
+      _ablation('demp.penalty_weighting=params', '0.04,0.08,0.16'),
+      _ablation('demp.noise_std=0.0,0.00707'),
+      _ablation('demp.penalty_coupling=decoupled', '0.25,1.0'),
+      _ablation('demp.penalty_weighting=flops', '0.04,0.08'),
+      _ablation('prune.remove_constant=True', '0.08,0.16'),
+      _ablation('demp.penalty=l2'),
+      _ablation('demp.span=0.5'),
+      _ablation('arg.every=50,200'),
+      _ablation('arg.steps=600,2400'),
+    ),
+    seeds=(0, 1),
+    seed_major=False,
   ),
   # The same ConvNet with SGD-momentum 0.1 one-cycle: dense and DemP, then EarlyCroP-S
   # at DemP's sparsities. λ is ~10x smaller than with Adam: SGD does not normalize the

@@ -7,20 +7,36 @@ from demp import sweep
 from experiments import fidelity
 
 
+def _rows(specs):
+  rows = {}
+  for spec in specs:
+    overrides = dict(spec.overrides)
+    rows.setdefault(tuple(sorted((k, v) for k, v in overrides.items() if k != 'seed')), []).append(
+      overrides['seed']
+    )
+  return rows
+
+
 def test_every_row_has_three_seeds_and_seed_zero_comes_first():
   for name, stage in fidelity.STAGES.items():
-    if stage.after:
+    if stage.after or not stage.seed_major:
       continue
     specs = sweep.expand(stage.expand())
-    rows = {}
-    for spec in specs:
-      overrides = dict(spec.overrides)
-      rows.setdefault(
-        tuple(sorted((k, v) for k, v in overrides.items() if k != 'seed')), []
-      ).append(overrides['seed'])
+    rows = _rows(specs)
     assert all(sorted(s) == ['0', '1', '2'] for s in rows.values()), name
     first = [dict(s.overrides)['seed'] for s in specs[: len(rows)]]
     assert first == ['0'] * len(rows), name
+
+
+def test_ablations_change_one_thing_with_two_seeds_each_row_at_a_time():
+  specs = sweep.expand(fidelity.STAGES['convnet_adam_ablations'].expand())
+  rows = _rows(specs)
+  assert len(rows) == 17 and all(s == ['0', '1'] for s in rows.values())
+  seeds = [dict(s.overrides)['seed'] for s in specs]
+  assert seeds == ['0', '1'] * 17  # a row's seeds run back to back
+  for spec in specs:  # DemP plus exactly one change (λ aside)
+    changed = [k for k in dict(spec.overrides) if k not in ('arg.method', 'arg.lam', 'seed')]
+    assert dict(spec.overrides)['arg.method'] == 'demp' and len(changed) == 1, spec.name
 
 
 def test_baseline_stage_waits_for_demp_then_uses_its_sparsities(tmp_path):
