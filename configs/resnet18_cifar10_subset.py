@@ -19,7 +19,8 @@ has no default: pass it by flag (``python -m scripts.make_cifar10_subset`` build
 Arguments: method=demp|dense|<a baseline>, opt=adam|sgdm, lam=<peak λ>,
 act=relu|leaky_relu|swish|gelu, stream=True|False, steps=<num_steps>,
 path=<the .npz> (same as ``--config.data.path``), target / kind (the
-baselines' ``target_sparsity`` / ``target_kind``), fallback (the early
+baselines' ``target_sparsity`` / ``target_kind``), steer=True (DemP too steers
+its λ to target / kind), fallback (the early
 variants' fallback epoch; 0 = half the run), smoke=True.
 """
 
@@ -41,6 +42,7 @@ ARGS = dict(
   path='',
   target=0.5,
   kind='units',
+  steer=False,
   fallback=0,
   smoke=False,
 )
@@ -81,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prune.batch_size = 128
   c.eval_batch_size = 339  # the 1,017 test images in 3 batches, no padding
   c.log_every = 50
+
+  if a['steer']:  # DemP too aims at target / kind (demp.target_sparsity: docs/target.md)
+    c.demp.target_sparsity = a['target']
+    c.demp.target_kind = a['kind']
 
   b = baselines_config.default_config()  # read only when method is a baseline
   b.target_sparsity = a['target']

@@ -615,6 +615,10 @@ def train_run(
     run.state, out = run.compiled(run.state, batch)
     run.step = step
     losses.append(out['loss'])
+    if run.switch_due():  # a deferred prune: its step compiled in the background
+      t_switch = time.perf_counter()
+      run.switch()
+      event_s += time.perf_counter() - t_switch
     if method.hook is not None and method.when(config, step):
       t_hook = time.perf_counter()
       jax.block_until_ready(run.state)

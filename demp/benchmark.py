@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -384,5 +385,91 @@ def format_event_table(rows: Sequence[Mapping[str, Any]], taus: Mapping[str, int
       f"| {r['model']} | {r['check_compile_s']:.2f} | {r['check_s']:.2f} | "
       f"{r['surgery_s']:.2f} | {r['recompile_s']:.2f} | {r['event_s']:.2f} | {tau} | "
       f"{tau_s:.0f} | {r['event_s'] / tau_s:.4f} |"
+    )
+  return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Whole runs: what prune events cost a DemP run, synchronous vs deferred, vs dense.
+
+
+def event_overhead_runs(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  switch_after: Sequence[float] = (0.0, 0.1),
+  *,
+  dense: bool = True,
+  echo=print,
+) -> list[dict[str, Any]]:
+  """Trains ``config`` (a DemP config) once per ``prune.switch_after``, and dense; one row each.
+
+  The runs go one after the other in this process, dense first (so it pays the
+  process's warm-up); each row has the run's wall time, its prune events' total
+  stall and share of the wall time (``prune_overhead_share``), the largest
+  stall in seconds and in train steps, the background compile time, and the
+  wall time relative to the dense run. Runs found finished in ``workdir`` are
+  read, not trained again.
+  """
+  from demp import train  # pylint: disable=g-import-not-at-top
+
+  variants = [('dense', None)] if dense else []
+  variants += [(f'demp switch_after={s:g}', s) for s in switch_after]
+  rows = []
+  for name, after in variants:
+    c = ml_collections.ConfigDict(config.to_dict())
+    if after is None:
+      c.method = 'dense'
+    else:
+      c.prune.switch_after = float(after)
+    run_dir = f'{workdir}/{name.replace(" ", "_").replace("=", "-")}'
+    summary_path = f'{run_dir}/summary.json'
+    try:
+      with open(summary_path) as f:
+        summary = json.load(f)
+      echo(f'{name}: read {summary_path}')
+    except FileNotFoundError:
+      echo(f'{name}: training in {run_dir}')
+      summary = train.train_and_evaluate(c, run_dir)
+    rows.append({'variant': name, **_overhead_row(summary)})
+  dense_wall = rows[0]['wall_s'] if dense else float('nan')
+  for row in rows:
+    row['wall_vs_dense'] = row['wall_s'] / dense_wall
+  return rows
+
+
+def _overhead_row(summary: Mapping[str, Any]) -> dict[str, Any]:
+  costs = summary.get('prune_costs', [])
+  return {
+    'wall_s': summary['wall_time_s'],
+    'test_accuracy': summary['test_accuracy'],
+    'weight_sparsity': summary['weight_sparsity'],
+    'events': len(costs),
+    'events_removing': sum(bool(c['removed']) for c in costs),
+    'overhead_s': summary.get('prune_overhead_s', 0.0),
+    'overhead_share': summary.get('prune_overhead_share', 0.0),
+    'stall_max_s': summary.get('prune_stall_max_s', 0.0),
+    'stall_max_steps': summary.get('prune_stall_max_steps', 0.0),
+    'stall_median_steps': float(np.median([c['stall_steps'] for c in costs])) if costs else 0.0,
+    'check_s': float(sum(c.get('check_s', 0.0) for c in costs)),
+    'compile_background_s': summary.get('prune_compile_background_s', 0.0),
+    'compile_s': summary['compile_time_s'],
+  }
+
+
+def format_overhead_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """:func:`event_overhead_runs`'s rows as a Markdown table."""
+  head = (
+    '| variant | wall [s] | wall / dense | events (removing) | stall total [s] | share of wall '
+    '| max stall [s] | max stall [steps] | median stall [steps] | checks [s] '
+    '| background compile [s] | test acc | weight sparsity |'
+  )
+  lines = [head, '|' + '---|' * 13]
+  for r in rows:
+    lines.append(
+      f'| {r["variant"]} | {r["wall_s"]:.1f} | {r["wall_vs_dense"]:.3f} | '
+      f'{r["events"]} ({r["events_removing"]}) | {r["overhead_s"]:.2f} | '
+      f'{r["overhead_share"]:.2%} | {r["stall_max_s"]:.2f} | {r["stall_max_steps"]:.1f} | '
+      f'{r["stall_median_steps"]:.1f} | {r["check_s"]:.2f} | {r["compile_background_s"]:.1f} | '
+      f'{r["test_accuracy"]:.4f} | {r["weight_sparsity"]:.3f} |'
     )
   return '\n'.join(lines)

@@ -62,7 +62,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from demp import models
+from demp import models, surgery
 from demp import run as run_lib
 
 PyTree = Any
@@ -487,6 +487,9 @@ def load(directory: str, step: int | None = None) -> tuple[Any, dict, dict]:
   ``directory`` is a workdir or its ``checkpoints`` folder. The model is built
   from the saved config at the saved widths; ``variables`` holds ``params`` and
   ``batch_stats`` (the optimizer state needs the optimizer: use the trainer).
+  A checkpoint saved between a prune decision and its switch
+  (``prune.switch_after``) holds the units silenced: they are removed here, so
+  the model is the one the run trains from the switch on (the same function).
   """
   if os.path.isdir(os.path.join(directory, 'checkpoints')):
     directory = os.path.join(directory, 'checkpoints')
@@ -504,6 +507,10 @@ def load(directory: str, step: int | None = None) -> tuple[Any, dict, dict]:
     'params': _nest(flat, 'state/params/'),
     'batch_stats': _nest(flat, 'state/batch_stats/'),
   }
+  host_arrays = {k[len('host/') :]: np.asarray(v) for k, v in flat.items() if k.startswith('host/')}
+  pending = _decode(meta['host'].get('pending'), host_arrays)
+  if pending:
+    model, variables, _ = surgery.prune(model, variables, {}, pending['keeps'])
   return model, variables, meta
 
 

@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.remove_constant = False  # also remove units constant on the check set, folded
   c.prune.constant_eps = 0.01  # constant: max - min <= this over the check set
   c.prune.on_collapse = 'warn'  # every unit of a group died: warn | stop (raise)
+  # A prune event removes its units this fraction of τ later (at least one step), the step
+  # for the new widths compiling in the background meanwhile and the units silenced (exact);
+  # 0 = synchronous: prune, then compile. Deterministic: the same steps on every run and host.
+  c.prune.switch_after = 0.1
 
   c.batch_augment = augment.default_config()  # RandAugment / mixup / cutmix in JAX (demp.augment)
   c.log_every = 50
@@ -336,6 +340,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'prune.constant_eps',
   ):
     _positive(key, _get(config, key), strict=False)
+  if not 0 <= config.prune.switch_after < 1:
+    raise ValueError(
+      f'prune.switch_after={config.prune.switch_after!r}: allowed is a fraction of '
+      f'prune.every in [0, 1) (0 = synchronous).'
+    )
   for group, step in config.prune.start_steps.items():
     _positive(f'prune.start_steps.{group}', step, strict=False)
   if not 0 <= config.label_smoothing < 1:

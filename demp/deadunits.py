@@ -196,6 +196,21 @@ def _scan_all(model, variables, images, *, criterion: str, eps: float, batch_siz
   return out
 
 
+def compile_unit_stats(
+  model, variables: Mapping[str, PyTree], images, *, criterion: str = 'relu', batch_size: int = 128
+):
+  """:func:`unit_stats`'s pass compiled ahead of time for these shapes (arrays or shape structs).
+
+  Pass the result as ``unit_stats(..., compiled=...)``; a run compiles the
+  check for the widths after a prune in the background (:mod:`demp.run`).
+  """
+  batch_size = min(batch_size, images.shape[0])
+  variables = {k: v for k, v in variables.items() if k != 'intermediates'}
+  return _scan_all.lower(
+    model, variables, images, criterion=criterion, eps=0.0, batch_size=batch_size
+  ).compile()
+
+
 def unit_stats(
   model,
   variables: Mapping[str, PyTree],
@@ -204,6 +219,7 @@ def unit_stats(
   criterion: str = 'relu',
   eps: float = 0.01,
   batch_size: int = 128,
+  compiled=None,
 ) -> dict[str, dict[str, np.ndarray]]:
   """:func:`dead_unit_stats` plus each unit's range, in the same single pass.
 
@@ -222,9 +238,14 @@ def unit_stats(
       f'the {n} death-check examples are not a multiple of the batch size {batch_size}.'
     )
   variables = {k: v for k, v in variables.items() if k != 'intermediates'}
-  out = jax.device_get(
-    _scan_all(model, variables, images, criterion=criterion, eps=float(eps), batch_size=batch_size)
-  )
+  if compiled is not None:  # compile_unit_stats for these shapes, criterion and batch size
+    out = jax.device_get(compiled(variables, images, eps=float(eps)))
+  else:
+    out = jax.device_get(
+      _scan_all(
+        model, variables, images, criterion=criterion, eps=float(eps), batch_size=batch_size
+      )
+    )
   return {
     name: {k: np.asarray(v) for k, v in d.items()}
     for name, d in zip(('alive', 'activity', 'low', 'high'), out)

@@ -130,6 +130,12 @@ def summary_table(summary: Mapping[str, Any]) -> str:
       f'{summary["prune_events"]} ({summary["prune_events_effective"]})',
     ),
     ('wall time [s]', f'{summary["wall_time_s"]:.1f}'),
+    (
+      'prune-event stall [s] (share of wall, max steps)',
+      f'{summary.get("prune_overhead_s", 0.0):.2f} '
+      f'({summary.get("prune_overhead_share", 0.0):.1%}, '
+      f'{summary.get("prune_stall_max_steps", 0.0):.1f})',
+    ),
     ('train-step time, first arch [ms]', f'{1e3 * summary["step_time_first_s"]:.2f}'),
     ('train-step time, final arch [ms]', f'{1e3 * summary["step_time_final_s"]:.2f}'),
     ('train-step time ratio final/first', f'{summary["step_time_ratio"]:.3f}'),

@@ -12,11 +12,13 @@ arrays), or are rebuilt from the config when a run resumes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -79,22 +81,129 @@ class Run:
   unit_ids: dict = _host(default_factory=dict)  # group -> dense indices of the units present
   dead_set: frozenset | None = _host(default=None)  # (group, dense index) dead at the last check
   mesh: Any = None  # demp.parallel mesh: batch split on 'data', state replicated
+  # A deferred prune (prune.switch_after): {'keeps', 'switch_step', 'cost'}; the units are
+  # silenced (demp.surgery.silence) until the step compiled for the new widths takes over.
+  pending: dict | None = _host(default=None)
+  costs: list = _host(default_factory=list)  # per prune event: its times and stall
+  step_s: float = float('nan')  # recent mean train-step time (the loop sets it)
+  _batch_spec: Any = None  # the batch's shapes, for compiling ahead of a switch
+  _next: Any = None  # future of the background compile: (compiled, flops, seconds)
+  _checks: dict = dataclasses.field(default_factory=dict)  # widths -> compiled death check
+  _pool: Any = None
 
   @property
   def variables(self) -> dict:
     return {'params': self.state['params'], 'batch_stats': self.state['batch_stats']}
 
-  def compile(self, batch) -> float:
-    """Compiles the train step for the current shapes (AOT); returns seconds."""
-    t0 = time.perf_counter()
-    step = steps.make_train_step(self.model, self.tx, self.config.label_smoothing)
+  def _lower(self, model, state, batch):
+    step = steps.make_train_step(model, self.tx, self.config.label_smoothing)
     shardings = parallel.step_shardings(self.mesh) if self.mesh is not None else {}
-    self.compiled = jax.jit(step, donate_argnums=0, **shardings).lower(self.state, batch).compile()
+    return jax.jit(step, donate_argnums=0, **shardings).lower(state, batch)
+
+  def compile(self, batch) -> float:
+    """Compiles the train step for the current shapes (AOT); returns seconds.
+
+    With a deferred prune pending (a resumed run), also starts compiling the
+    step for the pending widths in the background.
+    """
+    t0 = time.perf_counter()
+    self._batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    self.compiled = self._lower(self.model, self.state, batch).compile()
     self.step_flops = metrics.compiled_flops(self.compiled)
+    if self.pending is not None and self._next is None:
+      self._compile_ahead(self.pending['keeps'])
     return time.perf_counter() - t0
+
+  # -- Deferred prunes: train on, silenced, while the smaller step compiles. ------------------
+
+  def _compile_ahead(self, keeps: Mapping[str, np.ndarray]) -> None:
+    """Starts compiling, in a background thread, the train step for the widths after ``keeps``."""
+    widths = {**self.model.widths, **{k: int(np.sum(v)) for k, v in keeps.items()}}
+    model = self.model.clone(widths=flax.core.FrozenDict(widths))
+    shapes = surgery.pruned_shapes(self.model, self.state, keeps)  # shapes only: no array is read
+    batch = self._batch_spec
+    images = jax.ShapeDtypeStruct(self.death_images.shape, self.death_images.dtype)
+    c = self.config.prune
+
+    def work():
+      t0 = time.perf_counter()
+      compiled = self._lower(model, shapes, batch).compile()
+      seconds = time.perf_counter() - t0
+      if self.mesh is None or self.mesh.devices.size == 1:  # the next death check's pass
+        variables = {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
+        self._checks[_key(model.widths)] = deadunits.compile_unit_stats(
+          model, variables, images, criterion=self._criterion(), batch_size=c.batch_size
+        )
+      return compiled, metrics.compiled_flops(compiled), seconds
+
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='demp-compile')
+    self._next = self._pool.submit(work)
+
+  def switch_delay(self) -> int:
+    """Steps between a prune decision and its switch to the new widths; 0 = prune now.
+
+    ``prune.switch_after`` × τ, at least 1, never past the next death check or
+    the end of the run (a decision at the last step is synchronous); 0 when
+    silencing is not exact for the model (:func:`demp.surgery.silences_exactly`)
+    or no step was compiled yet (step 0). Depends on the config only, so every
+    run and every host switches at the same step.
+    """
+    c = self.config.prune
+    left = self.config.num_steps - self.step
+    if c.switch_after == 0 or self._batch_spec is None or left <= 1:
+      return 0
+    if not surgery.silences_exactly(self.model):
+      return 0
+    delay = max(1, round(c.switch_after * c.every))
+    return min(delay, max(1, c.every - 1), left - 1)
+
+  def _defer(self, keeps: Mapping[str, np.ndarray], delay: int) -> None:
+    """Silences the units not kept and schedules their removal ``delay`` steps from now."""
+    self._compile_ahead(keeps)
+    variables, opt_state = surgery.silence(
+      self.model, self.variables, self.state['opt_state'], keeps
+    )
+    self.state = train_state(variables, opt_state)
+    if self.mesh is not None:
+      self.state = parallel.replicate(self.state, self.mesh)
+    keeps = {k: np.asarray(v, bool) for k, v in keeps.items()}
+    self.pending = {'keeps': keeps, 'switch_step': self.step + delay, 'cost': {}}
+
+  def switch(self) -> dict[str, float]:
+    """Ends a deferred prune: waits for the compiled step, removes the silenced units.
+
+    Returns its times: ``wait_s`` (blocked on the compile), ``switch_s`` (the
+    whole switch, wait included), ``compile_s`` (the background compile).
+    """
+    t0 = time.perf_counter()
+    keeps = self.pending['keeps']
+    if self._next is None:  # never started (no step compiled since the resume)
+      self._compile_ahead(keeps)
+    compiled, flops_, compile_s = self._next.result()
+    waited = time.perf_counter() - t0
+    example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
+    self.model, variables, opt_state = surgery.prune(
+      self.model, self.variables, self.state['opt_state'], keeps, example_input=example
+    )
+    self.state = train_state(variables, opt_state)
+    if self.mesh is not None:
+      self.state = parallel.replicate(self.state, self.mesh)
+    self.compiled, self.step_flops = compiled, flops_
+    self.pending, self._next = None, None
+    return {'wait_s': waited, 'switch_s': time.perf_counter() - t0, 'compile_s': compile_s}
+
+  def switch_due(self) -> bool:
+    """Whether a deferred prune switches now (after the step just taken): call after each step."""
+    return self.pending is not None and self.step >= self.pending['switch_step']
+
+  def finish_pending(self) -> dict[str, float] | None:
+    """Switches now if a deferred prune is pending (before a check, an export, the end)."""
+    return self.switch() if self.pending is not None else None
 
   def unit_stats(self) -> dict:
     """The death check's one pass: ``alive``, ``activity`` and per-unit output ranges."""
+    self.finish_pending()
     c = self.config.prune
     return deadunits.unit_stats(
       self.model,
@@ -102,20 +211,40 @@ class Run:
       self.death_images,
       eps=c.eps,
       batch_size=c.batch_size,
-      criterion=c.criterion or deadunits.criterion_for(self.model.activation),
+      criterion=self._criterion(),
+      compiled=self._checks.pop(_key(self.model.widths), None),
     )
+
+  def _criterion(self) -> str:
+    return self.config.prune.criterion or deadunits.criterion_for(self.model.activation)
 
   def dead_units(self) -> tuple[dict, dict]:
     stats = self.unit_stats()
     return stats['alive'], stats['activity']
 
-  def prune(self, keeps: Mapping[str, np.ndarray], reason: str = '', **info) -> bool:
-    """Removes the units not kept; returns whether any unit was removed."""
+  def prune(
+    self, keeps: Mapping[str, np.ndarray], reason: str = '', *, defer: bool = False, **info
+  ) -> bool:
+    """Removes the units not kept; returns whether any unit was removed.
+
+    With ``defer`` (DemP's prune events) and ``prune.switch_after`` > 0 the
+    units are silenced now and removed :meth:`switch_delay` steps later, when
+    the step for the new widths has compiled in the background; the event's
+    ``widths`` are the new ones, ``run.model`` keeps the old ones until then.
+    Without it (the baselines, which go on using ``run.model``) they go now.
+    """
+    self.finish_pending()
     parallel.assert_same_across_hosts(dict(keeps), 'keep-masks')  # every host cuts the same units
     before = dict(self.model.widths)
     removes = any(int(np.sum(k)) < before[name] for name, k in keeps.items())
     t0 = time.perf_counter()
-    if removes:
+    delay = self.switch_delay() if removes and defer else 0
+    if delay:
+      self._defer(keeps, delay)
+      for name, keep in keeps.items():
+        ids = self.unit_ids.get(name, np.arange(before[name]))
+        self.unit_ids[name] = ids[np.asarray(keep, bool)]
+    elif removes:
       example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
       self.model, variables, opt_state = surgery.prune(
         self.model, self.variables, self.state['opt_state'], keeps, example_input=example
@@ -125,13 +254,15 @@ class Run:
       for name, keep in keeps.items():
         ids = self.unit_ids.get(name, np.arange(before[name]))
         self.unit_ids[name] = ids[np.asarray(keep, bool)]
+    widths = {**before, **{k: int(np.sum(v)) for k, v in keeps.items()}}
     event = {
       'event': 'prune',
       'step': self.step,
       'reason': reason,
       'removed': removes,
-      'widths': dict(self.model.widths),
+      'widths': widths,
       'surgery_s': time.perf_counter() - t0,
+      **({'switch_step': self.pending['switch_step']} if delay else {}),
       **info,
     }
     self.events.append(event)
@@ -200,6 +331,7 @@ class Run:
     removed = self.prune(
       keeps,
       reason='dead',
+      defer=True,
       check_s=check_s,
       live=deadunits.count(alive),
       dead=len(dead),
@@ -211,6 +343,10 @@ class Run:
     if target.enabled(self.config):
       target.after_check(self)  # measure the sparsity, set the next gain
     return removed
+
+
+def _key(widths: Mapping[str, int]) -> tuple:
+  return tuple(sorted(widths.items()))
 
 
 HOST_FIELDS: tuple[str, ...] = tuple(

@@ -139,8 +139,8 @@ def keep_masks(
 # Slicing.
 
 
-def _index(size: int, axis: int, parts: Sequence[tuple[np.ndarray, int, int | None]]) -> np.ndarray:
-  """Kept positions of an axis of ``size`` shared by ``(keep, offset, block)`` slices."""
+def _kept(size: int, axis: int, parts: Sequence[tuple[np.ndarray, int, int | None]]) -> np.ndarray:
+  """``[size]`` bools: the positions of an axis shared by ``(keep, offset, block)`` slices that stay."""
   kept = np.ones(size, bool)
   for keep, offset, block in parts:
     width = keep.size
@@ -157,11 +157,30 @@ def _index(size: int, axis: int, parts: Sequence[tuple[np.ndarray, int, int | No
       )
     pos = (np.arange(size // block)[:, None] * block + offset + np.arange(width)[None, :]).ravel()
     kept[pos] &= np.tile(keep, size // block)
-  return np.flatnonzero(kept)
+  return kept
+
+
+def _index(size: int, axis: int, parts: Sequence[tuple[np.ndarray, int, int | None]]) -> np.ndarray:
+  """Kept positions of an axis of ``size`` shared by ``(keep, offset, block)`` slices."""
+  return np.flatnonzero(_kept(size, axis, parts))
 
 
 def _take(leaf: np.ndarray | jax.Array, axis: int, parts) -> jax.Array:
   return jax.numpy.take(leaf, _index(leaf.shape[axis], axis, parts), axis=axis)
+
+
+def _zero(leaf: jax.Array, axis: int, parts) -> jax.Array:
+  """The leaf with the removed positions of ``axis`` set to zero (False for bools)."""
+  kept = _kept(leaf.shape[axis], axis, parts)
+  shape = [1] * leaf.ndim
+  shape[axis] = kept.size
+  return jax.numpy.where(kept.reshape(shape), leaf, jax.numpy.zeros((), leaf.dtype))
+
+
+def _take_shape(leaf: jax.ShapeDtypeStruct, axis: int, parts) -> jax.ShapeDtypeStruct:
+  shape = list(leaf.shape)
+  shape[axis] = int(_kept(shape[axis], axis, parts).sum())
+  return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=getattr(leaf, 'sharding', None))
 
 
 def _slicers(groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray]) -> dict[Path, list]:
@@ -186,9 +205,12 @@ def _dict_path(keypath) -> Path:
 
 
 def _slice_leaves(
-  tree: PyTree, slicers: Mapping[Path, list], shapes: Mapping[Path, tuple[int, ...]] | None
+  tree: PyTree,
+  slicers: Mapping[Path, list],
+  shapes: Mapping[Path, tuple[int, ...]] | None,
+  op=_take,
 ) -> tuple[PyTree, set[Path]]:
-  """Slices every leaf whose (trailing) dict path has slicers."""
+  """Applies ``op(leaf, axis, parts)`` (default: slicing) to every leaf whose dict path has slicers."""
   used: set[Path] = set()
 
   def fn(keypath, leaf):
@@ -200,9 +222,9 @@ def _slice_leaves(
         used.add(sub)
         by_axis: dict[int, list] = {}
         for axis, keep, offset, block in slicers[sub]:
-          by_axis.setdefault(axis % leaf.ndim, []).append((keep, offset, block))
+          by_axis.setdefault(axis % len(leaf.shape), []).append((keep, offset, block))
         for axis, parts in by_axis.items():
-          leaf = _take(leaf, axis, parts)
+          leaf = op(leaf, axis, parts)
         return leaf
     return leaf
 
@@ -210,7 +232,11 @@ def _slice_leaves(
 
 
 def slice_variables(
-  variables: Mapping[str, PyTree], groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray]
+  variables: Mapping[str, PyTree],
+  groups: Sequence[UnitGroup],
+  keeps: Mapping[str, np.ndarray],
+  *,
+  op=_take,
 ) -> dict[str, PyTree]:
   """Slices every collection of a Flax variables dict (params, batch_stats...).
 
@@ -228,7 +254,7 @@ def slice_variables(
   for col, tree in variables.items():
     if col == 'intermediates':
       continue
-    out[col], used_col = _slice_leaves(tree, slicers, None)
+    out[col], used_col = _slice_leaves(tree, slicers, None, op)
     used |= used_col
   missing = set(slicers) - used
   if missing:
@@ -240,7 +266,12 @@ def slice_variables(
 
 
 def slice_optimizer_state(
-  opt_state: PyTree, params: PyTree, groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray]
+  opt_state: PyTree,
+  params: PyTree,
+  groups: Sequence[UnitGroup],
+  keeps: Mapping[str, np.ndarray],
+  *,
+  op=_take,
 ) -> PyTree:
   """Slices every param-shaped leaf of an optax state (moments, momentum, masks).
 
@@ -253,8 +284,69 @@ def slice_optimizer_state(
   shapes = {
     _dict_path(kp): np.shape(x) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]
   }
-  sliced, _ = _slice_leaves(opt_state, _slicers(groups, keeps), shapes)
+  sliced, _ = _slice_leaves(opt_state, _slicers(groups, keeps), shapes, op)
   return sliced
+
+
+def silence(
+  model, variables: Mapping[str, PyTree], opt_state: PyTree, keeps: Mapping[str, np.ndarray]
+) -> tuple[dict[str, PyTree], PyTree]:
+  """Zeroes, instead of removing, the units not kept: ``(variables, opt_state)`` at the same shapes.
+
+  Every producer and consumer slice of a removed unit is set to zero in
+  ``params`` and in every param-shaped optimizer-state leaf (moments, momentum,
+  live masks: False); batch statistics are left as they are. When the model's
+  activation maps 0 to 0 (:func:`silences_exactly`) a silenced unit outputs
+  exactly zero and its consumers read nothing from it, so the network computes
+  what the pruned one computes; every gradient on the silenced slices is
+  exactly zero and their moments are zero, so (with any optax optimizer whose
+  update of a zero gradient with zero state is zero: SGD, momentum, Adam(W),
+  weight decay of a zero weight, the DemP penalty, the live-only noise) they
+  stay zero. Training can go on at the old shapes, exactly, until the step
+  compiled for the new shapes is ready (:meth:`demp.run.Run.prune` with
+  ``defer``); then :func:`prune` removes them.
+  """
+  groups = unit_groups(model)
+  new_opt_state = slice_optimizer_state(opt_state, variables['params'], groups, keeps, op=_zero)
+  zeroed = slice_variables(variables, groups, keeps, op=_zero)  # of which params are kept
+  return {**variables, 'params': zeroed['params']}, new_opt_state
+
+
+def silences_exactly(model) -> bool:
+  """Whether :func:`silence` equals removal for ``model``: its activation maps 0 to 0."""
+  from demp.models import common  # pylint: disable=g-import-not-at-top
+
+  name = getattr(model, 'activation', 'relu')
+  return float(common.activation(name)(jax.numpy.zeros(()))) == 0.0
+
+
+def pruned_shapes(
+  model, state: Mapping[str, PyTree], keeps: Mapping[str, np.ndarray]
+) -> dict[str, PyTree]:
+  """The shapes (``jax.ShapeDtypeStruct``) of a train state after :func:`prune`, from shapes only.
+
+  ``state`` is ``{'params', 'batch_stats', 'opt_state'}`` (arrays or shape
+  structs). Lets the step for the new widths be compiled ahead of the surgery.
+  """
+  groups = unit_groups(model)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None)),
+    dict(state),
+  )
+  variables = slice_variables(
+    {'params': abstract['params'], 'batch_stats': abstract['batch_stats']},
+    groups,
+    keeps,
+    op=_take_shape,
+  )
+  opt_state = slice_optimizer_state(
+    abstract['opt_state'], state['params'], groups, keeps, op=_take_shape
+  )
+  return {
+    'params': variables['params'],
+    'batch_stats': variables['batch_stats'],
+    'opt_state': opt_state,
+  }
 
 
 # ----------------------------------------------------------------------------

@@ -282,6 +282,17 @@ def _train(
     bar.update(len(got))
     fetched.extend(got)
     pending.clear()
+    if timing['steps']:
+      run.step_s = timing['seconds'] / timing['steps']
+
+  def close_cost(cost, **times):
+    """Completes a prune event's cost record: its stall, logged and kept for the summary."""
+    cost.update(times)
+    cost['stall_s'] = cost['decision_s'] + times.get('switch_s', times.get('compile_s', 0.0))
+    cost['step_s'] = run.step_s  # the mean train step of the segment before
+    cost['stall_steps'] = cost['stall_s'] / run.step_s if run.step_s > 0 else float('nan')
+    run.costs.append(cost)
+    jsonl.write(cost)
 
   def save():
     """Checks the state is finite, then starts an asynchronous checkpoint write."""
@@ -314,8 +325,36 @@ def _train(
     )
     timing['t0'] = time.perf_counter()
 
+  sync_cost = None  # the cost record of a synchronous prune, until its step has compiled
+
+  def hook(step):
+    """The method's hook, timed: a prune event's decision, and its cost record."""
+    nonlocal sync_cost
+    n_events = len(run.events)
+    t0 = time.perf_counter()
+    method.hook(run, step)
+    decision_s = time.perf_counter() - t0
+    new = run.events[n_events:]
+    if not new:
+      return
+    cost = {
+      'event': 'prune_cost',
+      'step': step,
+      'removed': any(e['removed'] for e in new),
+      'decision_s': decision_s,
+      'check_s': sum(e.get('check_s', 0.0) for e in new),
+      'surgery_s': sum(e.get('surgery_s', 0.0) for e in new),
+      'background': False,  # the new step compiled while training went on
+    }
+    if run.pending is not None:  # deferred: completed at the switch
+      run.pending['cost'] = cost
+    elif run.compiled is None:  # synchronous: completed by the next compile
+      sync_cost = cost
+    else:
+      close_cost(cost)
+
   if run.step == 0 and method.hook is not None and method.when(run.config, 0):
-    method.hook(run, 0)  # step 0: before the first update
+    hook(0)  # step 0: before the first update
   for step in range(run.step + 1, config.num_steps + 1):
     batch = next(train_iter)
     batches += 1
@@ -323,12 +362,31 @@ def _train(
       close_segment()
       timing.update(steps=0, seconds=0.0)
       run.state = parallel.replicate(run.state, mesh)  # after a surgery: back onto every device
-      totals['compile_s'] += run.compile(batch)
+      compile_s = run.compile(batch)
+      totals['compile_s'] += compile_s
+      if sync_cost is not None:
+        close_cost(sync_cost, compile_s=compile_s, background=False)
+        sync_cost = None
       timing.update(widths=dict(run.model.widths), flops=run.step_flops, t0=time.perf_counter())
     run.state, step_metrics = run.compiled(run.state, batch)
     run.step = step
     totals['train_flops'] += run.step_flops
     pending.append(step_metrics)
+
+    if run.switch_due():
+      flush()  # the old shapes' last step is done
+      cost, switch_step = _pending_cost(run), run.pending['switch_step']
+      times = run.switch()
+      totals['compile_s'] += times['compile_s']
+      close_segment()
+      timing.update(
+        steps=0,
+        seconds=0.0,
+        widths=dict(run.model.widths),
+        flops=run.step_flops,
+        t0=time.perf_counter(),
+      )
+      close_cost(cost, switch_step=switch_step, background=True, **times)
 
     if step % config.log_every == 0 or step == config.num_steps:
       flush()
@@ -355,7 +413,7 @@ def _train(
     if method.hook is not None and method.when(run.config, step):
       if pending:
         flush()
-      method.hook(run, step)
+      hook(step)
       _show_live(bar, postfix, run)  # the widths after this prune (the last one included)
       timing['t0'] = time.perf_counter()
 
@@ -381,6 +439,11 @@ def _train(
         path,
       )
       return {'preempted': True, 'step': step, 'checkpoint': path, 'widths': dict(run.model.widths)}
+  if run.pending is not None:  # cannot happen (a switch lands before the last step); be safe
+    cost = _pending_cost(run)
+    close_cost(cost, background=True, **run.switch())
+  if sync_cost is not None:  # the last event's removal, never compiled for
+    close_cost(sync_cost, compile_s=0.0, background=False)
   close_segment()
   bar.close()
   wall = wall_before + time.perf_counter() - t_start
@@ -456,7 +519,33 @@ def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> di
       label_smoothing=config.label_smoothing,
     ),
     'segments': segments,
+    **_prune_costs(run.costs, wall),
     'method_stats': dict(run.stats),
+  }
+
+
+def _pending_cost(run) -> dict[str, Any]:
+  """The cost record of the pending deferred prune (a bare one when decided before a resume)."""
+  return run.pending.get('cost') or {
+    'event': 'prune_cost',
+    'step': run.pending['switch_step'],
+    'removed': True,
+    'decision_s': 0.0,
+  }
+
+
+def _prune_costs(costs, wall: float) -> dict[str, Any]:
+  """The prune events' total stall and its share of the wall time (summary keys)."""
+  stalls = [c['stall_s'] for c in costs]
+  return {
+    'prune_overhead_s': float(sum(stalls)),
+    'prune_overhead_share': float(sum(stalls) / wall) if wall > 0 else float('nan'),
+    'prune_stall_max_s': float(max(stalls, default=0.0)),
+    'prune_stall_max_steps': float(max((c['stall_steps'] for c in costs), default=0.0)),
+    'prune_compile_background_s': float(
+      sum(c.get('compile_s', 0.0) for c in costs if c.get('background'))
+    ),
+    'prune_costs': list(costs),
   }
 
 

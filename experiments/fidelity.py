@@ -90,6 +90,8 @@ STAGES: dict[str, Stage] = {
       _ablation('demp.span=0.5'),
       _ablation('arg.every=50,200'),
       _ablation('arg.steps=600,2400'),
+      # Adam normalizes a coupled penalty's size away; decoupled, the weighting acts.
+      _ablation('demp.penalty_coupling=decoupled;demp.penalty_weighting=params', '1.0'),
     ),
     seeds=(0, 1),
     seed_major=False,
@@ -120,6 +122,21 @@ STAGES: dict[str, Stage] = {
   ),
   'resnet18_baselines': Stage(
     RESNET, (), after='resnet18', baselines=('early_snap', 'early_crop_s')
+  ),
+  # Issue 16: DemP asked for a sparsity (demp.target_sparsity steers λ_t), one run per target.
+  'convnet_target': Stage(
+    CONVNET.replace('{steps}', '1200'),
+    (
+      'arg.method=demp;arg.steer=True;arg.target=0.5,0.7,0.9;seed={s}',
+      'arg.method=demp;arg.steer=True;arg.kind=flops;arg.target=0.5;seed={s}',
+    ),
+  ),
+  'resnet18_target': Stage(
+    RESNET,
+    (
+      'arg.method=demp;arg.steer=True;arg.target=0.5,0.7,0.9;seed={s}',
+      'arg.method=demp;arg.steer=True;arg.kind=flops;arg.target=0.5;seed={s}',
+    ),
   ),
 }
 

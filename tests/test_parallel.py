@@ -32,6 +32,11 @@ def tiny_config(comparable: bool = False):
   Adam normalizes it to ±lr and the noise mask switches σ-sized noise on or
   off. With either on, 1- and 4-device runs drift apart by ~1e-3 in loss
   within 10 steps (measured); with both off they agree to ~1e-5 over 60 steps.
+  It also prunes synchronously (``prune.switch_after = 0``): a deferred prune
+  trains two steps at the old shapes, whose sums round differently on 1 and 4
+  devices, and the L1 penalty's sign(γ) turns such 1e-8 differences on a γ near
+  0 into lr·λ-sized kicks (measured: 0.047 in one weight after 60 steps, against
+  2e-4 synchronously). The 2-host test below runs deferred prunes.
   """
   from configs import quickstart  # pylint: disable=g-import-not-at-top
 
@@ -52,6 +57,7 @@ def tiny_config(comparable: bool = False):
     c.optimizer.name = 'sgd'
     c.optimizer.learning_rate = 0.1
     c.demp.noise_std = 0.0
+    c.prune.switch_after = 0.0
   return c
 
 
@@ -67,24 +73,33 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
     port, pid = multihost.split(':')
     parallel.initialize_distributed(f'localhost:{port}', 2, int(pid))
   masks, shardings = [], []
-  unit_stats, compile_ = train.Run.unit_stats, train.Run.compile
+  unit_stats, compile_, switch = train.Run.unit_stats, train.Run.compile, train.Run.switch
 
   def record_dead_units(run):
     stats = unit_stats(run)
     masks.append({k: np.asarray(v).astype(int).tolist() for k, v in stats['alive'].items()})
     return stats
 
-  def record_compile(run, batch):
-    seconds = compile_(run, batch)
+  def record_shardings(run):
     shardings.append(
       {
         'batch': str(run.compiled.input_shardings[0][1]['image']),
         'state': str(jax.tree.leaves(run.compiled.input_shardings[0][0])[0]),
       }
     )
+
+  def record_compile(run, batch):
+    seconds = compile_(run, batch)
+    record_shardings(run)
     return seconds
 
+  def record_switch(run):  # a deferred prune's step, compiled in the background
+    times = switch(run)
+    record_shardings(run)
+    return times
+
   train.Run.unit_stats, train.Run.compile = record_dead_units, record_compile
+  train.Run.switch = record_switch
   result = {'devices': jax.device_count(), 'processes': jax.process_count()}
   config = tiny_config(comparable=not multihost)
   bad = tiny_config()
@@ -102,6 +117,7 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
     shardings=shardings,
     widths=summary['widths'],
     events=[e['widths'] for e in summary['events']],
+    switch_steps=[c.get('switch_step') for c in summary['prune_costs']],
     test_accuracy=summary['test_accuracy'],
     resumed_at=summary['resumed_at'],
     summary_devices=summary['devices'],
@@ -214,6 +230,8 @@ def test_two_processes_agree_and_resume(tmp_path, children):
     assert h['stopped_at'] == 30 and h['resumed_at'] == [30]
   assert host0['masks'] == host1['masks'] and len(host0['masks']) >= 2
   assert host0['widths'] == host1['widths'] and host0['events'] == host1['events']
+  # Deferred prunes (τ = 20, switch_after 0.1): both hosts switch at the same steps.
+  assert host0['switch_steps'] == host1['switch_steps'] and 22 in host0['switch_steps']
   assert host0['test_accuracy'] == host1['test_accuracy']
   assert "spec=P('data',)" in host0['shardings'][0]['batch']
   assert [s for s, _ in host0['losses']] == list(range(10, 61, 10))  # one metrics writer

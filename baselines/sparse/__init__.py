@@ -1,8 +1,8 @@
 """Unstructured sparsity baselines: JaxPruner's algorithms, reimplemented on current JAX.
 
-JaxPruner (Lee et al., 2023) cannot be installed here and calls
-``jax.tree_map``, removed in JAX 0.6. This package rebuilds the part the DemP
-comparison needs with the same algorithms and vocabulary:
+JaxPruner (Lee et al., 2023) pins old JAX releases and calls ``jax.tree_map``,
+removed in JAX 0.6, so it does not run on current JAX. This package rebuilds
+the part the DemP comparison needs with the same algorithms and vocabulary:
 
 * :mod:`~baselines.sparse.updater`: ``wrap_optax`` / ``SparseUpdater``, masks in
   the optimizer state, updated inside the jitted step;
