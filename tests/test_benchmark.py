@@ -29,3 +29,47 @@ def test_random_keeps_remove_the_asked_fraction():
   assert keeps['g'].sum() == 6
   with pytest.raises(ValueError, match='sparsity=1.0'):
     benchmark.random_keeps(Model(), 1.0)
+
+
+def test_event_overhead_rows_read_finished_runs_and_compare_to_dense(tmp_path):
+  import json
+
+  import ml_collections
+
+  def summary(wall, costs):
+    stalls = [c['stall_s'] for c in costs]
+    return {
+      'wall_time_s': wall,
+      'test_accuracy': 0.5,
+      'weight_sparsity': 0.25,
+      'compile_time_s': 3.0,
+      'prune_costs': costs,
+      'prune_overhead_s': sum(stalls),
+      'prune_overhead_share': sum(stalls) / wall,
+      'prune_stall_max_s': max(stalls, default=0.0),
+      'prune_stall_max_steps': max((c['stall_steps'] for c in costs), default=0.0),
+      'prune_compile_background_s': sum(c['compile_s'] for c in costs if c['background']),
+    }
+
+  cost = dict(removed=True, check_s=0.5, compile_s=2.0)
+  runs = {
+    'dense': summary(100.0, []),
+    'demp_switch_after-0': summary(
+      120.0, [dict(cost, stall_s=3.0, stall_steps=30.0, background=False)] * 2
+    ),
+    'demp_switch_after-0.1': summary(
+      110.0, [dict(cost, stall_s=1.0, stall_steps=10.0, background=True)] * 2
+    ),
+  }
+  for name, s in runs.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'summary.json').write_text(json.dumps(s))
+  config = ml_collections.ConfigDict({'method': 'demp', 'prune': {'switch_after': 0.1}})
+  rows = benchmark.event_overhead_runs(config, str(tmp_path), (0.0, 0.1), echo=lambda _: None)
+  assert [r['variant'] for r in rows] == ['dense', 'demp switch_after=0', 'demp switch_after=0.1']
+  assert [r['wall_vs_dense'] for r in rows] == pytest.approx([1.0, 1.2, 1.1])
+  assert [r['overhead_share'] for r in rows] == pytest.approx([0.0, 6 / 120, 2 / 110])
+  assert [r['compile_background_s'] for r in rows] == [0.0, 0.0, 4.0]
+  assert [r['stall_median_steps'] for r in rows] == [0.0, 30.0, 10.0]
+  table = benchmark.format_overhead_table(rows)
+  assert '| demp switch_after=0.1 | 110.0 | 1.100 | 2 (2) | 2.00 | 1.82% |' in table
