@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -473,3 +474,93 @@ def format_overhead_table(rows: Sequence[Mapping[str, Any]]) -> str:
       f'{r["test_accuracy"]:.4f} | {r["weight_sparsity"]:.3f} |'
     )
   return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------
+# prune.multiple_of, replayed: fewer distinct widths (compiles) against sparsity.
+
+
+def replay_multiple_of(
+  events: Sequence[Mapping[str, Any]],
+  dense_widths: Mapping[str, int],
+  multiple_of: int,
+  *,
+  min_width: int = 1,
+) -> dict[str, Any]:
+  """A run's death checks replayed with widths rounded up to ``multiple_of``.
+
+  Each prune event's live counts (``event['live']``) set the widths
+  :func:`demp.surgery.keep_masks` would keep with rounding: ``min(width,
+  ceil(max(live, min_width) / m) · m)``. The units kept by rounding are dead,
+  get no noise and stay dead, so the run's later live counts are taken as they
+  were (an approximation: measured runs with rounding can differ a little).
+  Returns the final widths and ``architectures``, the number of distinct
+  widths trained (each one compile of the train step and of the death check).
+  """
+  widths = dict(dense_widths)
+  architectures = 1
+  for event in events:
+    if event.get('event') != 'prune' or 'live' not in event:
+      continue
+    new = {}
+    for name, width in widths.items():
+      n = max(int(event['live'][name]), min(min_width, width))
+      new[name] = min(width, -(-n // multiple_of) * multiple_of)
+    if new != widths:
+      architectures += 1
+      widths = new
+  return {'widths': widths, 'architectures': architectures}
+
+
+def multiple_of_table(run_dirs: Sequence[str], multiples: Sequence[int]) -> list[dict[str, Any]]:
+  """:func:`replay_multiple_of` over finished runs (``metrics.jsonl`` + ``config.json``).
+
+  One row per ``multiple_of``: the mean number of architectures (compiles) and
+  the mean final weight and neuron sparsity over the runs, the weights counted
+  on the model rebuilt at the replayed widths.
+  """
+  rows = []
+  for m in multiples:
+    archs, weights, neurons = [], [], []
+    for run_dir in run_dirs:
+      with open(f'{run_dir}/config.json') as f:
+        config = ml_collections.ConfigDict(json.load(f))
+      events = [json.loads(line) for line in open(f'{run_dir}/metrics.jsonl')]
+      model = models.from_config(config.model, _num_classes(events, config))
+      dense = dict(model.widths)
+      out = replay_multiple_of(events, dense, m, min_width=config.prune.min_width)
+      shape = _image_shape(config)
+      dense_params = _params_at(model, dense, shape)
+      archs.append(out['architectures'])
+      weights.append(1 - _params_at(model, out['widths'], shape) / dense_params)
+      neurons.append(metrics.neuron_sparsity(out['widths'], dense))
+    rows.append(
+      {
+        'multiple_of': m,
+        'runs': len(run_dirs),
+        'architectures': float(np.mean(archs)),
+        'weight_sparsity': float(np.mean(weights)),
+        'neuron_sparsity': float(np.mean(neurons)),
+      }
+    )
+  return rows
+
+
+def _num_classes(events, config) -> int:
+  for e in events:
+    if 'summary' in e:
+      return int(e['summary'].get('num_classes', 10))
+  return 10
+
+
+def _image_shape(config) -> tuple[int, ...]:
+  size = int(config.data.get('image_size', 0) or 32)
+  return (size, size, 3)
+
+
+def _params_at(model, widths: Mapping[str, int], image_shape) -> int:
+  pruned = model.clone(widths=flax.core.FrozenDict({k: int(v) for k, v in widths.items()}))
+  shapes = jax.eval_shape(
+    lambda: pruned.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
+  )
+  return metrics.num_params(shapes['params'])

@@ -73,3 +73,19 @@ def test_event_overhead_rows_read_finished_runs_and_compare_to_dense(tmp_path):
   assert [r['stall_median_steps'] for r in rows] == [0.0, 30.0, 10.0]
   table = benchmark.format_overhead_table(rows)
   assert '| demp switch_after=0.1 | 110.0 | 1.100 | 2 (2) | 2.00 | 1.82% |' in table
+
+
+def test_replay_multiple_of_rounds_the_kept_widths_up():
+  dense = {'a': 16, 'b': 32}
+  events = [
+    # kept with m = 1 | with m = 8
+    {'event': 'prune', 'live': {'a': 16, 'b': 30}},  # (16, 30) | (16, 32)
+    {'event': 'target'},
+    {'event': 'prune', 'live': {'a': 9, 'b': 29}},  # (9, 29) | (16, 32)
+    {'event': 'prune', 'live': {'a': 7, 'b': 17}},  # (7, 17) | (8, 24)
+    {'event': 'prune', 'live': {'a': 0, 'b': 17}},  # (1, 17): min_width 1 | (8, 24)
+  ]
+  exact = benchmark.replay_multiple_of(events, dense, 1)
+  assert exact == {'widths': {'a': 1, 'b': 17}, 'architectures': 5}
+  by8 = benchmark.replay_multiple_of(events, dense, 8)
+  assert by8 == {'widths': {'a': 8, 'b': 24}, 'architectures': 2}  # (16, 32), then (8, 24)
