@@ -77,6 +77,7 @@ RESUME_MUTABLE = (
   'eval_batch_size',
   'progress_bar',
   'data.data_dir',
+  'compilation_cache',
 )
 """Config keys (and subtrees) that may differ between a checkpoint and the resumed run."""
 

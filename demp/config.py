@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from demp import augment, deadunits, methods, models, optim, parallel, schedules, target, transforms
-from demp import units
+from demp import compile_cache, units
 from demp import data as data_lib
 
 
@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0 = only at the end
   c.eval_batch_size = 256
   c.progress_bar = True
+  c.compilation_cache = 'workdir'  # workdir (<workdir>/jax_cache) | a directory | '' (off)
 
   c.checkpoint = (
     ml_collections.ConfigDict()
@@ -354,6 +355,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'(prune.every=num_steps checks once, at the end).'
     )
   _check_checkpoint_config(config.checkpoint)
+  compile_cache.check(config.compilation_cache)
   parallel.check_batch_size('batch_size', config.batch_size)
 
 
