@@ -10,11 +10,11 @@ compiling again:
   of them is then compiled once);
 * ``''``: off (no cache is read or written).
 
-:func:`use` is the context the trainer runs in: it points JAX's cache at the
+:func:`start` (inside a :func:`session`, or :func:`use` for both) points JAX's cache at the
 directory (``jax_compilation_cache_dir``), with the size and compile-time
 thresholds at 0 so that the small CPU compiles of this project are cached too,
 resets JAX's cache object so that a second run in the same process with another
-directory really uses it, and on exit restores the settings it found. It
+directory really uses it; the session restores the settings it found on exit. It
 counts, with :mod:`jax.monitoring` listeners, the compilations that were served
 by the cache (``compile_cache_hits``), the ones compiled and written to it
 (``compile_cache_misses``) and every XLA compilation that was not served by
@@ -153,27 +153,45 @@ _active: list[Counts] = []
 
 
 @contextlib.contextmanager
-def use(value: str, workdir: str) -> Iterator[Counts]:
-  """Runs the body with JAX's persistent cache at ``directory(value, workdir)``; yields the counts.
-
-  The settings found on entry are restored on exit. Nested or repeated uses
-  (several trainings in one process) each get their own directory and counts.
-  """
-  path = directory(value, workdir)
-  _register()
+def session() -> Iterator[None]:
+  """Restores JAX's cache settings found on entry when the body exits (see :func:`start`)."""
   saved = {name: getattr(jax.config, name) for name in _SETTINGS}
-  _configure(path)
-  counts = Counts(path)
-  _active.append(counts)
+  depth = len(_active)
   try:
-    yield counts
+    yield
   finally:
-    _active.remove(counts)
+    del _active[depth:]
     for name, v in saved.items():
       jax.config.update(name, v)
     _jax_cache.reset_cache()
 
 
+def start(value: str, workdir: str) -> Counts:
+  """Points JAX's persistent cache at ``directory(value, workdir)``; returns its counts from now.
+
+  Call it inside :func:`session`, which undoes it. The trainer enters the session
+  around the run and starts the cache once its checks have passed (nothing is
+  written into the workdir before): a refused start leaves no ``jax_cache``.
+  """
+  path = directory(value, workdir)
+  _register()
+  _configure(path)
+  counts = Counts(path)
+  _active.append(counts)
+  return counts
+
+
+@contextlib.contextmanager
+def use(value: str, workdir: str) -> Iterator[Counts]:
+  """:func:`start` inside a :func:`session`: the cache at ``value`` for the body; yields the counts.
+
+  Repeated uses (several trainings in one process) each get their own directory
+  and counts; the settings found on entry are restored on exit.
+  """
+  with session():
+    yield start(value, workdir)
+
+
 def summary() -> dict[str, int | str]:
-  """The counts of the innermost active :func:`use` (``{}`` outside of one)."""
+  """The counts of the latest :func:`start` still in its session (``{}`` when none)."""
   return _active[-1].summary() if _active else {}

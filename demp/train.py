@@ -194,7 +194,7 @@ def train_and_evaluate(
     with (
       checkpoint.closing(mngr),
       checkpoint.Preemption() as preemption,
-      compile_cache.use(config.compilation_cache, workdir),  # the run's persistent cache
+      compile_cache.session(),  # the JAX cache settings, restored at the end
     ):
       return _train(config, workdir, mesh, mngr, preemption, stop_after, claim)
 
@@ -216,6 +216,7 @@ def _train(
   # Every check passed: only from here on is anything in the workdir written or truncated.
   if claim is not None:
     claim.commit()  # the pid into .lock, the identity into run.json
+  compile_cache.start(config.compilation_cache, workdir)  # the persistent compilation cache
   if meta is not None and primary:
     checkpoint.truncate_log(log_path, meta['step'])  # records written after that checkpoint
     workdir_lib.announce_resume(meta['step'], checkpoint.step_dir(mngr, meta['step']))

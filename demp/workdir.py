@@ -50,16 +50,15 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from demp import checkpoint, compile_cache
+from demp import checkpoint
 
 LOCK = '.lock'
 RUN = 'run.json'
 RESULTS = ('summary.json', 'metrics.jsonl', 'checkpoints')
 """Files whose presence means a run already wrote results here."""
 PREVIOUS = 'previous-'
-KEEP_IN_PLACE = (LOCK, compile_cache.DIRNAME)
-"""Entries :func:`move_aside` leaves where they are (besides earlier ``previous-*`` folders):
-the lock, and the compilation cache (:mod:`demp.compile_cache`), valid for any run."""
+KEEP_IN_PLACE = (LOCK,)
+"""Entries :func:`move_aside` leaves where they are (besides earlier ``previous-*`` folders)."""
 
 
 class WorkdirError(RuntimeError):
