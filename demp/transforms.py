@@ -386,7 +386,7 @@ def _random_bits(key: jax.Array, n: int) -> jax.Array:
 
 
 def _bits_to_normal(bits: jax.Array) -> jax.Array:
-  """``jax.random.normal``'s float32 transform of uint32 bits: ``√2·erfinv(u)``, ``u ∈ (-1, 1)``."""
+  """``jax.random.normal``'s float32 transform of uint32 bits: ``√2·erfinv(u)``, u in (-1, 1)."""
   lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
   one = np.array(1.0, np.float32).view(np.uint32)
   floats = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | one, jnp.float32) - 1.0

@@ -11,13 +11,15 @@ XLA's cost analysis of each compiled step. Then one prune event (death check on
 
 ``--optimizers`` instead times one model's train step under DemP's optimizer
 variants (:data:`demp.benchmark.OPTIMIZER_VARIANTS`: bare Adam, DemP, penalty
-only, noise only, ...) in interleaved rounds, as ratios to bare Adam with the
-spread over rounds; on a CPU shared with other work use ``--clock=process``
-(CPU seconds of this process, pinned to one core and one XLA thread)::
+only, noise only, ...) in interleaved rounds, as ratios to bare Adam with their
+quartiles over rounds, and the same ratio estimated from the optimizer update
+alone (:func:`demp.benchmark.optimizer_times`). On a CPU shared with other work
+use ``--clock=process`` (CPU seconds of this process), pinned to one core and
+one XLA thread::
 
     XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' \
     taskset -c 1 python -m scripts.benchmark --optimizers --models=resnet18 \
-        --width_multiplier=0.25 --batch_size=32 --rounds=60 --steps_per_round=2 --clock=process
+        --width_multiplier=0.25 --batch_size=32 --rounds=30 --steps_per_round=2 --clock=process
 
 The logic lives in :mod:`demp.benchmark`.
 """
@@ -54,6 +56,9 @@ _VARIANTS = flags.DEFINE_list(
   'optimizer_variants',
   ['adam', 'demp', 'penalty', 'noise'],
   'Keys of demp.benchmark.OPTIMIZER_VARIANTS; the first is the reference of the ratios.',
+)
+_UPDATE_ROUNDS = flags.DEFINE_integer(
+  'update_rounds', 200, '--optimizers: interleaved rounds (of 10) timing the update alone.'
 )
 _CLOCKS = {'wall': time.perf_counter, 'process': time.process_time}
 _CLOCK = flags.DEFINE_enum(
@@ -132,6 +137,7 @@ def _optimizers(sizes: dict[str, int], kwargs: dict) -> None:
       batch_size=_BATCH.value,
       rounds=_ROUNDS.value,
       steps_per_round=_STEPS.value,
+      update_rounds=_UPDATE_ROUNDS.value,
       model_kwargs=kwargs,
       clock=_CLOCKS[_CLOCK.value],
     )
