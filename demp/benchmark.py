@@ -93,29 +93,34 @@ def interleaved_times(
   rounds: int = 3,
   steps_per_round: int = 2,
   warmup: int = 1,
+  clock: Callable[[], float] | None = None,
 ) -> dict[str, list[float]]:
   """Seconds per call of each function, per round, measured in interleaved rounds.
 
   Every function is called ``warmup`` times first (compilation, caches); then
   each of ``rounds`` rounds calls every function ``steps_per_round`` times in
   turn, so that a shared machine's load drifts over every variant alike. A
-  function returns what to wait for (``jax.block_until_ready``).
+  function returns what to wait for (``jax.block_until_ready``). ``clock``:
+  wall time (``time.perf_counter``) by default; ``time.process_time`` (the CPU seconds of every
+  thread of this process) keeps the ratios of CPU-bound steps steady on a CPU
+  shared with other processes, whose load then does not count.
 
   Returns:
     name -> per-round mean seconds per call (``rounds`` values).
   """
+  clock = clock or time.perf_counter
   for fn in fns.values():
     for _ in range(warmup):
       jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      t0 = time.perf_counter()
+      t0 = clock()
       out = None
       for _ in range(steps_per_round):
         out = fn()
       jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t0) / steps_per_round)
+      times[name].append((clock() - t0) / steps_per_round)
   return times
 
 
@@ -564,3 +569,154 @@ def _params_at(model, widths: Mapping[str, int], image_shape) -> int:
     lambda: pruned.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
   )
   return metrics.num_params(shapes['params'])
+
+
+# The cost of DemP's own transforms in the step.
+
+OPTIMIZER_VARIANTS: dict[
+  str, Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict | None]
+] = {
+  'adam': lambda c: None,  # the bare base optimizer, no DemP transform
+  'demp': lambda c: c,  # penalty + live noise, as configured
+  'penalty': lambda c: _with(c, {'demp.noise_std': 0.0}),
+  'noise': lambda c: _with(c, {'demp.peak_lambda': 0.0}),
+  'demp_rbg': lambda c: _with(c, {'demp.noise_prng': 'rbg'}),
+  'demp_unsafe_rbg': lambda c: _with(c, {'demp.noise_prng': 'unsafe_rbg'}),
+}
+"""The optimizers of :func:`optimizer_times`: a config -> the config of the
+``demp`` method's optimizer (None: the base optimizer alone)."""
+
+
+def _with(
+  config: ml_collections.ConfigDict, values: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+  config = config.copy_and_resolve_references()
+  for dotted, value in values.items():
+    node = config
+    *path, last = dotted.split('.')
+    for k in path:
+      node = node[k]
+    node[last] = value
+  return config
+
+
+def optimizer_times(
+  model_name: str = 'resnet18',
+  *,
+  variants: Mapping[str, ml_collections.ConfigDict | optax.GradientTransformation | None]
+  | None = None,
+  num_classes: int = 10,
+  image_hw: int = 32,
+  batch_size: int = 32,
+  rounds: int = 20,
+  steps_per_round: int = 5,
+  update_rounds: int = 200,
+  seed: int = 0,
+  model_kwargs: Mapping[str, Any] | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  clock: Callable[[], float] | None = None,
+) -> dict[str, Any]:
+  """Train-step seconds of one model under several optimizers, side by side, and their updates.
+
+  Two measurements, each in interleaved rounds (:func:`interleaved_times`):
+
+  * the whole jitted train step of every variant (``rounds`` rounds of
+    ``steps_per_round`` steps): ``step_ratio`` is the median over rounds of the
+    variant's time / the reference's time in the same round;
+  * the optimizer update alone (``tx.update`` + ``apply_updates`` on the
+    model's params and fixed gradients, ``update_rounds`` rounds of 10): its
+    cost over the reference's update, in units of the reference's whole step,
+    gives ``update_ratio = 1 + (update - reference update) / reference step``.
+    The update is a few ms against a step of a few hundred, so this estimate
+    of the same ratio is far steadier on a shared machine.
+
+  Args:
+    variants: name -> config of the ``demp`` method's optimizer (None: the
+      base optimizer alone), or an optimizer itself. Default: ``adam``, ``demp``, ``penalty`` and
+      ``noise`` of :data:`OPTIMIZER_VARIANTS` applied to ``config`` (default
+      :func:`demp.config.base_config`: Adam, λ = 5e-3, σ = 5e-5, one-cycle).
+      The first variant is the reference of the ratios.
+    rounds, steps_per_round, clock: as :func:`interleaved_times`.
+
+  Returns:
+    ``step_s``, ``update_s``: name -> median seconds; ``step_ratio``,
+    ``update_ratio``: name -> ``(median, lower quartile, upper quartile)`` over
+    rounds; ``round_times_s``, ``update_round_times_s``: the raw rounds.
+  """
+  if config is None:
+    config = config_lib.base_config()
+  if variants is None:
+    variants = {
+      name: OPTIMIZER_VARIANTS[name](config) for name in ('adam', 'demp', 'penalty', 'noise')
+    }
+  model = models.build(model_name, num_classes, **dict(model_kwargs or {}))
+  batch = _batch(batch_size, image_hw, num_classes, seed)
+  steps_fns, update_fns = {}, {}
+  for name, c in variants.items():
+    if c is None:
+      tx = optim.base_optimizer(config)
+    elif isinstance(c, optax.GradientTransformation):
+      tx = c
+    else:
+      tx = methods.get('demp').optimizer(c, optim.base_optimizer(c))
+    state = _state(model, tx, batch['image'][:1], seed)
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p) + 1e-2 * p, state['params'])
+    holder = {'state': state, 'update': (state['params'], state['opt_state'])}
+    compiled, _ = _compile(model, tx, jax.tree.map(jnp.copy, state), batch)
+
+    def step(compiled=compiled, holder=holder):
+      holder['state'], out = compiled(holder['state'], batch)
+      return out
+
+    def update_fn(params, opt_state, tx=tx, grads=grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    update_jit = jax.jit(update_fn, donate_argnums=(0, 1))
+
+    def update(update_jit=update_jit, holder=holder):
+      holder['update'] = update_jit(*holder['update'])
+      return holder['update']
+
+    holder['state'] = jax.tree.map(jnp.copy, state)
+    holder['update'] = jax.tree.map(jnp.copy, holder['update'])
+    steps_fns[name], update_fns[name] = step, update
+  times = interleaved_times(
+    steps_fns, rounds=rounds, steps_per_round=steps_per_round, warmup=2, clock=clock
+  )
+  update_times = interleaved_times(
+    update_fns, rounds=update_rounds, steps_per_round=10, warmup=2, clock=clock
+  )
+  ref = next(iter(variants))
+  ref_step = float(np.median(times[ref]))
+
+  def spread(values):
+    return tuple(float(np.percentile(values, q)) for q in (50, 25, 75))
+
+  return {
+    'step_s': median_times(times),
+    'update_s': median_times(update_times),
+    'step_ratio': {name: spread(np.array(times[name]) / np.array(times[ref])) for name in variants},
+    'update_ratio': {
+      name: spread(1 + (np.array(update_times[name]) - np.array(update_times[ref])) / ref_step)
+      for name in variants
+    },
+    'round_times_s': times,
+    'update_round_times_s': update_times,
+  }
+
+
+def format_optimizer_table(result: Mapping[str, Any]) -> str:
+  """The rows of :func:`optimizer_times`: times, and both ratios with their quartiles."""
+  lines = [
+    '| optimizer | step [ms] | step ratio [quartiles] | update [ms] | '
+    'ratio from the update [quartiles] |',
+    '|---|---|---|---|---|',
+  ]
+  for name, t in result['step_s'].items():
+    (r, r_lo, r_hi), (u, u_lo, u_hi) = result['step_ratio'][name], result['update_ratio'][name]
+    lines.append(
+      f'| {name} | {t * 1e3:.1f} | {r:.3f} [{r_lo:.3f}, {r_hi:.3f}] | '
+      f"{result['update_s'][name] * 1e3:.2f} | {u:.4f} [{u_lo:.4f}, {u_hi:.4f}] |"
+    )
+  return '\n'.join(lines)

@@ -77,6 +77,7 @@ RESUME_MUTABLE = (
   'eval_batch_size',
   'progress_bar',
   'data.data_dir',
+  'compilation_cache',
 )
 """Config keys (and subtrees) that may differ between a checkpoint and the resumed run."""
 
@@ -311,14 +312,34 @@ def _mutable(key: str) -> bool:
   return any(key == m or key.startswith(m + '.') for m in RESUME_MUTABLE)
 
 
+def added_keys_at_default(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+  """Flat keys ``now`` has and ``saved`` lacks whose value now is their default.
+
+  Such a key was added to the code after the run started, and the run takes
+  its default: it does not make the run another run, so a resume is allowed
+  (with a warning). A key the user set to a non-default value still differs.
+  """
+  from demp import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  defaults = _flat_config(config_json(config_lib.base_config()))
+  return sorted(k for k in now if k not in saved and k in defaults and now[k] == defaults[k])
+
+
 def check_config(meta: Mapping, config: ml_collections.ConfigDict, path: str) -> None:
-  """Raises :class:`CheckpointMismatchError` listing every key that differs."""
+  """Raises :class:`CheckpointMismatchError` listing every key that differs.
+
+  Keys added to the code since the checkpoint was written, at their defaults,
+  do not differ (:func:`added_keys_at_default`; logged).
+  """
   saved, now = _flat_config(meta['config']), _flat_config(config_json(config))
+  added = added_keys_at_default(saved, now)
+  if added:
+    logging.warning('%s predates the config keys %s: the run takes their defaults.', path, added)
   missing = object()
   diffs = [
     k
     for k in sorted(set(saved) | set(now))
-    if not _mutable(k) and saved.get(k, missing) != now.get(k, missing)
+    if not _mutable(k) and k not in added and saved.get(k, missing) != now.get(k, missing)
   ]
   if diffs:
     lines = '; '.join(

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from demp import augment, deadunits, methods, models, optim, parallel, schedules, target, transforms
-from demp import units
+from demp import compile_cache, units
 from demp import data as data_lib
 
 
@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   )  # peak σ_t, a standard deviation (authors' code: 5e-5;
   # the paper's text prints 5e-5 as a variance: 7.07e-3)
   c.demp.noise_symmetric = False
+  c.demp.noise_prng = 'threefry2x32'  # the noise key's PRNG: threefry2x32 | rbg | unsafe_rbg
   c.demp.noise_liveness = 'auto'  # auto (relu: gradient, else mask) | gradient | mask
   c.demp.schedule = 'one_cycle'  # shape of λ_t and σ_t: one_cycle | constant
   c.demp.warmup = 'cosine'  # one-cycle warm-up: cosine (reference code) | linear (paper text)
@@ -102,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0 = only at the end
   c.eval_batch_size = 256
   c.progress_bar = True
+  c.compilation_cache = 'workdir'  # workdir (<workdir>/jax_cache) | a directory | '' (off)
 
   c.checkpoint = (
     ml_collections.ConfigDict()
@@ -309,6 +311,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _allowed('demp.penalty_coupling', config.demp.penalty_coupling, transforms.PENALTY_COUPLINGS)
   _allowed('demp.penalty_weighting', config.demp.penalty_weighting, units.WEIGHTINGS)
   _allowed('prune.on_collapse', config.prune.on_collapse, deadunits.ON_COLLAPSE)
+  _allowed('demp.noise_prng', config.demp.noise_prng, transforms.NOISE_PRNGS)
   _allowed('demp.noise_liveness', config.demp.noise_liveness, ('auto',) + transforms.LIVENESS_MODES)
   if config.prune.criterion:
     _allowed('prune.criterion', config.prune.criterion, deadunits.CRITERIA)
@@ -363,6 +366,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'(prune.every=num_steps checks once, at the end).'
     )
   _check_checkpoint_config(config.checkpoint)
+  compile_cache.check(config.compilation_cache)
   parallel.check_batch_size('batch_size', config.batch_size)
 
 

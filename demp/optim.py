@@ -144,6 +144,7 @@ def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTrans
       penalty_mask=mask,
       noise_seed=config.seed + 1,
       symmetric_noise=c.noise_symmetric,
+      noise_prng=c.noise_prng,
     )
   return transforms.demp_optimizer(
     base,
@@ -157,6 +158,7 @@ def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTrans
     penalty_coupling=c.penalty_coupling,
     penalty_multipliers=mults,
     learning_rate=learning_rate_schedule(config),
+    noise_prng=c.noise_prng,
   )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import functools
 import json
 import math
 import os
@@ -145,11 +146,19 @@ def load_runs(roots: str | Sequence[str]) -> list[RunResult]:
     config = {}
     if os.path.exists(os.path.join(dirpath, 'config.json')):
       with open(os.path.join(dirpath, 'config.json')) as f:
-        config = flatten(json.load(f))
+        # A key the run's code did not have yet takes its default, as on resume.
+        config = {**_defaults(), **flatten(json.load(f))}
     runs.append(RunResult(dirpath, config, summary))
   if not runs:
     raise ValueError(f'no runs (directories with summary.json) under {roots!r}.')
   return sorted(runs, key=lambda r: r.path)
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+  from demp import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  return flatten(json.loads(config_lib.base_config().to_json_best_effort()))
 
 
 def _ignored(key: str) -> bool:

@@ -8,6 +8,8 @@ over the train state ``{'params', 'batch_stats', 'opt_state'}``
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -48,18 +50,27 @@ def make_train_step(model, tx: optax.GradientTransformation, label_smoothing: fl
   return step
 
 
+def _eval_sums(model, variables, batch):
+  logits_bk = model.apply(variables, batch['image'], train=False)
+  mask_b = batch['mask']
+  loss = cross_entropy(logits_bk, batch['label'])
+  correct = jnp.argmax(logits_bk, -1) == batch['label']
+  return {
+    'loss_sum': jnp.sum(loss * mask_b),
+    'correct': jnp.sum(correct * mask_b),
+    'count': jnp.sum(mask_b),
+  }
+
+
+_eval_step = jax.jit(_eval_sums, static_argnums=0)  # one jit: compiled once per model and shape
+
+
 def make_eval_step(model):
-  """Jitted ``step(variables, batch) -> {'loss_sum', 'correct', 'count'}`` over ``batch['mask']``."""
+  """Jitted ``step(variables, batch) -> {'loss_sum', 'correct', 'count'}`` over ``batch['mask']``.
 
-  def step(variables, batch):
-    logits_bk = model.apply(variables, batch['image'], train=False)
-    mask_b = batch['mask']
-    loss = cross_entropy(logits_bk, batch['label'])
-    correct = jnp.argmax(logits_bk, -1) == batch['label']
-    return {
-      'loss_sum': jnp.sum(loss * mask_b),
-      'correct': jnp.sum(correct * mask_b),
-      'count': jnp.sum(mask_b),
-    }
-
-  return jax.jit(step)
+  Every call returns the same jitted function for an equal ``model`` (a Flax
+  module is compared by its fields, the widths among them): the eval step is
+  traced and compiled once per architecture and batch shape, not once per
+  :func:`demp.train.evaluate`.
+  """
+  return functools.partial(_eval_step, model)

@@ -198,6 +198,7 @@ def with_gain_noise(
   std: optax.ScalarOrSchedule,
   seed: int = 0,
   symmetric: bool = False,
+  key_impl: str = 'threefry2x32',
 ) -> optax.GradientTransformationExtraArgs:
   r"""DemP's live noise whose std follows the gain: ``σ_t = std(t) × gain``.
 
@@ -213,11 +214,15 @@ def with_gain_noise(
     std: σ's shape, a number >= 0 or a schedule of the step.
     seed: seed of the noise key.
     symmetric: noise on every parameter instead of live ones.
+    key_impl: the noise key's PRNG implementation (a member of
+      :data:`demp.transforms.NOISE_PRNGS`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`GainNoiseState`.
   """
   transforms._check_nonnegative('std', std)  # pylint: disable=protected-access
+  if key_impl not in transforms.NOISE_PRNGS:
+    raise ValueError(f'`key_impl`={key_impl!r} is not one of {list(transforms.NOISE_PRNGS)}.')
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -227,7 +232,9 @@ def with_gain_noise(
         'with_gain_noise: `inner` has no TargetPenaltyState (chain '
         'add_target_penalty into it), so there is no gain to follow.'
       )
-    return GainNoiseState(jnp.zeros([], jnp.int32), jax.random.key(seed), inner_state)
+    return GainNoiseState(
+      jnp.zeros([], jnp.int32), jax.random.key(seed, impl=key_impl), inner_state
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     live = jax.tree.map(lambda g: g != 0, updates)
@@ -262,6 +269,7 @@ def target_optimizer(
   penalty_mask: transforms.MaskOrFn = transforms.NORM_SCALES,
   noise_seed: int = 0,
   symmetric_noise: bool = False,
+  noise_prng: str = 'threefry2x32',
 ) -> optax.GradientTransformation:
   """DemP with a controlled gain: :func:`demp.transforms.demp_optimizer`'s layout.
 
@@ -276,8 +284,10 @@ def target_optimizer(
   if noise_shape is None:
     return opt
   if noise == 'gain':
-    return with_gain_noise(opt, noise_shape, noise_seed, symmetric_noise)
-  return transforms.with_live_noise(opt, noise_shape, noise_seed, symmetric_noise)
+    return with_gain_noise(opt, noise_shape, noise_seed, symmetric_noise, key_impl=noise_prng)
+  return transforms.with_live_noise(
+    opt, noise_shape, noise_seed, symmetric_noise, key_impl=noise_prng
+  )
 
 
 # ----------------------------------------------------------------------------

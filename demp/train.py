@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from demp import augment, checkpoint, flops, metrics, models, optim, parallel, revival
+from demp import compile_cache
 from demp import config as config_lib
 from demp import data as data_lib
 from demp import methods as methods_lib
@@ -190,7 +191,11 @@ def train_and_evaluate(
       keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save,
     )
-    with checkpoint.closing(mngr), checkpoint.Preemption() as preemption:
+    with (
+      checkpoint.closing(mngr),
+      checkpoint.Preemption() as preemption,
+      compile_cache.session(),  # the JAX cache settings, restored at the end
+    ):
       return _train(config, workdir, mesh, mngr, preemption, stop_after, claim)
 
 
@@ -211,6 +216,7 @@ def _train(
   # Every check passed: only from here on is anything in the workdir written or truncated.
   if claim is not None:
     claim.commit()  # the pid into .lock, the identity into run.json
+  compile_cache.start(config.compilation_cache, workdir)  # the persistent compilation cache
   if meta is not None and primary:
     checkpoint.truncate_log(log_path, meta['step'])  # records written after that checkpoint
     workdir_lib.announce_resume(meta['step'], checkpoint.step_dir(mngr, meta['step']))
@@ -451,6 +457,7 @@ def _train(
   ev = evaluate(run.model, run.variables, config, mesh=mesh)
   summary = _summary(config, run, ev, segments, totals['train_flops'], wall, totals['compile_s'])
   summary.update(parallel.describe(mesh), resumed_at=resumed_at)
+  summary.update(compile_cache.summary())  # this process's cache hits / misses / compiles
   jsonl.write({'step': config.num_steps, 'summary': summary})
   jsonl.close()
   if tb is not None:

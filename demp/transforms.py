@@ -37,6 +37,7 @@ __all__ = [
   'ALL_WEIGHTS',
   'AUTHORS_NOISE_STD',
   'LIVENESS_MODES',
+  'NOISE_PRNGS',
   'PENALTY_COUPLINGS',
   'add_decoupled_penalty',
   'LiveNoiseState',
@@ -47,6 +48,7 @@ __all__ = [
   'add_scheduled_penalty',
   'demp_optimizer',
   'path_mask',
+  'standard_normal',
   'with_live_noise',
 ]
 
@@ -358,19 +360,70 @@ def add_decoupled_penalty(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+NOISE_PRNGS = ('threefry2x32', 'rbg', 'unsafe_rbg')
+"""PRNG implementations of the noise key (``jax.random.key(seed, impl=...)``).
+
+``'threefry2x32'`` (the default) draws its bits with both 32-bit words of every
+Threefry hash (see :func:`standard_normal`); ``'rbg'`` / ``'unsafe_rbg'`` use
+XLA's ``RngBitGenerator``, fast on TPUs and GPUs but about 5x slower than
+Threefry on a CPU (``python -m scripts.benchmark --optimizers``).
+"""
+
+
+def _random_bits(key: jax.Array, n: int) -> jax.Array:
+  """``n`` uniform uint32 words of ``key``; a Threefry key spends one hash per two words.
+
+  JAX's default (partitionable) Threefry layout hashes once per 32-bit word and
+  XORs the hash's two output words together; the original layout
+  (``jax_threefry_partitionable=False``) keeps both words, so half the hashes
+  give the same number of bits. The noise of a replicated param tree is never
+  sharded, so nothing needs the partitionable layout here.
+  """
+  if str(jax.random.key_impl(key)) == 'threefry2x32':
+    with jax.threefry_partitionable(False):
+      return jax.random.bits(key, (n,), jnp.uint32)
+  return jax.random.bits(key, (n,), jnp.uint32)
+
+
+def _bits_to_normal(bits: jax.Array) -> jax.Array:
+  """``jax.random.normal``'s float32 transform of uint32 bits: ``√2·erfinv(u)``, u in (-1, 1)."""
+  lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+  one = np.array(1.0, np.float32).view(np.uint32)
+  floats = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | one, jnp.float32) - 1.0
+  u = jax.lax.max(lo, floats * (np.float32(1.0) - lo) + lo)
+  return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
+
+
+def standard_normal(key: jax.Array, n: int) -> jax.Array:
+  """The flat ``[n]`` float32 N(0, 1) draw of the live noise (one draw per step).
+
+  Exactly ``jax.random.normal(key, (n,))`` computed with
+  ``jax_threefry_partitionable=False`` for a Threefry key (the original bit
+  layout: half the hashes of the default one), and ``jax.random.normal(key,
+  (n,))`` for any other key implementation.
+  """
+  return _bits_to_normal(_random_bits(key, n))
+
+
 def _normal_like(key: jax.Array, tree: optax.Updates) -> optax.Updates:
-  """Standard normal noise shaped like ``tree`` from ONE draw, split per leaf.
+  """Standard normal noise shaped like ``tree``: :func:`standard_normal` split per leaf.
 
   One random-bits computation for the whole tree instead of one per leaf: the
   compile time of a step with many leaves (a ViT, a ResNet) drops several-fold
   (threefry is unrolled per call), and every prune event recompiles the step.
+  The bits are split before the normal transform, which XLA then fuses into
+  each leaf's noisy update (fused over the whole flat draw, next to a
+  concatenation, a CPU compiles it several times slower).
   """
   leaves, treedef = jax.tree.flatten(tree)
   sizes = [leaf.size for leaf in leaves]
-  flat = jax.random.normal(key, (max(1, sum(sizes)),), jnp.float32)
+  bits = _random_bits(key, max(1, sum(sizes)))
   offsets = np.cumsum([0] + sizes)
   return treedef.unflatten(
-    [flat[a:b].reshape(leaf.shape) for a, b, leaf in zip(offsets[:-1], offsets[1:], leaves)]
+    [
+      _bits_to_normal(bits[a:b]).reshape(leaf.shape)
+      for a, b, leaf in zip(offsets[:-1], offsets[1:], leaves)
+    ]
   )
 
 
@@ -401,6 +454,7 @@ def with_live_noise(
   seed: int = 0,
   symmetric: bool = False,
   liveness: str = 'gradient',
+  key_impl: str = 'threefry2x32',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds Gaussian noise to ``inner``'s update, only on live parameters.
 
@@ -418,9 +472,11 @@ def with_live_noise(
   the paper's text prints 5e-5 as a variance, i.e. a std of 7.07e-3
   (:data:`PAPER_TEXT_NOISE_STD`), larger than a whole Adam step at lr 5e-3.
 
-  The noise for step ``t`` is one flat draw from ``fold_in(key, t)``, split
-  over the leaves in tree order, with ``key = jax.random.key(seed)`` kept constant in the state: runs
-  are reproducible and resume identically from a checkpointed state. The
+  The noise for step ``t`` is one flat draw :func:`standard_normal` from
+  ``fold_in(key, t)``, split over the leaves in tree order, with ``key =
+  jax.random.key(seed, impl=key_impl)`` kept constant in the state: runs are
+  reproducible (the same seed and key implementation give the same noise on
+  the same backend) and resume identically from a checkpointed state. The
   noise has each update leaf's dtype.
 
   Liveness. ``liveness='gradient'`` (above) is exact for ReLU: a unit dead on
@@ -446,6 +502,9 @@ def with_live_noise(
       symmetric-noise ablation).
     liveness: ``'gradient'`` (``∇L != 0``, for ReLU) or ``'mask'`` (the mask in
       the state, for every other activation); see :data:`LIVENESS_MODES`.
+    key_impl: the PRNG implementation of the noise key, a member of
+      :data:`NOISE_PRNGS`: ``'threefry2x32'`` (the default, the fastest on a
+      CPU) or ``'rbg'`` / ``'unsafe_rbg'`` (XLA's generator, for accelerators).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -453,8 +512,8 @@ def with_live_noise(
     ``inner``.
 
   Raises:
-    ValueError: on a negative (or NaN) number ``std`` or an unknown
-      ``liveness``.
+    ValueError: on a negative (or NaN) number ``std``, an unknown
+      ``liveness`` or an unknown ``key_impl``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -477,6 +536,8 @@ def with_live_noise(
   _check_nonnegative('std', std)
   if liveness not in LIVENESS_MODES:
     raise ValueError(f'`liveness`={liveness!r} is not one of {list(LIVENESS_MODES)}.')
+  if key_impl not in NOISE_PRNGS:
+    raise ValueError(f'`key_impl`={key_impl!r} is not one of {list(NOISE_PRNGS)}.')
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: optax.Params) -> LiveNoiseState:
@@ -485,7 +546,7 @@ def with_live_noise(
       live_mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
     return LiveNoiseState(
       count=jnp.zeros([], jnp.int32),
-      key=jax.random.key(seed),
+      key=jax.random.key(seed, impl=key_impl),
       inner_state=inner.init(params),
       live_mask=live_mask,
     )
@@ -535,6 +596,7 @@ def demp_optimizer(
   penalty_coupling: str = 'coupled',
   penalty_multipliers: Mapping[str, float] | None = None,
   learning_rate: optax.ScalarOrSchedule | None = None,
+  noise_prng: str = 'threefry2x32',
 ) -> optax.GradientTransformation:
   r"""DemP around a base optimizer: penalty before it, live noise after it.
 
@@ -564,6 +626,8 @@ def demp_optimizer(
       see :func:`add_scheduled_penalty`; None = 1 everywhere.
     learning_rate: η (number or schedule) of ``base``, for the decoupled
       penalty only.
+    noise_prng: the noise key's PRNG implementation (``key_impl`` of
+      :func:`with_live_noise`, a member of :data:`NOISE_PRNGS`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -620,5 +684,7 @@ def demp_optimizer(
       ),
     )
   if noise_std is not None:
-    opt = with_live_noise(opt, noise_std, noise_seed, symmetric_noise, noise_liveness)
+    opt = with_live_noise(
+      opt, noise_std, noise_seed, symmetric_noise, noise_liveness, key_impl=noise_prng
+    )
   return opt

@@ -8,9 +8,11 @@ the workdir. It
   dies, even on ``kill -9``). A second process on the same workdir is refused
   at once, naming the holder's pid. A lock file left with the pid of a process
   that is gone (killed) is taken over, with a log line;
-* compares the config's **fingerprint** (a hash of the config JSON minus the
-  bookkeeping keys of :data:`demp.checkpoint.RESUME_MUTABLE`, which may change
-  on resume) with the run that left results in the workdir (``summary.json``,
+* compares the config's **identity** (the config JSON minus the bookkeeping
+  keys of :data:`demp.checkpoint.RESUME_MUTABLE`, which may change on resume,
+  and minus keys added to the code since, at their defaults:
+  :func:`demp.checkpoint.added_keys_at_default`) with the run that left results
+  in the workdir (``summary.json``,
   ``metrics.jsonl`` or a checkpoint), read from ``run.json`` (or the
   ``config.json`` of runs older than ``run.json``):
 
@@ -184,7 +186,9 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> str | None:
       f'workdir {workdir} holds results ({", ".join(found)}) of a run whose config is '
       f'unknown (no {RUN} or config.json). {advice}'
     )
-  if fingerprint(old) != fingerprint(now):
+  added = set(checkpoint.added_keys_at_default(identity_keys(old), identity_keys(now)))
+  same = identity_keys(old) == {k: v for k, v in identity_keys(now).items() if k not in added}
+  if not same:
     return (
       f'workdir {workdir} holds the results ({", ".join(found)}) of a different config '
       f'(from {source}: {_diff(old, now)}). {advice}'

@@ -8,10 +8,24 @@ group's units removed at random by the surgery, compiled, then timed in
 interleaved rounds (ratios are taken within one run); the FLOP ratio comes from
 XLA's cost analysis of each compiled step. Then one prune event (death check on
 ``--num_examples`` images + surgery + recompiling the step) against τ steps.
+
+``--optimizers`` instead times one model's train step under DemP's optimizer
+variants (:data:`demp.benchmark.OPTIMIZER_VARIANTS`: bare Adam, DemP, penalty
+only, noise only, ...) in interleaved rounds, as ratios to bare Adam with their
+quartiles over rounds, and the same ratio estimated from the optimizer update
+alone (:func:`demp.benchmark.optimizer_times`). On a CPU shared with other work
+use ``--clock=process`` (CPU seconds of this process), pinned to one core and
+one XLA thread::
+
+    XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' \
+    taskset -c 1 python -m scripts.benchmark --optimizers --models=resnet18 \
+        --width_multiplier=0.25 --batch_size=32 --rounds=30 --steps_per_round=2 --clock=process
+
 The logic lives in :mod:`demp.benchmark`.
 """
 
 import json
+import time
 
 from absl import app, flags
 
@@ -35,6 +49,24 @@ _EXAMPLES = flags.DEFINE_integer('num_examples', 512, 'Death-check examples of t
 _EVENT = flags.DEFINE_bool('prune_event', True, 'Also time one prune event per model.')
 _NOISE = flags.DEFINE_bool('noise', True, 'Include the live-noise transform in the optimizer.')
 _OUT = flags.DEFINE_string('out', None, 'Optional JSON file for every number.')
+_OPTIMIZERS = flags.DEFINE_bool(
+  'optimizers', False, 'Only time the step under the optimizer variants (--optimizer_variants).'
+)
+_VARIANTS = flags.DEFINE_list(
+  'optimizer_variants',
+  ['adam', 'demp', 'penalty', 'noise'],
+  'Keys of demp.benchmark.OPTIMIZER_VARIANTS; the first is the reference of the ratios.',
+)
+_UPDATE_ROUNDS = flags.DEFINE_integer(
+  'update_rounds', 200, '--optimizers: interleaved rounds (of 10) timing the update alone.'
+)
+_CLOCKS = {'wall': time.perf_counter, 'process': time.process_time}
+_CLOCK = flags.DEFINE_enum(
+  'clock',
+  'wall',
+  list(_CLOCKS),
+  'wall: wall time; process: CPU seconds of this process (CPU only).',
+)
 
 
 def _pairs(items: list[str]) -> dict[str, int]:
@@ -53,6 +85,9 @@ def main(argv):
   sizes, taus = _pairs(_IMAGE.value), _pairs(_TAUS.value)
   sparsities = tuple(float(s) for s in _SPARSITIES.value)
   kwargs = {'width_multiplier': _WIDTH.value}
+  if _OPTIMIZERS.value:
+    _optimizers(sizes, kwargs)
+    return
   results = {'steps': [], 'events': []}
   for name in _MODELS.value:
     rows = benchmark.step_times(
@@ -81,6 +116,38 @@ def main(argv):
       print(benchmark.format_event_table([event], taus), flush=True)
   if _EVENT.value:
     print(benchmark.format_event_table(results['events'], taus))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+def _optimizers(sizes: dict[str, int], kwargs: dict) -> None:
+  unknown = sorted(set(_VARIANTS.value) - set(benchmark.OPTIMIZER_VARIANTS))
+  if unknown:
+    raise app.UsageError(
+      f'--optimizer_variants: unknown {unknown}; known: {sorted(benchmark.OPTIMIZER_VARIANTS)}.'
+    )
+  config = benchmark.config_lib.base_config()
+  results = {}
+  for name in _MODELS.value:
+    result = benchmark.optimizer_times(
+      name,
+      variants={v: benchmark.OPTIMIZER_VARIANTS[v](config) for v in _VARIANTS.value},
+      image_hw=sizes.get(name, 32),
+      batch_size=_BATCH.value,
+      rounds=_ROUNDS.value,
+      steps_per_round=_STEPS.value,
+      update_rounds=_UPDATE_ROUNDS.value,
+      model_kwargs=kwargs,
+      clock=_CLOCKS[_CLOCK.value],
+    )
+    results[name] = result
+    print(
+      f'{name} width {_WIDTH.value}, batch {_BATCH.value}, {_ROUNDS.value} rounds x '
+      f'{_STEPS.value} steps, clock={_CLOCK.value}',
+      flush=True,
+    )
+    print(benchmark.format_optimizer_table(result), flush=True)
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       json.dump(results, f, indent=2)

@@ -89,3 +89,23 @@ def test_replay_multiple_of_rounds_the_kept_widths_up():
   assert exact == {'widths': {'a': 1, 'b': 17}, 'architectures': 5}
   by8 = benchmark.replay_multiple_of(events, dense, 8)
   assert by8 == {'widths': {'a': 8, 'b': 24}, 'architectures': 2}  # (16, 32), then (8, 24)
+
+
+def test_optimizer_times_compares_optimizers_side_by_side():
+  config = benchmark.config_lib.base_config()
+  variants = {'adam': None, 'demp': benchmark.OPTIMIZER_VARIANTS['demp'](config)}
+  r = benchmark.optimizer_times(
+    'mlp',
+    variants=variants,
+    image_hw=4,
+    batch_size=4,
+    rounds=2,
+    steps_per_round=1,
+    update_rounds=2,
+    model_kwargs={'widths': [8]},
+  )
+  assert r['step_ratio']['adam'] == r['update_ratio']['adam'] == (1.0, 1.0, 1.0)
+  assert len(r['round_times_s']['demp']) == 2 and len(r['update_round_times_s']['demp']) == 2
+  assert r['update_s']['demp'] > 0 and r['step_s']['demp'] > 0
+  table = benchmark.format_optimizer_table(r)
+  assert table.count('\n') == 3 and '| demp |' in table

@@ -401,3 +401,22 @@ def test_host_state_round_trips():
   assert decoded['events'][0]['live'] == {'a': 3} and np.isnan(decoded['events'][0]['x'])
   with pytest.raises(TypeError, match=r'run\.memo\.fn'):
     checkpoint._encode({'fn': len}, {}, 'run.memo')
+
+
+def test_keys_added_since_the_checkpoint_take_their_defaults(tmp_path):
+  """A run written before a config key existed resumes when the key is at its default."""
+  from demp import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config()
+  saved = checkpoint.config_json(config)
+  del saved['prune']['switch_after']  # as written by code older than the key
+  del saved['demp']['noise_prng']
+  checkpoint.check_config({'config': saved}, config, 'ckpt')  # no error: both at defaults
+  (tmp_path / 'run.json').write_text(json.dumps({'config': saved}))
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 10, "loss": 1.0}\n')
+  os.makedirs(tmp_path / 'checkpoints' / '10')
+  assert workdir_lib.check(str(tmp_path), config) is None  # resumes
+  config.prune.switch_after = 0.5  # set by the user: another run
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r'prune.switch_after: checkpoint'):
+    checkpoint.check_config({'config': saved}, config, 'ckpt')
+  assert 'prune.switch_after' in workdir_lib.check(str(tmp_path), config)

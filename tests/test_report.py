@@ -350,3 +350,38 @@ def test_sweep_results_dir_collects_and_skips(tmp_path):
   )
   assert echoed[0].startswith('3 runs, 2 done, 1 to run')
   assert specs[1].name in echoed[1] and len(echoed) == 2
+
+
+def test_a_key_newer_than_a_run_takes_its_default_when_grouping(tmp_path):
+  """Seeds run by older code (no demp.penalty_coupling yet) group with newer runs at the default."""
+  root = str(tmp_path)
+  _write(root, 's0', 'demp', 0, 0.60, 0.2, 0.5, 10.0, 0.8, 0.6)
+  _write(
+    root,
+    's1',
+    'demp',
+    1,
+    0.64,
+    0.2,
+    0.5,
+    10.0,
+    0.8,
+    0.6,
+    extra={'demp': {'peak_lambda': 5e-3, 'penalty_coupling': 'coupled'}},
+  )
+  _write(
+    root,
+    's2',
+    'demp',
+    2,
+    0.50,
+    0.2,
+    0.5,
+    10.0,
+    0.8,
+    0.6,
+    extra={'demp': {'peak_lambda': 5e-3, 'penalty_coupling': 'decoupled'}},
+  )
+  groups = report.group_runs(report.load_runs(root))
+  assert [len(g.runs) for g in groups] == [2, 1]  # s0 + s1 (coupled, the default), then s2
+  assert groups[0].mean('test_accuracy') == pytest.approx(0.62)

@@ -12,12 +12,14 @@ import pytest  # noqa: E402
 from demp.schedules import one_cycle  # noqa: E402
 from demp.transforms import (  # noqa: E402
   ALL_WEIGHTS,
+  NOISE_PRNGS,
   NORM_SCALES,
   LiveNoiseState,
   ScheduledPenaltyState,
   add_scheduled_penalty,
   demp_optimizer,
   path_mask,
+  standard_normal,
   with_live_noise,
 )
 
@@ -358,11 +360,12 @@ def test_noise_rng_contract_deterministic_and_varied():
   assert not np.any(np.asarray(first[0]["a"]) == np.asarray(first[1]["a"]))
   assert not np.any(np.asarray(first[0]["a"]) == np.asarray(first[0]["b"][:8]))
   # The documented contract: step t draws one flat N(0, 1) vector from
-  # fold_in(key(seed), t), split over the leaves in tree order, scaled by
-  # σ = std = 2.
+  # fold_in(key(seed), t) -- jax.random.normal in JAX's original (non-partitionable)
+  # Threefry layout -- split over the leaves in tree order, scaled by σ = std = 2.
   step_key = jax.random.fold_in(jax.random.key(0), 2)
   sizes = [x.size for x in jax.tree.leaves(params)]
-  flat = jax.random.normal(step_key, (sum(sizes),), jnp.float32)
+  with jax.threefry_partitionable(False):
+    flat = jax.random.normal(step_key, (sum(sizes),), jnp.float32)
   expected = {
     "a": flat[: sizes[0]].reshape(params["a"].shape),
     "b": flat[sizes[0] :].reshape(params["b"].shape),
@@ -491,3 +494,76 @@ def test_demp_optimizer_passes_seed_and_defaults():
   for x, y in zip(a, m):
     _assert_trees_equal(x, y)
   np.testing.assert_array_equal(a[0]["ConvNet_0"]["BatchNorm_1"]["bias"][1], 0.0)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_standard_normal_is_jax_normal(n, impl):
+  """The flat draw: jax.random.normal, in the original Threefry layout for a Threefry key."""
+  key = jax.random.fold_in(jax.random.key(3, impl=impl), 5)
+  got = jax.jit(standard_normal, static_argnums=1)(key, n)
+  if impl == "threefry2x32":
+    with jax.threefry_partitionable(False):
+      want = jax.random.normal(key, (n,), jnp.float32)
+  else:
+    want = jax.random.normal(key, (n,), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert got.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("impl", NOISE_PRNGS)
+def test_noise_key_impl_is_reproducible_live_only_and_normal(impl):
+  params, grads = _dead_params_and_grads()
+  inner = optax.sgd(0.0)  # zero inner updates: the update is the noise itself
+
+  def run(seed):
+    tx = with_live_noise(inner, std=0.1, seed=seed, key_impl=impl)
+    state = tx.init(params)
+    assert str(jax.random.key_impl(state.key)) == impl
+    update = jax.jit(tx.update)
+    out = []
+    for _ in range(2):
+      updates, state = update(grads, state, params)
+      out.append(updates)
+    return out
+
+  first, again, other = run(4), run(4), run(5)
+  for x, y in zip(first, again):
+    _assert_trees_equal(x, y)  # same seed and impl: the same noise
+  kernel = [np.asarray(u["Dense_0"]["kernel"]) for u in first]
+  dead = np.asarray(grads["Dense_0"]["kernel"]) == 0
+  for k in kernel:
+    assert np.all(k[dead] == 0) and np.all(k[~dead] != 0)  # live entries only
+  assert not np.any(kernel[0][~dead] == kernel[1][~dead])  # a new draw every step
+  assert not np.any(np.asarray(other[0]["Dense_0"]["kernel"])[~dead] == kernel[0][~dead])
+  # The noise of step t is σ·standard_normal(fold_in(key(seed, impl), t)) on live entries.
+  step_key = jax.random.fold_in(jax.random.key(4, impl=impl), 1)
+  flat = np.asarray(standard_normal(step_key, 3 + 12))  # leaves in tree order: bias, kernel
+  np.testing.assert_allclose(kernel[1][~dead], 0.1 * flat[3:].reshape(4, 3)[~dead], rtol=1e-6)
+  big = {"w": jnp.zeros((300, 400))}
+  tx = with_live_noise(inner, std=0.5, seed=0, key_impl=impl)
+  noise = np.asarray(jax.jit(tx.update)(optax.tree.ones_like(big), tx.init(big), big)[0]["w"])
+  assert abs(noise.mean()) < 5 * 0.5 / np.sqrt(noise.size)
+  np.testing.assert_allclose(noise.std(), 0.5, rtol=0.01)
+
+
+def test_noise_with_zero_std_is_exactly_the_inner_update():
+  params, grads = _dead_params_and_grads()
+  inner = _inner()
+  std = lambda count: jnp.where(count < 1, 0.0, 0.1)  # σ_0 = 0, then 0.1
+  tx = with_live_noise(inner, std=std, seed=3)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  updates, state = update(grads, state, params)
+  ref, ref_state = inner.update(grads, inner.init(params), params)
+  _assert_trees_equal(updates, ref)  # σ_t = 0: bit for bit the update without noise
+  updates, _ = update(grads, state, params)
+  ref, _ = inner.update(grads, ref_state, params)
+  live = np.asarray(grads["Dense_0"]["kernel"]) != 0
+  got = np.asarray(updates["Dense_0"]["kernel"])
+  assert np.all(got[live] != np.asarray(ref["Dense_0"]["kernel"])[live])  # σ_1 > 0: noise
+
+
+def test_unknown_key_impl_names_the_argument():
+  with pytest.raises(ValueError, match="`key_impl`='philox' is not one of"):
+    with_live_noise(optax.sgd(0.1), 0.1, key_impl="philox")

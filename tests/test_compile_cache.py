@@ -1,0 +1,132 @@
+"""The persistent compilation cache of a run, its counts, and steps compiled once per shape."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from demp import compile_cache, deadunits, steps, surgery, train
+from demp.models import build
+from tests.test_train import _tiny_config
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+
+@pytest.fixture
+def npz(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / 'tiny.npz'
+  np.savez(
+    path,
+    train_images=rng.integers(0, 255, (80, 8, 8, 3), dtype=np.uint8),
+    train_labels=rng.integers(0, 10, 80),
+    test_images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8),
+    test_labels=rng.integers(0, 10, 20),
+  )
+  return str(path)
+
+
+def test_a_second_identical_run_compiles_nothing(tmp_path, npz):
+  cache = str(tmp_path / 'shared_cache')
+  before = jax.config.jax_compilation_cache_dir
+  c = _tiny_config(**{'data.source': 'npz', 'data.path': npz, 'compilation_cache': cache})
+  first = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  second = train.train_and_evaluate(c, str(tmp_path / 'b'))  # fresh workdir, same cache
+  assert first['prune_events_effective'] >= 1  # two architectures: two train steps
+  assert first['compile_cache_dir'] == second['compile_cache_dir'] == cache
+  assert first['compile_cache_misses'] > 0 and first['compiles'] > 0
+  assert os.listdir(cache)
+  # Train steps (new closures each run), eval step and death checks: all from the cache.
+  assert second['compile_cache_misses'] == 0 and second['compiles'] == 0
+  assert second['compile_cache_hits'] >= 2
+  assert second['widths'] == first['widths']
+  assert second['test_loss'] == first['test_loss']  # the cached executables compute the same
+  assert jax.config.jax_compilation_cache_dir == before  # the settings found are restored
+
+
+def test_workdir_cache_and_off(tmp_path, npz):
+  c = _tiny_config(**{'data.source': 'npz', 'data.path': npz, 'num_steps': 10, 'prune.every': 10})
+  assert c.compilation_cache == 'workdir'  # the default
+  summary = train.train_and_evaluate(c, str(tmp_path / 'on'))
+  assert summary['compile_cache_dir'] == str(tmp_path / 'on' / 'jax_cache')
+  assert summary['compile_cache_misses'] > 0 and os.listdir(summary['compile_cache_dir'])
+  c.compilation_cache = ''
+  summary = train.train_and_evaluate(c, str(tmp_path / 'off'))
+  assert summary['compile_cache_dir'] == ''
+  assert summary['compile_cache_hits'] == summary['compile_cache_misses'] == 0
+  assert summary['compiles'] > 0  # the new train-step closure compiles, uncached
+  assert not os.path.exists(tmp_path / 'off' / 'jax_cache')
+
+
+def test_use_switches_directories_and_restores(tmp_path):
+  f = lambda x: jnp.sin(x) * 3.0 + 1.0
+  x = jnp.arange(4.0)
+  with compile_cache.use(str(tmp_path / 'one'), 'unused') as counts:
+    jax.jit(f).lower(x).compile()  # the AOT path of demp.run.Run.compile
+    assert counts.summary()['compile_cache_misses'] == 1
+  with compile_cache.use('workdir', str(tmp_path / 'w')) as counts:
+    jax.jit(lambda x: f(x)).lower(x).compile()  # a new closure, another directory: compiled
+    assert counts.summary() == {
+      'compile_cache_dir': str(tmp_path / 'w' / 'jax_cache'),
+      'compile_cache_hits': 0,
+      'compile_cache_misses': 1,
+      'compiles': 1,
+    }
+  with compile_cache.use(str(tmp_path / 'one'), 'unused') as counts:
+    jax.jit(lambda x: f(x)).lower(x).compile()  # back to the first directory: read
+    got = counts.summary()
+    assert (got['compile_cache_hits'], got['compile_cache_misses'], got['compiles']) == (1, 0, 0)
+  assert compile_cache.summary() == {}
+
+
+@pytest.mark.parametrize(
+  'value, message',
+  [
+    ('wrokdir', "compilation_cache='wrokdir' is not a path"),
+    ('Workdir', "compilation_cache='Workdir' is not a path"),
+  ],
+)
+def test_bad_cache_setting_names_the_key(value, message):
+  c = _tiny_config(compilation_cache=value)
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(c)
+
+
+def test_cache_setting_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / 'f').write_text('')
+  c = _tiny_config(compilation_cache=str(tmp_path / 'f'))
+  with pytest.raises(ValueError, match='is a file, not a directory'):
+    train.validate_config(c)
+  with pytest.raises(ValueError, match='must be a string'):
+    compile_cache.check(None)
+  for ok in ('', 'workdir', '~/jax_cache', './jax_cache', str(tmp_path)):
+    compile_cache.check(ok)
+
+
+def _count_compiles(fn):
+  with compile_cache.use('', 'unused') as counts:
+    jax.block_until_ready(fn())
+    return counts.summary()['compiles']
+
+
+def test_eval_step_and_death_check_compile_once_per_shape():
+  model = build('convnet', 10, widths=[6, 8], head='global')
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  batch = {
+    'image': jax.random.normal(jax.random.key(1), (16, 8, 8, 3)),
+    'label': jnp.arange(16) % 10,
+    'mask': jnp.ones(16),
+  }
+  evaluate = lambda m, v: steps.make_eval_step(m)(v, batch)
+  assert _count_compiles(lambda: evaluate(model, variables)) >= 1
+  again = build('convnet', 10, widths=[6, 8], head='global')  # an equal model, rebuilt
+  assert _count_compiles(lambda: evaluate(again, variables)) == 0
+  keeps = {'conv_0': np.arange(6) < 4, 'conv_1': np.ones(8, bool)}
+  small, small_vars, _ = surgery.prune(model, variables, {}, keeps)
+  assert _count_compiles(lambda: evaluate(small, small_vars)) >= 1  # a new shape: compiled
+  assert _count_compiles(lambda: evaluate(small, small_vars)) == 0
+  check = lambda m, v: deadunits.unit_stats(m, v, batch['image'], batch_size=8)
+  assert _count_compiles(lambda: check(model, variables)) >= 1
+  assert _count_compiles(lambda: check(again, variables)) == 0
