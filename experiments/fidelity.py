@@ -76,16 +76,16 @@ STAGES: dict[str, Stage] = {
   ),
   # One change at a time to DemP at λ = 0.04 in convnet_adam (its row there is the
   # reference), 2 seeds, the most telling first: where the penalty lands (a unit's cost),
-  # the noise scale, the coupling to Adam, constant units, the penalty's form, its span,
-  # τ and the run length. Decoupled λ is the shrink per step ÷ lr, so it needs a larger λ.
+  # constant units (most of conv_3's 'kept' units are constant, not live), the noise
+  # scale, the coupling to Adam, the penalty's form, its span, τ and the run length. Decoupled λ is the shrink per step ÷ lr, so it needs a larger λ.
   'convnet_adam_ablations': Stage(
     CONVNET.replace('{steps}', '1200'),
     (
       _ablation('demp.penalty_weighting=params', '0.04,0.08,0.16'),
+      _ablation('prune.remove_constant=True', '0.04,0.08,0.16'),
       _ablation('demp.noise_std=0.0,0.00707'),
       _ablation('demp.penalty_coupling=decoupled', '0.25,1.0'),
       _ablation('demp.penalty_weighting=flops', '0.04,0.08'),
-      _ablation('prune.remove_constant=True', '0.08,0.16'),
       _ablation('demp.penalty=l2'),
       _ablation('demp.span=0.5'),
       _ablation('arg.every=50,200'),
