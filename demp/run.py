@@ -193,6 +193,13 @@ class Run:
     self.pending, self._next = None, None
     return {'wait_s': waited, 'switch_s': time.perf_counter() - t0, 'compile_s': compile_s}
 
+  @property
+  def widths_after(self) -> dict[str, int]:
+    """The widths once a pending deferred prune has switched (else the current ones)."""
+    if self.pending is None:
+      return dict(self.model.widths)
+    return {**self.model.widths, **{k: int(np.sum(v)) for k, v in self.pending['keeps'].items()}}
+
   def switch_due(self) -> bool:
     """Whether a deferred prune switches now (after the step just taken): call after each step."""
     return self.pending is not None and self.step >= self.pending['switch_step']

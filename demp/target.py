@@ -583,15 +583,18 @@ def _flops_sparsity(run) -> float:
   if 'target_dense_flops' not in run.memo:  # compiled once, from shapes
     dense = flops_lib.at_widths(run.model, run.dense_widths)
     run.memo['target_dense_flops'] = flops_lib.forward_flops(dense, image_shape)
-  return 1.0 - flops_lib.forward_flops(run.model, image_shape) / run.memo['target_dense_flops']
+  now = flops_lib.at_widths(run.model, run.widths_after)
+  return 1.0 - flops_lib.forward_flops(now, image_shape) / run.memo['target_dense_flops']
 
 
 MEASURES: dict[str, Callable[[Any], float]] = {
-  'units': lambda run: metrics.neuron_sparsity(run.model.widths, run.dense_widths),
+  'units': lambda run: metrics.neuron_sparsity(run.widths_after, run.dense_widths),
+  # Nonzero weights: the units of a pending deferred prune are silenced (zero) already.
   'weights': lambda run: metrics.weight_sparsity(run.state['params'], run.dense_params),
   'flops': _flops_sparsity,
 }
-"""The sparsity of each :data:`TARGET_KINDS` entry, from a run (the summary's counting)."""
+"""The sparsity of each :data:`TARGET_KINDS` entry, from a run (the summary's counting), at
+the widths after the run's last prune decision (a deferred prune counts before its switch)."""
 
 
 def measure(run, kind: str) -> float:

@@ -245,3 +245,21 @@ def test_switch_after_must_be_a_fraction(value):
   c = tiny_config(**{'prune.switch_after': value})
   with pytest.raises(ValueError, match=r'prune.switch_after=.*\[0, 1\)'):
     config_lib.validate_config(c)
+
+
+def test_the_target_controller_measures_a_pending_prune_as_done(tmp_path):
+  """Before its switch a deferred prune already counts: units, weights and FLOPs as after it."""
+  from demp import target  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(**{'prune.switch_after': 0.25})
+  run, train_iter = train.init_run(config)
+  run.compile(next(train_iter))
+  run.step = 20
+  keeps = {name: np.arange(w) % 3 != 0 for name, w in run.model.widths.items()}
+  assert run.prune(keeps, defer=True) and run.pending['switch_step'] == 25
+  assert sum(run.model.widths.values()) == 64  # not switched yet
+  before = {kind: target.measure(run, kind) for kind in target.MEASURES}
+  run.switch()
+  after = {kind: target.measure(run, kind) for kind in target.MEASURES}
+  assert sum(run.model.widths.values()) == 42
+  assert before == pytest.approx(after, abs=1e-6) and after['units'] == pytest.approx(22 / 64)
