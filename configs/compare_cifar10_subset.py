@@ -18,7 +18,11 @@ steers its λ to ``target`` / ``kind`` with ``demp.target_sparsity`` /
 ``fallback`` (the
 early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
 ``p`` (``neq_stochastic``'s frozen fraction), ``opt`` (adamw | sgd) / ``lr`` /
-``every`` (τ) as in the analysis config, ``path`` (the .npz), ``smoke``. The
+``every`` (τ) as in the analysis config, ``path`` (the .npz), ``constant``
+(True: DemP also removes units constant over the check set, their constant
+folded into the consumer: ``prune.remove_constant``; the short-run candidate
+recipe is ``method=demp,steps=1200,width=0.5,lam=0.04,constant=True``, see
+docs/results.md), ``smoke``. The
 unstructured baselines (``magnitude``, ``rigl``, ...) read ``target`` over their
 pruned weights and update their masks every ``steps // 24`` steps.
 """
@@ -44,6 +48,7 @@ DEFAULTS = dict(
   lr=5e-3,
   every=100,
   path='',
+  constant=False,
   smoke=False,
 )
 
@@ -62,6 +67,7 @@ def get_config(arg: str | None = None):
     c.demp.target_sparsity = args['target']
     c.demp.target_kind = args['kind']
   c.data.path = args['path'] or None
+  c.prune.remove_constant = bool(args['constant'])  # also remove constant units (folded)
   b = baselines_config.default_config()
   # The unstructured baselines' keys too; their masks change every steps/24 steps (the
   # DemP authors' 500 is for ~100k-step runs): 12 mask updates in the 0.3T..0.8T window.
