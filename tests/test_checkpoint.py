@@ -238,7 +238,12 @@ def _tree_digest(root):
 
 
 def _flip_bytes_of_largest_array_file(step_dir):
-  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, 'arrays')) for f in fs]
+  files = [  # the array data files (under d/), not _sharding / _METADATA, which can be larger
+    os.path.join(d, f)
+    for d, _, fs in os.walk(os.path.join(step_dir, 'arrays'))
+    for f in fs
+    if os.path.basename(d) == 'd'
+  ]
   path = max(files, key=os.path.getsize)
   raw = bytearray(open(path, 'rb').read())
   for i in range(len(raw) // 2, len(raw) // 2 + 16):

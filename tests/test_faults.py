@@ -196,8 +196,11 @@ def test_a_corrupt_checkpoint_changes_nothing(finished, tmp_path, damage):
   path = _copy(finished['workdir'], str(tmp_path / 'run'))
   step_dir = os.path.join(path, 'checkpoints', '8')
   if damage == 'flip_array_bytes':
-    files = [
-      os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, 'arrays')) for f in fs
+    files = [  # the array data files (under d/), not _sharding / _METADATA, which can be larger
+      os.path.join(d, f)
+      for d, _, fs in os.walk(os.path.join(step_dir, 'arrays'))
+      for f in fs
+      if os.path.basename(d) == 'd'
     ]
     target = max(files, key=os.path.getsize)
     raw = bytearray(open(target, 'rb').read())
