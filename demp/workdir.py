@@ -109,6 +109,8 @@ def fingerprint(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8) -> str:
   a, b = identity_keys(old), identity_keys(new)
+  added = set(checkpoint.added_keys_at_default(a, b))  # not differences (see check)
+  b = {k: v for k, v in b.items() if k not in added}
   missing = '<absent>'
   keys = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
   shown = '; '.join(
