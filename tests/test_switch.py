@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import quickstart
 from demp import checkpoint, deadunits, models, surgery, train
 from demp import config as config_lib
+from tests.test_checkpoint import tiny_config  # DemP on an MLP over digits, τ = 20
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -128,30 +128,6 @@ def test_the_death_check_compiled_ahead_gives_the_same_verdict():
     assert jax.tree.map(np.array_equal, got, want) == jax.tree.map(lambda _: True, want)
     alive.append(sum(int(np.sum(a)) for a in want['alive'].values()))
   assert alive[0] > alive[1]  # a larger eps finds more units dead
-
-
-def tiny_config(**overrides):
-  """DemP on an MLP over digits: 60 steps, τ = 20; units die and are removed at 20, 40 and 60."""
-  c = quickstart.get_config()
-  c.num_steps = 60
-  c.batch_size = 32
-  c.model.widths = [32, 32]
-  c.prune.every = 20
-  c.prune.num_examples = 64
-  c.prune.batch_size = 32
-  c.log_every = 10
-  c.eval_batch_size = 120
-  c.progress_bar = False
-  c.demp.peak_lambda = 0.5
-  c.optimizer.learning_rate = 0.05
-  c.checkpoint.every = 20
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
 
 
 def _final(workdir):
