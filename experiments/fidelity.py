@@ -89,12 +89,22 @@ STAGES: dict[str, Stage] = {
       _ablation('demp.penalty=l2'),
       _ablation('demp.span=0.5'),
       _ablation('arg.every=50,200'),
-      _ablation('arg.steps=600,2400'),
       # Adam normalizes a coupled penalty's size away; decoupled, the weighting acts.
       _ablation('demp.penalty_coupling=decoupled;demp.penalty_weighting=params', '1.0'),
     ),
     seeds=(0, 1),
     seed_major=False,
+  ),
+  # Issue 20: how the useful λ moves with the run length. If it scales like 1/steps,
+  # 600 steps at λ 0.08 and 2400 steps at λ 0.02 land where 1200 steps at λ 0.04 does;
+  # λ 0.04 at both lengths shows the shift at a fixed λ. Cheapest first within a seed.
+  'convnet_adam_length': Stage(
+    CONVNET.replace('{steps}', '1200'),
+    (
+      'arg.method=demp;arg.lam=0.04,0.08;arg.steps=600;seed={s}',
+      'arg.method=demp;arg.lam=0.02,0.04;arg.steps=2400;seed={s}',
+    ),
+    seeds=(0, 1),
   ),
   # The same ConvNet with SGD-momentum 0.1 one-cycle: dense and DemP, then EarlyCroP-S
   # at DemP's sparsities. λ is ~10x smaller than with Adam: SGD does not normalize the
@@ -159,12 +169,21 @@ def demp_sparsities(results_dir: str, stage: str, seeds=SEEDS) -> list[float] | 
 
 
 def run(
-  stages, data_path: str, results_dir: str, workdir: str, *, dry_run: bool = False, echo=print
+  stages,
+  data_path: str,
+  results_dir: str,
+  workdir: str,
+  *,
+  seeds: tuple[int, ...] = (),
+  dry_run: bool = False,
+  echo=print,
 ) -> dict[str, int]:
-  """Runs the stages in order; returns every run's return code."""
+  """Runs the stages in order (only ``seeds`` of each, if given); returns every run's return code."""
   results = {}
   for name in stages:
     stage = STAGES[name]
+    if seeds:
+      stage = dataclasses.replace(stage, seeds=tuple(s for s in stage.seeds if s in seeds))
     targets = ''
     if stage.after:
       found = demp_sparsities(results_dir, stage.after, stage.seeds)
@@ -193,6 +212,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('results_dir', 'docs/results/fidelity', 'Kept results, per stage.')
   flags.DEFINE_string('workdir', None, 'Scratch directory for the runs.')
   flags.DEFINE_list('stages', list(STAGES), f'Stages to run, in order: {list(STAGES)}.')
+  flags.DEFINE_list('seeds', [], 'Only these seeds of every stage (default: each stage\'s own).')
   flags.DEFINE_bool('dry_run', False, 'List the runs to do and stop.')
   flags.mark_flags_as_required(['data_path', 'workdir'])
 
@@ -204,7 +224,11 @@ def main(argv):
   unknown = [s for s in f.stages if s not in STAGES]
   if unknown:
     raise app.UsageError(f'--stages: unknown {unknown}; known: {list(STAGES)}.')
-  results = run(f.stages, f.data_path, f.results_dir, f.workdir, dry_run=f.dry_run)
+  try:
+    seeds = tuple(int(s) for s in f.seeds)
+  except ValueError:
+    raise app.UsageError(f'--seeds: {f.seeds} are not integers.') from None
+  results = run(f.stages, f.data_path, f.results_dir, f.workdir, seeds=seeds, dry_run=f.dry_run)
   failed = sorted(k for k, rc in results.items() if rc)
   if failed:
     print(f'{len(failed)} runs failed: {failed}', file=sys.stderr)
