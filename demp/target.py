@@ -54,16 +54,19 @@ __all__ = [
   'ControllerParams',
   'ControllerState',
   'TARGET_KINDS',
+  'LAWS',
   'TARGET_NOISE',
   'TargetPenaltyState',
   'add_target_penalty',
   'dead_fraction',
   'default_reach',
   'find_gain_state',
+  'in_flight',
   'set_gain',
   'target_optimizer',
   'trajectory',
   'update_gain',
+  'update_gain_in_flight',
   'with_gain_noise',
 ]
 
@@ -397,7 +400,8 @@ def update_gain(
   4. otherwise (ahead, short of S): ``gain ×= max(1 - kp (ŝ - s*_h) / S,
      down_min)``; exactly on it, the gain holds.
 
-  The gain is capped at ``gain_max``.
+  The gain is capped at ``gain_max``. This is ``demp.target_law='trajectory'``;
+  the default, :func:`update_gain_in_flight`, also sees the units in flight.
 
   Args:
     state: the controller state after the previous check.
@@ -438,6 +442,225 @@ def update_gain(
   return ControllerState(
     gain=float(gain), measured=float(measured), reached=bool(reached), checks=checks, delay=delay
   )
+
+
+def update_gain_in_flight(
+  state: ControllerState,
+  measured: float,
+  target: float,
+  *,
+  near: float,
+  far: float,
+  params: ControllerParams = ControllerParams(),
+) -> ControllerState:
+  r"""The default control law (``demp.target_law='in_flight'``), at a death check. Pure.
+
+  It steers the sparsity the run is heading for rather than the sparsity it
+  has. Under a coupled penalty a unit whose task gradient λ outweighs has its
+  scale shrinking steadily to 0; a unit that holds λ off does not. So the
+  units whose scales are on their way to 0 (:func:`in_flight`) are those λ
+  will kill if it holds, long before they die: their sparsity ``far`` (units
+  reaching 0 by the trajectory's reach step) added to the measured ``s`` is
+  where the run is heading, ``ŝ = s + far``, and ``near`` (by the next check)
+  is what no change of λ can save any more. With ``S = target``:
+
+  1. ``s >= S`` (or reached before): reached; ``gain ×= cut`` (λ decays).
+  2. ``s + near > S``: units dying before the next check pass the target:
+     ``gain ×= clip(0.5 (S - s) / near, cut, 1)``.
+  3. otherwise, proportional on where the run is heading:
+     ``gain ×= clip(1 + kp (S - ŝ) / S, down_min, up_max)``, capped at
+     ``up_idle`` while nothing is pruned or in flight.
+
+  Unlike :func:`update_gain` it needs no model of the plant's delay: a wave of
+  deaths (units whose scales all started shrinking when λ rose past their
+  task gradients, dying together ~1/lr steps later) shows up in ``far`` while
+  λ can still be lowered to save part of it. The gain is capped at
+  ``gain_max``.
+
+  Args:
+    state: the controller state after the previous check.
+    measured: sparsity measured now, in [0, 1].
+    target: the final target S, in (0, 1).
+    near: the sparsity the units in flight add by the next check.
+    far: the sparsity the units in flight add by the reach step (>= ``near``).
+    params: the law's constants.
+
+  Returns:
+    The new :class:`ControllerState`.
+
+  Examples:
+    >>> from demp.target import ControllerState, update_gain_in_flight
+    >>> s = update_gain_in_flight(ControllerState(gain=2.0, measured=0.1), 0.2, 0.5,
+    ...                           near=0.05, far=0.4)
+    >>> round(s.gain, 3)  # heading for 0.6 > 0.5: × (1 - 4 · 0.1 / 0.5) = 0.2, floored at 0.5
+    1.0
+  """
+  p = params
+  checks = state.checks + 1
+  delay = state.delay or (checks if measured > 0 else 0)
+  heading = measured + far
+  reached = state.reached or measured >= target
+  if reached:
+    factor = p.cut
+  elif measured + near > target:
+    factor = min(1.0, max(p.cut, 0.5 * (target - measured) / near))
+  else:
+    up = p.up_max if heading > 0 else p.up_idle
+    factor = min(max(1.0 + p.kp * (target - heading) / target, p.down_min), up)
+  gain = min(state.gain * factor, p.gain_max)
+  return ControllerState(
+    gain=float(gain), measured=float(measured), reached=bool(reached), checks=checks, delay=delay
+  )
+
+
+# ----------------------------------------------------------------------------
+# The units in flight: a leading indicator read from the normalization scales.
+
+
+def in_flight(
+  before: Mapping[str, tuple[np.ndarray, np.ndarray]],
+  now: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+  steps: int,
+  horizon: int,
+  *,
+  constant_dies: bool = False,
+) -> dict[str, np.ndarray]:
+  r"""Group -> bool mask over ``now``'s units: the scale reaches 0 within ``horizon`` steps.
+
+  Under a coupled penalty with Adam, a unit whose task gradient the penalty
+  outweighs has its scale γ shrink at a steady rate (about lr per step) until
+  it is 0, when (offset β <= 0, ReLU after the norm) the unit is dead. So the
+  units that will die over the next interval are visible before they die:
+  ``|γ|`` falling at rate ``r = (|γ_before| - |γ_now|) / steps > 0`` with
+  ``|γ_now| - r·horizon <= 0``. A unit whose offset is positive becomes
+  constant, not dead, and is not counted, unless ``constant_dies``
+  (``prune.remove_constant``). Pure numpy.
+
+  Args:
+    before: group -> ``(ids, |γ|)`` at the previous check (``ids``: the units'
+      dense indices, ``demp.run.Run.unit_ids``).
+    now: group -> ``(ids, |γ|, β or None)`` now. Units absent from ``before``
+      are not counted (no rate yet).
+    steps: steps between the two readings (> 0).
+    horizon: steps ahead to project.
+    constant_dies: count units with a positive offset too.
+
+  Returns:
+    group -> bool array, one entry per unit of ``now``.
+
+  Examples:
+    >>> import numpy as np
+    >>> from demp.target import in_flight
+    >>> before = {'g': (np.arange(4), np.array([1.0, 0.5, 0.5, 0.5]))}
+    >>> now = {'g': (np.arange(4), np.array([1.0, 0.3, 0.3, 0.45]), np.array([0., -1., 1., 0.]))}
+    >>> in_flight(before, now, steps=10, horizon=20)['g'].tolist()  # falls 0.02/step: 0 in 15
+    [False, True, False, False]
+  """
+  out = {}
+  for name, (ids, gamma, beta) in now.items():
+    doomed = np.zeros(len(ids), bool)
+    if name in before and len(ids):
+      ids_b, gamma_b = before[name]
+      order = np.argsort(ids_b)
+      pos = np.clip(np.searchsorted(ids_b, ids, sorter=order), 0, max(len(ids_b) - 1, 0))
+      matched = order[pos] if len(ids_b) else pos
+      seen = (ids_b[matched] == ids) if len(ids_b) else np.zeros(len(ids), bool)
+      rate = np.where(seen, (gamma_b[matched] - gamma) / max(steps, 1), 0.0)
+      doomed = seen & (rate > 0) & (gamma - rate * horizon <= 0)
+      if beta is not None and not constant_dies:
+        doomed &= beta <= 0
+    out[name] = doomed
+  return out
+
+
+def _unit_scales(run) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+  """Group -> ``(ids, |γ|, β)`` of the units present after the last prune decision.
+
+  A group with several norm scales (a residual stream) takes the largest |γ|
+  and the largest β over them (its unit is dead only if all are). Groups
+  without a norm scale are left out.
+  """
+  from demp import units as units_lib  # pylint: disable=g-import-not-at-top
+
+  params = jax.device_get(run.state['params'])
+  keeps = run.pending['keeps'] if run.pending else {}
+  out = {}
+  for name, paths in units_lib.group_scale_paths(run.model).items():
+    if not paths:
+      continue
+    gammas, betas = [], []
+    for path in paths:
+      gamma = units_lib._at(params, path)  # pylint: disable=protected-access
+      if gamma is None:
+        continue
+      beta = units_lib._at(params, path[:-1] + ('bias',))  # pylint: disable=protected-access
+      gammas.append(np.abs(np.asarray(gamma, np.float64)))
+      betas.append(None if beta is None else np.asarray(beta, np.float64))
+    if not gammas:
+      continue
+    gamma = np.max(gammas, axis=0)
+    beta = None if any(b is None for b in betas) else np.max(betas, axis=0)
+    if name in keeps:  # a deferred prune: the removed units are still there, silenced
+      keep = np.asarray(keeps[name], bool)
+      gamma, beta = gamma[keep], None if beta is None else beta[keep]
+    ids = np.asarray(run.unit_ids.get(name, np.arange(len(gamma))))
+    out[name] = (ids, gamma, beta)
+  return out
+
+
+def _cost_per_unit(run, kind: str) -> Callable[[Mapping[str, int]], float]:
+  """``counts -> sparsity of kind``: what removing ``counts[g]`` units of each group removes."""
+  from demp import units as units_lib  # pylint: disable=g-import-not-at-top
+
+  if kind == 'units':
+    total = sum(run.dense_widths.values())
+    return lambda counts: sum(counts.values()) / total
+  if kind == 'weights':
+    costs, total = units_lib.unit_costs(run.model, run.state['params'], 'params'), run.dense_params
+  else:  # a unit's multiply-adds over the dense forward pass's (XLA counts one as 2 FLOPs)
+    image_shape = tuple(run.death_images.shape[1:])
+    costs = units_lib.unit_costs(run.model, run.state['params'], 'flops', image_shape)
+    total = run.memo['target_dense_flops'] / 2
+  return lambda counts: sum(n * costs[k] for k, n in counts.items()) / total
+
+
+def in_flight_sparsity(run, kind: str, horizons: tuple[int, ...]) -> tuple[float, ...]:
+  """The sparsity of ``kind`` the units in flight add within each horizon (steps); 0s at first.
+
+  Reads every group's norm scales now (:func:`_unit_scales`), compares them with
+  the reading of the previous check (kept in ``run.memo['target_scales']``, saved
+  with checkpoints), and stores this one.
+
+  Raises:
+    ValueError: if no prunable group of the model has a norm scale of its own.
+  """
+  now = _unit_scales(run)
+  if not now:
+    raise ValueError(
+      f"demp.target_law='in_flight' reads the prunable groups' norm scales; "
+      f'{type(run.model).__name__} has none. Use demp.target_law=\'trajectory\'.'
+    )
+  snap = run.memo.get('target_scales')
+  run.memo['target_scales'] = {
+    'step': run.step,
+    'ids': {k: v[0] for k, v in now.items()},
+    'gamma': {k: v[1] for k, v in now.items()},
+  }
+  if not snap or run.step <= snap['step']:
+    return tuple(0.0 for _ in horizons)
+  before = {k: (snap['ids'][k], snap['gamma'][k]) for k in snap['ids']}
+  sparsity = _cost_per_unit(run, kind)
+  out = []
+  for horizon in horizons:
+    doomed = in_flight(
+      before,
+      now,
+      run.step - snap['step'],
+      horizon,
+      constant_dies=bool(run.config.prune.remove_constant),
+    )
+    out.append(sparsity({k: int(np.sum(v)) for k, v in doomed.items()}))
+  return tuple(out)
 
 
 # ----------------------------------------------------------------------------
@@ -558,6 +781,8 @@ def validate(config) -> None:
       f'demp.target_reach={tr!r} must be a number in [0, 1] '
       '(a fraction of the run; 0 = the default, 0.65 × demp.span).'
     )
+  if c.target_law not in LAWS:
+    raise ValueError(f'demp.target_law={c.target_law!r} is not one of {list(LAWS)}.')
   if c.target_noise not in TARGET_NOISE:
     raise ValueError(f'demp.target_noise={c.target_noise!r} is not one of {list(TARGET_NOISE)}.')
   if ts > 0 and config.method == 'demp':
@@ -616,6 +841,40 @@ def _updates(run) -> int:
   return max(0, run.step // run.config.optimizer.accumulate_steps)
 
 
+def _steer_in_flight(run, before: ControllerState, measured: float):
+  """:func:`update_gain_in_flight` on the units in flight by the next check and by the reach step."""
+  c = run.config
+  reach_step = int(round(reach(c) * c.num_steps))
+  horizons = (c.prune.every, max(c.prune.every, reach_step - run.step))
+  near, far = in_flight_sparsity(run, c.demp.target_kind, horizons)
+  after = update_gain_in_flight(
+    before, measured, float(c.demp.target_sparsity), near=near, far=far, params=PARAMS
+  )
+  return after, {'in_flight_near': near, 'in_flight_far': far}
+
+
+def _steer_trajectory(run, before: ControllerState, measured: float):
+  """:func:`update_gain` on the measured sparsity against the trajectory."""
+  every = max(1, run.config.prune.every // run.config.optimizer.accumulate_steps)
+  after = update_gain(
+    before,
+    measured,
+    config_trajectory(run.config),
+    float(run.config.demp.target_sparsity),
+    step=_updates(run),
+    every=every,
+    params=PARAMS,
+  )
+  return after, {}
+
+
+LAWS: dict[str, Callable[[Any, ControllerState, float], tuple[ControllerState, dict]]] = {
+  'in_flight': _steer_in_flight,
+  'trajectory': _steer_trajectory,
+}
+"""``demp.target_law`` -> ``(run, state, measured) -> (new state, extra event fields)``."""
+
+
 def after_check(run) -> dict[str, Any]:
   """After a death check and its surgery: measure, update the gain, set it in the state.
 
@@ -626,14 +885,9 @@ def after_check(run) -> dict[str, Any]:
   c = run.config.demp
   kind = c.target_kind
   measured = measure(run, kind)
-  traj = config_trajectory(run.config)
-  update = _updates(run)
-  target_now = traj(update)
+  target_now = config_trajectory(run.config)(_updates(run))
   before = _controller(run)
-  every = max(1, run.config.prune.every // run.config.optimizer.accumulate_steps)
-  after = update_gain(
-    before, measured, traj, float(c.target_sparsity), step=update, every=every, params=PARAMS
-  )
+  after, flight = LAWS[c.target_law](run, before, measured)
   run.memo['target'] = after._asdict()
   run.state = dict(run.state, opt_state=set_gain(run.state['opt_state'], after.gain))
   if run.mesh is not None:
@@ -647,6 +901,7 @@ def after_check(run) -> dict[str, Any]:
     'target_sparsity': float(c.target_sparsity),
     'target_now': target_now,
     'measured_sparsity': measured,
+    **flight,
     'gain_before': before.gain,
     'gain': after.gain,
     'reached': after.reached,

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from configs import compare_cifar10_subset, quickstart
-from demp import checkpoint, optim, plots, report, target, train, transforms
+from demp import checkpoint, optim, plots, report, target, train, transforms, units
 from demp.schedules import one_cycle
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -352,3 +352,132 @@ def test_after_check_sets_the_gain_logs_and_checkpoints():
   traj = target.config_trajectory(run.config)(25)
   assert fields['target_sparsity'] == traj and 0.0 < traj < 0.01
   assert target.postfix(fields) == {'sparsity': f'0.000/{traj:.3f}', 'gain': '1.25'}
+
+
+# ----------------------------------------------------------------------------
+# The default law: steer where the run is heading (the units in flight).
+
+
+def test_in_flight_follows_units_by_id_and_skips_constant_ones():
+  before = {'g': (np.array([0, 2, 3, 5]), np.array([1.0, 0.4, 0.4, 0.9]))}
+  # Unit 3 was removed in between; unit 7 is new to the reading (no rate yet).
+  now = {
+    'g': (
+      np.array([0, 2, 5, 7]),
+      np.array([1.0, 0.2, 0.85, 0.0]),
+      np.array([0.0, -1.0, -1.0, -1.0]),
+    )
+  }
+  # Rates per step over 10 steps: 0, 0.02, 0.005, none. 0.2 reaches 0 in 10 steps, 0.85 in 170.
+  assert target.in_flight(before, now, 10, 10)['g'].tolist() == [False, True, False, False]
+  assert target.in_flight(before, now, 10, 170)['g'].tolist() == [False, True, True, False]
+  positive = {'g': now['g'][:2] + (np.array([0.0, 0.5, -1.0, -1.0]),)}  # unit 2: offset > 0
+  assert target.in_flight(before, positive, 10, 10)['g'].tolist() == [False] * 4  # constant
+  assert target.in_flight(before, positive, 10, 10, constant_dies=True)['g'].tolist() == [
+    False,
+    True,
+    False,
+    False,
+  ]
+  no_offset = {'g': now['g'][:2] + (None,)}
+  assert target.in_flight(before, no_offset, 10, 10)['g'].tolist() == [False, True, False, False]
+  assert target.in_flight({}, now, 10, 10)['g'].tolist() == [False] * 4
+
+
+def _flight(state, measured, goal, near=0.0, far=0.0):
+  return target.update_gain_in_flight(state, measured, goal, near=near, far=far)
+
+
+def test_in_flight_law_steers_where_the_run_heads():
+  s = target.ControllerState(gain=2.0)
+  assert _flight(s, 0.0, 0.5).gain == pytest.approx(2.0 * P.up_idle)  # nothing yet
+  assert _flight(s, 0.1, 0.5, far=0.3).gain == pytest.approx(2.0 * (1 + 4 * 0.1 / 0.5))  # 1.8×
+  assert _flight(s, 0.1, 0.5, far=0.4).gain == pytest.approx(2.0)  # heading for it: holds
+  assert _flight(s, 0.1, 0.5, far=0.45).gain == pytest.approx(2.0 * (1 - 4 * 0.05 / 0.5))
+  assert _flight(s, 0.1, 0.5, far=0.8).gain == pytest.approx(2.0 * P.down_min)
+  assert _flight(s, 0.1, 0.5, far=0.0).gain == pytest.approx(2.0 * P.up_max)  # capped
+  # Units dying before the next check pass the target: half the gap over them.
+  cut = _flight(s, 0.4, 0.5, near=0.2, far=0.3)
+  assert cut.gain == pytest.approx(2.0 * 0.5 * 0.1 / 0.2) and not cut.reached
+  reached = _flight(s, 0.5, 0.5)
+  assert reached.reached and reached.gain == pytest.approx(2.0 * P.cut)
+  assert _flight(reached, 0.5, 0.5, far=0.0).gain == pytest.approx(2.0 * P.cut**2)  # latched
+
+
+def _wave_plant(goal, law, *, lr, recover, spread, seed=0, n=400, steps=1000, every=20):
+  """Units whose scale shrinks by ``lr`` a step while λ_t > their task gradient ``c`` and
+  grows back by ``recover · lr`` otherwise; a unit dies when its scale reaches 0. λ's rise
+  passes many thresholds at once and the units die together ~1/lr steps later: the
+  death wave of the CIFAR ConvNet under Adam. Returns the final sparsity."""
+  lam = np.asarray(jax.vmap(one_cycle(1.0, steps))(jnp.arange(steps + 1)))
+  traj = target.trajectory(one_cycle(1.0, steps), steps, goal, reach=0.65)
+  c = np.random.default_rng(seed).uniform(*spread, n)
+  gamma, alive = np.ones(n), np.ones(n, bool)
+  state, before = target.ControllerState(), None
+  for t in range(1, steps + 1):
+    over = state.gain * lam[t] > c
+    gamma = np.where(alive & over, gamma - lr, np.minimum(1.0, gamma + recover * lr * ~over))
+    if t % every:
+      continue
+    alive &= gamma > 0
+    measured = 1.0 - alive.mean()
+    ids = np.flatnonzero(alive)
+    now = {'u': (ids, gamma[ids], -np.ones(len(ids)))}
+    if law == 'trajectory':
+      state = target.update_gain(state, measured, traj, goal, step=t, every=every)
+    else:
+      near, far = (
+        (target.in_flight(before, now, every, h)['u'].sum() / n if before else 0.0)
+        for h in (every, max(every, int(0.65 * steps) - t))
+      )
+      state = target.update_gain_in_flight(state, measured, goal, near=near, far=far)
+    before = {'u': (ids, gamma[ids])}
+  return 1.0 - alive.mean()
+
+
+WAVES = {  # (lr, recover, spread of the task gradients)
+  'wide': (0.01, 0.5, (0.3, 2.0)),
+  'slow_narrow': (0.005, 0.5, (0.5, 1.0)),
+  'weak': (0.01, 0.2, (0.1, 0.6)),
+}
+
+
+@pytest.mark.parametrize('goal', [0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize('wave', list(WAVES))
+def test_in_flight_law_lands_death_waves_on_target(wave, goal):
+  lr, recover, spread = WAVES[wave]
+  reached = _wave_plant(goal, 'in_flight', lr=lr, recover=recover, spread=spread)
+  assert goal - 0.07 <= reached <= goal + 0.03, reached
+
+
+def test_the_trajectory_law_overshoots_a_death_wave():
+  """Why in_flight is the default: the trajectory law cannot see a wave coming."""
+  lr, recover, spread = WAVES['slow_narrow']
+  assert _wave_plant(0.5, 'trajectory', lr=lr, recover=recover, spread=spread) > 0.9
+  assert _wave_plant(0.5, 'in_flight', lr=lr, recover=recover, spread=spread) < 0.53
+
+
+def test_after_check_sees_units_in_flight():
+  run, _ = train.init_run(_e2e_config(0.3, 'units'))
+  run.log = lambda event: None
+  run.step = 25
+  first = target.after_check(run)
+  assert first['in_flight_near'] == first['in_flight_far'] == 0.0  # no earlier reading
+  (path,) = units.group_scale_paths(run.model)['hidden_0']
+  params = jax.tree.map(np.array, jax.device_get(run.state['params']))
+  module = params
+  for k in path[:-1]:
+    module = module[k]
+  module['scale'][:16] = 0.8 * np.sign(module['scale'][:16])  # from 1: -0.008 a step
+  module['bias'][:16] = -0.1  # dead at γ = 0 ...
+  module['scale'][16:24] = 0.8 * np.sign(module['scale'][16:24])
+  module['bias'][16:24] = 0.1  # ... constant at γ = 0: not counted
+  run.state = {**run.state, 'params': params}
+  run.step = 50  # next check: by 75 none reaches 0; by the reach step (195) 16 do
+  second = target.after_check(run)
+  assert second['in_flight_near'] == 0.0
+  assert second['in_flight_far'] == pytest.approx(16 / 128)
+  # Heading for 0.125 of a 0.3 target: × min(1 + 4 · 0.175 / 0.3, up_max).
+  assert second['gain'] == pytest.approx(first['gain'] * P.up_max)
+  checkpoint.encode_host_state(run)  # the reading is saved with the run
+  assert run.memo['target_scales']['step'] == 50
