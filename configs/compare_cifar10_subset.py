@@ -22,7 +22,9 @@ early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
 (True: DemP also removes units constant over the check set, their constant
 folded into the consumer: ``prune.remove_constant``; the short-run candidate
 recipe is ``method=demp,steps=1200,width=0.5,lam=0.04,constant=True``, see
-docs/results.md), ``smoke``. The
+docs/results.md), ``scale_lam`` (True: ``lam`` is the peak λ of a 1200-step run, and
+the run uses ``lam · √(1200 / steps)``: the measured λ-transfer rule of this recipe, see
+``lambda_for_steps``), ``smoke``. The
 unstructured baselines (``magnitude``, ``rigl``, ...) read ``target`` over their
 pruned weights and update their masks every ``steps // 24`` steps.
 """
@@ -49,12 +51,28 @@ DEFAULTS = dict(
   every=100,
   path='',
   constant=False,
+  scale_lam=False,
   smoke=False,
 )
+
+REFERENCE_STEPS = 1200
+LAMBDA_EXPONENT = 0.5
+"""The measured λ-transfer exponent of this recipe (ConvNet width 0.5, AdamW 5e-3
+one-cycle, coupled Lasso on the BN scales, τ = 100, noise std 5e-5): DemP's final weight
+sparsity is one function of ``λ·T^0.5`` over 600, 1200 and 2400 steps (``python -m
+experiments.lambda_transfer``, docs/results.md "λ and the run length"). ``a = 1`` (the
+integrated penalty) and ``a = 0`` (the peak λ alone) fit 2-3x worse."""
+
+
+def lambda_for_steps(lam: float, steps: int, reference: int = REFERENCE_STEPS) -> float:
+  """The peak λ at ``steps`` that prunes like ``lam`` at ``reference`` steps: ``lam·√(ref/steps)``."""
+  return lam * (reference / steps) ** LAMBDA_EXPONENT
 
 
 def get_config(arg: str | None = None):
   args = parse(arg, **DEFAULTS)
+  if args['scale_lam']:
+    args['lam'] = lambda_for_steps(args['lam'], args['steps'])
   c = convnet_cifar10_subset.build(
     parse(
       f"method={args['method']},steps={args['steps']},lam={args['lam']},width={args['width']},"

@@ -3,6 +3,9 @@
 import json
 import os
 
+import numpy as np
+import pytest
+
 from demp import sweep
 from experiments import fidelity
 
@@ -93,3 +96,37 @@ def test_seeds_flag_runs_only_those_seeds_cheapest_length_runs_first(tmp_path):
   names = [line for line in echoed[1:] if 'seed-' in line]
   assert all('seed-0' in n for n in names) and len(names) == 4
   assert ['steps-600' in n for n in names] == [True, True, False, False]
+
+
+def test_lambda_transfer_finds_the_exponent_and_skips_collapsed_runs(tmp_path):
+  from configs import compare_cifar10_subset
+  from experiments import lambda_transfer
+
+  # Sparsity = logistic(log(λ·T^0.5)): the fit must find 0.5, not 0 or 1.
+  points = []
+  for steps in (600, 1200, 2400):
+    for lam in (0.01, 0.02, 0.04, 0.08):
+      x = np.log(lam * steps**0.5)
+      points.append((lam, steps, float(1 / (1 + np.exp(-2.0 * (x - np.log(1.3)))))))
+  fit = lambda_transfer.fit_exponent(points)
+  assert fit['exponent'] == 0.5 and fit['residual'] < 0.01
+  assert fit['residuals'][0.0] > 0.05 and fit['residuals'][1.0] > 0.05
+  with pytest.raises(ValueError, match='2 or more lengths'):
+    lambda_transfer.fit_exponent([p for p in points if p[1] == 600])
+  for name, (lam, steps, sparsity, acc) in {
+    'a': (0.04, 600, 0.4, 0.6),
+    'b': (0.16, 1200, 0.6, 0.09),  # collapsed: left out
+    'c': (0.0, 1200, 0.0, 0.7),  # dense: not DemP
+  }.items():
+    os.makedirs(tmp_path / name)
+    method = 'demp' if lam else 'dense'
+    with open(tmp_path / name / 'config.json', 'w') as f:
+      json.dump({'method': method, 'num_steps': steps, 'demp': {'peak_lambda': lam}}, f)
+    with open(tmp_path / name / 'summary.json', 'w') as f:
+      json.dump({'weight_sparsity': sparsity, 'test_accuracy': acc}, f)
+  assert lambda_transfer.load_points([str(tmp_path / '*')]) == [(0.04, 600, 0.4)]
+  # The reduced config applies the rule on request: λ·√(1200 / steps).
+  c = compare_cifar10_subset.get_config('method=demp,steps=2400,lam=0.04,scale_lam=True')
+  assert c.demp.peak_lambda == pytest.approx(0.04 / 2**0.5)
+  c = compare_cifar10_subset.get_config('method=demp,steps=2400,lam=0.04')
+  assert c.demp.peak_lambda == pytest.approx(0.04)
