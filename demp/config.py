@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.demp.target_sparsity = 0.0  # > 0: a controller steers λ_t = shape × gain to it (demp.target)
   c.demp.target_kind = 'units'  # units | weights | flops (relative to the dense model)
   c.demp.target_reach = 0.0  # fraction of the run by which to reach it; 0 = 0.65 × span
-  c.demp.target_law = 'in_flight'  # steer where the run heads (units in flight) | 'trajectory'
+  c.demp.target_law = (
+    'trajectory'  # the measured sparsity vs the trajectory | 'in_flight' (experimental)
+  )
   c.demp.target_noise = 'gain'  # the noise std follows the gain | keeps its own 'schedule'
 
   c.prune = ml_collections.ConfigDict()

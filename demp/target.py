@@ -400,8 +400,8 @@ def update_gain(
   4. otherwise (ahead, short of S): ``gain ×= max(1 - kp (ŝ - s*_h) / S,
      down_min)``; exactly on it, the gain holds.
 
-  The gain is capped at ``gain_max``. This is ``demp.target_law='trajectory'``;
-  the default, :func:`update_gain_in_flight`, also sees the units in flight.
+  The gain is capped at ``gain_max``. This is ``demp.target_law='trajectory'``,
+  the default; :func:`update_gain_in_flight` is the experimental alternative.
 
   Args:
     state: the controller state after the previous check.
@@ -453,7 +453,14 @@ def update_gain_in_flight(
   far: float,
   params: ControllerParams = ControllerParams(),
 ) -> ControllerState:
-  r"""The default control law (``demp.target_law='in_flight'``), at a death check. Pure.
+  r"""The experimental control law (``demp.target_law='in_flight'``), at a death check. Pure.
+
+  It works on scripted death-wave plants and the quickstart MLP but not on the
+  CIFAR ConvNet under Adam, where it over-predicts (docs/target.md): there
+  almost every scale falls at about the full Adam step early in the run
+  (Adam normalizes the penalty, so a small λ already outweighs a small task
+  gradient) and then settles near 0 instead of dying, so a falling scale does
+  not predict a death.
 
   It steers the sparsity the run is heading for rather than the sparsity it
   has. Under a coupled penalty a unit whose task gradient λ outweighs has its
@@ -520,29 +527,34 @@ def update_gain_in_flight(
 def in_flight(
   before: Mapping[str, tuple[np.ndarray, np.ndarray]],
   now: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
-  steps: int,
-  horizon: int,
+  lr_past: float,
+  lr_ahead: float,
   *,
+  rate_min: float = 0.5,
   constant_dies: bool = False,
 ) -> dict[str, np.ndarray]:
-  r"""Group -> bool mask over ``now``'s units: the scale reaches 0 within ``horizon`` steps.
+  r"""Group -> bool mask over ``now``'s units: losing to the penalty, their scale reaches 0 soon.
 
-  Under a coupled penalty with Adam, a unit whose task gradient the penalty
-  outweighs has its scale γ shrink at a steady rate (about lr per step) until
-  it is 0, when (offset β <= 0, ReLU after the norm) the unit is dead. So the
-  units that will die over the next interval are visible before they die:
-  ``|γ|`` falling at rate ``r = (|γ_before| - |γ_now|) / steps > 0`` with
-  ``|γ_now| - r·horizon <= 0``. A unit whose offset is positive becomes
-  constant, not dead, and is not counted, unless ``constant_dies``
+  Under Adam a unit whose task gradient the penalty outweighs has its scale γ
+  shrink by about the learning rate every step (a sign-like step) until it is
+  0, when (offset β <= 0, ReLU after the norm) the unit is dead. A unit that
+  merely settles at a smaller γ (its task gradient grows to balance λ)
+  shrinks far slower than that. So the rate is read in units of the learning
+  rate, ``r = (|γ_before| - |γ_now|) / Σ lr`` over the interval: a unit is in
+  flight when ``r >= rate_min`` (losing to λ at at least that fraction of the
+  full step) and ``|γ_now| - r · lr_ahead <= 0`` (0 within the horizon, whose
+  summed learning rate is ``lr_ahead``). A unit whose offset is positive
+  becomes constant, not dead, and is not counted, unless ``constant_dies``
   (``prune.remove_constant``). Pure numpy.
 
   Args:
-    before: group -> ``(ids, |γ|)`` at the previous check (``ids``: the units'
+    before: group -> ``(ids, |γ|)`` at the previous reading (``ids``: the units'
       dense indices, ``demp.run.Run.unit_ids``).
     now: group -> ``(ids, |γ|, β or None)`` now. Units absent from ``before``
       are not counted (no rate yet).
-    steps: steps between the two readings (> 0).
-    horizon: steps ahead to project.
+    lr_past: the summed learning rate between the two readings (> 0).
+    lr_ahead: the summed learning rate over the horizon.
+    rate_min: the least shrink per unit of learning rate that counts as losing.
     constant_dies: count units with a positive offset too.
 
   Returns:
@@ -553,20 +565,20 @@ def in_flight(
     >>> from demp.target import in_flight
     >>> before = {'g': (np.arange(4), np.array([1.0, 0.5, 0.5, 0.5]))}
     >>> now = {'g': (np.arange(4), np.array([1.0, 0.3, 0.3, 0.45]), np.array([0., -1., 1., 0.]))}
-    >>> in_flight(before, now, steps=10, horizon=20)['g'].tolist()  # falls 0.02/step: 0 in 15
+    >>> in_flight(before, now, lr_past=0.2, lr_ahead=0.4)['g'].tolist()  # r = 0, 1, 1, 0.25
     [False, True, False, False]
   """
   out = {}
   for name, (ids, gamma, beta) in now.items():
     doomed = np.zeros(len(ids), bool)
-    if name in before and len(ids):
+    if name in before and len(ids) and len(before[name][0]) and lr_past > 0:
       ids_b, gamma_b = before[name]
       order = np.argsort(ids_b)
-      pos = np.clip(np.searchsorted(ids_b, ids, sorter=order), 0, max(len(ids_b) - 1, 0))
-      matched = order[pos] if len(ids_b) else pos
-      seen = (ids_b[matched] == ids) if len(ids_b) else np.zeros(len(ids), bool)
-      rate = np.where(seen, (gamma_b[matched] - gamma) / max(steps, 1), 0.0)
-      doomed = seen & (rate > 0) & (gamma - rate * horizon <= 0)
+      pos = np.clip(np.searchsorted(ids_b, ids, sorter=order), 0, len(ids_b) - 1)
+      matched = order[pos]
+      seen = ids_b[matched] == ids
+      rate = np.where(seen, (gamma_b[matched] - gamma) / lr_past, 0.0)
+      doomed = seen & (rate >= rate_min) & (gamma - rate * lr_ahead <= 0)
       if beta is not None and not constant_dies:
         doomed &= beta <= 0
     out[name] = doomed
@@ -608,6 +620,16 @@ def _unit_scales(run) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | No
   return out
 
 
+def _summed_lr(config, start: int, stop: int) -> float:
+  """Σ of the learning rate over updates ``[start, stop)`` of the config's schedule."""
+  from demp import optim  # pylint: disable=g-import-not-at-top
+
+  if stop <= start:
+    return 0.0
+  lr = optim.learning_rate_schedule(config)
+  return float(np.sum(jax.device_get(jax.vmap(lr)(jnp.arange(start, stop)))))
+
+
 def _cost_per_unit(run, kind: str) -> Callable[[Mapping[str, int]], float]:
   """``counts -> sparsity of kind``: what removing ``counts[g]`` units of each group removes."""
   from demp import units as units_lib  # pylint: disable=g-import-not-at-top
@@ -625,7 +647,7 @@ def _cost_per_unit(run, kind: str) -> Callable[[Mapping[str, int]], float]:
 
 
 def in_flight_sparsity(run, kind: str, horizons: tuple[int, ...]) -> tuple[float, ...]:
-  """The sparsity of ``kind`` the units in flight add within each horizon (steps); 0s at first.
+  """The sparsity of ``kind`` the units in flight add within each horizon (updates); 0s at first.
 
   Reads every group's norm scales now (:func:`_unit_scales`), compares them with
   the reading of the previous check (kept in ``run.memo['target_scales']``, saved
@@ -637,26 +659,29 @@ def in_flight_sparsity(run, kind: str, horizons: tuple[int, ...]) -> tuple[float
   now = _unit_scales(run)
   if not now:
     raise ValueError(
-      f"demp.target_law='in_flight' reads the prunable groups' norm scales; "
-      f'{type(run.model).__name__} has none. Use demp.target_law=\'trajectory\'.'
+      "demp.target_law='in_flight' reads the prunable groups' norm scales; "
+      f"{type(run.model).__name__} has none. Use demp.target_law='trajectory'."
     )
+  update = _updates(run)
   snap = run.memo.get('target_scales')
   run.memo['target_scales'] = {
-    'step': run.step,
+    'update': update,
     'ids': {k: v[0] for k, v in now.items()},
     'gamma': {k: v[1] for k, v in now.items()},
   }
-  if not snap or run.step <= snap['step']:
+  if not snap or update <= snap['update']:
     return tuple(0.0 for _ in horizons)
   before = {k: (snap['ids'][k], snap['gamma'][k]) for k in snap['ids']}
+  lr_past = _summed_lr(run.config, snap['update'], update)
+  total = max(1, run.config.num_steps // run.config.optimizer.accumulate_steps)
   sparsity = _cost_per_unit(run, kind)
   out = []
   for horizon in horizons:
     doomed = in_flight(
       before,
       now,
-      run.step - snap['step'],
-      horizon,
+      lr_past,
+      _summed_lr(run.config, update, min(total, update + horizon)),
       constant_dies=bool(run.config.prune.remove_constant),
     )
     out.append(sparsity({k: int(np.sum(v)) for k, v in doomed.items()}))
@@ -844,8 +869,10 @@ def _updates(run) -> int:
 def _steer_in_flight(run, before: ControllerState, measured: float):
   """:func:`update_gain_in_flight` on the units in flight by the next check and by the reach step."""
   c = run.config
-  reach_step = int(round(reach(c) * c.num_steps))
-  horizons = (c.prune.every, max(c.prune.every, reach_step - run.step))
+  accumulate = max(1, c.optimizer.accumulate_steps)
+  update, every = _updates(run), max(1, c.prune.every // accumulate)
+  reach_update = int(round(reach(c) * c.num_steps)) // accumulate
+  horizons = (every, max(every, reach_update - update))
   near, far = in_flight_sparsity(run, c.demp.target_kind, horizons)
   after = update_gain_in_flight(
     before, measured, float(c.demp.target_sparsity), near=near, far=far, params=PARAMS

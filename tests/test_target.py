@@ -227,6 +227,7 @@ def test_target_zero_is_todays_optimizer_bit_for_bit():
     ('demp.target_kind', 'params', "demp.target_kind='params' is not one of"),
     ('demp.target_reach', 1.5, 'demp.target_reach=1.5 must be a number in'),
     ('demp.target_noise', 'own', "demp.target_noise='own' is not one of"),
+    ('demp.target_law', 'pid', "demp.target_law='pid' is not one of"),
   ],
 )
 def test_bad_target_values_name_the_key(key, value, message):
@@ -368,20 +369,22 @@ def test_in_flight_follows_units_by_id_and_skips_constant_ones():
       np.array([0.0, -1.0, -1.0, -1.0]),
     )
   }
-  # Rates per step over 10 steps: 0, 0.02, 0.005, none. 0.2 reaches 0 in 10 steps, 0.85 in 170.
-  assert target.in_flight(before, now, 10, 10)['g'].tolist() == [False, True, False, False]
-  assert target.in_flight(before, now, 10, 170)['g'].tolist() == [False, True, True, False]
+  # Σ lr 0.1 between the readings: shrink per unit of lr 0, 2, 0.5, none.
+  assert target.in_flight(before, now, 0.1, 0.1)['g'].tolist() == [False, True, False, False]
+  assert target.in_flight(before, now, 0.1, 1.7)['g'].tolist() == [False, True, True, False]
+  slow = target.in_flight(before, now, 0.1, 1.7, rate_min=0.6)  # 0.5: settling, not losing
+  assert slow['g'].tolist() == [False, True, False, False]
   positive = {'g': now['g'][:2] + (np.array([0.0, 0.5, -1.0, -1.0]),)}  # unit 2: offset > 0
-  assert target.in_flight(before, positive, 10, 10)['g'].tolist() == [False] * 4  # constant
-  assert target.in_flight(before, positive, 10, 10, constant_dies=True)['g'].tolist() == [
+  assert target.in_flight(before, positive, 0.1, 0.1)['g'].tolist() == [False] * 4  # constant
+  assert target.in_flight(before, positive, 0.1, 0.1, constant_dies=True)['g'].tolist() == [
     False,
     True,
     False,
     False,
   ]
   no_offset = {'g': now['g'][:2] + (None,)}
-  assert target.in_flight(before, no_offset, 10, 10)['g'].tolist() == [False, True, False, False]
-  assert target.in_flight({}, now, 10, 10)['g'].tolist() == [False] * 4
+  assert target.in_flight(before, no_offset, 0.1, 0.1)['g'].tolist() == [False, True, False, False]
+  assert target.in_flight({}, now, 0.1, 0.1)['g'].tolist() == [False] * 4
 
 
 def _flight(state, measured, goal, near=0.0, far=0.0):
@@ -427,7 +430,7 @@ def _wave_plant(goal, law, *, lr, recover, spread, seed=0, n=400, steps=1000, ev
       state = target.update_gain(state, measured, traj, goal, step=t, every=every)
     else:
       near, far = (
-        (target.in_flight(before, now, every, h)['u'].sum() / n if before else 0.0)
+        (target.in_flight(before, now, lr * every, lr * h)['u'].sum() / n if before else 0.0)
         for h in (every, max(every, int(0.65 * steps) - t))
       )
       state = target.update_gain_in_flight(state, measured, goal, near=near, far=far)
@@ -458,7 +461,9 @@ def test_the_trajectory_law_overshoots_a_death_wave():
 
 
 def test_after_check_sees_units_in_flight():
-  run, _ = train.init_run(_e2e_config(0.3, 'units'))
+  config = _e2e_config(0.3, 'units')
+  config.demp.target_law = 'in_flight'
+  run, _ = train.init_run(config)
   run.log = lambda event: None
   run.step = 25
   first = target.after_check(run)
@@ -480,4 +485,4 @@ def test_after_check_sees_units_in_flight():
   # Heading for 0.125 of a 0.3 target: × min(1 + 4 · 0.175 / 0.3, up_max).
   assert second['gain'] == pytest.approx(first['gain'] * P.up_max)
   checkpoint.encode_host_state(run)  # the reading is saved with the run
-  assert run.memo['target_scales']['step'] == 50
+  assert run.memo['target_scales']['update'] == 50
