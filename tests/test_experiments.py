@@ -125,8 +125,9 @@ def test_lambda_transfer_finds_the_exponent_and_skips_collapsed_runs(tmp_path):
     with open(tmp_path / name / 'summary.json', 'w') as f:
       json.dump({'weight_sparsity': sparsity, 'test_accuracy': acc}, f)
   assert lambda_transfer.load_points([str(tmp_path / '*')]) == [(0.04, 600, 0.4)]
-  # The reduced config applies the rule on request: λ·√(1200 / steps).
+  # The reduced config applies the rule on request: λ·(1200 / steps)^a.
   c = compare_cifar10_subset.get_config('method=demp,steps=2400,lam=0.04,scale_lam=True')
-  assert c.demp.peak_lambda == pytest.approx(0.04 / 2**0.5)
+  assert compare_cifar10_subset.LAMBDA_EXPONENT == 0.35
+  assert c.demp.peak_lambda == pytest.approx(0.04 * 0.5**0.35)
   c = compare_cifar10_subset.get_config('method=demp,steps=2400,lam=0.04')
   assert c.demp.peak_lambda == pytest.approx(0.04)
