@@ -200,7 +200,11 @@ def test_docs_page_is_generated_from_the_configs():
     '| `demp.noise_std` | std 5e-5, one-cycle | variance 5e-5 (std 7.07e-3) | code |',
   ):
     assert row in text
-  assert 'pending evidence' in text
+  # The measured λ-transfer rule, with the exponent the subset config uses.
+  from configs import compare_cifar10_subset
+
+  assert '## λ across run lengths (measured on one recipe)' in text
+  assert f'best **a = {compare_cifar10_subset.LAMBDA_EXPONENT}**' in text
 
 
 @pytest.mark.parametrize('path,opt', RECIPES)
