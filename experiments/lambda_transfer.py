@@ -54,15 +54,24 @@ def load_points(
   return points
 
 
-def _logistic_residual(x: np.ndarray, y: np.ndarray) -> float:
-  """RMS residual of the best ``y = 1 / (1 + exp(-k (log x - m)))`` (grid over k, m)."""
+def _logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+  """``(rms, k, m)`` of the best ``y = 1 / (1 + exp(-k (log x - m)))`` (grid over k, m)."""
   lx = np.log(x)
-  best = np.inf
+  best = (np.inf, 0.0, 0.0)
   for k in np.linspace(0.2, 8.0, 40):
     for m in np.linspace(lx.min() - 1.0, lx.max() + 1.0, 60):
       r = y - 1.0 / (1.0 + np.exp(-k * (lx - m)))
-      best = min(best, float(np.sqrt(np.mean(r**2))))
+      best = min(best, (float(np.sqrt(np.mean(r**2))), float(k), float(m)))
   return best
+
+
+def _kept(points, max_sparsity: float):
+  pts = [(lam, t, s) for lam, t, s in points if s <= max_sparsity]
+  if len({t for _, t, _ in pts}) < 2:
+    raise ValueError(
+      f'fit_exponent needs runs at 2 or more lengths; got {sorted({t for _, t, _ in pts})}.'
+    )
+  return (np.asarray(v, np.float64) for v in zip(*pts))
 
 
 def fit_exponent(points, exponents=EXPONENTS, max_sparsity: float = 0.95) -> dict:
@@ -72,23 +81,42 @@ def fit_exponent(points, exponents=EXPONENTS, max_sparsity: float = 0.95) -> dic
   prunes less than its λ predicts: see the constant units in docs/results.md).
 
   Returns:
-    ``{'exponent': a, 'residual': rms, 'residuals': {a: rms}, 'points': n}``.
+    ``{'exponent': a, 'residual': rms, 'residuals': {a: rms}, 'points': n,
+    'k': slope, 'm': log-midpoint}`` (the logistic at the best ``a``).
   """
-  pts = [(lam, t, s) for lam, t, s in points if s <= max_sparsity]
-  if len({t for _, t, _ in pts}) < 2:
-    raise ValueError(
-      f'fit_exponent needs runs at 2 or more lengths; got {sorted({t for _, t, _ in pts})}.'
-    )
-  lam, steps, y = (np.asarray(v, np.float64) for v in zip(*pts))
-  residuals = {float(a): _logistic_residual(lam * steps**a, y) for a in exponents}
-  a = min(residuals, key=residuals.get)
-  return {'exponent': a, 'residual': residuals[a], 'residuals': residuals, 'points': len(pts)}
+  lam, steps, y = _kept(points, max_sparsity)
+  fits = {float(a): _logistic_fit(lam * steps**a, y) for a in exponents}
+  a = min(fits, key=lambda e: fits[e][0])
+  rms, k, m = fits[a]
+  return {
+    'exponent': a,
+    'residual': rms,
+    'residuals': {e: f[0] for e, f in fits.items()},
+    'points': len(y),
+    'k': k,
+    'm': m,
+  }
+
+
+def lambda_for(target: float, steps: int, fit: dict) -> float:
+  """The peak λ the fitted curve predicts for weight sparsity ``target`` at ``steps``.
+
+  Inverts ``target = 1 / (1 + exp(-k (log(λ·T^a) - m)))``: the feed-forward
+  answer to "which λ gives 70 % of the weights removed in 1200 steps", read off
+  the recipe's own sweep (one run instead of a λ search).
+  """
+  if not 0 < target < 1:
+    raise ValueError(f'target={target!r} must be in (0, 1).')
+  x = np.exp(fit['m'] + np.log(target / (1 - target)) / fit['k'])
+  return float(x / steps ** fit['exponent'])
 
 
 def _define_flags() -> None:
   flags.DEFINE_multi_string('runs', None, 'Glob(s) of run directories (summary.json, config.json).')
   flags.DEFINE_float('max_sparsity', 0.95, 'Leave out runs pruned beyond this.')
   flags.DEFINE_float('min_accuracy', 0.2, 'Leave out collapsed runs (test accuracy below this).')
+  flags.DEFINE_float('target_sparsity', None, 'Also print the λ the fit predicts for this.')
+  flags.DEFINE_integer('steps', 1200, 'The run length for --target_sparsity.')
   flags.mark_flags_as_required(['runs'])
 
 
@@ -109,6 +137,10 @@ def main(argv):
     )
   )
   print(f"rule: λ(T) = λ(T0) · (T0 / T)^{fit['exponent']:.2f}")
+  f = flags.FLAGS
+  if f.target_sparsity is not None:
+    lam = lambda_for(f.target_sparsity, f.steps, fit)
+    print(f'λ for {f.target_sparsity:g} of the weights in {f.steps} steps: {lam:.4g}')
 
 
 if __name__ == '__main__':

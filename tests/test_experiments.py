@@ -110,6 +110,11 @@ def test_lambda_transfer_finds_the_exponent_and_skips_collapsed_runs(tmp_path):
       points.append((lam, steps, float(1 / (1 + np.exp(-2.0 * (x - np.log(1.3)))))))
   fit = lambda_transfer.fit_exponent(points)
   assert fit['exponent'] == 0.5 and fit['residual'] < 0.01
+  # Inverted, the curve gives back the λ that produced a sparsity (grid-fit accuracy).
+  lam = lambda_transfer.lambda_for(points[5][2], 1200, fit)
+  assert lam == pytest.approx(points[5][0], rel=0.1)
+  with pytest.raises(ValueError, match='must be in'):
+    lambda_transfer.lambda_for(1.0, 1200, fit)
   assert fit['residuals'][0.0] > 0.05 and fit['residuals'][1.0] > 0.05
   with pytest.raises(ValueError, match='2 or more lengths'):
     lambda_transfer.fit_exponent([p for p in points if p[1] == 600])
