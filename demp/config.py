@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     'trajectory'  # the measured sparsity vs the trajectory | 'in_flight' (experimental)
   )
   c.demp.target_noise = 'gain'  # the noise std follows the gain | keeps its own 'schedule'
+  c.demp.target_cap = True  # a prune event never removes past the target (target.cap_keeps)
 
   c.prune = ml_collections.ConfigDict()
   c.prune.every = 1000  # τ: steps between death checks

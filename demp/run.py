@@ -314,6 +314,10 @@ class Run:
     )
     if not (c.dynamic or (c.at_end and self.step == self.config.num_steps)):
       keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}  # check and log only
+    capped = {}
+    if target.enabled(self.config) and self.config.demp.target_cap:
+      keeps, capped['capped'] = target.cap_keeps(self, keeps, activity)  # never past the target
+      self.stats['target_capped'] = capped['capped']  # dead units held back at this check
     folded = {}
     if c.remove_constant:
       fold = {k: constant[k] & ~np.asarray(keeps[k], bool) for k in constant}
@@ -345,6 +349,7 @@ class Run:
       dead_overlap=overlap,
       started=started,
       constant=deadunits.count(constant),
+      **capped,
       **extra,
     )
     if target.enabled(self.config):

@@ -48,6 +48,7 @@ import optax
 from demp import flops as flops_lib
 from demp import metrics
 from demp import schedules
+from demp import surgery
 from demp import transforms
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
   'TARGET_NOISE',
   'TargetPenaltyState',
   'add_target_penalty',
+  'cap_keeps',
   'dead_fraction',
   'default_reach',
   'find_gain_state',
@@ -808,6 +810,8 @@ def validate(config) -> None:
     )
   if c.target_law not in LAWS:
     raise ValueError(f'demp.target_law={c.target_law!r} is not one of {list(LAWS)}.')
+  if not isinstance(c.target_cap, bool):
+    raise ValueError(f'demp.target_cap={c.target_cap!r} must be True or False.')
   if c.target_noise not in TARGET_NOISE:
     raise ValueError(f'demp.target_noise={c.target_noise!r} is not one of {list(TARGET_NOISE)}.')
   if ts > 0 and config.method == 'demp':
@@ -828,12 +832,13 @@ def reach(config) -> float:
   return float(config.demp.target_reach) or default_reach(float(config.demp.span))
 
 
-def _flops_sparsity(run) -> float:
+def _flops_sparsity(run, widths: Mapping[str, int] | None = None) -> float:
+  """``1 -`` inference FLOPs at ``widths`` (default: after the last prune decision) ÷ dense."""
   image_shape = tuple(run.death_images.shape[1:])
   if 'target_dense_flops' not in run.memo:  # compiled once, from shapes
     dense = flops_lib.at_widths(run.model, run.dense_widths)
     run.memo['target_dense_flops'] = flops_lib.forward_flops(dense, image_shape)
-  now = flops_lib.at_widths(run.model, run.widths_after)
+  now = flops_lib.at_widths(run.model, run.widths_after if widths is None else widths)
   return 1.0 - flops_lib.forward_flops(now, image_shape) / run.memo['target_dense_flops']
 
 
@@ -852,6 +857,74 @@ def measure(run, kind: str) -> float:
   if kind not in MEASURES:
     raise ValueError(f'demp.target_kind={kind!r} is not one of {list(TARGET_KINDS)}.')
   return MEASURES[kind](run)
+
+
+def _params_at(run, widths: Mapping[str, int]) -> int:
+  """Parameters of ``run.model`` rebuilt at ``widths`` (from shapes; nothing is compiled)."""
+  model = flops_lib.at_widths(run.model, widths)
+  example = jnp.zeros((1, *run.death_images.shape[1:]), run.death_images.dtype)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
+  return metrics.num_params(shapes['params'])
+
+
+def _sparsity_after(run, kind: str) -> Callable[[Mapping[str, int]], float]:
+  """``widths -> sparsity of kind`` once the model is cut to ``widths``, counted like :func:`measure`.
+
+  ``units`` and ``flops`` are exact; ``weights`` is the measured (nonzero) sparsity now
+  plus the parameters the cut removes (a removed unit's weights are nonzero).
+  """
+  if kind == 'flops':
+    return lambda widths: _flops_sparsity(run, widths)
+  now, widths_now = measure(run, kind), run.widths_after
+  if kind == 'units':
+    total = sum(run.dense_widths.values())
+    return lambda widths: now + (sum(widths_now.values()) - sum(widths.values())) / total
+  params_now = _params_at(run, widths_now)
+  return lambda widths: now + (params_now - _params_at(run, widths)) / run.dense_params
+
+
+def cap_keeps(
+  run, keeps: Mapping[str, np.ndarray], activity: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], int]:
+  """Keep-masks that remove no more than the target: ``demp.target_cap``.
+
+  Sparsity cannot be undone, and the units the penalty has already doomed keep
+  dying for a few checks after the controller cuts λ (a CIFAR ConvNet asked for
+  70 % of its weights lost 77.7 %). The cap is the hard stop: if removing every
+  unit of ``keeps`` would pass ``demp.target_sparsity`` (counted as
+  ``demp.target_kind``), the most active of the units to remove are kept
+  instead, as few as needed to stay at or below the target (a bisection over
+  how many; ``prune.min_width`` / ``prune.multiple_of`` still hold). Those
+  units are dead: they stay in the network, silent, and are counted as
+  ``capped`` in the prune event.
+
+  Returns:
+    ``(keeps, capped)``: the new keep-masks and how many units they keep back.
+  """
+  keeps = {k: np.asarray(v, bool) for k, v in keeps.items()}
+  goal = float(run.config.demp.target_sparsity)
+  after = _sparsity_after(run, run.config.demp.target_kind)
+  widths_of = lambda ks: {**run.widths_after, **{k: int(np.sum(v)) for k, v in ks.items()}}
+  if after(widths_of(keeps)) <= goal:
+    return keeps, 0
+  c = run.config.prune
+  # The units to remove, most active first: the first r of them are kept back.
+  out = [(float(activity[k][i]), k, int(i)) for k, v in keeps.items() for i in np.flatnonzero(~v)]
+  out.sort(key=lambda x: -x[0])
+
+  def keeping(r: int) -> dict[str, np.ndarray]:
+    ks = {k: v.copy() for k, v in keeps.items()}
+    for _, k, i in out[:r]:
+      ks[k][i] = True
+    return surgery.keep_masks(ks, activity, min_width=c.min_width, multiple_of=c.multiple_of)
+
+  lo, hi = 0, len(out)  # after(keeping(lo)) > goal; keeping(hi) removes nothing
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if after(widths_of(keeping(mid))) <= goal else (mid, hi)
+  final = keeping(hi)
+  kept = sum(int(np.sum(final[k])) - int(np.sum(keeps[k])) for k in keeps)
+  return final, kept
 
 
 PARAMS = ControllerParams()

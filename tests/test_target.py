@@ -320,6 +320,55 @@ def test_measure_counts_like_the_summary():
     target.measure(run, 'x')
 
 
+@pytest.mark.parametrize('kind', ['units', 'weights', 'flops'])
+def test_cap_removes_as_much_as_the_target_allows_and_no_more(kind):
+  c = _e2e_config(0.3, kind)
+  run, _ = train.init_run(c)
+  rng = np.random.default_rng(0)
+  activity = {k: rng.uniform(0, 1e-3, 64) for k in ('hidden_0', 'hidden_1')}
+  # 48 + 32 of 128 units would go (62.5 % of the units): past every 30 % target.
+  keeps = {'hidden_0': np.arange(64) >= 48, 'hidden_1': np.arange(64) >= 32}
+  capped, kept = target.cap_keeps(run, keeps, activity)
+  removed = {k: ~capped[k] for k in keeps}
+  assert kept == 80 - sum(int(v.sum()) for v in removed.values()) > 0
+  assert all(np.all(capped[k][keeps[k]]) for k in keeps)  # only units to remove are held
+  # The units kept back are the most active of those to remove.
+  held = np.concatenate([activity[k][capped[k] & ~keeps[k]] for k in keeps])
+  gone = np.concatenate([activity[k][removed[k]] for k in keeps])
+  assert held.min() > gone.max()
+  after = target._sparsity_after(run, kind)  # pylint: disable=protected-access
+  widths = lambda ks: {k: int(v.sum()) for k, v in ks.items()}
+  assert after(widths(capped)) <= 0.3
+  # One more unit (the least active held back) would pass the target.
+  nxt = min((activity[k][i], k, i) for k in keeps for i in np.flatnonzero(capped[k] & ~keeps[k]))
+  more = {k: v.copy() for k, v in capped.items()}
+  more[nxt[1]][nxt[2]] = False
+  assert after(widths(more)) > 0.3
+  run.prune(capped)
+  predicted, measured = after(widths(capped)), target.measure(run, kind)
+  # Weights: the prediction counts a removed unit's weights as nonzero; at init its BN offset is 0.
+  slack = sum(int(v.sum()) for v in removed.values()) / run.dense_params if kind == 'weights' else 0
+  assert predicted - slack - 1e-9 <= measured <= predicted + 1e-9
+  if kind == 'units':
+    assert sum(widths(capped).values()) == 128 - 38  # floor(0.3 · 128) units go
+  # Under the target already: unchanged.
+  small = {'hidden_0': np.arange(64) >= 1, 'hidden_1': np.ones(64, bool)}
+  same, none = target.cap_keeps(run, small, activity)
+  assert none == 0 and all(np.array_equal(same[k], small[k]) for k in small)
+
+
+def test_cap_keeps_widths_a_multiple_of():
+  c = _e2e_config(0.3, 'units')
+  c.prune.multiple_of = 8
+  run, _ = train.init_run(c)
+  activity = {k: np.linspace(0, 1e-3, 64) for k in ('hidden_0', 'hidden_1')}
+  keeps = {'hidden_0': np.arange(64) >= 48, 'hidden_1': np.arange(64) >= 32}
+  capped, _ = target.cap_keeps(run, keeps, activity)
+  widths = [int(v.sum()) for v in capped.values()]
+  assert all(w % 8 == 0 for w in widths) and 128 - sum(widths) <= 0.3 * 128
+  assert 128 - sum(widths) > 0.3 * 128 - 8
+
+
 def test_compare_config_steers_demp_to_the_baselines_target():
   c = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.7,kind=weights')
   assert (c.demp.target_sparsity, c.demp.target_kind) == (0.7, 'weights')
