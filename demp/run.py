@@ -353,7 +353,7 @@ class Run:
       **extra,
     )
     if target.enabled(self.config):
-      target.after_check(self)  # measure the sparsity, set the next gain
+      target.after_check(self, capped.get('capped', 0))  # measure the sparsity, set the gain
     return removed
 
 

@@ -975,8 +975,11 @@ LAWS: dict[str, Callable[[Any, ControllerState, float], tuple[ControllerState, d
 """``demp.target_law`` -> ``(run, state, measured) -> (new state, extra event fields)``."""
 
 
-def after_check(run) -> dict[str, Any]:
+def after_check(run, capped: int = 0) -> dict[str, Any]:
   """After a death check and its surgery: measure, update the gain, set it in the state.
+
+  ``capped`` > 0 (:func:`cap_keeps` held units back at this check) means the
+  target is reached, whatever the measurement's rounding: λ decays from here.
 
   Writes the controller state into ``run.memo['target']`` (saved with
   checkpoints), the new gain into the optimizer state, a ``'target'`` event
@@ -987,6 +990,8 @@ def after_check(run) -> dict[str, Any]:
   measured = measure(run, kind)
   target_now = config_trajectory(run.config)(_updates(run))
   before = _controller(run)
+  if capped:
+    before = before._replace(reached=True)
   after, flight = LAWS[c.target_law](run, before, measured)
   run.memo['target'] = after._asdict()
   run.state = dict(run.state, opt_state=set_gain(run.state['opt_state'], after.gain))

@@ -357,6 +357,16 @@ def test_cap_removes_as_much_as_the_target_allows_and_no_more(kind):
   assert none == 0 and all(np.array_equal(same[k], small[k]) for k in small)
 
 
+def test_a_capped_check_counts_as_reached():
+  run, _ = train.init_run(_e2e_config(0.3, 'units'))
+  event = target.after_check(run)  # nothing pruned, nothing capped: lagging, the gain rises
+  gain = event['gain']
+  assert not event['reached'] and 1.0 < gain <= P.up_idle
+  event = target.after_check(run, capped=3)  # measured 0 < 0.3, but the cap bound: reached
+  assert event['reached'] and event['gain'] == pytest.approx(gain * P.cut)
+  assert target.find_gain_state(run.state['opt_state']).gain == pytest.approx(gain * P.cut)
+
+
 def test_cap_keeps_widths_a_multiple_of():
   c = _e2e_config(0.3, 'units')
   c.prune.multiple_of = 8
