@@ -316,8 +316,16 @@ class Run:
       keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}  # check and log only
     capped = {}
     if target.enabled(self.config) and self.config.demp.target_cap:
+      uncapped = keeps
       keeps, capped['capped'] = target.cap_keeps(self, keeps, activity)  # never past the target
       self.stats['target_capped'] = capped['capped']  # dead units held back at this check
+      if capped['capped'] and self.config.demp.target_revive:  # wake them, function unchanged
+        held = {k: np.asarray(keeps[k], bool) & ~np.asarray(uncapped[k], bool) for k in keeps}
+        variables, opt_state, capped['revived'] = surgery.revive(
+          self.model, self.variables, self.state['opt_state'], held
+        )
+        self.state = {**self.state, 'params': variables['params'], 'opt_state': opt_state}
+        changed = True
     folded = {}
     if c.remove_constant:
       fold = {k: constant[k] & ~np.asarray(keeps[k], bool) for k in constant}

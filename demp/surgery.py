@@ -312,6 +312,62 @@ def silence(
   return {**variables, 'params': zeroed['params']}, new_opt_state
 
 
+def _fill(value: float):
+  """An ``op`` for :func:`slice_variables`: the positions not kept set to ``value``."""
+
+  def op(leaf: jax.Array, axis: int, parts) -> jax.Array:
+    kept = _kept(leaf.shape[axis], axis, parts)
+    shape = [1] * leaf.ndim
+    shape[axis] = kept.size
+    return jax.numpy.where(kept.reshape(shape), leaf, jax.numpy.asarray(value, leaf.dtype))
+
+  return op
+
+
+def revive(
+  model, variables: Mapping[str, PyTree], opt_state: PyTree, wake: Mapping[str, np.ndarray]
+) -> tuple[dict[str, PyTree], PyTree, dict[str, int]]:
+  """Wakes units up (``wake[g]`` True) without changing what the network computes.
+
+  For each group whose producers hold a normalization: the units' norm scale
+  is set to 1 and their norm offset to 0 (a fresh norm's values: the unit
+  passes its normalized input on again), every consumer slice of the units is
+  zeroed, so the network's output is unchanged, and the optimizer's moments of
+  all those entries are zeroed (they carried the penalty's push). The next
+  step's gradient reaches the consumer weights (the unit is active again) and
+  from there the rest. Groups without a norm scale are left as they are.
+
+  Returns:
+    ``(variables, opt_state, woken)``, ``woken[g]`` the units woken in group ``g``.
+  """
+  keeps, woken, parts = {}, {}, []
+  for g in unit_groups(model):
+    mask = np.asarray(wake.get(g.name, np.zeros(0, bool)), bool)
+    norms = {s.path[:-1] for s in g.producers if s.path[-1] == 'scale'}
+    if not mask.any() or not norms:
+      continue
+    keeps[g.name], woken[g.name] = ~mask, int(mask.sum())
+    scale = tuple(s for s in g.producers if s.path[:-1] in norms and s.path[-1] == 'scale')
+    offset = tuple(s for s in g.producers if s.path[:-1] in norms and s.path[-1] == 'bias')
+    parts.append((g, scale, offset))
+  if not keeps:
+    return dict(variables), opt_state, woken
+  only = lambda slices: [
+    dataclasses.replace(g, producers=slices(g, sc, of), consumers=()) for g, sc, of in parts
+  ]
+  consumers = [dataclasses.replace(g, producers=()) for g, _, _ in parts]
+  params = variables['params']
+  touched = consumers + only(lambda g, sc, of: sc + of)
+  new_opt_state = slice_optimizer_state(opt_state, params, touched, keeps, op=_zero)
+  for groups, op in (
+    (consumers, _zero),
+    (only(lambda g, sc, of: sc), _fill(1.0)),
+    (only(lambda g, sc, of: of), _fill(0.0)),
+  ):
+    params = slice_variables({'params': params}, groups, keeps, op=op)['params']
+  return {**variables, 'params': params}, new_opt_state, woken
+
+
 def silences_exactly(model) -> bool:
   """Whether :func:`silence` equals removal for ``model``: its activation maps 0 to 0."""
   from demp.models import common  # pylint: disable=g-import-not-at-top

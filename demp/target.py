@@ -810,8 +810,9 @@ def validate(config) -> None:
     )
   if c.target_law not in LAWS:
     raise ValueError(f'demp.target_law={c.target_law!r} is not one of {list(LAWS)}.')
-  if not isinstance(c.target_cap, bool):
-    raise ValueError(f'demp.target_cap={c.target_cap!r} must be True or False.')
+  for key in ('target_cap', 'target_revive'):
+    if not isinstance(c[key], bool):
+      raise ValueError(f'demp.{key}={c[key]!r} must be True or False.')
   if c.target_noise not in TARGET_NOISE:
     raise ValueError(f'demp.target_noise={c.target_noise!r} is not one of {list(TARGET_NOISE)}.')
   if ts > 0 and config.method == 'demp':

@@ -1,6 +1,7 @@
 """Deferred prune events: silenced units equal removed ones, the switch is exact and resumable,
 and every event's stall is measured (issue 15)."""
 
+import dataclasses
 import json
 import os
 
@@ -239,3 +240,70 @@ def test_the_target_controller_measures_a_pending_prune_as_done(tmp_path):
   after = {kind: target.measure(run, kind) for kind in target.MEASURES}
   assert sum(run.model.widths.values()) == 42
   assert before == pytest.approx(after, abs=1e-6) and after['units'] == pytest.approx(22 / 64)
+
+
+@pytest.mark.parametrize('which', sorted(MODELS))
+def test_revived_units_leave_the_function_unchanged_and_learn(which):
+  kwargs, shape = MODELS[which]
+  kwargs = dict(kwargs)
+  model = models.build(kwargs.pop('name'), 10, **kwargs)
+  x = jax.random.normal(jax.random.key(1), shape)
+  variables, tx, opt_state = _nonzero_state(model, x)
+  wake = {k: ~v for k, v in _random_keeps(model, seed=5).items()}
+
+  # Dead units: their norms' scale and offset at 0 (the penalty's end point); consumers as they are.
+  def norm_slices(g):
+    modules = {s.path[:-1] for s in g.producers if s.path[-1] == 'scale'}
+    return tuple(
+      s for s in g.producers if s.path[:-1] in modules and s.path[-1] in ('scale', 'bias')
+    )
+
+  norms = [
+    dataclasses.replace(g, producers=norm_slices(g), consumers=())
+    for g in surgery.unit_groups(model)
+  ]
+  dead = surgery.slice_variables(
+    variables, norms, {k: ~v for k, v in wake.items()}, op=surgery._zero
+  )  # pylint: disable=protected-access
+  variables = {**variables, 'params': dead['params']}
+  woke_vars, woke_opt, woken = surgery.revive(model, variables, opt_state, wake)
+  assert woken == {k: int(v.sum()) for k, v in wake.items() if v.any()}
+  for train_mode in (False, True):
+    kw = {'mutable': ['batch_stats']} if train_mode else {}
+    before = model.apply(variables, x, train=train_mode, **kw)
+    after = model.apply(woke_vars, x, train=train_mode, **kw)
+    before, after = (before[0], after[0]) if train_mode else (before, after)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+  params = woke_vars['params']
+  for g in surgery.unit_groups(model):
+    mask = wake[g.name]
+    for s in g.producers:
+      leaf = np.asarray(surgery._leaf(params, s.path))  # pylint: disable=protected-access
+      old = np.asarray(surgery._leaf(variables['params'], s.path))  # pylint: disable=protected-access
+      if s not in norm_slices(g):
+        continue
+      want = 1.0 if s.path[-1] == 'scale' else 0.0
+      np.testing.assert_array_equal(leaf[mask], want)  # the norm at a fresh norm's values
+      np.testing.assert_array_equal(leaf[~mask], old[~mask])  # the others untouched
+  # The moments of the touched entries are zero; the changed params differ only there.
+  changed = sum(
+    int(np.sum(np.asarray(a) != np.asarray(b)))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(variables['params']))
+  )
+  moments_zeroed = sum(
+    int(np.sum((np.asarray(a) == 0) & (np.asarray(b) != 0)))
+    for a, b in zip(jax.tree.leaves(woke_opt), jax.tree.leaves(opt_state))
+  )
+  assert changed > 0 and moments_zeroed > 0
+
+  # One step: the consumers of the woken units get a gradient (they are active again).
+  def loss(p):
+    return jnp.sum(model.apply({**woke_vars, 'params': p}, x, train=False) ** 2)
+
+  grads = jax.grad(loss)(params)
+  g = next(g for g in surgery.unit_groups(model) if wake[g.name].any())
+  s = g.consumers[0]
+  grad = np.moveaxis(np.asarray(surgery._leaf(grads, s.path)), s.axis, 0)  # pylint: disable=protected-access
+  width = model.widths[g.name]
+  woken_rows = grad.reshape(-1, width, *grad.shape[1:])[:, wake[g.name]]
+  assert np.abs(woken_rows).max() > 0

@@ -268,9 +268,12 @@ def _e2e_config(goal, kind):
   return c
 
 
-def test_end_to_end_reaches_the_target(tmp_path):
+@pytest.mark.parametrize('revive', [False, True])
+def test_end_to_end_reaches_the_target(tmp_path, revive):
   goal, kind = 0.3, 'weights'
-  summary = train.train_and_evaluate(_e2e_config(goal, kind), str(tmp_path))
+  config = _e2e_config(goal, kind)
+  config.demp.target_revive = revive
+  summary = train.train_and_evaluate(config, str(tmp_path))
   reached = summary['weight_sparsity']
   assert goal - TOLERANCE <= reached <= goal + TOLERANCE, reached
   assert summary['method_stats']['target_reached_sparsity'] == pytest.approx(reached, abs=1e-6)
@@ -288,6 +291,15 @@ def test_end_to_end_reaches_the_target(tmp_path):
   checks = [r for r in records if r.get('event') == 'target']
   assert len(checks) == 300 // 25
   assert all(r['measured_sparsity'] <= goal + TOLERANCE for r in checks)  # from below
+  prunes = [r for r in records if r.get('event') == 'prune']
+  assert all(r['capped'] >= 0 for r in prunes) and any(r['capped'] for r in prunes)  # the cap bit
+  woken = [r for r in prunes if 'revived' in r]
+  if revive:  # the units held back were woken, and the next check finds them alive
+    assert woken and all(sum(r['revived'].values()) == r['capped'] for r in woken)
+    after = prunes[prunes.index(woken[0]) + 1]
+    assert after['live'] == woken[0]['widths']  # measured: 43 live + 1 woken = 44, all alive
+  else:
+    assert not woken
   assert all(0.0 <= r['target_dead'] <= 1.0 for r in logs)
   # --figure target draws it.
   runs = report.load_runs(str(tmp_path))
