@@ -156,7 +156,7 @@ STAGES: dict[str, Stage] = {
 def demp_sparsities(results_dir: str, stage: str, seeds=SEEDS) -> list[float] | None:
   """DemP's mean weight sparsity per λ in a finished stage, rounded to 0.05; None if unfinished."""
   by_lam: dict[str, list[float]] = {}
-  runs = sweep.expand(STAGES[stage].expand())
+  runs = sweep.expand(dataclasses.replace(STAGES[stage], seeds=tuple(seeds)).expand())
   for spec in runs:
     overrides = dict(spec.overrides)
     if overrides.get('arg.method') != 'demp':

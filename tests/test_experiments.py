@@ -65,6 +65,34 @@ def test_baseline_stage_waits_for_demp_then_uses_its_sparsities(tmp_path):
   ]
   sparsity = {'0.01': (0.31, 0.33, 0.29), '0.02': (0.52, 0.55, 0.49), '0.05': (0.86, 0.88, 0.9)}
   for spec in demp_runs:
+    if dict(spec.overrides)['seed'] != '0':
+      continue
+    o = dict(spec.overrides)
+    run_dir = os.path.join(results, 'resnet18', spec.name)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+      json.dump({'weight_sparsity': sparsity[o['arg.lam']][int(o['seed'])]}, f)
+  # Seed 0 alone: its baselines may start on seed 0's sparsities (--seeds=0) ...
+  assert fidelity.demp_sparsities(results, 'resnet18', seeds=(0,)) == [0.3, 0.5, 0.85]
+  echoed.clear()
+  fidelity.run(
+    ['resnet18_baselines'],
+    'x.npz',
+    results,
+    str(tmp_path / 'w'),
+    seeds=(0,),
+    dry_run=True,
+    echo=echoed.append,
+  )
+  assert (
+    echoed[0] == 'resnet18_baselines: targets 0.3,0.5,0.85 (DemP weight sparsities of resnet18)'
+  )
+  assert echoed[1].startswith('6 runs, 0 done, 6 to run')
+  # ... but all seeds wait for every seed.
+  assert fidelity.demp_sparsities(results, 'resnet18') is None
+  for spec in demp_runs:
+    if dict(spec.overrides)['seed'] == '0':
+      continue
     o = dict(spec.overrides)
     run_dir = os.path.join(results, 'resnet18', spec.name)
     os.makedirs(run_dir)
