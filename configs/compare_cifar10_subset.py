@@ -97,7 +97,13 @@ def get_config(arg: str | None = None):
       b[key] = value
   b.update_every = max(1, args['steps'] // 24)
   b.target_sparsity = args['target']
-  b.target_kind = args['kind']
+  if args['kind'] in baselines_config.TARGET_KINDS:
+    b.target_kind = args['kind']
+  elif args['method'] not in ('dense', 'demp'):  # a FLOPs target is DemP's alone (demp.target)
+    raise ValueError(
+      f"kind={args['kind']!r} is not a target the baseline {args['method']!r} takes: "
+      f'one of {list(baselines_config.TARGET_KINDS)}.'
+    )
   b.eps = args['eps']
   b.mu_eq = args['mu']
   b.stochastic_fraction = args['p']
