@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -49,6 +48,7 @@ import optax
 
 from demp import config as config_lib
 from demp import deadunits, methods, metrics, models, optim, surgery
+from demp import flops as flops_lib
 from demp import run as run_lib
 from demp import steps
 
@@ -535,9 +535,9 @@ def multiple_of_table(run_dirs: Sequence[str], multiples: Sequence[int]) -> list
       dense = dict(model.widths)
       out = replay_multiple_of(events, dense, m, min_width=config.prune.min_width)
       shape = _image_shape(config)
-      dense_params = _params_at(model, dense, shape)
+      dense_params = flops_lib.params_at(model, dense, shape)
       archs.append(out['architectures'])
-      weights.append(1 - _params_at(model, out['widths'], shape) / dense_params)
+      weights.append(1 - flops_lib.params_at(model, out['widths'], shape) / dense_params)
       neurons.append(metrics.neuron_sparsity(out['widths'], dense))
     rows.append(
       {
@@ -561,14 +561,6 @@ def _num_classes(events, config) -> int:
 def _image_shape(config) -> tuple[int, ...]:
   size = int(config.data.get('image_size', 0) or 32)
   return (size, size, 3)
-
-
-def _params_at(model, widths: Mapping[str, int], image_shape) -> int:
-  pruned = model.clone(widths=flax.core.FrozenDict({k: int(v) for k, v in widths.items()}))
-  shapes = jax.eval_shape(
-    lambda: pruned.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
-  )
-  return metrics.num_params(shapes['params'])
 
 
 # The cost of DemP's own transforms in the step.

@@ -138,6 +138,14 @@ def at_widths(model, widths: Mapping[str, int]):
   return model.clone(widths=flax.core.FrozenDict({k: int(v) for k, v in widths.items()}))
 
 
+def params_at(model, widths: Mapping[str, int], image_shape: Sequence[int]) -> int:
+  """Parameters of ``model`` rebuilt at ``widths`` (from shapes: nothing is compiled)."""
+  pruned = at_widths(model, widths)
+  x = jnp.zeros((1, *image_shape))
+  shapes = jax.eval_shape(lambda: pruned.init(jax.random.key(0), x, train=False))
+  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(shapes['params'])))
+
+
 def inference_flops(
   model, dense_widths: Mapping[str, int], image_shape: Sequence[int]
 ) -> dict[str, float]:

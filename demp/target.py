@@ -860,14 +860,6 @@ def measure(run, kind: str) -> float:
   return MEASURES[kind](run)
 
 
-def _params_at(run, widths: Mapping[str, int]) -> int:
-  """Parameters of ``run.model`` rebuilt at ``widths`` (from shapes; nothing is compiled)."""
-  model = flops_lib.at_widths(run.model, widths)
-  example = jnp.zeros((1, *run.death_images.shape[1:]), run.death_images.dtype)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
-  return metrics.num_params(shapes['params'])
-
-
 def _sparsity_after(run, kind: str) -> Callable[[Mapping[str, int]], float]:
   """``widths -> sparsity of kind`` once the model is cut to ``widths``, counted like :func:`measure`.
 
@@ -880,8 +872,11 @@ def _sparsity_after(run, kind: str) -> Callable[[Mapping[str, int]], float]:
   if kind == 'units':
     total = sum(run.dense_widths.values())
     return lambda widths: now + (sum(widths_now.values()) - sum(widths.values())) / total
-  params_now = _params_at(run, widths_now)
-  return lambda widths: now + (params_now - _params_at(run, widths)) / run.dense_params
+  image_shape = run.death_images.shape[1:]
+  params_now = flops_lib.params_at(run.model, widths_now, image_shape)
+  return lambda widths: (
+    now + (params_now - flops_lib.params_at(run.model, widths, image_shape)) / run.dense_params
+  )
 
 
 def cap_keeps(
