@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.demp.target_noise = 'gain'  # the noise std follows the gain | keeps its own 'schedule'
   c.demp.target_cap = True  # a prune event never removes past the target (target.cap_keeps)
   c.demp.target_revive = False  # the units the cap holds back are woken (surgery.revive)
+  # The control law's constants (demp.target.ControllerParams; docs/target.md).
+  c.demp.target_control = ml_collections.ConfigDict(target.ControllerParams()._asdict())
 
   c.prune = ml_collections.ConfigDict()
   c.prune.every = 1000  # τ: steps between death checks

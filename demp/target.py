@@ -813,6 +813,7 @@ def validate(config) -> None:
   for key in ('target_cap', 'target_revive'):
     if not isinstance(c[key], bool):
       raise ValueError(f'demp.{key}={c[key]!r} must be True or False.')
+  _validate_control(c.target_control)
   if c.target_noise not in TARGET_NOISE:
     raise ValueError(f'demp.target_noise={c.target_noise!r} is not one of {list(TARGET_NOISE)}.')
   if ts > 0 and config.method == 'demp':
@@ -826,6 +827,31 @@ def validate(config) -> None:
         f'prune.dynamic={config.prune.dynamic!r} must be True with '
         f'demp.target_sparsity={ts!r}: the controller measures the pruned model.'
       )
+
+
+_CONTROL_BOUNDS: dict[str, tuple[float, float, str]] = {
+  'kp': (0.0, math.inf, '>= 0'),
+  'up_max': (1.0, math.inf, '>= 1'),
+  'up_idle': (1.0, math.inf, '>= 1'),
+  'down_min': (0.0, 1.0, 'in [0, 1]'),
+  'cut': (0.0, 1.0, 'in [0, 1]'),
+  'gain_max': (0.0, math.inf, '>= 0'),
+  'horizon': (0.0, math.inf, '>= 0'),
+}
+"""``demp.target_control`` key -> (low, high, the rule in words): every :class:`ControllerParams` field."""
+
+
+def _validate_control(control) -> None:
+  """Raises a ValueError naming the ``demp.target_control`` key, its value and what is allowed."""
+  unknown = sorted(set(control) - set(_CONTROL_BOUNDS))
+  if unknown:
+    raise ValueError(
+      f'demp.target_control has unknown keys {unknown}; allowed: {list(_CONTROL_BOUNDS)}.'
+    )
+  for key, (low, high, rule) in _CONTROL_BOUNDS.items():
+    value = control.get(key, getattr(ControllerParams(), key))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+      raise ValueError(f'demp.target_control.{key}={value!r} must be a number {rule}.')
 
 
 def reach(config) -> float:
@@ -923,8 +949,9 @@ def cap_keeps(
   return final, kept
 
 
-PARAMS = ControllerParams()
-"""The constants :func:`after_check` uses."""
+def controller_params(config) -> ControllerParams:
+  """``demp.target_control`` as :class:`ControllerParams` (the law's constants)."""
+  return ControllerParams(**dict(config.demp.target_control))
 
 
 def _controller(run) -> ControllerState:
@@ -944,7 +971,7 @@ def _steer_in_flight(run, before: ControllerState, measured: float):
   horizons = (every, max(every, reach_update - update))
   near, far = in_flight_sparsity(run, c.demp.target_kind, horizons)
   after = update_gain_in_flight(
-    before, measured, float(c.demp.target_sparsity), near=near, far=far, params=PARAMS
+    before, measured, float(c.demp.target_sparsity), near=near, far=far, params=controller_params(c)
   )
   return after, {'in_flight_near': near, 'in_flight_far': far}
 
@@ -959,7 +986,7 @@ def _steer_trajectory(run, before: ControllerState, measured: float):
     float(run.config.demp.target_sparsity),
     step=_updates(run),
     every=every,
-    params=PARAMS,
+    params=controller_params(run.config),
   )
   return after, {}
 

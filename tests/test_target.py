@@ -1,6 +1,7 @@
 """demp.target: the gain transform, the control law, and a tiny run that hits its target."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,39 @@ def test_bad_target_values_name_the_key(key, value, message):
   c[group][name] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(')):
     train.validate_config(c)
+
+
+@pytest.mark.parametrize(
+  'key,value,message',
+  [
+    ('cut', 1.5, 'demp.target_control.cut=1.5 must be a number in [0, 1]'),
+    ('up_idle', 0.5, 'demp.target_control.up_idle=0.5 must be a number >= 1'),
+    ('horizon', -1.0, 'demp.target_control.horizon=-1.0 must be a number >= 0'),
+  ],
+)
+def test_bad_control_constants_name_the_key(key, value, message):
+  c = quickstart.get_config()
+  c.demp.target_control[key] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.validate_config(c)
+
+
+def test_unknown_control_constant_is_named():
+  c = quickstart.get_config()
+  with c.unlocked():
+    c.demp.target_control.ki = 0.1
+  with pytest.raises(ValueError, match=re.escape("unknown config keys ['demp.target_control.ki']")):
+    train.validate_config(c)
+
+
+def test_the_config_sets_the_law_s_constants():
+  c = _e2e_config(0.3, 'units')
+  c.demp.target_control.up_idle = 1.1
+  assert target.controller_params(c) == P._replace(up_idle=1.1)
+  run, _ = train.init_run(c)
+  run.log = lambda event: None
+  run.step = 25
+  assert target.after_check(run)['gain'] == pytest.approx(1.1)  # nothing pruned: × up_idle
 
 
 def test_target_needs_dynamic_pruning():
