@@ -348,7 +348,9 @@ class ControllerParams(NamedTuple):
     cut: factor of the gain once the target is reached (every later check), and the
       floor of the cut when the prediction passes the target.
     gain_max: the gain never exceeds this.
-    horizon: the prediction looks ``max(1, round(horizon × delay))`` checks ahead.
+    horizon: the prediction looks ``max(1, round(horizon × delay))`` checks ahead; 0: no
+      prediction (``ŝ = s``, the law reacts to the measurement alone and relies on
+      ``demp.target_cap`` to stop at the target).
   """
 
   kp: float = 4.0
@@ -427,7 +429,7 @@ def update_gain(
   p = params
   checks = state.checks + 1
   delay = state.delay or (checks if measured > 0 else 0)
-  h = max(1, round(p.horizon * delay))
+  h = max(1, round(p.horizon * delay)) if p.horizon > 0 else 0
   delta = max(0.0, measured - state.measured)
   predicted = measured + h * delta
   ahead = target_at(step + h * every)

@@ -84,6 +84,22 @@ def test_gain_is_capped():
   assert s.gain == P.gain_max
 
 
+def test_horizon_zero_reacts_to_the_measurement_alone():
+  no_prediction = P._replace(horizon=0.0)
+  s = target.ControllerState(gain=2.0, measured=0.1, delay=3, checks=3)
+  # A burst of 0.1 -> 0.4 with the target at 0.5: predicted 3 checks ahead it passes the
+  # target (cut); with no prediction it is ahead of the trajectory (0.2) and, with
+  # down_min = 1, the gain holds until the measurement reaches the target.
+  cut = target.update_gain(s, 0.4, lambda t: 0.2, 0.5, step=40, every=10, params=P)
+  held = target.update_gain(
+    s, 0.4, lambda t: 0.2, 0.5, step=40, every=10, params=no_prediction._replace(down_min=1.0)
+  )
+  assert cut.gain == pytest.approx(2.0 * max(P.cut, 0.5 * 0.1 / (3 * 0.3)))
+  assert held.gain == 2.0 and not held.reached
+  done = target.update_gain(held, 0.5, lambda t: 0.3, 0.5, step=50, every=10, params=no_prediction)
+  assert done.reached and done.gain == pytest.approx(2.0 * P.cut)
+
+
 _LAM = one_cycle(1.0, 100)
 _LAM_VALUES = [float(v) for v in jax.vmap(_LAM)(jnp.arange(101))]
 
