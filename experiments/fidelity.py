@@ -12,7 +12,8 @@ shows every method). ``--stages`` picks some; ``--dry_run`` lists the runs.
 
 Stages whose baselines are trained "at DemP's sparsities" read DemP's mean
 weight sparsity per λ from the stage named in ``after`` and round it to 0.05;
-until every seed of that stage is done they are skipped with a message.
+until every seed of that stage is done they are skipped with a message. Once such a
+stage has finished runs, later seeds follow those runs' targets (a row's seeds share one).
 
 The reports and figures: ``python -m scripts.report --runs <results_dir>/<stage>
 --target_weight_sparsity 0.5,0.7,0.9`` and ``python -m scripts.plot --runs ...
@@ -170,6 +171,23 @@ def demp_sparsities(results_dir: str, stage: str, seeds=SEEDS) -> list[float] | 
   return [round(m, 2) for m in means if 0.05 <= m <= 0.95] or None
 
 
+def kept_targets(results_dir: str, stage: str) -> list[float]:
+  """The baseline targets of a stage's finished runs (``baselines.target_sparsity``), sorted.
+
+  Once a stage trained "at DemP's sparsities" has finished runs, later seeds
+  follow their targets: DemP's mean over more seeds may round elsewhere (0.3 ->
+  0.25), and a row's seeds must share one target.
+  """
+  found = set()
+  stage_dir = os.path.join(results_dir, stage)
+  for run_name in sorted(os.listdir(stage_dir)) if os.path.isdir(stage_dir) else ():
+    path = os.path.join(stage_dir, run_name, 'config.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        found.add(round(float(json.load(f)['baselines']['target_sparsity']), 4))
+  return sorted(found)
+
+
 def run(
   stages,
   data_path: str,
@@ -187,7 +205,11 @@ def run(
     if seeds:
       stage = dataclasses.replace(stage, seeds=tuple(s for s in stage.seeds if s in seeds))
     targets = ''
-    if stage.after:
+    kept = kept_targets(results_dir, name) if stage.after else None
+    if kept:  # the runs already there fix the targets: every seed of a row shares them
+      targets = ','.join(f'{t:g}' for t in kept)
+      echo(f'{name}: targets {targets} (those of its runs already in {results_dir})')
+    elif stage.after:
       found = demp_sparsities(results_dir, stage.after, stage.seeds)
       if found is None:
         echo(f'{name}: skipped until every DemP run of {stage.after} is in {results_dir}.')

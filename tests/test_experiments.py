@@ -107,6 +107,21 @@ def test_baseline_stage_waits_for_demp_then_uses_its_sparsities(tmp_path):
   assert echoed[1].startswith('18 runs, 0 done, 18 to run')
   assert 'arg.target-0.3_seed-0' in echoed[2] and 'path=x.npz' in echoed[2]
   assert any('early_crop_s_arg.target-0.9_seed-2' in line for line in echoed)
+  # Once seed 0's baselines have run (at 0.85), every later seed follows their targets.
+  for t in (0.3, 0.5, 0.85):
+    run_dir = os.path.join(results, 'resnet18_baselines', f'arg.target-{t}_seed-0')
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+      json.dump({'baselines': {'target_sparsity': t}}, f)
+  assert fidelity.kept_targets(results, 'resnet18_baselines') == [0.3, 0.5, 0.85]
+  echoed.clear()
+  fidelity.run(
+    ['resnet18_baselines'], 'x.npz', results, str(tmp_path / 'w'), dry_run=True, echo=echoed.append
+  )
+  assert echoed[0] == (
+    f'resnet18_baselines: targets 0.3,0.5,0.85 (those of its runs already in {results})'
+  )
+  assert any('early_crop_s_arg.target-0.85_seed-2' in line for line in echoed)
 
 
 def test_seeds_flag_runs_only_those_seeds_cheapest_length_runs_first(tmp_path):
