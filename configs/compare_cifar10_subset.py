@@ -14,7 +14,9 @@ Arguments: ``method``, ``steps``, ``seed``, ``lam`` (DemP's peak λ), ``width``
 and ``kind`` (the baselines' ``target_sparsity`` / ``target_kind``;
 ``scripts.compare`` sets them to DemP's weight sparsity), ``steer`` (True: DemP too
 steers its λ to ``target`` / ``kind`` with ``demp.target_sparsity`` /
-``demp.target_kind``, so every method aims at the same sparsity; see docs/target.md),
+``demp.target_kind``, so every method aims at the same sparsity, with the reacting
+recipe of ``demp.target.steer``: 48 death checks a run (τ = steps // 48) unless ``every`` is given;
+see docs/target.md),
 ``fallback`` (the
 early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
 ``p`` (``neq_stochastic``'s frozen fraction), ``opt`` (adamw | sgd) / ``lr`` /
@@ -32,6 +34,7 @@ pruned weights and update their masks every ``steps // 24`` steps.
 from baselines import config as baselines_config
 from baselines import sparse
 from configs.analysis import convnet_cifar10_subset, parse
+from demp import target
 
 DEFAULTS = dict(
   method='dense',
@@ -84,9 +87,10 @@ def get_config(arg: str | None = None):
     )
   )
   c.seed = args['seed']
-  if args['steer']:  # DemP aims at the baselines' target (demp.target)
-    c.demp.target_sparsity = args['target']
-    c.demp.target_kind = args['kind']
+  if args['steer']:  # DemP aims at the baselines' target: the reacting recipe (demp.target)
+    target.steer(c, args['target'], args['kind'])
+    if args['every'] != DEFAULTS['every']:  # an explicit τ wins over the recipe's
+      c.prune.every = args['every']
   c.data.path = args['path'] or None
   c.prune.remove_constant = bool(args['constant'])  # also remove constant units (folded)
   b = baselines_config.default_config()

@@ -57,6 +57,7 @@ __all__ = [
   'TARGET_KINDS',
   'LAWS',
   'TARGET_NOISE',
+  'REACTING',
   'TargetPenaltyState',
   'add_target_penalty',
   'cap_keeps',
@@ -65,6 +66,7 @@ __all__ = [
   'find_gain_state',
   'in_flight',
   'set_gain',
+  'steer',
   'target_optimizer',
   'trajectory',
   'update_gain',
@@ -360,6 +362,42 @@ class ControllerParams(NamedTuple):
   cut: float = 0.1
   gain_max: float = 20.0
   horizon: float = 1.0
+
+
+REACTING = ControllerParams(up_max=1.19, up_idle=1.057, down_min=1.0, horizon=0.0)
+"""The law's constants for 48 checks a run (:data:`STEER_CHECKS`), measured on the CIFAR ConvNet.
+
+``up_idle`` / ``up_max`` are the defaults' ×1.25 / ×2 per 100 steps spread over
+four checks (so the gain winds up at the same pace per step before the first
+death); ``down_min = 1``: ahead of the trajectory the gain holds; ``horizon =
+0``: no prediction, the law reacts to the measured sparsity and the cap
+(``demp.target_cap``) stops the death wave at the target. Used with
+:func:`steer`; see docs/target.md ("The reacting recipe").
+"""
+
+STEER_CHECKS = 48
+"""The reacting recipe's death checks per run: τ = num_steps // 48 (25 of 1200 steps)."""
+
+STEER_REACH = 0.35
+"""The reacting recipe's ``demp.target_reach``: just past λ's peak (30 % of the run)."""
+
+
+def steer(config, target: float, kind: str) -> None:
+  """Sets ``config`` to steer DemP to ``target`` (a ``kind`` sparsity) with the reacting recipe.
+
+  ``demp.target_sparsity`` / ``target_kind`` = ``target`` / ``kind``,
+  ``demp.target_control`` = :data:`REACTING`, ``demp.target_reach`` =
+  :data:`STEER_REACH`, ``demp.target_cap`` on, and death checks every
+  ``num_steps //`` :data:`STEER_CHECKS` steps (``prune.every``): the death wave of a
+  coupled penalty under Adam kills most of its units within ~25 steps, so a
+  check every 100 steps sees it only once it is over.
+  """
+  config.demp.target_sparsity = float(target)
+  config.demp.target_kind = kind
+  config.demp.target_control.update(REACTING._asdict())
+  config.demp.target_reach = STEER_REACH
+  config.demp.target_cap = True
+  config.prune.every = max(1, config.num_steps // STEER_CHECKS)
 
 
 class ControllerState(NamedTuple):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import compare_cifar10_subset, quickstart
+from configs import compare_cifar10_subset, quickstart, resnet18_cifar10_subset
 from demp import checkpoint, optim, plots, report, target, train, transforms, units
 from demp.schedules import one_cycle
 
@@ -442,10 +442,18 @@ def test_cap_keeps_widths_a_multiple_of():
 
 
 def test_compare_config_steers_demp_to_the_baselines_target():
-  c = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.7,kind=weights')
+  c = compare_cifar10_subset.get_config('method=demp,steps=1200,steer=True,target=0.7,kind=weights')
   assert (c.demp.target_sparsity, c.demp.target_kind) == (0.7, 'weights')
   assert (c.baselines.target_sparsity, c.baselines.target_kind) == (0.7, 'weights')
+  # The reacting recipe: 48 checks a run, no prediction, the cap.
+  assert c.prune.every == 25 and c.demp.target_reach == target.STEER_REACH and c.demp.target_cap
+  assert target.controller_params(c) == target.REACTING
   train.validate_config(c)
+  explicit = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.7,every=50')
+  assert explicit.prune.every == 50
+  resnet = resnet18_cifar10_subset.get_config('method=demp,steer=True,target=0.5,kind=weights')
+  assert resnet.prune.every == resnet.num_steps // 48 and resnet.demp.target_sparsity == 0.5
+  assert target.controller_params(resnet) == target.REACTING
   assert compare_cifar10_subset.get_config('method=demp').demp.target_sparsity == 0.0
   # A FLOPs target is DemP's alone: the baselines take units or weights.
   c = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.5,kind=flops')
