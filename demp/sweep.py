@@ -160,6 +160,15 @@ def collect(workdir: str, results_dir: str) -> list[str]:
   return done
 
 
+STOPPED = 75
+"""The code :func:`run_sweep` gives a run whose trainer exited cleanly without a summary.
+
+``scripts.train`` exits with status 0 when a SIGTERM stops it (it saves a
+checkpoint first, so the same command resumes); the sweep tells that apart from
+a finished run by its missing ``summary.json``. 75 is ``EX_TEMPFAIL``: try again.
+"""
+
+
 def _has_checkpoint(run_dir: str) -> bool:
   """Whether the trainer will resume this run (a step directory under checkpoints/)."""
   ckpt = os.path.join(run_dir, 'checkpoints')
@@ -198,7 +207,9 @@ def run_sweep(
   """Runs every run of the grids not done yet; returns ``{name: return code}``.
 
   A failed run is reported and the sweep goes on; its directory has no
-  ``summary.json``, so the next invocation retries it. With ``results_dir``,
+  ``summary.json``, so the next invocation retries it. A run stopped before
+  its end (SIGTERM: a clean exit, no summary) gets :data:`STOPPED` and is
+  resumed from its checkpoint by the next invocation. With ``results_dir``,
   a finished run's small outputs are copied there as it completes, and runs
   found there are not run again (see the module docstring).
   """
@@ -225,11 +236,18 @@ def run_sweep(
     futures = [pool.submit(_run_one, s, config, workdir, cwd) for s in todo]
     for fut in concurrent.futures.as_completed(futures):
       name, rc, seconds = fut.result()
+      if rc == 0 and not os.path.exists(os.path.join(workdir, name, 'summary.json')):
+        rc = STOPPED  # a clean exit before the end: the trainer was preempted (SIGTERM)
       results[name] = rc
       if rc == 0 and results_dir is not None:
         collect_run(os.path.join(workdir, name), results_dir)
+      log = os.path.join(workdir, name, 'train.log')
       status = (
-        'ok' if rc == 0 else f'FAILED (exit {rc}; see {os.path.join(workdir, name, "train.log")})'
+        'ok'
+        if rc == 0
+        else f'stopped before the end (preempted; the next sweep resumes it; see {log})'
+        if rc == STOPPED
+        else f'FAILED (exit {rc}; see {log})'
       )
       echo(f'[{len(results)}/{len(todo)}] {name}: {status} in {seconds:.0f} s')
   return results

@@ -6,6 +6,7 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os  # pylint: disable=wrong-import-position
+import sys  # pylint: disable=wrong-import-position
 
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
@@ -350,6 +351,25 @@ def test_sweep_results_dir_collects_and_skips(tmp_path):
   )
   assert echoed[0].startswith('3 runs, 2 done, 1 to run')
   assert specs[1].name in echoed[1] and len(echoed) == 2
+
+
+def test_a_run_that_exits_cleanly_without_a_summary_is_reported_stopped(tmp_path, monkeypatch):
+  """A preempted trainer exits 0 but writes no summary: the sweep says so, keeps nothing."""
+  finish = "import sys, os; os.makedirs(sys.argv[1], exist_ok=True); open(sys.argv[1] + '/s', 'w')"
+
+  def fake_command(spec, config, workdir, python=sys.executable):
+    run_dir = os.path.join(workdir, spec.name)
+    name = 'summary.json' if spec.name.endswith('seed-0') else 'no_summary'
+    return [python, '-c', finish.replace("'/s'", repr('/' + name)), run_dir]
+
+  monkeypatch.setattr(sweep, 'command', fake_command)
+  echoed, kept = [], str(tmp_path / 'kept')
+  results = sweep.run_sweep(
+    'c.py', ['method=dense;seed=0,1'], str(tmp_path / 'w'), echo=echoed.append, results_dir=kept
+  )
+  assert results == {'method-dense_seed-0': 0, 'method-dense_seed-1': sweep.STOPPED}
+  assert any('method-dense_seed-1: stopped before the end (preempted' in e for e in echoed)
+  assert os.listdir(kept) == ['method-dense_seed-0']
 
 
 def test_a_key_newer_than_a_run_takes_its_default_when_grouping(tmp_path):
