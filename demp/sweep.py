@@ -169,6 +169,21 @@ a finished run by its missing ``summary.json``. 75 is ``EX_TEMPFAIL``: try again
 """
 
 
+def exit_status(results: dict[str, int], err=sys.stderr) -> int:
+  """Prints the runs that failed or stopped early to ``err``; the sweep's exit status.
+
+  1 if any run failed, :data:`STOPPED` if some were only stopped (run the
+  sweep again to resume them), else 0.
+  """
+  failed = sorted(k for k, rc in results.items() if rc and rc != STOPPED)
+  stopped = sorted(k for k, rc in results.items() if rc == STOPPED)
+  if stopped:
+    print(f'{len(stopped)} runs stopped before the end (run again to resume): {stopped}', file=err)
+  if failed:
+    print(f'{len(failed)} runs failed: {failed}', file=err)
+  return 1 if failed else STOPPED if stopped else 0
+
+
 def _has_checkpoint(run_dir: str) -> bool:
   """Whether the trainer will resume this run (a step directory under checkpoints/)."""
   ckpt = os.path.join(run_dir, 'checkpoints')

@@ -54,18 +54,7 @@ def main(argv):
     dry_run=_DRY_RUN.value,
     results_dir=_RESULTS_DIR.value,
   )
-  failed = sorted(k for k, rc in results.items() if rc and rc != sweep.STOPPED)
-  stopped = sorted(k for k, rc in results.items() if rc == sweep.STOPPED)
-  if stopped:
-    print(
-      f'{len(stopped)} runs stopped before the end (run again to resume): {stopped}',
-      file=sys.stderr,
-    )
-  if failed:
-    print(f'{len(failed)} runs failed: {failed}', file=sys.stderr)
-    sys.exit(1)
-  if stopped:  # not finished: a scheduler may run the same command again
-    sys.exit(sweep.STOPPED)
+  sys.exit(sweep.exit_status(results))
 
 
 if __name__ == '__main__':

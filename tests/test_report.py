@@ -4,6 +4,7 @@ import jax
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
+import io  # pylint: disable=wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os  # pylint: disable=wrong-import-position
 import sys  # pylint: disable=wrong-import-position
@@ -370,6 +371,14 @@ def test_a_run_that_exits_cleanly_without_a_summary_is_reported_stopped(tmp_path
   assert results == {'method-dense_seed-0': 0, 'method-dense_seed-1': sweep.STOPPED}
   assert any('method-dense_seed-1: stopped before the end (preempted' in e for e in echoed)
   assert os.listdir(kept) == ['method-dense_seed-0']
+  err = io.StringIO()
+  assert sweep.exit_status(results, err) == sweep.STOPPED
+  assert (
+    err.getvalue()
+    == "1 runs stopped before the end (run again to resume): ['method-dense_seed-1']\n"
+  )
+  assert sweep.exit_status({**results, 'x': 1}, io.StringIO()) == 1
+  assert sweep.exit_status({'x': 0}, io.StringIO()) == 0
 
 
 def test_a_key_newer_than_a_run_takes_its_default_when_grouping(tmp_path):
