@@ -357,6 +357,21 @@ def test_end_to_end_reaches_the_target(tmp_path, revive):
   assert (tmp_path / 'target.png').stat().st_size > 0
 
 
+def test_the_reacting_recipe_lands_the_target_end_to_end(tmp_path):
+  """demp.target.steer on the tiny MLP: 48 checks, no prediction, the cap (measured 0.486)."""
+  goal = 0.5
+  config = _e2e_config(goal, 'weights')
+  target.steer(config, goal, 'weights')
+  assert config.prune.every == 300 // target.STEER_CHECKS
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert goal - TOLERANCE <= summary['weight_sparsity'] <= goal, summary['weight_sparsity']
+  checks = [
+    json.loads(line) for line in open(tmp_path / 'metrics.jsonl') if '"event": "target"' in line
+  ]
+  assert len(checks) == 300 // config.prune.every and checks[-1]['reached']
+  assert all(r['measured_sparsity'] <= goal for r in checks)  # the cap: never past the target
+
+
 def test_measure_counts_like_the_summary():
   run, _ = train.init_run(_e2e_config(0.5, 'units'))
   assert target.measure(run, 'units') == target.measure(run, 'flops') == 0.0
