@@ -51,7 +51,7 @@ DEFAULTS = dict(
   p=0.2,
   opt='adamw',
   lr=5e-3,
-  every=100,
+  every=0,  # τ; 0 = 100, or steps // 48 with steer=True (demp.target.steer)
   path='',
   constant=False,
   scale_lam=False,
@@ -82,14 +82,14 @@ def get_config(arg: str | None = None):
   c = convnet_cifar10_subset.build(
     parse(
       f"method={args['method']},steps={args['steps']},lam={args['lam']},width={args['width']},"
-      f"opt={args['opt']},lr={args['lr']},every={args['every']},smoke={args['smoke']}",
+      f"opt={args['opt']},lr={args['lr']},every={args['every'] or 100},smoke={args['smoke']}",
       **convnet_cifar10_subset.DEFAULTS,
     )
   )
   c.seed = args['seed']
   if args['steer']:  # DemP aims at the baselines' target: the reacting recipe (demp.target)
     target.steer(c, args['target'], args['kind'])
-    if args['every'] != DEFAULTS['every']:  # an explicit τ wins over the recipe's
+    if args['every']:  # an explicit τ wins over the recipe's
       c.prune.every = args['every']
   c.data.path = args['path'] or None
   c.prune.remove_constant = bool(args['constant'])  # also remove constant units (folded)

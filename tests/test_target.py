@@ -466,6 +466,9 @@ def test_compare_config_steers_demp_to_the_baselines_target():
   train.validate_config(c)
   explicit = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.7,every=50')
   assert explicit.prune.every == 50
+  default_tau = compare_cifar10_subset.get_config('method=demp,steps=1200,steer=True,every=100')
+  assert default_tau.prune.every == 100  # an explicit τ equal to the old default is kept too
+  assert compare_cifar10_subset.get_config('method=demp').prune.every == 100
   resnet = resnet18_cifar10_subset.get_config('method=demp,steer=True,target=0.5,kind=weights')
   assert resnet.prune.every == resnet.num_steps // 48 and resnet.demp.target_sparsity == 0.5
   assert target.controller_params(resnet) == target.REACTING
