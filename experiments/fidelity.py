@@ -151,6 +151,12 @@ STAGES: dict[str, Stage] = {
       'arg.method=demp;arg.steer=True;arg.kind=flops;arg.target=0.5;seed={s}',
     ),
   ),
+  # The ResNet-18 comparison at the targets DemP was steered to (resnet18_target): the
+  # baselines at exactly the weight sparsities DemP reached, not at λ-rounded ones.
+  'resnet18_target_baselines': Stage(
+    RESNET,
+    ('arg.method=early_crop_s,early_snap;arg.target=0.5,0.7,0.9;seed={s}',),
+  ),
 }
 
 

@@ -179,3 +179,17 @@ def test_lambda_transfer_finds_the_exponent_and_skips_collapsed_runs(tmp_path):
   assert c.demp.peak_lambda == pytest.approx(0.04 * 0.5**0.35)
   c = compare_cifar10_subset.get_config('method=demp,steps=2400,lam=0.04')
   assert c.demp.peak_lambda == pytest.approx(0.04)
+
+
+def test_resnet18_baselines_at_targets_match_the_steered_runs():
+  def targets(stage, method):
+    return {
+      (o.get('arg.target'), o['seed'])
+      for o in (dict(s.overrides) for s in sweep.expand(fidelity.STAGES[stage].expand()))
+      if o['arg.method'] == method and o.get('arg.kind', 'weights') == 'weights'
+    }
+
+  steered = targets('resnet18_target', 'demp')
+  assert steered == {(t, s) for t in ('0.5', '0.7', '0.9') for s in ('0', '1', '2')}
+  for method in ('early_crop_s', 'early_snap'):
+    assert targets('resnet18_target_baselines', method) == steered, method
