@@ -78,7 +78,8 @@ STAGES: dict[str, Stage] = {
   # One change at a time to DemP at λ = 0.04 in convnet_adam (its row there is the
   # reference), 2 seeds, the most telling first: where the penalty lands (a unit's cost),
   # constant units (most of conv_3's 'kept' units are constant, not live), the noise
-  # scale, the coupling to Adam, the penalty's form, its span, τ and the run length. Decoupled λ is the shrink per step ÷ lr, so it needs a larger λ.
+  # scale, the coupling to Adam, the penalty's form, its span, τ, then a unit's FLOPs as
+  # its cost. Decoupled λ is the shrink per step ÷ lr, so it needs a larger λ.
   'convnet_adam_ablations': Stage(
     CONVNET.replace('{steps}', '1200'),
     (
@@ -86,10 +87,10 @@ STAGES: dict[str, Stage] = {
       _ablation('prune.remove_constant=True', '0.04,0.08,0.16'),
       _ablation('demp.noise_std=0.0,0.00707'),
       _ablation('demp.penalty_coupling=decoupled', '0.25,1.0'),
-      _ablation('demp.penalty_weighting=flops', '0.04,0.08'),
       _ablation('demp.penalty=l2'),
       _ablation('demp.span=0.5'),
       _ablation('arg.every=50,200'),
+      _ablation('demp.penalty_weighting=flops', '0.04,0.08'),
       # Adam normalizes a coupled penalty's size away; decoupled, the weighting acts.
       _ablation('demp.penalty_coupling=decoupled;demp.penalty_weighting=params', '1.0'),
     ),
