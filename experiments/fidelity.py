@@ -90,6 +90,8 @@ STAGES: dict[str, Stage] = {
       _ablation('demp.penalty=l2'),
       _ablation('demp.span=0.5'),
       _ablation('arg.every=50,200'),
+      # Between decoupled λ 0.25 (prunes nothing) and 1.0 (79 % of the weights).
+      _ablation('demp.penalty_coupling=decoupled', '0.5'),
       _ablation('demp.penalty_weighting=flops', '0.04,0.08'),
       # Adam normalizes a coupled penalty's size away; decoupled, the weighting acts.
       _ablation('demp.penalty_coupling=decoupled;demp.penalty_weighting=params', '1.0'),

@@ -38,15 +38,15 @@ def test_every_row_has_three_seeds_and_seed_zero_comes_first():
 def test_ablations_change_one_thing_with_two_seeds_each_row_at_a_time():
   specs = sweep.expand(fidelity.STAGES['convnet_adam_ablations'].expand())
   rows = _rows(specs)
-  assert len(rows) == 17 and all(s == ['0', '1'] for s in rows.values())
+  assert len(rows) == 18 and all(s == ['0', '1'] for s in rows.values())
   seeds = [dict(s.overrides)['seed'] for s in specs]
-  assert seeds == ['0', '1'] * 17  # a row's seeds run back to back
+  assert seeds == ['0', '1'] * 18  # a row's seeds run back to back
   changes = []
   for spec in specs:  # DemP plus one change (λ aside); the last row combines two
     changed = [k for k in dict(spec.overrides) if k not in ('arg.method', 'arg.lam', 'seed')]
     assert dict(spec.overrides)['arg.method'] == 'demp', spec.name
     changes.append(len(changed))
-  assert changes == [1] * 32 + [2, 2]
+  assert changes == [1] * 34 + [2, 2]
 
 
 def test_baseline_stage_waits_for_demp_then_uses_its_sparsities(tmp_path):
