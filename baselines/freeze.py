@@ -89,9 +89,7 @@ def unit_masks(params: PyTree, groups, frozen_units: Mapping[str, np.ndarray]) -
   other collections (BN running statistics) are not params and are skipped.
   """
   masks = jax.tree.map(lambda p: np.zeros(np.shape(p), bool), params)
-  paths = {
-    tuple(str(k.key) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+  paths = {tuple(str(k.key) for k in kp) for kp, _ in jax.tree.flatten_with_path(params)[0]}
   for g in groups:
     if g.name not in frozen_units:
       continue

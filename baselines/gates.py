@@ -124,7 +124,7 @@ def crop_s_scores(
 
 def kernels_only(tree: PyTree) -> PyTree:
   """Zeros every leaf but the conv/dense ``kernel`` leaves (CroP's θ: the weights)."""
-  return jax.tree_util.tree_map_with_path(
+  return jax.tree.map_with_path(
     lambda kp, x: x if str(getattr(kp[-1], 'key', '')) == 'kernel' else jnp.zeros_like(x), tree
   )
 

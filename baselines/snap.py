@@ -81,7 +81,7 @@ def param_count(params, groups, keeps: Mapping[str, np.ndarray]) -> int:
       for s in g.slices:
         slices.setdefault(s.path, []).append((keep.size, int(keep.sum())))
   total = 0
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  for keypath, leaf in jax.tree.flatten_with_path(params)[0]:
     n = int(np.size(leaf))
     for width, kept in slices.get(tuple(str(k.key) for k in keypath), ()):
       n = n // width * kept

@@ -809,7 +809,7 @@ def _finish(d: _Discovery, variables, seconds: float) -> Plan:
   unseen = tuple(dict.fromkeys(c.path for c in d.calls if c.index not in d.seen))
   mask = transforms.path_mask(transforms.NORM_SCALES)(variables.get('params', {}))
   penalty = tuple(
-    '/'.join(str(k.key) for k in kp) for kp, v in jax.tree_util.tree_flatten_with_path(mask)[0] if v
+    '/'.join(str(k.key) for k in kp) for kp, v in jax.tree.flatten_with_path(mask)[0] if v
   )
   return Plan(
     tuple(groups),

@@ -69,7 +69,7 @@ def numpy_init(model, x_bhwc: jax.Array, seed: int = 0) -> dict[str, PyTree]:
       return jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape), s.dtype)
     return jnp.ones(s.shape, s.dtype) if name in ('scale', 'var') else jnp.zeros(s.shape, s.dtype)
 
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return jax.tree.map_with_path(fill, shapes)
 
 
 def random_keeps(model, sparsity: float, seed: int = 0) -> dict[str, np.ndarray]:

@@ -157,7 +157,7 @@ def _is_key(x) -> bool:
 def flatten(tree: PyTree, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
   """``(path -> leaf, path -> PRNG impl)``; typed keys become their raw key data."""
   flat, keys = {}, {}
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  for kp, leaf in jax.tree.flatten_with_path(tree)[0]:
     path = f'{prefix}/{_path(kp)}' if kp else prefix
     if _is_key(leaf):
       keys[path] = str(jax.random.key_impl(leaf))
@@ -186,7 +186,7 @@ def _targets(meta: Mapping, sharding) -> dict[str, Any]:
 def _abstract(tree: PyTree, prefix: str) -> dict[str, jax.ShapeDtypeStruct]:
   """Like :func:`flatten` for a tree of ``ShapeDtypeStruct`` (key leaves -> key data)."""
   flat = {}
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  for kp, leaf in jax.tree.flatten_with_path(tree)[0]:
     path = f'{prefix}/{_path(kp)}' if kp else prefix
     if _is_key(leaf):
       leaf = jax.eval_shape(jax.random.key_data, leaf)
@@ -487,8 +487,8 @@ def restore(mngr: ocp.CheckpointManager, meta: Mapping, run, mesh=None) -> dict[
     if path_k in meta['prng_keys']:
       leaf = jax.random.wrap_key_data(leaf, impl=meta['prng_keys'][path_k])
     leaves.append(leaf)
-  treedef = jax.tree_util.tree_structure(abstract)
-  run.state = jax.tree_util.tree_unflatten(treedef, leaves)
+  treedef = jax.tree.structure(abstract)
+  run.state = jax.tree.unflatten(treedef, leaves)
   run.model = model
   run.step = step
   run.compiled = None

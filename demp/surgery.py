@@ -228,7 +228,7 @@ def _slice_leaves(
         return leaf
     return leaf
 
-  return jax.tree_util.tree_map_with_path(fn, tree), used
+  return jax.tree.map_with_path(fn, tree), used
 
 
 def slice_variables(
@@ -281,9 +281,7 @@ def slice_optimizer_state(
   ``optax.masked`` (whose masked-out leaves are empty nodes), ``MultiSteps``,
   ``inject_hyperparams``, and our own wrappers.
   """
-  shapes = {
-    _dict_path(kp): np.shape(x) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+  shapes = {_dict_path(kp): np.shape(x) for kp, x in jax.tree.flatten_with_path(params)[0]}
   sliced, _ = _slice_leaves(opt_state, _slicers(groups, keeps), shapes, op)
   return sliced
 
@@ -454,7 +452,7 @@ def _shapes(variables: Mapping[str, PyTree]) -> dict[Path, tuple[str, tuple[int,
   for col, tree in variables.items():
     if col == 'intermediates':
       continue
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for kp, leaf in jax.tree.flatten_with_path(tree)[0]:
       out[_dict_path(kp)] = (col, tuple(np.shape(leaf)))
   return out
 

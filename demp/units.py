@@ -64,7 +64,7 @@ def group_scales_mask(model) -> Callable[[PyTree], PyTree]:
   paths = {p for ps in group_scale_paths(model).values() for p in ps}
 
   def mask_fn(params: PyTree) -> PyTree:
-    return jax.tree_util.tree_map_with_path(lambda kp, _: surgery._dict_path(kp) in paths, params)
+    return jax.tree.map_with_path(lambda kp, _: surgery._dict_path(kp) in paths, params)
 
   return mask_fn
 
@@ -192,7 +192,7 @@ def live_mask(params: PyTree, groups, alive: Mapping[str, np.ndarray]) -> PyTree
       mask = mask & jnp.asarray(full.reshape(bshape))
     return mask
 
-  return jax.tree_util.tree_map_with_path(leaf_mask, params)
+  return jax.tree.map_with_path(leaf_mask, params)
 
 
 def _is_noise_state(x) -> bool:

@@ -109,7 +109,7 @@ def main(argv):
   # Random values from the shapes alone (compiling ResNet-50's init takes minutes on a CPU).
   shapes = jax.eval_shape(lambda: plain.init(jax.random.key(1), x[:1], train=False))
   rng = np.random.default_rng(0)
-  variables = jax.tree_util.tree_map_with_path(
+  variables = jax.tree.map_with_path(
     lambda p, s: (
       (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
       if p[-1].key == 'kernel'

@@ -341,7 +341,7 @@ def _init(plain, x, **kwargs):
       return np.exp(0.2 * n)
     return 0.1 * n
 
-  return jax.tree_util.tree_map_with_path(fn, flax.core.unfreeze(shapes))
+  return jax.tree.map_with_path(fn, flax.core.unfreeze(shapes))
 
 
 def _eval(model, variables, x, **kwargs):

@@ -58,8 +58,8 @@ def _assert_same_final_params(workdir, reference):
   ref_variables, ref_meta = reference['variables'], reference['meta']
   assert meta['step'] == ref_meta['step'] == 60
   assert meta['model']['widths'] == ref_meta['model']['widths']
-  leaves = jax.tree_util.tree_leaves_with_path(variables)
-  ref_leaves = jax.tree_util.tree_leaves_with_path(ref_variables)
+  leaves = jax.tree.leaves_with_path(variables)
+  ref_leaves = jax.tree.leaves_with_path(ref_variables)
   assert [p for p, _ in leaves] == [p for p, _ in ref_leaves]
   for (path, x), (_, y) in zip(leaves, ref_leaves):  # bit-identical on CPU
     assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)

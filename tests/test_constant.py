@@ -26,7 +26,7 @@ def _randomize_bn(variables, key):
       return x * jnp.exp(0.2 * jax.random.normal(k, x.shape))
     return x
 
-  return jax.tree_util.tree_map_with_path(fn, variables)
+  return jax.tree.map_with_path(fn, variables)
 
 
 def _set_units(variables, norm, units, scale, offset):

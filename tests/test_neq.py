@@ -152,7 +152,7 @@ def test_frozen_units_are_bit_identical_after_steps(name):
     """The leaves of ``tree`` whose path ends with ``path`` (params, Adam's mu and nu...)."""
     return [
       np.asarray(v)
-      for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+      for k, v in jax.tree.flatten_with_path(tree)[0]
       if jax.tree_util.keystr(k).endswith(path)
     ]
 

@@ -127,10 +127,7 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
   if jax.process_index() == 0:
     records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
     result['losses'] = [[r['step'], r['loss']] for r in records if 'loss' in r]
-    flat = {
-      jax.tree_util.keystr(p): np.asarray(x)
-      for p, x in jax.tree_util.tree_leaves_with_path(variables)
-    }
+    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(variables)}
     np.savez(out + '.npz', **flat)
   with open(out, 'w') as f:
     json.dump(result, f)

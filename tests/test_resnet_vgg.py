@@ -106,7 +106,7 @@ def _init(model, x, seed=0):
       return jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape), jnp.float32)
     return jnp.ones(s.shape, s.dtype) if name in ('scale', 'var') else jnp.zeros(s.shape, s.dtype)
 
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return jax.tree.map_with_path(fill, shapes)
 
 
 def _randomize_bn(variables, seed):
@@ -122,7 +122,7 @@ def _randomize_bn(variables, seed):
       return jnp.asarray(rng.uniform(0.0, 0.2, x.shape), jnp.float32)
     return x
 
-  return {**variables, 'params': jax.tree_util.tree_map_with_path(fn, variables['params'])}
+  return {**variables, 'params': jax.tree.map_with_path(fn, variables['params'])}
 
 
 def _calibrate(model, variables, x):

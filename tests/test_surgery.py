@@ -37,7 +37,7 @@ def _randomize_bn(variables, key):
       return x * jnp.exp(0.2 * jax.random.normal(key_leaf, x.shape))
     return x
 
-  return jax.tree_util.tree_map_with_path(fn, variables)
+  return jax.tree.map_with_path(fn, variables)
 
 
 MODELS = {

@@ -116,13 +116,12 @@ def test_pruning_dead_relu_units_preserves_logits_and_slices_optimizer_state():
   # Every param-shaped optimizer leaf (Adam's mu and nu, MultiSteps' accumulator) is sliced
   # like its parameter, and nothing else changes shape.
   p_shapes = {
-    jax.tree_util.keystr(kp): x.shape
-    for kp, x in jax.tree_util.tree_flatten_with_path(new_vars['params'])[0]
+    jax.tree_util.keystr(kp): x.shape for kp, x in jax.tree.flatten_with_path(new_vars['params'])[0]
   }
   assert p_shapes["['block_0']['mlp']['fc1']['kernel']"] == (16, 9)
   assert p_shapes["['block_1']['mlp']['fc2']['kernel']"] == (10, 16)
   matched = 0
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(new_opt)[0]:
+  for kp, leaf in jax.tree.flatten_with_path(new_opt)[0]:
     key = jax.tree_util.keystr(kp)
     hits = [p for p in p_shapes if key.endswith(p)]
     if hits and np.ndim(leaf):
