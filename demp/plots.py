@@ -114,15 +114,33 @@ def value(run: RunResult, key: str) -> Any:
   raise KeyError(f'{key!r} is neither a config key nor a summary field of {run.path}.')
 
 
-def select(runs: Sequence[RunResult], where: dict[str, str]) -> list[RunResult]:
-  """Runs whose config values equal ``where``'s (compared as strings, e.g. ``method=demp``)."""
+def select(
+  runs: Sequence[RunResult], where: dict[str, str], exclude: dict[str, str] | None = None
+) -> list[RunResult]:
+  """Runs whose config values equal ``where``'s and match none of ``exclude``'s.
+
+  Values are compared as strings (``method=demp``); ``a|b`` matches either. A run is
+  dropped if any one ``exclude`` pair matches it, and a key a run does not have never
+  matches an ``exclude`` pair (so ``demp.penalty=l2`` drops no baseline run).
+  """
+
+  def matches(r, k, text):
+    return any(_same(value(r, k), t) for t in text.split('|'))
+
+  def excluded(r, k, text):
+    try:
+      return matches(r, k, text)
+    except KeyError:
+      return False
 
   def ok(r):
-    return all(_same(value(r, k), v) for k, v in where.items())
+    return all(matches(r, k, v) for k, v in where.items()) and not any(
+      excluded(r, k, v) for k, v in (exclude or {}).items()
+    )
 
   out = [r for r in runs if ok(r)]
   if not out:
-    raise ValueError(f'no run matches {where}.')
+    raise ValueError(f'no run matches {where}' + (f' outside {exclude}.' if exclude else '.'))
   return out
 
 
@@ -165,6 +183,27 @@ def _colors(keys: Sequence[Any]) -> dict[Any, Any]:
   return {k: cmap(i % 10) for i, k in enumerate(keys)}
 
 
+def _series_labels(keys: Sequence[tuple[str, ...]], by: Sequence[str]) -> dict[tuple, str]:
+  """A legend label per series: the method's name, then the keys that vary among its series.
+
+  Without ``method`` among ``by`` every key is shown as ``key=value``.
+  """
+  if by[0] != 'method':
+    return {k: ', '.join(f'{b}={v}' for b, v in zip(by, k)) for k in keys}
+  out = {}
+  for key in keys:
+    peers = [k for k in keys if k[0] == key[0]]
+    varying = [i for i in range(1, len(by)) if len({k[i] for k in peers}) > 1]
+    name = report.DISPLAY_NAMES.get(key[0], key[0])
+    extra = ', '.join(_flag(by[i].rsplit('.', 1)[-1], key[i]) for i in varying if key[i] != 'False')
+    out[key] = f'{name} ({extra})' if extra else name
+  return out
+
+
+def _flag(key: str, text: str) -> str:
+  return key if text == 'True' else f'{key}={text}'
+
+
 def tradeoff(
   runs: Sequence[RunResult],
   path: str,
@@ -175,12 +214,17 @@ def tradeoff(
 ):
   """Test accuracy vs sparsity, one point per setting, a line per ``color_by`` value.
 
+  ``color_by`` may name several keys, comma-separated (``method,demp.penalty_coupling``):
+  a line per combination, labelled by the method and the keys that vary among its lines.
   Dense runs are a horizontal line with a ± std band (they have no sparsity).
   """
   groups = report.group_runs(runs)
   dense = [r for r in runs if r.method == 'dense']
   others = [g for g in groups if g.method != 'dense']
-  keys = list(dict.fromkeys(_fmt(value(g.runs[0], color_by)) for g in others))
+  by = [k.strip() for k in color_by.split(',')]
+  series = [tuple(_fmt(value(g.runs[0], k)) for k in by) for g in others]
+  keys = list(dict.fromkeys(series))
+  labels = _series_labels(keys, by)
   colors = _colors(keys)
   fig, axes = plt.subplots(1, len(xs), figsize=(5 * len(xs), 4), squeeze=False)
   for ax, x in zip(axes[0], xs):
@@ -189,7 +233,7 @@ def tradeoff(
       ax.axhline(m, color='k', ls='--', lw=1, label=f'dense ({len(dense)} runs)')
       ax.axhspan(m - s, m + s, color='k', alpha=0.1)
     for key in keys:
-      mine = [g for g in others if _fmt(value(g.runs[0], color_by)) == key]
+      mine = [g for g, k in zip(others, series) if k == key]
       pts = []
       for g in mine:
         xm, xsd = _mean_std([100 * r.summary[x] for r in g.runs])
@@ -201,12 +245,16 @@ def tradeoff(
             100 * r.summary[x], r.summary['test_accuracy'], '.', color=colors[key], alpha=0.35
           )
       pts.sort()
-      name = report.DISPLAY_NAMES.get(key, key) if color_by == 'method' else f'{color_by}={key}'
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], '-', color=colors[key], label=name)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], '-', color=colors[key], label=labels[key])
     ax.set_xlabel(f'{_LABELS.get(x, x)} (%)')
     ax.set_ylabel('Test accuracy')
     ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=8)
+  handles, names = axes[0][-1].get_legend_handles_labels()
+  if len(names) > 7 or max(map(len, names), default=0) > 32:  # below the axes, off the data
+    fig.legend(handles, names, fontsize=8, loc='lower center', ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(names) + 1) // 2), 1, 1))
+  else:
+    axes[0][-1].legend(fontsize=8)
   if title:
     fig.suptitle(title)
   save(fig, path)

@@ -220,6 +220,31 @@ def test_curves_and_figures(runs_dir, tmp_path):
       assert os.path.getsize(f'{out}/{name}.{ext}') > 1000
 
 
+def test_select_alternatives_exclusions_and_multi_key_series(runs_dir, tmp_path):
+  runs = report.load_runs(runs_dir)
+  names = lambda rs: sorted(os.path.basename(r.path) for r in rs)  # noqa: E731
+  assert names(plots.select(runs, {'method': 'snap|dense'})) == ['dense_0', 'dense_1', 'snap_0']
+  kept = plots.select(runs, {'method': 'demp|snap'}, {'demp.peak_lambda': '0.1'})
+  assert names(kept) == ['demp_a0', 'demp_a1', 'snap_0']  # snap's λ is not 0.1: kept
+  with pytest.raises(KeyError, match='no_such_key'):
+    plots.select(runs, {'no_such_key': '1'})
+  assert names(plots.select(runs, {'method': 'snap'}, {'no_such_key': '1'})) == ['snap_0']
+  with pytest.raises(ValueError, match='no run matches'):
+    plots.select(runs, {'method': 'demp'}, {'demp.peak_lambda': '0.01|0.1'})
+  keys = [('demp', '0.01'), ('demp', '0.1'), ('snap', '0.01')]
+  assert plots._series_labels(keys, ['method', 'demp.peak_lambda']) == {
+    ('demp', '0.01'): 'DemP (peak_lambda=0.01)',
+    ('demp', '0.1'): 'DemP (peak_lambda=0.1)',
+    ('snap', '0.01'): 'SNAP',  # one series of its own: no key shown
+  }
+  assert plots._series_labels([('0.1',)], ['demp.peak_lambda']) == {
+    ('0.1',): 'demp.peak_lambda=0.1'
+  }
+  fig = plots.tradeoff(runs, str(tmp_path / 'multi'), color_by='method,demp.peak_lambda')
+  legend = sorted(t.get_text() for t in fig.axes[-1].get_legend().get_texts())
+  assert legend == ['DemP (peak_lambda=0.01)', 'DemP (peak_lambda=0.1)', 'SNAP', 'dense (2 runs)']
+
+
 def test_sweep_grid_names_and_resume(tmp_path):
   specs = sweep.expand(
     [
