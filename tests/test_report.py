@@ -240,9 +240,29 @@ def test_select_alternatives_exclusions_and_multi_key_series(runs_dir, tmp_path)
   assert plots._series_labels([('0.1',)], ['demp.peak_lambda']) == {
     ('0.1',): 'demp.peak_lambda=0.1'
   }
+  flags = [
+    ('demp', 'coupled', 'False'),
+    ('demp', 'coupled', 'True'),
+    ('demp', 'decoupled', 'False'),
+  ]
+  by = ['method', 'demp.penalty_coupling', 'prune.remove_constant']
+  assert list(
+    plots._series_labels(flags, by).values()
+  ) == [  # True: the key's name; False: left out
+    'DemP (penalty_coupling=coupled)',
+    'DemP (penalty_coupling=coupled, remove_constant)',
+    'DemP (penalty_coupling=decoupled)',
+  ]
   fig = plots.tradeoff(runs, str(tmp_path / 'multi'), color_by='method,demp.peak_lambda')
   legend = sorted(t.get_text() for t in fig.axes[-1].get_legend().get_texts())
   assert legend == ['DemP (peak_lambda=0.01)', 'DemP (peak_lambda=0.1)', 'SNAP', 'dense (2 runs)']
+  for run in runs:  # labels over 32 characters: the legend goes below the axes, off the data
+    run.config['demp.peak_lambda_of_a_rather_long_name'] = run.config['demp.peak_lambda']
+  fig = plots.tradeoff(
+    runs, str(tmp_path / 'long'), color_by='method,demp.peak_lambda_of_a_rather_long_name'
+  )
+  assert fig.axes[-1].get_legend() is None and len(fig.legends) == 1
+  assert len(fig.legends[0].get_texts()) == 4
 
 
 def test_sweep_grid_names_and_resume(tmp_path):
