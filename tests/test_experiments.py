@@ -1,11 +1,15 @@
 """The fidelity sweep program: stages expand to ≥ 3 seeds, baselines follow DemP's sparsities."""
 
+import ast
+import functools
+import importlib
 import json
 import os
 
 import numpy as np
 import pytest
 
+from demp import config as config_lib
 from demp import sweep
 from experiments import fidelity
 
@@ -193,3 +197,27 @@ def test_resnet18_baselines_at_targets_match_the_steered_runs():
   assert steered == {(t, s) for t in ('0.5', '0.7', '0.9') for s in ('0', '1', '2')}
   for method in ('early_crop_s', 'early_snap'):
     assert targets('resnet18_target_baselines', method) == steered, method
+
+
+@pytest.mark.parametrize('stage', sorted(fidelity.STAGES))
+def test_every_run_of_every_stage_builds_a_valid_config(stage):
+  # A config error should fail here, not two seconds into a sweep's run.
+  spec_stage = fidelity.STAGES[stage]
+  path, _, arg = spec_stage.config.format(path='/data/cifar10_subset.npz', steps=1200).partition(
+    ':'
+  )
+  module = importlib.import_module(path.removesuffix('.py').replace('/', '.'))
+  base_args = dict(kv.split('=', 1) for kv in arg.split(',') if kv)
+  specs = sweep.expand(spec_stage.expand(targets='0.5,0.7'))
+  assert specs
+  for spec in specs:
+    args = {**base_args, **spec.config_args()}
+    config = module.get_config(','.join(f'{k}={v}' for k, v in args.items()))
+    for key, value in spec.config_overrides().items():  # as --config.KEY=VALUE sets them
+      *parents, leaf = key.split('.')
+      node = functools.reduce(getattr, parents, config)
+      try:
+        node[leaf] = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        node[leaf] = value
+    config_lib.validate_config(config)
