@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
+from baselines import config as baselines_config
+
 OPTIMIZERS = {'adam': 'adam', 'sgdm': 'sgd'}  # the `opt` argument -> optimizer.name
 
 
@@ -19,6 +21,22 @@ def optimizer_name(opt: str) -> str:
   if opt not in OPTIMIZERS:
     raise ValueError(f'config argument opt={opt!r} is not one of {sorted(OPTIMIZERS)}.')
   return OPTIMIZERS[opt]
+
+
+def aim_baselines(b: ml_collections.ConfigDict, target: float, kind: str, method: str) -> None:
+  """The baselines' ``target_sparsity`` / ``target_kind`` from the config arguments.
+
+  A FLOPs target is DemP's alone (``demp.target``): with ``kind='flops'`` the baselines keep
+  their default kind (read only when ``method`` is one of them, which then raises).
+  """
+  b.target_sparsity = target
+  if kind in baselines_config.TARGET_KINDS:
+    b.target_kind = kind
+  elif method not in ('dense', 'demp'):
+    raise ValueError(
+      f'config argument kind={kind!r} is not a target the baseline {method!r} takes: '
+      f'one of {list(baselines_config.TARGET_KINDS)}.'
+    )
 
 
 def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:

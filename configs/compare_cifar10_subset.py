@@ -33,6 +33,7 @@ pruned weights and update their masks every ``steps // 24`` steps.
 
 from baselines import config as baselines_config
 from baselines import sparse
+from configs import common
 from configs.analysis import convnet_cifar10_subset, parse
 from demp import target
 
@@ -100,14 +101,7 @@ def get_config(arg: str | None = None):
     if key not in b:
       b[key] = value
   b.update_every = max(1, args['steps'] // 24)
-  b.target_sparsity = args['target']
-  if args['kind'] in baselines_config.TARGET_KINDS:
-    b.target_kind = args['kind']
-  elif args['method'] not in ('dense', 'demp'):  # a FLOPs target is DemP's alone (demp.target)
-    raise ValueError(
-      f"kind={args['kind']!r} is not a target the baseline {args['method']!r} takes: "
-      f'one of {list(baselines_config.TARGET_KINDS)}.'
-    )
+  common.aim_baselines(b, args['target'], args['kind'], args['method'])
   b.eps = args['eps']
   b.mu_eq = args['mu']
   b.stochastic_fraction = args['p']

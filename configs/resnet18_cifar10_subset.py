@@ -89,14 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     target.steer(c, a['target'], a['kind'])
 
   b = baselines_config.default_config()  # read only when method is a baseline
-  b.target_sparsity = a['target']
-  if a['kind'] in baselines_config.TARGET_KINDS:
-    b.target_kind = a['kind']
-  elif a['method'] not in ('dense', 'demp'):  # a FLOPs target is DemP's alone (demp.target)
-    raise ValueError(
-      f"kind={a['kind']!r} is not a target the baseline {a['method']!r} takes: "
-      f'one of {list(baselines_config.TARGET_KINDS)}.'
-    )
+  common.aim_baselines(b, a['target'], a['kind'], a['method'])
   b.fallback_epoch = a['fallback']
   c.baselines = b
 

@@ -474,11 +474,13 @@ def test_compare_config_steers_demp_to_the_baselines_target():
   assert target.controller_params(resnet) == target.REACTING
   assert compare_cifar10_subset.get_config('method=demp').demp.target_sparsity == 0.0
   # A FLOPs target is DemP's alone: the baselines take units or weights.
-  c = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.5,kind=flops')
-  assert (c.demp.target_sparsity, c.demp.target_kind) == (0.5, 'flops')
-  train.validate_config(c)
-  with pytest.raises(ValueError, match="kind='flops' is not a target the baseline 'snap' takes"):
-    compare_cifar10_subset.get_config('method=snap,target=0.5,kind=flops')
+  for module in (compare_cifar10_subset, resnet18_cifar10_subset):
+    c = module.get_config('method=demp,steer=True,target=0.5,kind=flops')
+    assert (c.demp.target_sparsity, c.demp.target_kind) == (0.5, 'flops')
+    assert (c.baselines.target_sparsity, c.baselines.target_kind) == (0.5, 'units')
+    train.validate_config(c)
+    with pytest.raises(ValueError, match="kind='flops' is not a target the baseline 'snap' takes"):
+      module.get_config('method=snap,target=0.5,kind=flops')
 
 
 def test_after_check_sets_the_gain_logs_and_checkpoints():
