@@ -67,7 +67,9 @@ def test_baseline_stage_waits_for_demp_then_uses_its_sparsities(tmp_path):
   assert echoed == [
     f'resnet18_baselines: skipped until every DemP run of resnet18 is in {results}.'
   ]
-  sparsity = {'0.01': (0.31, 0.33, 0.29), '0.02': (0.52, 0.55, 0.49), '0.05': (0.86, 0.88, 0.9)}
+  lams = sorted({dict(s.overrides)['arg.lam'] for s in demp_runs}, key=float)
+  assert len(lams) == 3
+  sparsity = dict(zip(lams, [(0.31, 0.33, 0.29), (0.52, 0.55, 0.49), (0.86, 0.88, 0.9)]))
   for spec in demp_runs:
     if dict(spec.overrides)['seed'] != '0':
       continue
