@@ -401,6 +401,17 @@ def final_vs(
   return fig
 
 
+def _target_label(run: RunResult) -> str:
+  """``'weights 0.7, seed 1 -> 0.700'``: what was asked and what was reached."""
+  stats = run.summary['method_stats']
+  seed = run.config.get('seed')
+  return (
+    f'{stats["target_kind"]} {stats["target_sparsity"]:g}'
+    + (f', seed {seed}' if seed is not None else '')
+    + f' -> {stats["target_reached_sparsity"]:.3f}'
+  )
+
+
 def target_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
   """Target vs reached sparsity at each death check, and the controller's gain (``demp.target``).
 
@@ -415,19 +426,20 @@ def target_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
   colors = _colors(range(len(runs)))
   for i, r in enumerate(runs):
     hist = r.summary['method_stats']['target_history']
-    stats = r.summary['method_stats']
     steps = [h['step'] for h in hist]
-    label = (
-      f'{os.path.basename(os.path.normpath(r.path))}: {stats["target_kind"]} '
-      f'{stats["target_sparsity"]:g} -> {stats["target_reached_sparsity"]:.3f}'
-    )
+    label = _target_label(r)
     ax.plot(steps, [h['target_now'] for h in hist], '--', color=colors[i])
     ax.plot(steps, [h['measured_sparsity'] for h in hist], '-o', ms=3, color=colors[i], label=label)
     ax_gain.plot(steps, [max(h['gain'], 1e-6) for h in hist], '-o', ms=3, color=colors[i])
   ax.set_xlabel('Training step')
   ax.set_ylabel('Sparsity (dashed: target trajectory)')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  if len(runs) > 4:  # below the axes, off the curves
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc='lower center', ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 * ((len(runs) + 2) // 3), 1, 0.94 if title else 1))
+  else:
+    ax.legend(fontsize=7)
   ax_gain.set_xlabel('Training step')
   ax_gain.set_ylabel('Gain (λ_t = shape(t) × gain)')
   ax_gain.set_yscale('log')

@@ -355,6 +355,10 @@ def test_end_to_end_reaches_the_target(tmp_path, revive):
   runs = report.load_runs(str(tmp_path))
   plots.FIGURES['target'](runs, str(tmp_path / 'target'))
   assert (tmp_path / 'target.png').stat().st_size > 0
+  stats = runs[0].summary['method_stats']
+  assert plots._target_label(runs[0]) == (
+    f"weights {goal:g}, seed {runs[0].config['seed']} -> {stats['target_reached_sparsity']:.3f}"
+  )
 
 
 def test_the_reacting_recipe_lands_the_target_end_to_end(tmp_path):
