@@ -415,22 +415,29 @@ def _target_label(run: RunResult) -> str:
 def target_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
   """Target vs reached sparsity at each death check, and the controller's gain (``demp.target``).
 
-  One colour per run that steered to a target (``demp.target_sparsity > 0``):
-  the trajectory dashed, the measured sparsity solid (left), the gain after
+  One colour per target, one marker per run of it (its seeds), for the runs that steered
+  (``demp.target_sparsity > 0``): the trajectory dashed, the measured sparsity solid (left), the gain after
   each check (right, log scale).
   """
   runs = [r for r in runs if r.summary.get('method_stats', {}).get('target_history')]
   if not runs:
     raise ValueError('no run with a target (demp.target_sparsity > 0) among the runs given.')
   fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(10, 3.6))
-  colors = _colors(range(len(runs)))
-  for i, r in enumerate(runs):
+
+  def target_of(r):
+    return r.summary['method_stats']['target_kind'], r.summary['method_stats']['target_sparsity']
+
+  colors = _colors(sorted({target_of(r) for r in runs}))  # a target's seeds share a colour
+  seen: dict[tuple, int] = {}
+  for r in runs:
     hist = r.summary['method_stats']['target_history']
     steps = [h['step'] for h in hist]
-    label = _target_label(r)
-    ax.plot(steps, [h['target_now'] for h in hist], '--', color=colors[i])
-    ax.plot(steps, [h['measured_sparsity'] for h in hist], '-o', ms=3, color=colors[i], label=label)
-    ax_gain.plot(steps, [max(h['gain'], 1e-6) for h in hist], '-o', ms=3, color=colors[i])
+    color = colors[target_of(r)]
+    style = dict(ms=3, marker='os^vD'[seen.get(target_of(r), 0) % 5], color=color)
+    seen[target_of(r)] = seen.get(target_of(r), 0) + 1
+    ax.plot(steps, [h['target_now'] for h in hist], '--', color=color)
+    ax.plot(steps, [h['measured_sparsity'] for h in hist], '-', label=_target_label(r), **style)
+    ax_gain.plot(steps, [max(h['gain'], 1e-6) for h in hist], '-', **style)
   ax.set_xlabel('Training step')
   ax.set_ylabel('Sparsity (dashed: target trajectory)')
   ax.grid(alpha=0.3)
