@@ -416,8 +416,8 @@ def target_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
   """Target vs reached sparsity at each death check, and the controller's gain (``demp.target``).
 
   One colour per target, one marker per run of it (its seeds), for the runs that steered
-  (``demp.target_sparsity > 0``): the trajectory dashed, the measured sparsity solid (left), the gain after
-  each check (right, log scale).
+  (``demp.target_sparsity > 0``): the trajectory dashed, the measured sparsity solid (left),
+  the gain after each check (right, log scale).
   """
   runs = [r for r in runs if r.summary.get('method_stats', {}).get('target_history')]
   if not runs:
@@ -432,9 +432,10 @@ def target_over_steps(runs: Sequence[RunResult], path: str, *, title: str = ''):
   for r in runs:
     hist = r.summary['method_stats']['target_history']
     steps = [h['step'] for h in hist]
-    color = colors[target_of(r)]
-    style = dict(ms=3, marker='os^vD'[seen.get(target_of(r), 0) % 5], color=color)
-    seen[target_of(r)] = seen.get(target_of(r), 0) + 1
+    key = target_of(r)
+    color = colors[key]
+    seen[key] = n = seen.get(key, -1) + 1  # this run's index among its target's runs
+    style = dict(ms=3, marker='os^vD'[n % 5], color=color)
     ax.plot(steps, [h['target_now'] for h in hist], '--', color=color)
     ax.plot(steps, [h['measured_sparsity'] for h in hist], '-', label=_target_label(r), **style)
     ax_gain.plot(steps, [max(h['gain'], 1e-6) for h in hist], '-', **style)

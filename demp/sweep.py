@@ -98,17 +98,21 @@ def expand(grids: Sequence[str]) -> list[RunSpec]:
   return runs
 
 
-def command(spec: RunSpec, config: str, workdir: str, python: str = sys.executable) -> list[str]:
-  """The ``scripts.train`` command line of one run."""
+def config_flag(spec: RunSpec, config: str) -> str:
+  """The ``--config`` value of one run: ``config``'s arguments, the run's ``arg.*`` on top."""
   path, _, arg = config.partition(':')
   args = dict(kv.split('=', 1) for kv in arg.split(',') if kv) if arg else {}
   args.update(spec.config_args())
-  config_flag = path + (':' + ','.join(f'{k}={v}' for k, v in args.items()) if args else '')
+  return path + (':' + ','.join(f'{k}={v}' for k, v in args.items()) if args else '')
+
+
+def command(spec: RunSpec, config: str, workdir: str, python: str = sys.executable) -> list[str]:
+  """The ``scripts.train`` command line of one run."""
   cmd = [
     python,
     '-m',
     'scripts.train',
-    f'--config={config_flag}',
+    f'--config={config_flag(spec, config)}',
     f'--workdir={os.path.join(workdir, spec.name)}',
     '--config.progress_bar=False',
   ]

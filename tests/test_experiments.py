@@ -205,16 +205,12 @@ def test_resnet18_baselines_at_targets_match_the_steered_runs():
 def test_every_run_of_every_stage_builds_a_valid_config(stage):
   # A config error should fail here, not two seconds into a sweep's run.
   spec_stage = fidelity.STAGES[stage]
-  path, _, arg = spec_stage.config.format(path='/data/cifar10_subset.npz', steps=1200).partition(
-    ':'
-  )
-  module = importlib.import_module(path.removesuffix('.py').replace('/', '.'))
-  base_args = dict(kv.split('=', 1) for kv in arg.split(',') if kv)
+  stage_config = spec_stage.config.format(path='/data/cifar10_subset.npz', steps=1200)
   specs = sweep.expand(spec_stage.expand(targets='0.5,0.7'))
   assert specs
   for spec in specs:
-    args = {**base_args, **spec.config_args()}
-    config = module.get_config(','.join(f'{k}={v}' for k, v in args.items()))
+    path, _, arg = sweep.config_flag(spec, stage_config).partition(':')  # as the sweep passes it
+    config = importlib.import_module(path.removesuffix('.py').replace('/', '.')).get_config(arg)
     for key, value in spec.config_overrides().items():  # as --config.KEY=VALUE sets them
       *parents, leaf = key.split('.')
       node = functools.reduce(getattr, parents, config)
