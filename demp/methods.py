@@ -35,7 +35,10 @@ class Method(NamedTuple):
   ``optimizer(config, base)`` wraps the base optimizer; ``hook(run, step)`` runs
   on the host after the steps where ``when(config, step)`` is true (the only
   steps, besides logging, where the trainer syncs with the device). Step 0 is
-  before the first update (pruning at initialization).
+  before the first update (pruning at initialization). ``demp_schedules``: the
+  optimizer applies DemP's scheduled penalty and noise (:func:`demp.optim.demp_wrap`),
+  so the metrics log their values (``lambda``, ``noise_std``); a method whose
+  optimizer has neither leaves it False and logs neither.
   """
 
   optimizer: Callable[
@@ -43,6 +46,7 @@ class Method(NamedTuple):
   ]
   hook: Callable[['Run', int], None] | None = None
   when: Callable[[ml_collections.ConfigDict, int], bool] = lambda config, step: False
+  demp_schedules: bool = False
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -113,6 +117,9 @@ register('dense', Method(optimizer=lambda config, base: base))
 register(
   'demp',
   Method(
-    optimizer=demp_method_optimizer, hook=lambda run, step: run.prune_dead(), when=prune_steps
+    optimizer=demp_method_optimizer,
+    hook=lambda run, step: run.prune_dead(),
+    when=prune_steps,
+    demp_schedules=True,
   ),
 )

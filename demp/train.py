@@ -402,10 +402,10 @@ def _train(
         'loss': float(np.mean([m['loss'] for m in fetched])),
         'accuracy': float(np.mean([m['accuracy'] for m in fetched])),
         'live_units': sum(run.model.widths.values()),
-        'lambda': _value(lam_t, update),
-        'noise_std': _value(std_t, update),
         'learning_rate': _value(lr_t, update),
       }
+      if method.demp_schedules:  # only where the optimizer applies them
+        record.update({'lambda': _value(lam_t, update), 'noise_std': _value(std_t, update)})
       record.update(target.log_fields(run, record, update))
       fetched.clear()
       jsonl.write(record)

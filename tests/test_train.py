@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import quickstart
-from demp import surgery, train
+from demp import optim, surgery, train
 from demp.models import build
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -132,10 +132,24 @@ def test_end_to_end_on_npz(tmp_path):
   _check_run_dir(str(tmp_path / 'run'), summary, [10, 20, 30])
   assert summary['prune_events_effective'] >= 1
   assert summary['weight_sparsity'] > 0
-  # The dense method never prunes.
+  # DemP logs the λ and noise std its optimizer applied, read from its schedules.
+  lam_t, std_t = optim.demp_schedules(c)
+  logged = _train_records(tmp_path / 'run')
+  assert [r['lambda'] for r in logged] == pytest.approx([float(lam_t(s)) for s in (10, 20, 30)])
+  assert [r['noise_std'] for r in logged] == pytest.approx([float(std_t(s)) for s in (10, 20, 30)])
+  assert logged[0]['lambda'] > 0
+  # The dense method never prunes, and logs no penalty or noise: its optimizer has neither.
   c = _tiny_config(**{'data.source': 'npz', 'data.path': str(path), 'method': 'dense'})
   summary = train.train_and_evaluate(c, str(tmp_path / 'dense'))
   assert summary['neuron_sparsity'] == 0.0 and summary['prune_events'] == 0
+  logged = _train_records(tmp_path / 'dense')
+  assert len(logged) == 3 and all('learning_rate' in r for r in logged)
+  assert not [r for r in logged if 'lambda' in r or 'noise_std' in r]
+
+
+def _train_records(workdir):
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [r for r in records if 'loss' in r]
 
 
 @pytest.mark.parametrize(
