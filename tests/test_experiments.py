@@ -57,77 +57,76 @@ def test_baseline_stage_waits_for_demp_then_uses_its_sparsities(tmp_path):
   results = str(tmp_path)
   demp_runs = [
     s
-    for s in sweep.expand(fidelity.STAGES['resnet18'].expand())
+    for s in sweep.expand(fidelity.STAGES['convnet_sgdm'].expand())
     if dict(s.overrides)['arg.method'] == 'demp'
   ]
   echoed = []
-  fidelity.run(
-    ['resnet18_baselines'], 'x.npz', results, str(tmp_path / 'w'), dry_run=True, echo=echoed.append
-  )
+
+  def dry_run(**kwargs):
+    echoed.clear()
+    fidelity.run(
+      ['convnet_sgdm_baselines'],
+      'x.npz',
+      results,
+      str(tmp_path / 'w'),
+      dry_run=True,
+      echo=echoed.append,
+      **kwargs,
+    )
+
+  dry_run()
   assert echoed == [
-    f'resnet18_baselines: skipped until every DemP run of resnet18 is in {results}.'
+    f'convnet_sgdm_baselines: skipped until every DemP run of convnet_sgdm is in {results}.'
   ]
   lams = sorted({dict(s.overrides)['arg.lam'] for s in demp_runs}, key=float)
-  assert len(lams) == 3
-  sparsity = dict(zip(lams, [(0.31, 0.33, 0.29), (0.52, 0.55, 0.49), (0.86, 0.88, 0.9)]))
-  for spec in demp_runs:
-    if dict(spec.overrides)['seed'] != '0':
-      continue
-    o = dict(spec.overrides)
-    run_dir = os.path.join(results, 'resnet18', spec.name)
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
-      json.dump({'weight_sparsity': sparsity[o['arg.lam']][int(o['seed'])]}, f)
+  assert len(lams) == 4
+  sparsity = dict(
+    zip(lams, [(0.31, 0.33, 0.29), (0.52, 0.55, 0.49), (0.7, 0.69, 0.71), (0.86, 0.88, 0.9)])
+  )
+
+  def write_demp_runs(seeds):
+    for spec in demp_runs:
+      o = dict(spec.overrides)
+      if int(o['seed']) in seeds:
+        run_dir = os.path.join(results, 'convnet_sgdm', spec.name)
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+          json.dump({'weight_sparsity': sparsity[o['arg.lam']][int(o['seed'])]}, f)
+
+  write_demp_runs({0})
   # Seed 0 alone: its baselines may start on seed 0's sparsities (--seeds=0) ...
-  assert fidelity.demp_sparsities(results, 'resnet18', seeds=(0,)) == [0.3, 0.5, 0.85]
-  echoed.clear()
-  fidelity.run(
-    ['resnet18_baselines'],
-    'x.npz',
-    results,
-    str(tmp_path / 'w'),
-    seeds=(0,),
-    dry_run=True,
-    echo=echoed.append,
+  assert fidelity.demp_sparsities(results, 'convnet_sgdm', seeds=(0,)) == [0.3, 0.5, 0.7, 0.85]
+  dry_run(seeds=(0,))
+  assert echoed[0] == (
+    'convnet_sgdm_baselines: targets 0.3,0.5,0.7,0.85 (DemP weight sparsities of convnet_sgdm)'
   )
-  assert (
-    echoed[0] == 'resnet18_baselines: targets 0.3,0.5,0.85 (DemP weight sparsities of resnet18)'
-  )
-  assert echoed[1].startswith('6 runs, 0 done, 6 to run')
+  assert echoed[1].startswith('4 runs, 0 done, 4 to run')
   # ... but all seeds wait for every seed.
-  assert fidelity.demp_sparsities(results, 'resnet18') is None
-  for spec in demp_runs:
-    if dict(spec.overrides)['seed'] == '0':
-      continue
-    o = dict(spec.overrides)
-    run_dir = os.path.join(results, 'resnet18', spec.name)
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
-      json.dump({'weight_sparsity': sparsity[o['arg.lam']][int(o['seed'])]}, f)
-  assert fidelity.demp_sparsities(results, 'resnet18') == [0.3, 0.5, 0.9]
-  echoed.clear()
-  fidelity.run(
-    ['resnet18_baselines'], 'x.npz', results, str(tmp_path / 'w'), dry_run=True, echo=echoed.append
+  assert fidelity.demp_sparsities(results, 'convnet_sgdm') is None
+  write_demp_runs({1, 2})
+  assert fidelity.demp_sparsities(results, 'convnet_sgdm') == [0.3, 0.5, 0.7, 0.9]
+  dry_run()
+  assert echoed[0] == (
+    'convnet_sgdm_baselines: targets 0.3,0.5,0.7,0.9 (DemP weight sparsities of convnet_sgdm)'
   )
-  assert echoed[0] == 'resnet18_baselines: targets 0.3,0.5,0.9 (DemP weight sparsities of resnet18)'
-  assert echoed[1].startswith('18 runs, 0 done, 18 to run')
-  assert 'arg.target-0.3_seed-0' in echoed[2] and 'path=x.npz' in echoed[2]
+  assert echoed[1].startswith('12 runs, 0 done, 12 to run')
+  assert 'early_crop_s_arg.target-0.3_seed-0' in echoed[2] and 'path=x.npz' in echoed[2]
   assert any('early_crop_s_arg.target-0.9_seed-2' in line for line in echoed)
   # Once seed 0's baselines have run (at 0.85), every later seed follows their targets.
-  for t in (0.3, 0.5, 0.85):
-    run_dir = os.path.join(results, 'resnet18_baselines', f'arg.target-{t}_seed-0')
+  for t in (0.3, 0.5, 0.7, 0.85):
+    run_dir = os.path.join(
+      results, 'convnet_sgdm_baselines', f'arg.method-early_crop_s_arg.target-{t}_seed-0'
+    )
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       json.dump({'baselines': {'target_sparsity': t}}, f)
-  assert fidelity.kept_targets(results, 'resnet18_baselines') == [0.3, 0.5, 0.85]
-  echoed.clear()
-  fidelity.run(
-    ['resnet18_baselines'], 'x.npz', results, str(tmp_path / 'w'), dry_run=True, echo=echoed.append
-  )
+  assert fidelity.kept_targets(results, 'convnet_sgdm_baselines') == [0.3, 0.5, 0.7, 0.85]
+  dry_run()
   assert echoed[0] == (
-    f'resnet18_baselines: targets 0.3,0.5,0.85 (those of its runs already in {results})'
+    f'convnet_sgdm_baselines: targets 0.3,0.5,0.7,0.85 (those of its runs already in {results})'
   )
   assert any('early_crop_s_arg.target-0.85_seed-2' in line for line in echoed)
+  assert not any('target-0.9_' in line for line in echoed)
 
 
 def test_seeds_flag_runs_only_those_seeds_cheapest_length_runs_first(tmp_path):
