@@ -105,13 +105,25 @@ _LABELS = {
 }
 
 
+# Keys computed from a run's config, for ``--by`` / ``--where`` where no one config key says it.
+DERIVED: dict[str, Callable[[RunResult], Any]] = {
+  # DemP steered to a target (demp.target), against fixed λ: one series each.
+  'steered': lambda r: float(r.config.get('demp.target_sparsity', 0.0)) > 0,
+}
+
+
 def value(run: RunResult, key: str) -> Any:
-  """A config value of a run (``method``, ``demp.peak_lambda``...), or a summary field."""
+  """A config value of a run (``method``, ``demp.peak_lambda``...), a summary field, or
+  a key of :data:`DERIVED` (``steered``)."""
   if key in run.config:
     return run.config[key]
   if key in run.summary:
     return run.summary[key]
-  raise KeyError(f'{key!r} is neither a config key nor a summary field of {run.path}.')
+  if key in DERIVED:
+    return DERIVED[key](run)
+  raise KeyError(
+    f'{key!r} is neither a config key, a summary field of {run.path} nor one of {sorted(DERIVED)}.'
+  )
 
 
 def select(
@@ -230,7 +242,9 @@ def tradeoff(
   for ax, x in zip(axes[0], xs):
     if dense:
       m, s = _mean_std([r.summary['test_accuracy'] for r in dense])
-      ax.axhline(m, color='k', ls='--', lw=1, label=f'dense ({len(dense)} runs)')
+      ax.axhline(
+        m, color='k', ls='--', lw=1, label=f'dense ({len(dense)} run{"s" * (len(dense) > 1)})'
+      )
       ax.axhspan(m - s, m + s, color='k', alpha=0.1)
     for key in keys:
       mine = [g for g, k in zip(others, series) if k == key]

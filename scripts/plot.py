@@ -29,7 +29,8 @@ _EXCLUDE = flags.DEFINE_list(
 _BY = flags.DEFINE_string(
   'by',
   None,
-  'tradeoff: colour key(s), comma-separated (default method); final_vs: line key.',
+  'tradeoff: colour key(s), comma-separated (default method; `steered` splits DemP steered '
+  'to a target from fixed λ); final_vs: line key.',
 )
 _X = flags.DEFINE_string('x', None, 'final_vs: the config key on the x axis.')
 _Y = flags.DEFINE_string('y', 'dead_ratio', f'final_vs: one of {sorted(plots.FINAL_METRICS)}.')

@@ -256,6 +256,16 @@ def test_select_alternatives_exclusions_and_multi_key_series(runs_dir, tmp_path)
   fig = plots.tradeoff(runs, str(tmp_path / 'multi'), color_by='method,demp.peak_lambda')
   legend = sorted(t.get_text() for t in fig.axes[-1].get_legend().get_texts())
   assert legend == ['DemP (peak_lambda=0.01)', 'DemP (peak_lambda=0.1)', 'SNAP', 'dense (2 runs)']
+  # A derived key: DemP steered to a target is a series of its own, labelled by the flag.
+  runs[0].config['demp.target_sparsity'] = 0.7
+  assert plots.value(runs[0], 'steered') is True
+  steered = sorted({(r.method, plots.value(r, 'steered')) for r in runs})
+  assert steered[:2] == [('demp', False), ('demp', True)] and runs[0].method == 'demp'
+  fig = plots.tradeoff(runs, str(tmp_path / 'steered'), color_by='method,steered')
+  legend = sorted(t.get_text() for t in fig.axes[-1].get_legend().get_texts())
+  assert legend == ['DemP', 'DemP (steered)', 'SNAP', 'dense (2 runs)']
+  del runs[0].config['demp.target_sparsity']
+  assert plots.value(runs[0], 'steered') is False
   for run in runs:  # labels over 32 characters: the legend goes below the axes, off the data
     run.config['demp.peak_lambda_of_a_rather_long_name'] = run.config['demp.peak_lambda']
   fig = plots.tradeoff(
