@@ -24,7 +24,7 @@ def _rows(specs):
   return rows
 
 
-ABLATIONS = ('convnet_adam_ablations', 'convnet_adam_length')  # two seeds per row
+ABLATIONS = ('convnet_adam_ablations', 'convnet_adam_length', 'resnet18_ablations')  # 2 seeds
 
 
 def test_every_row_has_three_seeds_and_seed_zero_comes_first():
@@ -37,6 +37,24 @@ def test_every_row_has_three_seeds_and_seed_zero_comes_first():
     assert all(sorted(s) == seeds for s in rows.values()), name
     first = [dict(s.overrides)['seed'] for s in specs[: len(rows)]]
     assert first == ['0'] * len(rows), name
+
+
+def test_resnet18_ablations_change_one_thing_at_the_steered_targets():
+  specs = sweep.expand(fidelity.STAGES['resnet18_ablations'].expand())
+  reference = {  # the steered runs of resnet18_target at the same target and seed
+    tuple(sorted(dict(s.overrides).items()))
+    for s in sweep.expand(fidelity.STAGES['resnet18_target'].expand())
+  }
+  changed = set()
+  for spec in specs:
+    o = dict(spec.overrides)
+    extra = [k for k in o if not k.startswith('arg.') and k != 'seed']
+    assert len(extra) == 1, spec.name
+    changed.add(extra[0])
+    o.pop(extra[0])
+    assert tuple(sorted(o.items())) in reference, spec.name
+  assert changed == {'demp.penalty_weighting', 'prune.remove_constant'}
+  assert [dict(s.overrides)['arg.target'] for s in specs[:2]] == ['0.9', '0.7']  # 90 % first
 
 
 def test_ablations_change_one_thing_with_two_seeds_each_row_at_a_time():
