@@ -53,7 +53,7 @@ def test_resnet18_ablations_change_one_thing_at_the_steered_targets():
     changed.add(extra[0])
     o.pop(extra[0])
     assert tuple(sorted(o.items())) in reference, spec.name
-  assert changed == {'demp.penalty_weighting', 'prune.remove_constant'}
+  assert changed == {'demp.peak_lambda', 'demp.penalty_weighting', 'prune.remove_constant'}
   assert [dict(s.overrides)['arg.target'] for s in specs[:2]] == ['0.9', '0.7']  # 90 % first
 
 
