@@ -36,6 +36,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from demp import workdir as workdir_lib
+
 ARG_PREFIX = 'arg.'
 
 RESULT_FILES = ('summary.json', 'metrics.jsonl', 'config.json')
@@ -165,6 +167,7 @@ def collect(workdir: str, results_dir: str) -> list[str]:
 
 
 STOPPED = 75
+BUSY = 73  # another process holds the run's workdir lock: the run was left untouched
 """The code :func:`run_sweep` gives a run whose trainer exited cleanly without a summary.
 
 ``scripts.train`` exits with status 0 when a SIGTERM stops it (it saves a
@@ -176,16 +179,19 @@ a finished run by its missing ``summary.json``. 75 is ``EX_TEMPFAIL``: try again
 def exit_status(results: dict[str, int], err=sys.stderr) -> int:
   """Prints the runs that failed or stopped early to ``err``; the sweep's exit status.
 
-  1 if any run failed, :data:`STOPPED` if some were only stopped (run the
+  1 if any run failed, :data:`STOPPED` if some were only stopped or :data:`BUSY` (run the
   sweep again to resume them), else 0.
   """
-  failed = sorted(k for k, rc in results.items() if rc and rc != STOPPED)
+  failed = sorted(k for k, rc in results.items() if rc and rc not in (STOPPED, BUSY))
   stopped = sorted(k for k, rc in results.items() if rc == STOPPED)
+  busy = sorted(k for k, rc in results.items() if rc == BUSY)
+  if busy:
+    print(f'{len(busy)} runs skipped: another process is training them: {busy}', file=err)
   if stopped:
     print(f'{len(stopped)} runs stopped before the end (run again to resume): {stopped}', file=err)
   if failed:
     print(f'{len(failed)} runs failed: {failed}', file=err)
-  return 1 if failed else STOPPED if stopped else 0
+  return 1 if failed else STOPPED if stopped or busy else 0
 
 
 def _has_checkpoint(run_dir: str) -> bool:
@@ -197,6 +203,14 @@ def _has_checkpoint(run_dir: str) -> bool:
 def _run_one(spec: RunSpec, config: str, workdir: str, cwd: str) -> tuple[str, int, float]:
   run_dir = os.path.join(workdir, spec.name)
   os.makedirs(run_dir, exist_ok=True)
+  # A run another process is training (a second sweep over the same workdir): touch nothing.
+  try:
+    fd, created = workdir_lib.acquire(run_dir)
+  except workdir_lib.WorkdirLockedError:
+    return spec.name, BUSY, 0.0
+  if created:
+    os.unlink(os.path.join(run_dir, workdir_lib.LOCK))
+  os.close(fd)  # closing releases the flock; the trainer takes it again
   stale = os.path.join(run_dir, 'metrics.jsonl')
   if os.path.exists(stale) and not _has_checkpoint(run_dir):
     # An interrupted attempt that the trainer cannot resume: keep its log aside, start clean.

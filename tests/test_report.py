@@ -469,3 +469,24 @@ def test_a_key_newer_than_a_run_takes_its_default_when_grouping(tmp_path):
   groups = report.group_runs(report.load_runs(root))
   assert [len(g.runs) for g in groups] == [2, 1]  # s0 + s1 (coupled, the default), then s2
   assert groups[0].mean('test_accuracy') == pytest.approx(0.62)
+
+
+def test_a_run_another_process_holds_is_left_untouched(tmp_path):
+  # A second sweep over the same workdir must not move a live run's metrics aside.
+  from demp import workdir as workdir_lib
+
+  spec = sweep.expand(['method=dense;seed=0'])[0]
+  run_dir = tmp_path / spec.name
+  run_dir.mkdir()
+  (run_dir / 'metrics.jsonl').write_text('{"step": 10}\n')
+  fd, _ = workdir_lib.acquire(str(run_dir))  # the live run's lock
+  try:
+    name, rc, _ = sweep._run_one(spec, 'configs/x.py', str(tmp_path), str(tmp_path))
+  finally:
+    os.close(fd)
+  assert (name, rc) == (spec.name, sweep.BUSY)
+  assert sorted(p.name for p in run_dir.iterdir()) == ['.lock', 'metrics.jsonl']
+  assert (run_dir / 'metrics.jsonl').read_text() == '{"step": 10}\n'
+  err = io.StringIO()
+  assert sweep.exit_status({spec.name: sweep.BUSY}, err=err) == sweep.STOPPED  # not failed
+  assert 'another process is training them' in err.getvalue()
