@@ -167,13 +167,15 @@ def collect(workdir: str, results_dir: str) -> list[str]:
 
 
 STOPPED = 75
-BUSY = 73  # another process holds the run's workdir lock: the run was left untouched
 """The code :func:`run_sweep` gives a run whose trainer exited cleanly without a summary.
 
 ``scripts.train`` exits with status 0 when a SIGTERM stops it (it saves a
 checkpoint first, so the same command resumes); the sweep tells that apart from
 a finished run by its missing ``summary.json``. 75 is ``EX_TEMPFAIL``: try again.
 """
+
+BUSY = 73
+"""The code :func:`run_sweep` gives a run another process holds (its workdir lock): left untouched."""
 
 
 def exit_status(results: dict[str, int], err=sys.stderr) -> int:

@@ -155,8 +155,8 @@ STAGES: dict[str, Stage] = {
     ),
   ),
   # What moves DemP's ResNet curve, at the targets of resnet18_target (its runs are the
-  # reference): at 90 % DemP keeps 104 of 128 last-stage stream units where EarlyCroP-S
-  # keeps 42, and cuts the cheap early layers instead; a unit's penalty weighted by its
+  # reference): at 90 % DemP keeps 110 of 128 last-stage stream units where EarlyCroP-S
+  # keeps 35 (means over 3 seeds), and cuts the cheap early layers instead; a unit's penalty weighted by its
   # parameters aims it at the units that carry the weights. Constant units, as on the ConvNet.
   # A smaller peak λ: fixed λ 0.005 lands at 67 % of the weights 2.5 points above the steered
   # 70 % runs (peak 0.02, units dying in one wave at steps 150-225), its units dying over
