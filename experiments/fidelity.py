@@ -170,6 +170,24 @@ STAGES: dict[str, Stage] = {
     ),
     seeds=(0, 1),
   ),
+  # How DemP's recipes move with the run length, 1 seed (the screen before the 3-seed study):
+  # constant units removed (the short-run recipe), alone, with the penalty weighted by a
+  # unit's FLOPs, and decoupled. ``lam`` is a 1200-step peak λ, scaled to each length by the
+  # measured transfer rule (``scale_lam``); the two λ aim at ~70 % and ~90 % of the weights.
+  # A length's rows run together, shortest first, so a partial screen already compares them.
+  'convnet_length_screen': Stage(
+    CONVNET.replace('{steps}', '1200') + ',constant=True,scale_lam=True',
+    tuple(
+      grid.replace('{steps}', steps)
+      for steps in ('1200', '2400', '4800')
+      for grid in (
+        'arg.method=demp;arg.steps={steps};arg.lam=0.025,0.05;seed={s}',
+        'arg.method=demp;arg.steps={steps};arg.lam=0.05,0.1;demp.penalty_weighting=flops;seed={s}',
+        'arg.method=demp;arg.steps={steps};arg.lam=0.75,1.0;demp.penalty_coupling=decoupled;seed={s}',
+      )
+    ),
+    seeds=(0,),
+  ),
   # The ResNet-18 comparison at the targets DemP was steered to (resnet18_target): the
   # baselines at exactly the weight sparsities DemP reached, not at λ-rounded ones (a
   # second set "at the fixed-λ runs' sparsities" would double the baselines' compute).
