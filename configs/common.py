@@ -152,7 +152,7 @@ def disagreements(settings: Sequence[Setting]) -> list[Setting]:
 
 
 # The three commands per recipe. Runs go under runs/<recipe>, tables and figures under
-# docs/results/<recipe> and docs/figures/<recipe> (paths relative to the repository root).
+# results/<recipe> and docs/figures/<recipe> (paths relative to the repository root).
 
 
 def sweep_argv(

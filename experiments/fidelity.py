@@ -1,7 +1,7 @@
 r"""The reduced reproduction of DemP's trade-off on the CIFAR-10 subset, stage by stage.
 
     python -m experiments.fidelity --data_path=/path/to/cifar10_subset.npz \
-        --results_dir=docs/results/fidelity --workdir=/tmp/fidelity [--stages=convnet_adam,...]
+        --results_dir=results/fidelity --workdir=/tmp/fidelity [--stages=convnet_adam,...]
 
 Every stage is a :func:`demp.sweep.run_sweep` grid (≥ 3 seeds per row) whose
 finished runs are copied to ``<results_dir>/<stage>/<run>/`` (summary.json,
@@ -17,7 +17,7 @@ stage has finished runs, later seeds follow those runs' targets (a row's seeds s
 
 The reports and figures: ``python -m scripts.report --runs <results_dir>/<stage>
 --target_weight_sparsity 0.5,0.7,0.9`` and ``python -m scripts.plot --runs ...
---figure tradeoff`` (see docs/results.md).
+--figure tradeoff`` (see results.md).
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def run(
 def _define_flags() -> None:
   """The command line's flags (defined only when run as a script, so importing is free)."""
   flags.DEFINE_string('data_path', None, 'The CIFAR-10 subset .npz (scripts.make_cifar10_subset).')
-  flags.DEFINE_string('results_dir', 'docs/results/fidelity', 'Kept results, per stage.')
+  flags.DEFINE_string('results_dir', 'results/fidelity', 'Kept results, per stage.')
   flags.DEFINE_string('workdir', None, 'Scratch directory for the runs.')
   flags.DEFINE_list('stages', list(STAGES), f'Stages to run, in order: {list(STAGES)}.')
   flags.DEFINE_list('seeds', [], 'Only these seeds of every stage (default: each stage\'s own).')

@@ -1,7 +1,7 @@
 r"""What rounding widths to a multiple costs in sparsity and saves in compiles, from finished runs.
 
     python -m scripts.replay_multiple_of --multiples 1,4,8 \
-        --runs 'docs/results/fidelity/convnet_adam/arg.method-demp_arg.lam-0.0[248]_seed-*'
+        --runs 'results/fidelity/convnet_adam/arg.method-demp_arg.lam-0.0[248]_seed-*'
 
 Replays each run's death checks (``metrics.jsonl``: the live units per group at
 every prune event) with ``prune.multiple_of`` = m and prints, per m, the mean

@@ -1,7 +1,7 @@
 r"""Turns a directory of runs into the paper's Table 1/2 format (Markdown and CSV).
 
     python -m scripts.report --runs /tmp/sweep --target_weight_sparsity 0.8,0.9 \
-        --out docs/results/table
+        --out results/table
 
 For each method, the setting (averaged over seeds) whose weight sparsity is
 closest to each target; ``--all_groups`` lists every setting. See
