@@ -28,8 +28,9 @@ import ml_collections
 import numpy as np
 
 from baselines import sparse
-from demp import benchmark, train
-from demp import methods as methods_lib
+from demp.trainer import methods as methods_lib
+from demp.trainer import train
+from tools import benchmark
 
 STRUCTURED = ('snap', 'crop_s', 'early_snap', 'early_crop_s')
 ORDER = ('dense', 'demp') + STRUCTURED + ('neq', 'neq_stochastic')

@@ -4,7 +4,7 @@
 ``resolve(config)`` returns them overridden by ``config.baselines`` and
 validated, raising a ValueError that names the key. The section is shared with
 the unstructured baselines (``baselines.sparse.methods``); both register their
-keys with :func:`demp.config.register_section`, so a key neither reads (a
+keys with :func:`demp.trainer.config.register_section`, so a key neither reads (a
 typo) is an error naming the closest valid key, in ``validate_config`` and here.
 """
 
@@ -15,8 +15,8 @@ import json
 
 import ml_collections
 
-from demp import config as demp_config
 from demp import data as data_lib
+from demp.trainer import config as demp_config
 
 TARGET_KINDS = ('units', 'weights')
 

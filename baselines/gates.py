@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from demp import steps
+from demp.trainer import steps
 
 PyTree = Any
 GATES = 'gates'

@@ -55,8 +55,9 @@ from absl import logging
 from baselines import config as config_lib
 from baselines import freeze
 from demp import data as data_lib
-from demp import methods, metrics, steps
-from demp.run import Run
+from demp import flops
+from demp.trainer import methods, steps
+from demp.trainer.run import Run
 
 # ----------------------------------------------------------------------------
 # Pure pieces.
@@ -147,7 +148,7 @@ def bprop_flops(run: Run) -> float:
     )
     .compile()
   )
-  return run.step_flops - metrics.compiled_flops(compiled)
+  return run.step_flops - flops.compiled_flops(compiled)
 
 
 # ----------------------------------------------------------------------------

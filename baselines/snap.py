@@ -34,8 +34,8 @@ import optax
 from baselines import config as config_lib
 from baselines import gates
 from demp import data as data_lib
-from demp import methods
-from demp.run import Run
+from demp.trainer import methods
+from demp.trainer.run import Run
 
 # ----------------------------------------------------------------------------
 # Pure pieces: schedule, trigger, selection.

@@ -5,9 +5,9 @@ Config arguments are parsed by :func:`configs.analysis.parse` (typed like their 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import shlex
 import textwrap
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import ml_collections

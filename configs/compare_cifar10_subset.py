@@ -15,7 +15,7 @@ and ``kind`` (the baselines' ``target_sparsity`` / ``target_kind``;
 ``scripts.compare`` sets them to DemP's weight sparsity), ``steer`` (True: DemP too
 steers its λ to ``target`` / ``kind`` with ``demp.target_sparsity`` /
 ``demp.target_kind``, so every method aims at the same sparsity, with the reacting
-recipe of ``demp.target.steer``: 48 death checks a run (τ = steps // 48) unless ``every`` is given;
+recipe of ``demp.trainer.steering.steer``: 48 death checks a run (τ = steps // 48) unless ``every`` is given;
 see docs/target.md),
 ``fallback`` (the
 early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
@@ -35,7 +35,7 @@ from baselines import config as baselines_config
 from baselines import sparse
 from configs import common
 from configs.analysis import convnet_cifar10_subset, parse
-from demp import target
+from demp.trainer import steering
 
 DEFAULTS = dict(
   method='dense',
@@ -52,7 +52,7 @@ DEFAULTS = dict(
   p=0.2,
   opt='adamw',
   lr=5e-3,
-  every=0,  # τ; 0 = 100, or steps // 48 with steer=True (demp.target.steer)
+  every=0,  # τ; 0 = 100, or steps // 48 with steer=True (demp.trainer.steering.steer)
   path='',
   constant=False,
   scale_lam=False,
@@ -89,7 +89,7 @@ def get_config(arg: str | None = None):
   )
   c.seed = args['seed']
   if args['steer']:  # DemP aims at the baselines' target: the reacting recipe (demp.target)
-    target.steer(c, args['target'], args['kind'])
+    steering.steer(c, args['target'], args['kind'])
     if args['every']:  # an explicit τ wins over the recipe's
       c.prune.every = args['every']
   c.data.path = args['path'] or None

@@ -18,7 +18,7 @@ import ml_collections
 
 from configs import common
 from configs.analysis import parse
-from demp.train import base_config
+from demp.trainer.config import base_config
 
 ARGS = dict(method='demp', lam=2e-2, smoke=False)
 

@@ -7,7 +7,7 @@ visibly while it trains. ``--config configs/quickstart.py:method=dense`` gives
 the dense baseline with the same steps and seed.
 """
 
-from demp.train import base_config
+from demp.trainer.config import base_config
 
 
 def get_config(arg: str | None = None):

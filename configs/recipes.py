@@ -84,7 +84,7 @@ def generated_markdown() -> str:
     '',
     'Ours is the config\'s default; the source says where it comes from (*launch script*: '
     'the authors\' public launch script; *paper text*: the paper, appendix I and §3; '
-    '*ours*: neither says). Other keys are the trainer\'s defaults (`demp/train.py`).',
+    '*ours*: neither says). Other keys are the trainer\'s defaults (`demp/trainer/train.py`).',
     '',
   ]
   for path, module, opt in _recipes():

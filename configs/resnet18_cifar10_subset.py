@@ -20,7 +20,7 @@ Arguments: method=demp|dense|<a baseline>, opt=adam|sgdm, lam=<peak λ>,
 act=relu|leaky_relu|swish|gelu, stream=True|False, steps=<num_steps>,
 path=<the .npz> (same as ``--config.data.path``), target / kind (the
 baselines' ``target_sparsity`` / ``target_kind``), steer=True (DemP too steers
-its λ to target / kind with ``demp.target.steer``'s recipe: 48 death checks a run (τ = steps // 48)), fallback (the early
+its λ to target / kind with ``demp.trainer.steering.steer``'s recipe: 48 death checks a run (τ = steps // 48)), fallback (the early
 variants' fallback epoch; 0 = half the run), smoke=True.
 """
 
@@ -29,8 +29,8 @@ import ml_collections
 from baselines import config as baselines_config
 from configs import common
 from configs.analysis import parse
-from demp import target
-from demp.train import base_config
+from demp.trainer import steering
+from demp.trainer.config import base_config
 
 LEARNING_RATE = {'adam': 5e-3, 'sgdm': 0.1}
 ARGS = dict(
@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 50
 
   if a['steer']:  # DemP too aims at target / kind: the reacting recipe (docs/target.md)
-    target.steer(c, a['target'], a['kind'])
+    steering.steer(c, a['target'], a['kind'])
 
   b = baselines_config.default_config()  # read only when method is a baseline
   common.aim_baselines(b, a['target'], a['kind'], a['method'])

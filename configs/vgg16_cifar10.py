@@ -29,7 +29,7 @@ import ml_collections
 from configs import common
 from configs.analysis import parse
 from demp import transforms
-from demp.train import base_config
+from demp.trainer.config import base_config
 
 S, LAUNCH, TEXT, OURS = common.Setting, common.LAUNCH, common.TEXT, common.OURS
 

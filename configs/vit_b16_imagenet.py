@@ -9,7 +9,7 @@ warmed up linearly over 16 epochs to 0.003 then cosine to 0, label smoothing
 0.11, gradient clipping at global norm 1.0, batches of 256 accumulated 16
 times (effective batch 4096, ``optimizer.accumulate_steps``: every schedule
 counts optimizer updates), RandAugment (2 ops, magnitude 9), mixup 0.2 or
-cutmix 1.0 per batch (``demp.augment``), random crop + flip at 224 px. DemP
+cutmix 1.0 per batch (``demp.data.augment``), random crop + flip at 224 px. DemP
 with λ = 0 and noise only, on the MLP hidden units of every block (attention
 and the residual width are not pruned); GELU units die by ε-inactivity
 (|a| < 0.01 on every example and token of 2048 training images), ReLU units
@@ -35,7 +35,7 @@ noise std; the authors' 5e-5), ``patience``, ``every`` (death checks, in optimiz
 """
 
 from configs.analysis import parse
-from demp.train import base_config
+from demp.trainer.config import base_config
 
 TRAIN_IMAGES = 1_281_167
 EPOCHS = 150

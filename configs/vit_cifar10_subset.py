@@ -22,7 +22,7 @@ noise std), ``lr``, ``steps``, ``batch``, ``every`` (τ), ``patience``,
 """
 
 from configs.analysis import parse
-from demp.train import base_config
+from demp.trainer.config import base_config
 
 DEFAULT_PATH = None  # by flag: --config.data.path=...
 

@@ -11,23 +11,11 @@ What a user imports::
                                              demp.keep_masks(alive, activity))
 """
 
-import os
-
-# TensorFlow (tf.data, TensorBoard) is only a CPU-side helper here: keep its INFO chatter quiet.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-
 from demp.auto import Prunable, describe_groups, make_prunable
 from demp.deadunits import CRITERIA, constant_unit_stats, dead_unit_stats, probe, unit_stats
+from demp.protocol import Slice, UnitGroup, param_slices
 from demp.schedules import SCHEDULES, make_schedule, one_cycle
-from demp.surgery import (
-  Slice,
-  UnitGroup,
-  keep_masks,
-  param_slices,
-  prune,
-  slice_optimizer_state,
-  slice_variables,
-)
+from demp.surgery import keep_masks, prune, slice_optimizer_state, slice_variables
 from demp.transforms import (
   ALL_WEIGHTS,
   AUTHORS_NOISE_STD,

@@ -94,7 +94,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from demp import transforms
-from demp.surgery import Slice, UnitGroup
+from demp.protocol import Slice, UnitGroup
 
 Path = tuple[str, ...]
 Form = tuple[int, tuple[str, ...]]  # const + sum(widths[g] for g in names): a size under pruning

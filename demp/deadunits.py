@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from demp import surgery
+from demp import protocol, surgery
 
 PyTree = Any
 
@@ -97,7 +97,7 @@ def site_stats(intermediates: Mapping, groups, criterion: str, eps: float):
 
 @functools.partial(jax.jit, static_argnames=('model', 'criterion', 'batch_size'))
 def _scan_stats(model, variables, images, *, criterion: str, eps: float, batch_size: int):
-  groups = surgery.unit_groups(model)
+  groups = protocol.unit_groups(model)
   n = images.shape[0]
   xs = images.reshape((n // batch_size, batch_size) + images.shape[1:])
 
@@ -143,7 +143,7 @@ def dead_unit_stats(
   """
   if criterion not in CRITERIA:
     raise ValueError(f'criterion={criterion!r} is not one of {sorted(CRITERIA)}.')
-  surgery.unit_groups(model)  # a model outside the protocol fails here, with advice
+  protocol.unit_groups(model)  # a model outside the protocol fails here, with advice
   n = images.shape[0]
   batch_size = min(batch_size, n)
   if n % batch_size:
@@ -202,7 +202,7 @@ def compile_unit_stats(
   """:func:`unit_stats`'s pass compiled ahead of time for these shapes (arrays or shape structs).
 
   Pass the result as ``unit_stats(..., compiled=...)``; a run compiles the
-  check for the widths after a prune in the background (:mod:`demp.run`).
+  check for the widths after a prune in the background (:mod:`demp.trainer.run`).
   """
   batch_size = min(batch_size, images.shape[0])
   variables = {k: v for k, v in variables.items() if k != 'intermediates'}

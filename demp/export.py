@@ -44,9 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -57,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from demp import checkpoint, metrics, models
+from demp import models
 
 PyTree = Any
 
@@ -67,15 +64,10 @@ FORMAT = 1
 ARCHITECTURE = 'architecture.json'
 VARIABLES = 'variables'
 INFERENCE = 'inference.jax'
-BENCHMARK = 'export_benchmark.json'
 DEFAULT_PLATFORMS = ('cpu', 'cuda')
 LINEAR_TYPES = (nn.Conv, nn.Dense)
 VERIFY_TOLERANCE = 1e-4
 """Largest allowed |exported - Flax| logit difference on the check inputs, x max(1, |logits|)."""
-
-
-class NotExportableError(ValueError):
-  """The workdir holds no finished run with a checkpoint."""
 
 
 class ExportCheckError(RuntimeError):
@@ -84,54 +76,6 @@ class ExportCheckError(RuntimeError):
 
 # ----------------------------------------------------------------------------
 # Reading a finished run.
-
-
-def load_run(workdir: str) -> tuple[nn.Module, dict, dict]:
-  """``(model, variables, meta)`` of the final checkpoint of a finished run.
-
-  Raises :class:`NotExportableError` naming ``workdir`` when it has no
-  checkpoint or when the latest one is before ``num_steps``.
-  """
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  steps = _checkpoint_steps(ckpt_dir)
-  if not steps:
-    trained = os.path.exists(os.path.join(workdir, 'summary.json'))
-    why = (
-      'the run finished but saved no checkpoint (checkpoint.every=0 saves only on SIGTERM)'
-      if trained
-      else 'there is no run there'
-    )
-    raise NotExportableError(
-      f'cannot export {workdir}: no checkpoint in {ckpt_dir} ({why}). Train with '
-      f'checkpoint.every > 0 (e.g. --config.checkpoint.every=<num_steps>): the trainer then '
-      f'saves the final network at the last step.'
-    )
-  model, variables, meta = checkpoint.load(workdir)
-  num_steps = int(meta['config']['num_steps'])
-  if meta['step'] < num_steps:
-    raise NotExportableError(
-      f'cannot export {workdir}: the run is not finished (its latest checkpoint is step '
-      f'{meta["step"]} of num_steps={num_steps}). Run the trainer again with the same config '
-      f'and workdir to finish it (it resumes from that checkpoint), then export.'
-    )
-  return model, variables, meta
-
-
-def _checkpoint_steps(ckpt_dir: str) -> list[int]:
-  if not os.path.isdir(ckpt_dir):
-    return []
-  return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-
-
-def dense_model(model: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
-  """The run's model at its dense (initial) widths, built from the saved config."""
-  kwargs = {k: v for k, v in meta['config']['model'].items() if k != 'name'}
-  dense = models.build(meta['config']['model']['name'], int(meta['model']['num_classes']), **kwargs)
-  if set(dense.widths) != set(model.widths):
-    raise ValueError(
-      f'the config builds groups {sorted(dense.widths)}, the checkpoint has {sorted(model.widths)}.'
-    )
-  return dense
 
 
 # ----------------------------------------------------------------------------
@@ -310,7 +254,7 @@ def load_inference(directory: str) -> jax.export.Exported:
     return jax.export.deserialize(bytearray(f.read()))
 
 
-def _check(name: str, got, want, tolerance: float) -> float:
+def check_close(name: str, got, want, tolerance: float) -> float:
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   diff = float(np.max(np.abs(got - want)))
   scale = max(1.0, float(np.max(np.abs(want))))
@@ -327,134 +271,19 @@ def _check(name: str, got, want, tolerance: float) -> float:
 # Export and load.
 
 
-def _dir_bytes(path: str) -> int:
-  if os.path.isfile(path):
-    return os.path.getsize(path)
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
-def _collections(variables: PyTree) -> dict:
+def saved_collections(variables: PyTree) -> dict:
   return {k: v for k, v in variables.items() if k in ('params', 'batch_stats') and v}
 
 
 def save_variables(directory: str, variables: PyTree) -> None:
   """``params`` / ``batch_stats`` with orbax ``StandardCheckpointer`` into ``directory`` (new)."""
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(directory), jax.tree.map(np.asarray, _collections(variables)))
+  ckptr.save(os.path.abspath(directory), jax.tree.map(np.asarray, saved_collections(variables)))
   ckptr.wait_until_finished()
   ckptr.close()
 
 
-def export_run(
-  workdir: str,
-  out: str,
-  *,
-  fold_bn: bool = False,
-  platforms: Sequence[str] | None = DEFAULT_PLATFORMS,
-  check_batch: int = 8,
-  overwrite: bool = False,
-) -> dict[str, Any]:
-  """Writes the final network of the finished run in ``workdir`` to ``out``; returns its spec.
-
-  Before writing, the inference function is exported, deserialized and run on
-  ``check_batch`` random inputs against the Flax model (unfolded); the largest
-  logit difference is recorded in ``architecture.json['check']`` and an error
-  raised above :data:`VERIFY_TOLERANCE` (relative to max(1, |logits|)).
-
-  Args:
-    workdir: a run's workdir (``train_and_evaluate``) with a final checkpoint.
-    out: the export directory (created; must not hold an export unless ``overwrite``).
-    fold_bn: fold each BatchNorm that directly follows a Conv/Dense into it
-      (the inference function only; ``variables/`` keeps the trained values).
-    platforms: ``jax.export`` lowering platforms (None: this machine's).
-    check_batch: number of random check inputs.
-    overwrite: replace an existing export in ``out``.
-  """
-  model, variables, meta = load_run(workdir)
-  input_shape = [int(d) for d in meta['model']['input_shape']]
-  if any(os.path.exists(os.path.join(out, n)) for n in (ARCHITECTURE, VARIABLES, INFERENCE)):
-    if not overwrite:
-      raise FileExistsError(
-        f'{out} already holds an export; choose another --out or pass --overwrite.'
-      )
-    for name in (ARCHITECTURE, INFERENCE):
-      if os.path.exists(os.path.join(out, name)):
-        os.remove(os.path.join(out, name))
-    shutil.rmtree(os.path.join(out, VARIABLES), ignore_errors=True)
-  os.makedirs(out, exist_ok=True)
-  dtype = str(jax.tree.leaves(variables['params'])[0].dtype)
-  report = None
-  infer_vars = variables
-  if fold_bn:
-    infer_vars, report = fold_batch_norm(model, variables, input_shape)
-  exported = export_inference(
-    inference_fn(model, infer_vars, folded=fold_bn), input_shape, dtype=dtype, platforms=platforms
-  )
-  blob = exported.serialize()
-
-  x = np.random.default_rng(0).normal(size=(check_batch, *input_shape)).astype(dtype)
-  want = jax.jit(inference_fn(model, variables))(x)
-  diff = _check(
-    'the exported function', jax.export.deserialize(blob).call(x), want, VERIFY_TOLERANCE
-  )
-
-  with open(os.path.join(out, INFERENCE), 'wb') as f:
-    f.write(blob)
-  save_variables(os.path.join(out, VARIABLES), variables)
-  dense = dense_model(model, meta)
-  summary = _read_json(os.path.join(workdir, 'summary.json')) or {}
-  data = meta['config'].get('data', {})
-  architecture = {
-    'format': FORMAT,
-    'model': meta['config']['model']['name'],
-    'kwargs': {k: v for k, v in meta['config']['model'].items() if k != 'name'},
-    'widths': {k: int(v) for k, v in model.widths.items()},
-    'dense_widths': {k: int(v) for k, v in dense.widths.items()},
-    'input_shape': input_shape,
-    'num_classes': int(meta['model']['num_classes']),
-    'dtype': dtype,
-    'input': (
-      'images [b, H, W, C] preprocessed as the run\'s data pipeline does (demp.data: '
-      'scaled to [0, 1], then standardized per channel when data.normalize)'
-    ),
-    'data': {k: data.get(k) for k in ('source', 'name', 'image_size', 'normalize')},
-    'params': metrics.num_params(variables['params']),
-    'dense_params': metrics.num_params(
-      jax.eval_shape(
-        lambda: dense.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False)
-      )['params']
-    ),
-    'run': {
-      'step': int(meta['step']),
-      'method': meta['config'].get('method'),
-      'test_accuracy': summary.get('test_accuracy'),
-    },
-    'variables': {
-      'path': VARIABLES,
-      'format': 'orbax StandardCheckpointer',
-      'collections': sorted(_collections(variables)),
-    },
-    'inference': {
-      'path': INFERENCE,
-      'format': 'jax.export serialized (StableHLO)',
-      'platforms': list(exported.platforms),
-      'batch_dim': 'b (symbolic)',
-      'fold_bn': bool(fold_bn),
-      'calling_convention_version': exported.calling_convention_version,
-    },
-    'fold_bn': report,
-    'check': {
-      'inputs': f'{check_batch} standard-normal images (seed 0)',
-      'max_abs_diff_vs_flax': diff,
-    },
-    'jax_version': jax.__version__,
-  }
-  with open(os.path.join(out, ARCHITECTURE), 'w') as f:
-    json.dump(architecture, f, indent=2)
-  return architecture
-
-
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -485,7 +314,7 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
 
 def load_exported(directory: str) -> Exported:
   """Rebuilds the module of an export directory and restores its variables (shapes checked)."""
-  architecture = _read_json(os.path.join(directory, ARCHITECTURE))
+  architecture = read_json(os.path.join(directory, ARCHITECTURE))
   if architecture is None:
     raise FileNotFoundError(
       f'{directory} has no {ARCHITECTURE}: not an export directory '
@@ -515,228 +344,19 @@ def load_exported(directory: str) -> Exported:
 # Benchmark: dense vs pruned inference, side by side.
 
 
-class Variant(NamedTuple):
-  name: str
-  model: nn.Module
-  variables: PyTree
-  folded: bool = False
-
-
-def _random_variables(model: nn.Module, input_shape: Sequence[int], seed: int = 0) -> dict:
-  from demp import benchmark  # pylint: disable=g-import-not-at-top
-
-  return benchmark.numpy_init(model, jnp.zeros((1, *input_shape), jnp.float32), seed)
-
-
-def benchmark(
-  variants: Sequence[Variant],
-  input_shape: Sequence[int],
-  *,
-  batch_sizes: Sequence[int] = (1, 256),
-  rounds: int = 5,
-  round_s: float = 0.3,
-) -> list[dict[str, Any]]:
-  """Latency and throughput of each variant's exported inference function, interleaved.
-
-  Every variant is exported (params as constants, as shipped), serialized,
-  deserialized and compiled per batch size; then ``rounds`` rounds run each
-  variant in turn for about ``round_s`` seconds (at least one call). A
-  variant's latency is the median over rounds of its per-call mean; ratios are
-  to the first variant (the dense model). FLOPs come from XLA's cost analysis
-  of the same compiled call; sizes are of the serialized function and of the
-  variables written with orbax.
-  """
-  prepared = []
-  with tempfile.TemporaryDirectory() as tmp:
-    for v in variants:
-      blob = export_inference(
-        inference_fn(v.model, v.variables, folded=v.folded), input_shape, platforms=None
-      ).serialize()
-      path = os.path.join(tmp, v.name)
-      save_variables(path, v.variables)
-      prepared.append(
-        {
-          'variant': v,
-          'exported': jax.export.deserialize(blob),
-          'inference_bytes': len(blob),
-          'variables_bytes': _dir_bytes(path),
-          'params': metrics.num_params(v.variables['params']),
-        }
-      )
-  rows = []
-  for batch in batch_sizes:
-    x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, *input_shape)), jnp.float32)
-    runs = []
-    for p in prepared:
-      t0 = time.perf_counter()
-      compiled = jax.jit(p['exported'].call).lower(x).compile()
-      compile_s = time.perf_counter() - t0
-      jax.block_until_ready(compiled(x))  # warm-up
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(x))  # calibrates the calls per round
-      once = max(time.perf_counter() - t0, 1e-6)
-      runs.append(
-        {
-          'p': p,
-          'fn': compiled,
-          'calls': max(1, int(round_s / once)),
-          'times': [],
-          'flops': metrics.compiled_flops(compiled),
-          'compile_s': compile_s,
-        }
-      )
-    for _ in range(rounds):
-      for r in runs:
-        t0 = time.perf_counter()
-        for _ in range(r['calls']):
-          out = r['fn'](x)
-        jax.block_until_ready(out)
-        r['times'].append((time.perf_counter() - t0) / r['calls'])
-    base_t, base_f = float(np.median(runs[0]['times'])), runs[0]['flops']
-    base_p = runs[0]['p']
-    for r in runs:
-      p, t = r['p'], float(np.median(r['times']))
-      rows.append(
-        {
-          'variant': p['variant'].name,
-          'batch': batch,
-          'latency_s': t,
-          'throughput_per_s': batch / t,
-          'time_ratio': t / base_t,
-          'flops': r['flops'],
-          'flop_ratio': r['flops'] / base_f if base_f else float('nan'),
-          'params': p['params'],
-          'param_ratio': p['params'] / base_p['params'],
-          'inference_bytes': p['inference_bytes'],
-          'variables_bytes': p['variables_bytes'],
-          'calls_per_round': r['calls'],
-          'round_latencies_s': r['times'],
-          'compile_s': r['compile_s'],
-        }
-      )
-  return rows
-
-
-def format_benchmark_table(rows: Sequence[Mapping[str, Any]]) -> str:
-  lines = [
-    '| variant | batch | latency [ms] | throughput [img/s] | time ratio | FLOP ratio | '
-    'params | inference.jax [MB] | variables [MB] |',
-    '|---|---|---|---|---|---|---|---|---|',
-  ]
-  for r in rows:
-    lines.append(
-      f"| {r['variant']} | {r['batch']} | {1e3 * r['latency_s']:.2f} | "
-      f"{r['throughput_per_s']:.1f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | "
-      f"{r['params']:,} | {r['inference_bytes'] / 1e6:.2f} | "
-      f"{r['variables_bytes'] / 1e6:.2f} |"
-    )
-  return '\n'.join(lines)
-
-
-def benchmark_run(
-  workdir: str,
-  *,
-  fold_bn: bool = False,
-  batch_sizes: Sequence[int] = (1, 256),
-  rounds: int = 5,
-  round_s: float = 0.3,
-  seed: int = 0,
-) -> dict[str, Any]:
-  """Dense (the run's dense widths, fresh params) vs the run's final network; writes
-  ``<workdir>/export_benchmark.json`` and returns it."""
-  model, variables, meta = load_run(workdir)
-  input_shape = [int(d) for d in meta['model']['input_shape']]
-  dense = dense_model(model, meta)
-  variants = [
-    Variant('dense', dense, _random_variables(dense, input_shape, seed)),
-    Variant('pruned', model, variables),
-  ]
-  if fold_bn:
-    variants.append(
-      Variant(
-        'pruned+fold_bn', model, fold_batch_norm(model, variables, input_shape)[0], folded=True
-      )
-    )
-  rows = benchmark(variants, input_shape, batch_sizes=batch_sizes, rounds=rounds, round_s=round_s)
-  result = _benchmark_record(rows, model, dense, input_shape, rounds, workdir=workdir)
-  with open(os.path.join(workdir, BENCHMARK), 'w') as f:
-    json.dump(result, f, indent=2)
-  return result
-
-
-def benchmark_random(
-  model_name: str,
-  sparsity: float,
-  *,
-  num_classes: int = 10,
-  image_size: int = 32,
-  model_kwargs: Mapping[str, Any] | None = None,
-  fold_bn: bool = False,
-  batch_sizes: Sequence[int] = (1, 256),
-  rounds: int = 5,
-  round_s: float = 0.3,
-  seed: int = 0,
-) -> dict[str, Any]:
-  """The same benchmark for a model at full width vs a copy with ``sparsity`` of every unit
-  group's units removed at random by the surgery (random params: values do not change timings)."""
-  from demp import benchmark as bench, surgery  # pylint: disable=g-import-not-at-top
-
-  input_shape = [image_size, image_size, 3]
-  dense = models.build(model_name, num_classes, **dict(model_kwargs or {}))
-  dense_vars = _random_variables(dense, input_shape, seed)
-  keeps = bench.random_keeps(dense, sparsity, seed)
-  variables = surgery.slice_variables(dense_vars, dense.unit_groups(), keeps)
-  widths = {**dense.widths, **{k: int(np.sum(v)) for k, v in keeps.items()}}
-  model = dense.clone(widths=flax.core.FrozenDict(widths))
-  variants = [Variant('dense', dense, dense_vars), Variant('pruned', model, variables)]
-  if fold_bn:
-    variants.append(
-      Variant(
-        'pruned+fold_bn', model, fold_batch_norm(model, variables, input_shape)[0], folded=True
-      )
-    )
-  rows = benchmark(variants, input_shape, batch_sizes=batch_sizes, rounds=rounds, round_s=round_s)
-  return _benchmark_record(rows, model, dense, input_shape, rounds, sparsity=sparsity)
-
-
-def _benchmark_record(rows, model, dense, input_shape, rounds, **extra) -> dict[str, Any]:
-  return {
-    'rows': rows,
-    'model': type(model).__name__,
-    'widths': dict(model.widths),
-    'dense_widths': dict(dense.widths),
-    'neuron_sparsity': metrics.neuron_sparsity(model.widths, dense.widths),
-    'input_shape': list(input_shape),
-    'rounds': rounds,
-    'devices': [str(d) for d in jax.devices()],
-    'jax_version': jax.__version__,
-    **extra,
-  }
-
-
 __all__ = [
   'ARCHITECTURE',
-  'BENCHMARK',
   'ExportCheckError',
   'Exported',
   'FORMAT',
   'INFERENCE',
-  'NotExportableError',
   'VARIABLES',
-  'Variant',
   'apply_folded',
-  'benchmark',
-  'benchmark_random',
-  'benchmark_run',
   'build_model',
-  'dense_model',
   'export_inference',
-  'export_run',
   'fold_batch_norm',
-  'format_benchmark_table',
   'inference_fn',
   'load_exported',
   'load_inference',
-  'load_run',
   'trace_normalizations',
 ]

@@ -34,8 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demp import run as run_lib
-
 PyTree = Any
 
 
@@ -166,59 +164,23 @@ def inference_flops(
   }
 
 
-def train_step_flops(
-  make_step: Callable, model, tx, image_shape: Sequence[int], batch_size: int, **step_kwargs
-) -> float:
-  """XLA's FLOPs of one train step ``make_step(model, tx, **kw)(state, batch)``.
+def num_params(params: PyTree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
-  State ``{params, batch_stats, opt_state}`` and batch ``{image, label}`` are
-  abstract, so this works for a model whose arrays do not exist (the dense
-  version of a pruned run).
+
+def num_nonzero(params: PyTree) -> int:
+  return int(sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params)))
+
+
+def neuron_sparsity(widths: Mapping[str, int], dense_widths: Mapping[str, int]) -> float:
+  """Fraction of prunable units removed (over every unit group)."""
+  return 1.0 - sum(widths.values()) / sum(dense_widths.values())
+
+
+def weight_sparsity(params: PyTree, dense_num_params: int) -> float:
+  """1 - (nonzero parameters now) / (parameters of the dense model), over all weights.
+
+  Counts both physically removed weights (structured methods) and weights held
+  at zero by a mask (unstructured methods).
   """
-  state = jax.eval_shape(
-    lambda: run_lib.create_train_state(model, tx, jax.random.key(0), image_shape)
-  )
-  batch = {
-    'image': jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
-    'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-  }
-  return xla_flops(make_step(model, tx, **step_kwargs), state, batch)
-
-
-def run_flops(
-  *,
-  model,
-  tx,
-  dense_widths: Mapping[str, int],
-  image_shape: Sequence[int],
-  batch_size: int,
-  num_steps: int,
-  segments: Sequence[Mapping[str, Any]],
-  train_flops: float,
-  make_step: Callable,
-  **step_kwargs,
-) -> dict[str, float]:
-  """The FLOP part of a run summary, relative to the dense model.
-
-  Training FLOPs are integrated over the run (Σ over steps of the compiled
-  step's FLOPs at the architecture of that step) and compared with
-  ``num_steps`` dense steps; the dense step's FLOPs are those of the first
-  segment when it ran at the dense widths, else compiled here from shapes
-  (a method that prunes before its first step). Inference FLOPs: per image,
-  eval mode, final vs dense.
-  """
-  first = segments[0] if segments else None
-  if first is not None and dict(first['widths']) == dict(dense_widths):
-    dense_step = float(first['flops'])
-  else:
-    dense_step = train_step_flops(
-      make_step, at_widths(model, dense_widths), tx, image_shape, batch_size, **step_kwargs
-    )
-  dense_total = dense_step * num_steps
-  out = {
-    'train_flops': float(train_flops),
-    'train_flops_dense': dense_total,
-    'train_flops_rel': train_flops / dense_total if dense_total else float('nan'),
-  }
-  out.update(inference_flops(model, dense_widths, image_shape))
-  return out
+  return 1.0 - num_nonzero(params) / dense_num_params

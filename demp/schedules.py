@@ -14,8 +14,8 @@ integer inside ``jax.jit`` and never branches on its value in Python, so a
 changing value never triggers a recompilation.
 """
 
-from collections.abc import Callable, Sequence
 import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax

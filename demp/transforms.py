@@ -24,8 +24,8 @@ References:
   Leveraging Saturation of Neurons <https://arxiv.org/abs/2403.07688>`_, 2024.
 """
 
-from collections.abc import Callable, Mapping
 import re
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Union
 
 import jax

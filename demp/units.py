@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demp import surgery, transforms
+from demp import protocol, transforms
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -64,7 +64,7 @@ def group_scales_mask(model) -> Callable[[PyTree], PyTree]:
   paths = {p for ps in group_scale_paths(model).values() for p in ps}
 
   def mask_fn(params: PyTree) -> PyTree:
-    return jax.tree.map_with_path(lambda kp, _: surgery._dict_path(kp) in paths, params)
+    return jax.tree.map_with_path(lambda kp, _: protocol.dict_path(kp) in paths, params)
 
   return mask_fn
 
@@ -179,11 +179,11 @@ def live_mask(params: PyTree, groups, alive: Mapping[str, np.ndarray]) -> PyTree
   def leaf_mask(kp, p):
     shape = jnp.shape(p)
     mask = jnp.ones(shape, jnp.bool_)
-    for axis, vec in per_path.get(surgery._dict_path(kp), []):
+    for axis, vec in per_path.get(protocol.dict_path(kp), []):
       size = shape[axis]
       if size % vec.size:
         raise ValueError(
-          f'{"/".join(surgery._dict_path(kp))}: axis {axis} of size {size} is not '
+          f'{"/".join(protocol.dict_path(kp))}: axis {axis} of size {size} is not '
           f'a multiple of the group width {vec.size}.'
         )
       full = np.tile(vec, size // vec.size)

@@ -31,7 +31,10 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from demp import benchmark, checkpoint, data, train
+from demp import data
+from demp.trainer import checkpoint, train
+from demp.trainer import config as config_lib
+from tools import benchmark
 
 _MODEL = flags.DEFINE_string('model', 'resnet18', 'Registry name of the model.')
 _WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier (ResNet/VGG).')
@@ -48,7 +51,7 @@ _OUT = flags.DEFINE_string('out', None, 'Optional JSON file for every number.')
 
 
 def _config():
-  c = train.base_config()
+  c = config_lib.base_config()
   c.model.name = _MODEL.value
   if _MODEL.value != 'mlp' and _MODEL.value != 'convnet':
     c.model.width_multiplier = _WIDTH.value

@@ -3,7 +3,7 @@ r"""The reduced reproduction of DemP's trade-off on the CIFAR-10 subset, stage b
     python -m experiments.fidelity --data_path=/path/to/cifar10_subset.npz \
         --results_dir=results/fidelity --workdir=/tmp/fidelity [--stages=convnet_adam,...]
 
-Every stage is a :func:`demp.sweep.run_sweep` grid (≥ 3 seeds per row) whose
+Every stage is a :func:`tools.sweep.run_sweep` grid (≥ 3 seeds per row) whose
 finished runs are copied to ``<results_dir>/<stage>/<run>/`` (summary.json,
 metrics.jsonl, config.json) as they complete; a run found there is skipped, so
 the command resumes on any machine from what is committed. Stages run in the
@@ -29,7 +29,7 @@ import sys
 
 from absl import app, flags
 
-from demp import sweep
+from tools import sweep
 
 SEEDS = (0, 1, 2)
 CONVNET = 'configs/compare_cifar10_subset.py:steps={steps},width=0.5,kind=weights,path={path}'

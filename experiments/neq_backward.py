@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from demp import benchmark, metrics
+from tools import benchmark
 
 _FRACTIONS = flags.DEFINE_list('fractions', ['0', '0.25', '0.5', '0.75'], 'Frozen fractions.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds.')
@@ -93,7 +93,7 @@ def main(argv):
       c = make_loss(variant, f).lower(params, x, y).compile()
       compile_s[(variant, f)] = time.perf_counter() - t0
       compiled[(variant, f)] = c
-      flops[(variant, f)] = metrics.compiled_flops(c)
+      flops[(variant, f)] = flops.compiled_flops(c)
   times = benchmark.median_times(
     benchmark.interleaved_times(
       {k: functools.partial(c, params, x, y) for k, c in compiled.items()},

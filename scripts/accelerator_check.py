@@ -12,7 +12,7 @@ Writes ``<out>/<device>/accelerator_check.{json,md}``. Exits 1 with a message on
 a CPU-only JAX unless ``--allow_cpu``, which runs the tiny dry run (widths
 x1/16, batch 4, a 4-step real run on a generated .npz when no ``--data_path``)
 marked ``"platform": "cpu", "tiny": true``. Exits 1 too when a part failed.
-The logic lives in :mod:`demp.accelerator_check`.
+The logic lives in :mod:`tools.accelerator_check`.
 """
 
 import os
@@ -23,7 +23,7 @@ import ml_collections
 from absl import app, flags
 
 from configs import resnet18_cifar10_subset
-from demp import accelerator_check as check
+from tools import accelerator_check as check
 
 _OUT = flags.DEFINE_string('out', None, 'Results folder; files go to <out>/<device>/.')
 _DATA = flags.DEFINE_string(

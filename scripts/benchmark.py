@@ -10,10 +10,10 @@ XLA's cost analysis of each compiled step. Then one prune event (death check on
 ``--num_examples`` images + surgery + recompiling the step) against τ steps.
 
 ``--optimizers`` instead times one model's train step under DemP's optimizer
-variants (:data:`demp.benchmark.OPTIMIZER_VARIANTS`: bare Adam, DemP, penalty
+variants (:data:`tools.benchmark.OPTIMIZER_VARIANTS`: bare Adam, DemP, penalty
 only, noise only, ...) in interleaved rounds, as ratios to bare Adam with their
 quartiles over rounds, and the same ratio estimated from the optimizer update
-alone (:func:`demp.benchmark.optimizer_times`). On a CPU shared with other work
+alone (:func:`tools.benchmark.optimizer_times`). On a CPU shared with other work
 use ``--clock=process`` (CPU seconds of this process), pinned to one core and
 one XLA thread::
 
@@ -21,7 +21,7 @@ one XLA thread::
     taskset -c 1 python -m scripts.benchmark --optimizers --models=resnet18 \
         --width_multiplier=0.25 --batch_size=32 --rounds=30 --steps_per_round=2 --clock=process
 
-The logic lives in :mod:`demp.benchmark`.
+The logic lives in :mod:`tools.benchmark`.
 """
 
 import json
@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from demp import benchmark
+from tools import benchmark
 
 _MODELS = flags.DEFINE_list('models', ['resnet18', 'vgg16'], 'Registry names of the models.')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.25', '0.5', '0.75'], 'Neuron sparsities.')
@@ -55,7 +55,7 @@ _OPTIMIZERS = flags.DEFINE_bool(
 _VARIANTS = flags.DEFINE_list(
   'optimizer_variants',
   ['adam', 'demp', 'penalty', 'noise'],
-  'Keys of demp.benchmark.OPTIMIZER_VARIANTS; the first is the reference of the ratios.',
+  'Keys of tools.benchmark.OPTIMIZER_VARIANTS; the first is the reference of the ratios.',
 )
 _UPDATE_ROUNDS = flags.DEFINE_integer(
   'update_rounds', 200, '--optimizers: interleaved rounds (of 10) timing the update alone.'

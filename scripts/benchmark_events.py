@@ -10,7 +10,7 @@ docs/prune_events.md), one after the other in this process, and prints one row
 per run: wall time (and over dense), the prune events' total stall and its
 share of the wall time, the largest and median stall in train steps, the death
 checks' time and the background compile time. Finished runs in ``--workdir``
-are read, not trained again. The logic is :func:`demp.benchmark.event_overhead_runs`.
+are read, not trained again. The logic is :func:`tools.benchmark.event_overhead_runs`.
 """
 
 import json
@@ -18,7 +18,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from demp import benchmark
+from tools import benchmark
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A DemP config.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the runs go.')

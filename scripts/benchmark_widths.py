@@ -24,11 +24,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import baselines  # noqa: F401  (registers the baselines' methods)
-from demp import analysis  # noqa: F401  (registers the analysis methods)
-from demp import benchmark, methods, metrics, models, optim, steps
-from demp import config as config_lib
+from tools import analysis  # noqa: F401  (registers the analysis methods)
+from tools import benchmark
+from demp.trainer import methods, optim, steps
+from demp import models
+from demp.trainer import config as config_lib
 from demp import data as data_lib
-from demp import run as run_lib
+from demp.trainer import run as run_lib
+from demp import flops
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
@@ -85,7 +88,7 @@ def main(argv):
     'label': jnp.asarray(rng.integers(0, info.num_classes, config.batch_size), jnp.int32),
   }
   runs = {name: _compiled_step(config, m, batch) for name, m in archs.items()}
-  flops = {name: metrics.compiled_flops(c) for name, (c, _) in runs.items()}
+  flops = {name: flops.compiled_flops(c) for name, (c, _) in runs.items()}
   states = {name: s for name, (_, s) in runs.items()}
 
   def step_fn(name, compiled):

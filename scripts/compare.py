@@ -43,7 +43,7 @@ from absl import app, flags
 from baselines import compare
 from configs import compare_cifar10_subset
 from configs.analysis import convnet_cifar10_subset
-from demp import metrics
+from demp.trainer import metrics
 
 _KIND = flags.DEFINE_enum(
   'kind',

@@ -18,6 +18,8 @@ import json
 from absl import app, flags
 
 from demp import export
+from demp.trainer import export as run_export
+from tools import export_benchmark
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished run with a checkpoint.')
 _OUT = flags.DEFINE_string('out', None, 'Export directory.')
@@ -49,17 +51,17 @@ def main(argv):
     fold_bn=_FOLD.value,
   )
   if _RANDOM.value:
-    result = export.benchmark_random(
+    result = export_benchmark.benchmark_random(
       _RANDOM.value, _SPARSITY.value, num_classes=_CLASSES.value, image_size=_IMAGE.value, **timing
     )
-    print(export.format_benchmark_table(result['rows']))
+    print(export_benchmark.format_benchmark_table(result['rows']))
     if _JSON.value:
       with open(_JSON.value, 'w') as f:
         json.dump(result, f, indent=2)
     return
   if not _WORKDIR.value or not _OUT.value:
     raise app.UsageError('--workdir and --out are required (or --random_model).')
-  arch = export.export_run(
+  arch = run_export.export_run(
     _WORKDIR.value,
     _OUT.value,
     fold_bn=_FOLD.value,
@@ -76,8 +78,8 @@ def main(argv):
       f'{[(e["layer"], e["reason"]) for e in arch["fold_bn"]["not_folded"]]}'
     )
   if _BENCH.value:
-    result = export.benchmark_run(_WORKDIR.value, **timing)
-    print(export.format_benchmark_table(result['rows']))
+    result = export_benchmark.benchmark_run(_WORKDIR.value, **timing)
+    print(export_benchmark.format_benchmark_table(result['rows']))
 
 
 if __name__ == '__main__':

@@ -5,12 +5,12 @@ r"""Rebuilds the reduced CIFAR-10 subset (.npz) from the public binary release.
         --out data/cifar10_subset.npz
 
 Then pass it to a reduced-scale config: ``--config.data.path=data/cifar10_subset.npz``
-(or the config argument ``path=``). See :func:`demp.data.make_cifar10_subset`.
+(or the config argument ``path=``). See :func:`demp.cifar_subset.make_cifar10_subset`.
 """
 
 from absl import app, flags
 
-from demp import data
+from tools import cifar_subset
 
 _ARCHIVE = flags.DEFINE_string('archive', None, 'The public cifar-10-binary.tar.gz.')
 _OUT = flags.DEFINE_string('out', None, 'The .npz to write.')
@@ -21,7 +21,7 @@ flags.mark_flags_as_required(['archive', 'out'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  shapes = data.make_cifar10_subset(_ARCHIVE.value, _OUT.value, _PER_BATCH.value)
+  shapes = cifar_subset.make_cifar10_subset(_ARCHIVE.value, _OUT.value, _PER_BATCH.value)
   print(f'wrote {_OUT.value}: ' + ', '.join(f'{k} {v}' for k, v in shapes.items()))
 
 

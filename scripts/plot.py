@@ -6,7 +6,7 @@ r"""Draws one of the paper's figures from a directory of runs (PNG and PDF).
         --by demp.noise_std --y dead_ratio --logx --out docs/figures/fig2
 
 ``--where`` keeps runs matching every KEY=VALUE, ``--exclude`` drops runs matching any
-(``a|b`` matches either value). Figures (``demp/plots.py``): tradeoff (accuracy vs
+(``a|b`` matches either value). Figures (``tools/plots.py``): tradeoff (accuracy vs
 neuron / weight sparsity, coloured by ``--by``, default the method; several keys,
 comma-separated, give a line per combination), dead (dead-unit ratio over steps;
 ``--count`` for counts, ``--logy``), live (live units per layer over steps), final_vs (a
@@ -17,7 +17,7 @@ for runs with ``demp.target_sparsity > 0``).
 
 from absl import app, flags
 
-from demp import plots, report
+from tools import plots, report
 
 _RUNS = flags.DEFINE_list('runs', None, 'Directories holding runs (searched recursively).')
 _FIGURE = flags.DEFINE_enum('figure', 'tradeoff', sorted(plots.FIGURES), 'Which figure.')

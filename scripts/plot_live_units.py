@@ -8,7 +8,7 @@ a circle marks the check where a group's pruning started (revival-aware DemP).
 
 from absl import app
 
-from demp import metrics, revival
+from demp.trainer import metrics, revival
 
 
 def main(argv):

@@ -7,7 +7,7 @@ Replays each run's death checks (``metrics.jsonl``: the live units per group at
 every prune event) with ``prune.multiple_of`` = m and prints, per m, the mean
 number of distinct architectures trained (one train-step compile and one
 death-check compile each) and the mean final weight and neuron sparsity (see
-:func:`demp.benchmark.replay_multiple_of` for the approximation). With m = 1 it
+:func:`tools.benchmark.replay_multiple_of` for the approximation). With m = 1 it
 reproduces the runs' own widths and segment counts.
 """
 
@@ -15,7 +15,7 @@ import glob
 
 from absl import app, flags
 
-from demp import benchmark
+from tools import benchmark
 
 _RUNS = flags.DEFINE_string('runs', None, 'Glob of finished run directories.')
 _MULTIPLES = flags.DEFINE_list('multiples', ['1', '4', '8'], 'prune.multiple_of values.')

@@ -5,12 +5,12 @@ r"""Turns a directory of runs into the paper's Table 1/2 format (Markdown and CS
 
 For each method, the setting (averaged over seeds) whose weight sparsity is
 closest to each target; ``--all_groups`` lists every setting. See
-``demp/report.py``.
+``tools/report.py``.
 """
 
 from absl import app, flags
 
-from demp import report
+from tools import report
 
 _RUNS = flags.DEFINE_list('runs', None, 'Directories holding runs (searched recursively).')
 _TARGETS = flags.DEFINE_list('target_weight_sparsity', ['0.8'], 'Target weight sparsities (0..1).')

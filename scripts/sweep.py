@@ -9,14 +9,14 @@ file's argument. Re-running the same command skips the runs whose
 ``summary.json`` exists. ``--results_dir DIR`` keeps each finished run's small
 outputs in DIR (commit it) and skips the runs already there, so a sweep resumes
 on a fresh machine; ``--collect_only`` copies what a running sweep has finished.
-See ``demp/sweep.py``.
+See ``tools/sweep.py``.
 """
 
 import sys
 
 from absl import app, flags
 
-from demp import sweep
+from tools import sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file, optionally with :arguments.')
 _GRID = flags.DEFINE_multi_string('grid', None, "Grid 'key=v1,v2;key2=v3'; repeat for a union.")

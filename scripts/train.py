@@ -17,7 +17,7 @@ slices, SLURM and Open MPI are detected; elsewhere add ``--coordinator_address``
 ``--num_processes`` and ``--process_id``); the workdir must be on a file system
 every host sees.
 
-Methods: ``dense``, ``demp``, the analysis methods (:mod:`demp.analysis`) and
+Methods: ``dense``, ``demp``, the analysis methods (:mod:`tools.analysis`) and
 the baselines (``baselines``), registered when this script imports them.
 Run it from the repository root (the configs are files under ``configs/``).
 """
@@ -26,8 +26,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import baselines  # noqa: F401  (registers the baselines' methods and config keys)
-from demp import analysis  # noqa: F401  (registers the analysis methods: sgd_noise)
-from demp import parallel, train
+from tools import analysis  # noqa: F401  (registers the analysis methods: sgd_noise)
+from demp.trainer import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from demp import accelerator_check as check
-from demp import benchmark, models, steps
+from tools import accelerator_check as check
+from tools import benchmark
+from demp import models
+from demp.trainer import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

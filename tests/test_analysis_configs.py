@@ -12,8 +12,10 @@ import optax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from configs.analysis import divisor_at_most, parse  # pylint: disable=wrong-import-position
-from demp import analysis, models  # pylint: disable=wrong-import-position
-from demp import train as train_lib  # pylint: disable=wrong-import-position
+from tools import analysis  # pylint: disable=wrong-import-position
+from demp import models
+from demp.trainer import train as train_lib  # pylint: disable=wrong-import-position
+from demp.trainer import steps
 
 NUM_TRAIN = 96
 
@@ -108,7 +110,7 @@ def test_subtract_full_gradient_is_the_minibatch_noise():
   y = jnp.array([3])
 
   def loss(p):
-    return train_lib.cross_entropy(model.apply({'params': p}, x, train=True), y).mean()
+    return steps.cross_entropy(model.apply({'params': p}, x, train=True), y).mean()
 
   g_batch = jax.grad(loss)(params)
   tx = optax.chain(analysis.subtract_full_gradient(full_grad), optax.sgd(0.1))

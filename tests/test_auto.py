@@ -554,7 +554,7 @@ class TinyNet(nn.Module):
 def test_trainer_runs_a_user_module_by_import_path(tmp_path):
   import ml_collections
   from configs import quickstart
-  from demp import train
+  from demp.trainer import train
 
   rng = np.random.default_rng(0)
   path = tmp_path / 'tiny.npz'

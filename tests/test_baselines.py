@@ -12,7 +12,8 @@ import tensorflow_datasets as tfds  # noqa: E402
 from baselines import config as config_lib  # noqa: E402
 from baselines import gates, snap  # noqa: E402
 from configs import quickstart  # noqa: E402
-from demp import surgery, train  # noqa: E402
+from demp import surgery  # noqa: E402
+from demp.trainer import train
 from demp.models import build  # noqa: E402
 
 # ----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import pytest
 
-from demp import benchmark
+from tools import benchmark
 
 
 def test_interleaved_times_warms_up_then_interleaves_rounds(monkeypatch):

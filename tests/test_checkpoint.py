@@ -17,7 +17,9 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import quickstart
-from demp import checkpoint, data, parallel, train
+from demp.trainer import checkpoint, parallel, train
+from demp import data
+from demp.trainer import config as config_lib
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -165,7 +167,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path, child
   workdir = str(tmp_path)
   child = _run_child(f"""
       import os, signal
-      from demp import metrics, train
+      from demp.trainer import metrics, train
       from test_checkpoint import tiny_config
       write = metrics.JsonlWriter.write
       def write_then_signal(self, record):
@@ -195,7 +197,7 @@ def test_kill9_during_a_save_leaves_the_previous_checkpoint_usable(reference, tm
   child = _run_child(f"""
       import time
       from orbax.checkpoint._src.path import atomicity
-      from demp import train
+      from demp.trainer import train
       from test_checkpoint import tiny_config
       finalize = atomicity.AtomicRenameTemporaryPath.finalize
       async def finalize_slowly(self):
@@ -359,7 +361,7 @@ def test_bad_configs_are_rejected_before_any_compute(key, value, message):
     node = node[p]
   node[last] = value
   with pytest.raises(ValueError, match=message):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_batch_not_divisible_by_device_count_is_rejected():
@@ -410,7 +412,7 @@ def test_host_state_round_trips():
 
 def test_keys_added_since_the_checkpoint_take_their_defaults(tmp_path):
   """A run written before a config key existed resumes when the key is at its default."""
-  from demp import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from demp.trainer import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   config = tiny_config()
   saved = checkpoint.config_json(config)

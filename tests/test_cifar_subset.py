@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from demp import data
+from tools import cifar_subset
 
 
 def _fake_release(path, n=5):
@@ -28,7 +28,7 @@ def _fake_release(path, n=5):
 def test_subset_takes_the_first_images_of_every_batch_in_file_order(tmp_path):
   archive, out = str(tmp_path / 'cifar.tar.gz'), str(tmp_path / 'sub' / 'subset.npz')
   _fake_release(archive)
-  shapes = data.make_cifar10_subset(archive, out, per_batch=3)
+  shapes = cifar_subset.make_cifar10_subset(archive, out, per_batch=3)
   assert shapes == {
     'train_images': (15, 32, 32, 3),
     'train_labels': (15,),
@@ -52,5 +52,5 @@ def test_a_wrong_archive_says_what_it_expects(tmp_path):
     info = tarfile.TarInfo('readme.txt')
     tar.addfile(info, io.BytesIO(b''))
   with pytest.raises(ValueError, match='binary release') as e:
-    data.make_cifar10_subset(archive, os.path.join(tmp_path, 'x.npz'))
+    cifar_subset.make_cifar10_subset(archive, os.path.join(tmp_path, 'x.npz'))
   assert 'data_batch_1.bin' in str(e.value)

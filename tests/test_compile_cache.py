@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from demp import compile_cache, deadunits, steps, surgery, train
+from demp.trainer import compile_cache, steps, train
+from demp import deadunits, surgery
 from demp.models import build
 from tests.test_train import _tiny_config
+from demp.trainer import config as config_lib
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -64,7 +66,7 @@ def test_use_switches_directories_and_restores(tmp_path):
   f = lambda x: jnp.sin(x) * 3.0 + 1.0
   x = jnp.arange(4.0)
   with compile_cache.use(str(tmp_path / 'one'), 'unused') as counts:
-    jax.jit(f).lower(x).compile()  # the AOT path of demp.run.Run.compile
+    jax.jit(f).lower(x).compile()  # the AOT path of demp.trainer.run.Run.compile
     assert counts.summary()['compile_cache_misses'] == 1
   with compile_cache.use('workdir', str(tmp_path / 'w')) as counts:
     jax.jit(lambda x: f(x)).lower(x).compile()  # a new closure, another directory: compiled
@@ -91,14 +93,14 @@ def test_use_switches_directories_and_restores(tmp_path):
 def test_bad_cache_setting_names_the_key(value, message):
   c = _tiny_config(compilation_cache=value)
   with pytest.raises(ValueError, match=message):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_cache_setting_that_is_a_file_is_refused(tmp_path):
   (tmp_path / 'f').write_text('')
   c = _tiny_config(compilation_cache=str(tmp_path / 'f'))
   with pytest.raises(ValueError, match='is a file, not a directory'):
-    train.validate_config(c)
+    config_lib.validate_config(c)
   with pytest.raises(ValueError, match='must be a string'):
     compile_cache.check(None)
   for ok in ('', 'workdir', '~/jax_cache', './jax_cache', str(tmp_path)):

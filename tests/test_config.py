@@ -12,8 +12,8 @@ import baselines  # noqa: F401  (registers the baselines' methods and config.bas
 from baselines import config as baselines_config
 from baselines.sparse import methods as sparse_methods
 from configs import quickstart
-from demp import config as config_lib
-from demp import methods, train
+from demp.trainer import config as config_lib
+from demp.trainer import methods, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def test_demp_never_imports_baselines():
   assert {f: m for f, m in offenders.items() if m} == {}
   # And at run time: importing the trainer and everything it uses loads no baselines module.
   code = (
-    'import sys, demp, demp.train, demp.checkpoint, demp.benchmark, demp.analysis; '
+    'import sys, demp, demp.trainer.train, demp.trainer.checkpoint, tools.benchmark, tools.analysis; '
     'print(sorted(m for m in sys.modules if m.split(".")[0] == "baselines"))'
   )
   out = subprocess.run(
@@ -125,7 +125,7 @@ def test_unknown_keys_of_every_section_name_the_closest(key, message):
   if key.startswith('optimizer.lr_kwargs'):
     overrides['optimizer.lr_schedule'] = 'cosine'
   with pytest.raises(ValueError, match=message):
-    train.validate_config(_config(**overrides))
+    config_lib.validate_config(_config(**overrides))
 
 
 def test_model_kwarg_typo_names_the_config_key():
@@ -134,7 +134,7 @@ def test_model_kwarg_typo_names_the_config_key():
     match=r"model\.widht=.*takes no argument 'widht' \(did you mean "
     r"'widths'\?\)",
   ):
-    train.validate_config(_config(**{'model.widht': [8]}))
+    config_lib.validate_config(_config(**{'model.widht': [8]}))
 
 
 @pytest.mark.parametrize('resolve', [baselines_config.resolve, sparse_methods.resolve])
@@ -177,7 +177,7 @@ def test_both_baselines_resolvers_refuse_a_typo(resolve):
 )
 def test_bad_values_are_refused_before_any_compute(key, value, message):
   with pytest.raises(ValueError, match=message):
-    train.validate_config(_config(**{key: value}))
+    config_lib.validate_config(_config(**{key: value}))
 
 
 def test_lr_schedule_values_are_checked():
@@ -189,10 +189,10 @@ def test_lr_schedule_values_are_checked():
     }
   )
   with pytest.raises(ValueError, match=r'optimizer\.lr_kwargs\.decay_factor=nan must be finite'):
-    train.validate_config(c)
+    config_lib.validate_config(c)
   c = _config(**{'optimizer.lr_schedule': 'cosine', 'optimizer.lr_kwargs.decay_steps': 0})
   with pytest.raises(ValueError, match=r"optimizer\.lr_schedule='cosine'"):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_batch_larger_than_the_training_set_is_refused_before_reading_data():

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from demp import data, models, train
+from demp import data, models
+from demp.trainer import train
+from demp.trainer import config as config_lib
+from demp.trainer import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +87,7 @@ def test_config_builds_and_validates(path, tiny_npz):
       if arg is None:
         raise
       continue  # a config without a smoke argument
-    train.validate_config(config)
+    config_lib.validate_config(config)
     with _local_data(config, tiny_npz):
       info = data.get_info(config.data)
     kwargs = {k: v for k, v in config.model.items() if k != 'name'}
@@ -124,7 +127,7 @@ def test_recipe_numbers():
   ) == (5e-4, 'crop_flip', 5000, 1536, 5e-5)  # death check: 3 x 512
   c_adam = r18.get_config('opt=adam')
   assert (c_adam.optimizer.name, c_adam.optimizer.learning_rate) == ('adamw', 5e-3)
-  lr = train.learning_rate_schedule(c)
+  lr = optim.learning_rate_schedule(c)
   np.testing.assert_allclose(
     [lr(0), lr(30_077), lr(30_078), lr(60_156)], [0.1, 0.1, 0.02, 0.004], rtol=1e-6
   )
@@ -213,8 +216,8 @@ def test_recipe_noise_is_a_std_of_the_authors_magnitude(path):
   want = NOISE_STD_EXCEPTIONS.get(path, 5e-5)
   assert config.demp.noise_std == pytest.approx(want, rel=1e-12), path
   if config.demp.noise_std:  # the std schedule peaks at exactly that value
-    _, std_t = train.demp_schedules(config)
-    n = train.num_updates(config)
+    _, std_t = optim.demp_schedules(config)
+    n = optim.num_updates(config)
     grid = np.unique(np.linspace(0, n, 401).astype(int))
     peak = max(float(std_t(int(s))) for s in grid) if callable(std_t) else std_t
     assert peak == pytest.approx(want, rel=1e-2)

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from demp import deadunits, surgery, train
+from demp import deadunits, surgery
+from demp.trainer import train
 from demp.models import build
+from demp import folding
+from demp.trainer import demp_policy
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -84,7 +87,7 @@ def _remove_constant(model, variables, images, eps=1e-6):
   stats = deadunits.unit_stats(model, variables, images)
   constant = deadunits.constant_units(stats, eps)
   keeps = {k: stats['alive'][k] & ~constant[k] for k in constant}
-  folded = surgery.fold_constants(variables, groups, deadunits.constant_values(stats), constant)
+  folded = folding.fold_constants(variables, groups, deadunits.constant_values(stats), constant)
   new_model, new_vars, _ = surgery.prune(model, folded, {}, keeps)
   return constant, new_model, new_vars
 
@@ -161,7 +164,7 @@ def test_groups_with_several_sites_are_not_foldable():
   variables = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
   )
-  able = surgery.foldable_groups(model.unit_groups(), variables)
+  able = folding.foldable_groups(model.unit_groups(), variables)
   assert not any(v for k, v in able.items() if k.endswith('_stream'))
   assert sum(able.values()) == 8  # the 8 blocks' inner groups
 
@@ -179,7 +182,7 @@ def test_trainer_removes_constant_units_and_logs_them():
   images = run.death_images
   before = run.model.apply(run.variables, images, train=False)
   run.step = 250
-  assert run.prune_dead()
+  assert demp_policy.prune_dead(run)
   event = run.events[-1]
   assert event['constant'] == {'hidden_0': 2, 'hidden_1': 0}
   assert event['folded'] == {'hidden_0': 2, 'hidden_1': 0}
@@ -191,6 +194,6 @@ def test_trainer_removes_constant_units_and_logs_them():
   run, _ = train.init_run(c)
   run.state = {**run.state, **_set_units(run.variables, 'norm_0', [2, 5], 0.0, 0.7)}
   run.step = 250
-  run.prune_dead()
+  demp_policy.prune_dead(run)
   assert run.events[-1]['constant'] == {'hidden_0': 2, 'hidden_1': 0}
   assert 'folded' not in run.events[-1] and dict(run.model.widths) == {'hidden_0': 8, 'hidden_1': 6}

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from demp import config as config_lib
-from demp import sweep
+from demp.trainer import config as config_lib
+from tools import sweep
 from experiments import fidelity
 
 

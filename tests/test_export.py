@@ -18,7 +18,12 @@ import pytest
 from absl import flags
 from jax.experimental.compilation_cache import compilation_cache
 
-from demp import benchmark, checkpoint, data, export, methods, train
+from tools import benchmark
+from demp.trainer import checkpoint, methods, train
+from demp import data, export
+from demp.trainer import export as run_export
+from tools import export_benchmark
+from demp.trainer import config as config_lib
 
 IMAGE = (16, 16, 3)
 MODELS = {
@@ -89,7 +94,7 @@ def tiny_npz(tmp_path_factory):
 
 def tiny_config(model: str, npz: str):
   """2 steps, half of every group's units removed at the end; the final checkpoint is step 2."""
-  c = train.base_config()
+  c = config_lib.base_config()
   c.method = METHOD
   c.model = dict(MODELS[model])
   c.data.source, c.data.name, c.data.path = 'npz', 'cifar10', npz
@@ -142,7 +147,9 @@ def exports(runs, tmp_path_factory):
   for name, fold in EXPORTS:
     directory = str(tmp_path_factory.mktemp(f'export_{name}_{int(fold)}'))
     platforms = export.DEFAULT_PLATFORMS if (name, fold) == ('resnet18', False) else ('cpu',)
-    arch = export.export_run(runs[name]['workdir'], directory, fold_bn=fold, platforms=platforms)
+    arch = run_export.export_run(
+      runs[name]['workdir'], directory, fold_bn=fold, platforms=platforms
+    )
     out[name, fold] = {'dir': directory, 'arch': arch}
   return out
 
@@ -308,30 +315,32 @@ def test_not_exportable(runs, tiny_npz, tmp_path):
   empty = str(tmp_path / 'empty')
   os.makedirs(empty)
   with pytest.raises(
-    export.NotExportableError, match=re.escape(f'cannot export {empty}: no checkpoint')
+    run_export.NotExportableError, match=re.escape(f'cannot export {empty}: no checkpoint')
   ):
-    export.export_run(empty, str(tmp_path / 'out'))
+    run_export.export_run(empty, str(tmp_path / 'out'))
   no_ckpt = str(tmp_path / 'no_ckpt')
   os.makedirs(no_ckpt)
   with open(os.path.join(no_ckpt, 'summary.json'), 'w') as f:
     json.dump(runs['convnet']['summary']['widths'], f)
-  with pytest.raises(export.NotExportableError, match=r'saved no checkpoint.*checkpoint\.every'):
-    export.export_run(no_ckpt, str(tmp_path / 'out'))
+  with pytest.raises(
+    run_export.NotExportableError, match=r'saved no checkpoint.*checkpoint\.every'
+  ):
+    run_export.export_run(no_ckpt, str(tmp_path / 'out'))
   unfinished = str(tmp_path / 'unfinished')
   out = train.train_and_evaluate(tiny_config('convnet', tiny_npz), unfinished, stop_after=1)
   assert out['preempted'] and out['step'] == 1
   with pytest.raises(
-    export.NotExportableError,
+    run_export.NotExportableError,
     match=re.escape(f'cannot export {unfinished}: the run is not finished')
     + '.*step 1 of num_steps=2',
   ):
-    export.export_run(unfinished, str(tmp_path / 'out'))
+    run_export.export_run(unfinished, str(tmp_path / 'out'))
   assert not os.path.exists(tmp_path / 'out')
 
 
 def test_existing_export_is_not_overwritten(runs, exports):
   with pytest.raises(FileExistsError, match='already holds an export'):
-    export.export_run(runs['vit']['workdir'], exports['vit', False]['dir'])
+    run_export.export_run(runs['vit']['workdir'], exports['vit', False]['dir'])
 
 
 def test_benchmark_run_and_script(runs, exports, tmp_path):
@@ -358,7 +367,7 @@ def test_benchmark_run_and_script(runs, exports, tmp_path):
     flags.FLAGS.unparse_flags()
   with open(os.path.join(out, export.ARCHITECTURE)) as f:
     assert json.load(f)['inference']['platforms'] == ['cpu']
-  with open(os.path.join(workdir, export.BENCHMARK)) as f:
+  with open(os.path.join(workdir, export_benchmark.BENCHMARK)) as f:
     result = json.load(f)
   rows = result['rows']
   assert [(r['variant'], r['batch']) for r in rows] == [

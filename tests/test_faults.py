@@ -28,8 +28,12 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import quickstart
-from demp import checkpoint, data, deadunits, surgery, train, workdir
+from demp.trainer import checkpoint, train, workdir
+from demp import data, deadunits, surgery
 from demp.models import common, mlp, vit
+from demp import protocol
+from demp.trainer import demp_policy
+from demp.trainer import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_OPTIONS = {
@@ -366,7 +370,7 @@ def test_second_process_is_refused_then_kill9_during_a_prune_event_resumes(
   first = _child(f"""
       import time
       from absl import app
-      from demp import train
+      from demp.trainer import train
       from scripts import train as cli
       prune = train.Run.prune
       def prune_slowly(self, keeps, *args, **kwargs):
@@ -423,7 +427,7 @@ def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, chil
   child = _child(f"""
       import time
       from orbax.checkpoint._src.path import atomicity
-      from demp import train
+      from demp.trainer import train
       from test_faults import tiny_config
       finalize = atomicity.AtomicRenameTemporaryPath.finalize
       async def finalize_slowly(self):
@@ -461,7 +465,7 @@ def _collapsed_run(on_collapse):
 def test_a_collapsing_layer_warns(caplog):
   run = _collapsed_run('warn')
   with caplog.at_level(logging.WARNING):
-    run.prune_dead()
+    demp_policy.prune_dead(run)
   assert "layer collapse at step 4: every unit of ['hidden_1'] is dead" in caplog.text
   assert run.events[-1]['collapsed'] == ['hidden_1']
   assert run.model.widths['hidden_1'] == 1  # kept at prune.min_width
@@ -470,10 +474,10 @@ def test_a_collapsing_layer_warns(caplog):
 def test_a_collapsing_layer_stops_when_asked():
   run = _collapsed_run('stop')
   with pytest.raises(deadunits.LayerCollapseError, match=r"step 4: every unit of \['hidden_1'\]"):
-    run.prune_dead()
+    demp_policy.prune_dead(run)
   assert run.model.widths['hidden_1'] == 16 and not run.events  # nothing pruned
   with pytest.raises(ValueError, match=r"prune\.on_collapse='explode' is not one of"):
-    train.validate_config(tiny_config(**{'prune.on_collapse': 'explode'}))
+    config_lib.validate_config(tiny_config(**{'prune.on_collapse': 'explode'}))
 
 
 # ----------------------------------------------------------------------------
@@ -491,7 +495,7 @@ class BiasForgotten(mlp.MLP):
 
   def unit_groups(self):
     return tuple(
-      surgery.UnitGroup(
+      protocol.UnitGroup(
         g.name, g.sites, tuple(s for s in g.producers if s.path[-1] != 'bias'), g.consumers
       )
       for g in super().unit_groups()
@@ -501,7 +505,7 @@ class BiasForgotten(mlp.MLP):
 class WrongConsumerAxis(mlp.MLP):
   def unit_groups(self):
     return tuple(
-      surgery.UnitGroup(g.name, g.sites, g.producers, (surgery.Slice(g.consumers[0].path, -1),))
+      protocol.UnitGroup(g.name, g.sites, g.producers, (protocol.Slice(g.consumers[0].path, -1),))
       for g in super().unit_groups()
     )
 
@@ -521,16 +525,16 @@ class LayerNormMLP(nn.Module):
 
   def unit_groups(self):
     norm = (
-      (surgery.Slice(('ln', 'scale'), 0), surgery.Slice(('ln', 'bias'), 0))
+      (protocol.Slice(('ln', 'scale'), 0), protocol.Slice(('ln', 'bias'), 0))
       if self.slice_norm
       else ()
     )
     return (
-      surgery.UnitGroup(
+      protocol.UnitGroup(
         'h',
         (('h',),),
-        surgery.param_slices('dense', bias=True) + norm,
-        surgery.param_slices('head', in_axis=0),
+        protocol.param_slices('dense', bias=True) + norm,
+        protocol.param_slices('head', in_axis=0),
       ),
     )
 
@@ -590,7 +594,7 @@ def test_a_slice_of_a_missing_leaf_is_named():
     def unit_groups(self):
       g = super().unit_groups()[0]
       return (
-        surgery.UnitGroup(g.name, g.sites, g.producers, (surgery.Slice(('haed', 'kernel'), 0),)),
+        protocol.UnitGroup(g.name, g.sites, g.producers, (protocol.Slice(('haed', 'kernel'), 0),)),
       )
 
   model = Typo(widths=common.frozen_widths(['hidden_0'], [6]), num_classes=3, norm=False)
@@ -608,7 +612,7 @@ def test_units_behind_a_layernorm_are_refused_or_flagged(caplog):
   keeps = _keep_half(model)
   for example in (X, None):  # traced, or by the params' look without input
     with pytest.raises(
-      surgery.InexactPruneError,
+      protocol.InexactPruneError,
       match=r"pruning \['h'\] is inexact: h: its "
       r"slices include (LayerNorm )?'ln'",
     ):

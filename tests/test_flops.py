@@ -11,7 +11,8 @@ import optax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from demp import flops, models, surgery  # pylint: disable=wrong-import-position
-from demp import train as train_lib  # pylint: disable=wrong-import-position
+from demp.trainer import accounting
+from demp.trainer import steps
 
 
 def _layer_flops(layer, x_shape):
@@ -111,11 +112,11 @@ def test_run_flops_compiles_the_dense_step_when_the_run_never_ran_dense():
   dense = models.build('mlp', 10, widths=(32, 16), norm=False)
   small = dense.clone(widths=dense.widths.copy({'hidden_0': 8}))
   tx = optax.sgd(0.1)
-  dense_step = flops.train_step_flops(train_lib.make_train_step, dense, tx, (8, 8, 1), 4)
-  small_step = flops.train_step_flops(train_lib.make_train_step, small, tx, (8, 8, 1), 4)
+  dense_step = accounting.train_step_flops(steps.make_train_step, dense, tx, (8, 8, 1), 4)
+  small_step = accounting.train_step_flops(steps.make_train_step, small, tx, (8, 8, 1), 4)
   assert small_step < dense_step
   segments = [{'widths': dict(small.widths), 'flops': small_step, 'steps': 10, 'seconds': 1.0}]
-  out = flops.run_flops(
+  out = accounting.run_flops(
     model=small,
     tx=tx,
     dense_widths=dict(dense.widths),
@@ -124,7 +125,7 @@ def test_run_flops_compiles_the_dense_step_when_the_run_never_ran_dense():
     num_steps=10,
     segments=segments,
     train_flops=10 * small_step,
-    make_step=train_lib.make_train_step,
+    make_step=steps.make_train_step,
   )
   assert out['train_flops_dense'] == 10 * dense_step
   assert out['train_flops_rel'] == pytest.approx(small_step / dense_step, rel=1e-12)

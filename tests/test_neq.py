@@ -13,8 +13,10 @@ import tensorflow_datasets as tfds  # noqa: E402
 from baselines import config as config_lib  # noqa: E402
 from baselines import freeze, neq  # noqa: E402
 from configs import quickstart  # noqa: E402
-from demp import train  # noqa: E402
+from demp.trainer import train  # noqa: E402
 from demp.models import build  # noqa: E402
+from demp.trainer import config as trainer_config  # noqa: E402
+from demp.trainer import optim, steps  # noqa: E402
 
 
 def test_cosine_and_phi_on_scripted_outputs():
@@ -121,15 +123,15 @@ def test_unit_masks_and_wgrad_flops():
 def test_frozen_units_are_bit_identical_after_steps(name):
   model = build('mlp', 5, widths=[6, 4], norm=True)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 3, 3, 1)), train=False)
-  c = train.base_config().optimizer
+  c = trainer_config.base_config().optimizer
   c.name, c.weight_decay = name, 0.1
-  tx = freeze.freeze(train.OPTIMIZERS[name](1e-2, c))
+  tx = freeze.freeze(optim.OPTIMIZERS[name](1e-2, c))
   state = {
     'params': variables['params'],
     'batch_stats': variables['batch_stats'],
     'opt_state': tx.init(variables['params']),
   }
-  step = jax.jit(train.make_train_step(model, tx))
+  step = jax.jit(steps.make_train_step(model, tx))
   batches = [
     {
       'image': jax.random.normal(jax.random.key(i), (8, 3, 3, 1)),

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from demp.trainer import config as config_lib
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -67,7 +68,7 @@ def tiny_config(comparable: bool = False):
 
 def _worker(out: str, workdir: str, multihost: str | None) -> None:
   """Runs the tiny config on every visible device; writes what the tests compare."""
-  from demp import checkpoint, parallel, train  # pylint: disable=g-import-not-at-top
+  from demp.trainer import checkpoint, parallel, train  # pylint: disable=g-import-not-at-top
 
   if multihost:
     port, pid = multihost.split(':')
@@ -105,7 +106,7 @@ def _worker(out: str, workdir: str, multihost: str | None) -> None:
   bad = tiny_config()
   bad.batch_size = 30
   try:
-    train.validate_config(bad)
+    config_lib.validate_config(bad)
   except ValueError as e:
     result['bad_batch_error'] = str(e)
   if multihost:  # interrupted and resumed, across hosts

@@ -24,7 +24,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common, recipes, resnet18_cifar10, resnet50_imagenet, vgg16_cifar10
-from demp import models, sweep, train, transforms
+from demp import models, transforms
+from tools import sweep
+from demp.trainer import train
+from demp.trainer import config as config_lib
+from demp.trainer import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R18, VGG = 'configs/resnet18_cifar10.py', 'configs/vgg16_cifar10.py'
@@ -118,7 +122,7 @@ SPAN_STEPS = {R18: 85_000, VGG: 15_626, R50: 435_597}  # λ_t / σ_t one-cycle l
 def test_recipe_numbers(path, opt):
   module = MODULES[path]
   c = module.get_config(f'opt={opt}')
-  train.validate_config(c)
+  config_lib.validate_config(c)
   for key, want in EXPECTED[path, opt].items():
     got = common.get(c, key)
     assert (list(got) if key.endswith('boundaries') else got) == pytest.approx(want), key
@@ -128,7 +132,7 @@ def test_recipe_numbers(path, opt):
   assert module.LAMBDA_GRID[opt] == pytest.approx(GRIDS[path, opt])
   assert module.PEAK_LAMBDA[opt] in module.LAMBDA_GRID[opt]
 
-  lam, std = train.demp_schedules(c)
+  lam, std = optim.demp_schedules(c)
   span, peak = SPAN_STEPS[path], c.demp.peak_lambda
   warm = int(0.3 * span)
   np.testing.assert_allclose(
@@ -141,7 +145,7 @@ def test_recipe_numbers(path, opt):
 
 def test_resnet18_learning_rate_steps():
   c = resnet18_cifar10.get_config('opt=sgdm')
-  lr = train.learning_rate_schedule(c)
+  lr = optim.learning_rate_schedule(c)
   np.testing.assert_allclose(
     [lr(0), lr(30_077), lr(30_078), lr(60_156), lr(97_655)],
     [0.1, 0.1, 0.02, 0.004, 0.0008],
@@ -154,7 +158,7 @@ def test_follow_text_changes_exactly_the_disagreements(path, opt):
   module = MODULES[path]
   code = module.get_config(f'opt={opt}')
   text = module.get_config(f'opt={opt},follow=text')
-  train.validate_config(text)
+  config_lib.validate_config(text)
   switched = {s.key for s in module.SETTINGS[opt] if s.follows_text_with_argument}
   assert switched >= {'demp.warmup', 'demp.noise_std'}
   assert (text.demp.warmup, text.demp.noise_std) == ('linear', pytest.approx(np.sqrt(5e-5)))
@@ -248,7 +252,7 @@ def test_sweep_command_expands_to_the_grid(path, opt, monkeypatch):
   seen = set()
   for spec in specs:
     config = _train_flags(sweep.command(spec, f['config'][0], '/w')).config
-    train.validate_config(config)
+    config_lib.validate_config(config)
     seen.add(
       (config.method, config.demp.peak_lambda if config.method == 'demp' else None, config.seed)
     )

@@ -12,8 +12,11 @@ import sys  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
-from demp import metrics, plots, report, sweep  # pylint: disable=wrong-import-position
-from demp import train as train_lib  # pylint: disable=wrong-import-position
+from demp.trainer import metrics  # pylint: disable=wrong-import-position
+from tools import plots, report, sweep
+from demp.trainer import train as train_lib  # pylint: disable=wrong-import-position
+from demp.trainer import demp_policy
+from demp.trainer import config as config_lib
 
 DENSE_WIDTHS = {'conv_0': 4, 'conv_1': 6}
 
@@ -330,7 +333,7 @@ def test_dead_set_and_overlap():
 
 
 def _mlp_run(tmp_path, **prune):
-  config = train_lib.base_config()
+  config = config_lib.base_config()
   config.model.widths = [6, 4]
   config.num_steps = 10
   config.prune.every = 5
@@ -353,11 +356,11 @@ def _set_dead(run, units):
 def test_run_tracks_dead_sets_by_dense_index_through_surgery(tmp_path):
   run = _mlp_run(tmp_path)
   _set_dead(run, [1, 3])
-  assert run.prune_dead()
+  assert demp_policy.prune_dead(run)
   np.testing.assert_array_equal(run.unit_ids['hidden_0'], [0, 2, 4, 5])
   assert run.events[-1]['dead'] == 2 and run.events[-1]['dead_overlap'] is None
   _set_dead(run, [3])  # now at position 3: dense unit 5
-  run.prune_dead()
+  demp_policy.prune_dead(run)
   np.testing.assert_array_equal(run.unit_ids['hidden_0'], [0, 2, 4])
   assert run.dead_set == {('hidden_0', 1), ('hidden_0', 3), ('hidden_0', 5)}
   assert run.events[-1]['dead_overlap'] == 1.0  # {1,3} ⊂ {1,3,5}
@@ -366,15 +369,15 @@ def test_run_tracks_dead_sets_by_dense_index_through_surgery(tmp_path):
 def test_check_only_logs_and_measures_revival(tmp_path):
   run = _mlp_run(tmp_path, dynamic=False)
   _set_dead(run, [1, 3])
-  assert not run.prune_dead()  # checked, logged, nothing removed
+  assert not demp_policy.prune_dead(run)  # checked, logged, nothing removed
   assert dict(run.model.widths) == {'hidden_0': 6, 'hidden_1': 4}
   assert run.events[-1]['live'] == {'hidden_0': 4, 'hidden_1': 4}
   _set_dead(run, [1, 4])  # unit 3 revives, 4 dies
-  run.prune_dead()
+  demp_policy.prune_dead(run)
   assert run.dead_set == {('hidden_0', 1), ('hidden_0', 4)}
   assert run.events[-1]['dead_overlap'] == 0.5  # |{1,3} ∩ {1,4}| / 2
   run.step = run.config.num_steps  # the final check removes (prune.at_end)
-  assert run.prune_dead()
+  assert demp_policy.prune_dead(run)
   assert dict(run.model.widths) == {'hidden_0': 4, 'hidden_1': 4}
 
 
@@ -473,7 +476,7 @@ def test_a_key_newer_than_a_run_takes_its_default_when_grouping(tmp_path):
 
 def test_a_run_another_process_holds_is_left_untouched(tmp_path):
   # A second sweep over the same workdir must not move a live run's metrics aside.
-  from demp import workdir as workdir_lib
+  from demp.trainer import workdir as workdir_lib
 
   spec = sweep.expand(['method=dense;seed=0'])[0]
   run_dir = tmp_path / spec.name

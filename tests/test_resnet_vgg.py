@@ -13,7 +13,7 @@ import pytest
 
 from demp import deadunits, models, surgery
 from demp.models import resnet
-from demp.train import make_train_step
+from demp.trainer.steps import make_train_step
 
 
 def _num_params(model, hw: int) -> int:
@@ -315,7 +315,7 @@ def test_resnet18_training_continues_identically_after_pruning():
 
 
 def test_benchmark_random_keeps_remove_the_fraction_of_every_group():
-  from demp import benchmark  # pylint: disable=g-import-not-at-top
+  from tools import benchmark  # pylint: disable=g-import-not-at-top
 
   model = models.build('resnet18', 10, width_multiplier=0.25)
   keeps = benchmark.random_keeps(model, 0.75, seed=0)

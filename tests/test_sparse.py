@@ -15,7 +15,9 @@ from baselines import sparse  # noqa: E402
 from baselines.sparse import distributions, updater  # noqa: E402
 from baselines.sparse import sparsity_schedules as schedules  # noqa: E402
 from baselines.sparse import theoretical_flops as flops  # noqa: E402
-from demp import models, train  # noqa: E402
+from demp import models  # noqa: E402
+from demp.trainer import train
+from demp.trainer import config as config_lib
 
 # A small network, in call order: first, a (conv), b (conv), norm, c (dense), last.
 SHAPES = {
@@ -288,7 +290,7 @@ def test_flops_from_layer_shapes():
 
 
 def test_config_errors_name_the_key():
-  c = train.base_config()
+  c = config_lib.base_config()
   c.baselines = {'distribution': 'gaussian'}
   with pytest.raises(ValueError, match='baselines.distribution'):
     sparse.resolve(c)
@@ -307,7 +309,7 @@ def test_config_errors_name_the_key():
 
 @pytest.mark.parametrize('method', ['magnitude', 'saliency', 'set', 'rigl'])
 def test_end_to_end_on_digits(method, tmp_path):
-  c = train.base_config()
+  c = config_lib.base_config()
   c.method = method
   c.model.name = 'mlp'
   c.model.widths = [64, 64]

@@ -10,6 +10,7 @@ import pytest
 
 from demp import deadunits, surgery, transforms
 from demp.models import build
+from demp import protocol
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -190,7 +191,7 @@ def test_criteria(criterion, values, expected_alive):
   a_bu = jnp.stack(
     [jnp.array([0.0, 0.0, -1e-3 if criterion == 'leaky_relu' else 0.0]), jnp.array(values)], axis=-1
   )
-  group = surgery.UnitGroup('g', sites=(('g',),), producers=(), consumers=())
+  group = protocol.UnitGroup('g', sites=(('g',),), producers=(), consumers=())
   alive, activity = deadunits.site_stats({'g': (a_bu,)}, [group], criterion, 0.01)
   np.testing.assert_array_equal(alive['g'], expected_alive)
   np.testing.assert_allclose(activity['g'][1], np.max(np.abs(values)), rtol=1e-6)

@@ -11,9 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from demp import checkpoint, deadunits, models, surgery, train
-from demp import config as config_lib
+from demp.trainer import checkpoint, train
+from demp import deadunits, models, surgery
+from demp.trainer import config as config_lib
 from tests.test_checkpoint import tiny_config  # DemP on an MLP over digits, τ = 20
+from demp.trainer import steering
+from demp import folding
+from demp import protocol
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -226,7 +230,6 @@ def test_switch_after_must_be_a_fraction(value):
 
 def test_the_target_controller_measures_a_pending_prune_as_done(tmp_path):
   """Before its switch a deferred prune already counts: units, weights and FLOPs as after it."""
-  from demp import target  # pylint: disable=g-import-not-at-top
 
   config = tiny_config(**{'prune.switch_after': 0.25})
   run, train_iter = train.init_run(config)
@@ -235,9 +238,9 @@ def test_the_target_controller_measures_a_pending_prune_as_done(tmp_path):
   keeps = {name: np.arange(w) % 3 != 0 for name, w in run.model.widths.items()}
   assert run.prune(keeps, defer=True) and run.pending['switch_step'] == 25
   assert sum(run.model.widths.values()) == 64  # not switched yet
-  before = {kind: target.measure(run, kind) for kind in target.MEASURES}
+  before = {kind: steering.measure(run, kind) for kind in steering.MEASURES}
   run.switch()
-  after = {kind: target.measure(run, kind) for kind in target.MEASURES}
+  after = {kind: steering.measure(run, kind) for kind in steering.MEASURES}
   assert sum(run.model.widths.values()) == 42
   assert before == pytest.approx(after, abs=1e-6) and after['units'] == pytest.approx(22 / 64)
 
@@ -260,7 +263,7 @@ def test_revived_units_leave_the_function_unchanged_and_learn(which):
 
   norms = [
     dataclasses.replace(g, producers=norm_slices(g), consumers=())
-    for g in surgery.unit_groups(model)
+    for g in protocol.unit_groups(model)
   ]
   dead = surgery.slice_variables(
     variables, norms, {k: ~v for k, v in wake.items()}, op=surgery._zero
@@ -275,11 +278,11 @@ def test_revived_units_leave_the_function_unchanged_and_learn(which):
     before, after = (before[0], after[0]) if train_mode else (before, after)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
   params = woke_vars['params']
-  for g in surgery.unit_groups(model):
+  for g in protocol.unit_groups(model):
     mask = wake[g.name]
     for s in g.producers:
-      leaf = np.asarray(surgery._leaf(params, s.path))  # pylint: disable=protected-access
-      old = np.asarray(surgery._leaf(variables['params'], s.path))  # pylint: disable=protected-access
+      leaf = np.asarray(folding._leaf(params, s.path))  # pylint: disable=protected-access
+      old = np.asarray(folding._leaf(variables['params'], s.path))  # pylint: disable=protected-access
       if s not in norm_slices(g):
         continue
       want = 1.0 if s.path[-1] == 'scale' else 0.0
@@ -301,9 +304,9 @@ def test_revived_units_leave_the_function_unchanged_and_learn(which):
     return jnp.sum(model.apply({**woke_vars, 'params': p}, x, train=False) ** 2)
 
   grads = jax.grad(loss)(params)
-  g = next(g for g in surgery.unit_groups(model) if wake[g.name].any())
+  g = next(g for g in protocol.unit_groups(model) if wake[g.name].any())
   s = g.consumers[0]
-  grad = np.moveaxis(np.asarray(surgery._leaf(grads, s.path)), s.axis, 0)  # pylint: disable=protected-access
+  grad = np.moveaxis(np.asarray(folding._leaf(grads, s.path)), s.axis, 0)  # pylint: disable=protected-access
   width = model.widths[g.name]
   woken_rows = grad.reshape(-1, width, *grad.shape[1:])[:, wake[g.name]]
   assert np.abs(woken_rows).max() > 0

@@ -10,8 +10,12 @@ import optax
 import pytest
 
 from configs import compare_cifar10_subset, quickstart, resnet18_cifar10_subset
-from demp import checkpoint, optim, plots, report, target, train, transforms, units
+from demp.trainer import checkpoint, optim, train
+from tools import plots, report
+from demp import target, transforms, units
 from demp.schedules import one_cycle
+from demp.trainer import steering
+from demp.trainer import config as config_lib
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -224,7 +228,7 @@ def test_target_zero_is_todays_optimizer_bit_for_bit():
   params = _params()
   grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
   base = optax.adam(1e-3)
-  lam, std = train.demp_schedules(c)
+  lam, std = optim.demp_schedules(c)
   ref = transforms.demp_optimizer(base, penalty_strength=lam, noise_std=std, noise_seed=c.seed + 1)
   ours = optim.demp_wrap(c, base)
   state_r, state_o = ref.init(params), ours.init(params)
@@ -252,7 +256,7 @@ def test_bad_target_values_name_the_key(key, value, message):
   group, name = key.split('.')
   c[group][name] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(')):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +271,7 @@ def test_bad_control_constants_name_the_key(key, value, message):
   c = quickstart.get_config()
   c.demp.target_control[key] = value
   with pytest.raises(ValueError, match=re.escape(message)):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_unknown_control_constant_is_named():
@@ -275,17 +279,17 @@ def test_unknown_control_constant_is_named():
   with c.unlocked():
     c.demp.target_control.ki = 0.1
   with pytest.raises(ValueError, match=re.escape("unknown config keys ['demp.target_control.ki']")):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_the_config_sets_the_law_s_constants():
   c = _e2e_config(0.3, 'units')
   c.demp.target_control.up_idle = 1.1
-  assert target.controller_params(c) == P._replace(up_idle=1.1)
+  assert steering.controller_params(c) == P._replace(up_idle=1.1)
   run, _ = train.init_run(c)
   run.log = lambda event: None
   run.step = 25
-  assert target.after_check(run)['gain'] == pytest.approx(1.1)  # nothing pruned: × up_idle
+  assert steering.after_check(run)['gain'] == pytest.approx(1.1)  # nothing pruned: × up_idle
 
 
 def test_target_needs_dynamic_pruning():
@@ -293,7 +297,7 @@ def test_target_needs_dynamic_pruning():
   c.demp.target_sparsity = 0.5
   c.prune.dynamic = False
   with pytest.raises(ValueError, match='prune.dynamic=False must be True'):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 TOLERANCE = 0.04
@@ -332,7 +336,7 @@ def test_end_to_end_reaches_the_target(tmp_path, revive):
   assert logs and all(
     r['lambda']
     == pytest.approx(
-      r['target_gain'] * float(train.demp_schedules(_e2e_config(goal, kind))[0](r['step'])),
+      r['target_gain'] * float(optim.demp_schedules(_e2e_config(goal, kind))[0](r['step'])),
       rel=1e-5,
     )
     for r in logs
@@ -362,11 +366,11 @@ def test_end_to_end_reaches_the_target(tmp_path, revive):
 
 
 def test_the_reacting_recipe_lands_the_target_end_to_end(tmp_path):
-  """demp.target.steer on the tiny MLP: 48 checks, no prediction, the cap (measured 0.486)."""
+  """demp.trainer.steering.steer on the tiny MLP: 48 checks, no prediction, the cap (measured 0.486)."""
   goal = 0.5
   config = _e2e_config(goal, 'weights')
-  target.steer(config, goal, 'weights')
-  assert config.prune.every == 300 // target.STEER_CHECKS
+  steering.steer(config, goal, 'weights')
+  assert config.prune.every == 300 // steering.STEER_CHECKS
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert goal - TOLERANCE <= summary['weight_sparsity'] <= goal, summary['weight_sparsity']
   checks = [
@@ -378,18 +382,18 @@ def test_the_reacting_recipe_lands_the_target_end_to_end(tmp_path):
 
 def test_measure_counts_like_the_summary():
   run, _ = train.init_run(_e2e_config(0.5, 'units'))
-  assert target.measure(run, 'units') == target.measure(run, 'flops') == 0.0
-  zeros = target.measure(run, 'weights')  # nonzeros are counted: BN offsets start at 0
+  assert steering.measure(run, 'units') == steering.measure(run, 'flops') == 0.0
+  zeros = steering.measure(run, 'weights')  # nonzeros are counted: BN offsets start at 0
   assert zeros == pytest.approx((64 + 64 + 10) / run.dense_params)
   keeps = {'hidden_0': np.arange(64) < 16, 'hidden_1': np.ones(64, bool)}  # 48 of 128 units go
   run.prune(keeps)
-  assert target.measure(run, 'units') == pytest.approx(48 / 128)
+  assert steering.measure(run, 'units') == pytest.approx(48 / 128)
   # 64 → 64 → 64 → 10 with BN (no dense bias): hidden_0 loses 48 of its 64 units:
   # 48·64 kernel in, 48 BN scales (the offsets were 0 already), 48·64 kernel out.
-  assert target.measure(run, 'weights') - zeros == pytest.approx(
+  assert steering.measure(run, 'weights') - zeros == pytest.approx(
     (48 * 64 + 48 + 48 * 64) / run.dense_params
   )
-  flops = target.measure(run, 'flops')
+  flops = steering.measure(run, 'flops')
   print('flops sparsity', flops)
   assert 0.5 < flops < 0.7 and flops == pytest.approx(
     1
@@ -398,7 +402,7 @@ def test_measure_counts_like_the_summary():
     ]
   )
   with pytest.raises(ValueError, match="demp.target_kind='x' is not one of"):
-    target.measure(run, 'x')
+    steering.measure(run, 'x')
 
 
 @pytest.mark.parametrize('kind', ['units', 'weights', 'flops'])
@@ -409,7 +413,7 @@ def test_cap_removes_as_much_as_the_target_allows_and_no_more(kind):
   activity = {k: rng.uniform(0, 1e-3, 64) for k in ('hidden_0', 'hidden_1')}
   # 48 + 32 of 128 units would go (62.5 % of the units): past every 30 % target.
   keeps = {'hidden_0': np.arange(64) >= 48, 'hidden_1': np.arange(64) >= 32}
-  capped, kept = target.cap_keeps(run, keeps, activity)
+  capped, kept = steering.cap_keeps(run, keeps, activity)
   removed = {k: ~capped[k] for k in keeps}
   assert kept == 80 - sum(int(v.sum()) for v in removed.values()) > 0
   assert all(np.all(capped[k][keeps[k]]) for k in keeps)  # only units to remove are held
@@ -417,7 +421,7 @@ def test_cap_removes_as_much_as_the_target_allows_and_no_more(kind):
   held = np.concatenate([activity[k][capped[k] & ~keeps[k]] for k in keeps])
   gone = np.concatenate([activity[k][removed[k]] for k in keeps])
   assert held.min() > gone.max()
-  after = target._sparsity_after(run, kind)  # pylint: disable=protected-access
+  after = steering._sparsity_after(run, kind)  # pylint: disable=protected-access
   widths = lambda ks: {k: int(v.sum()) for k, v in ks.items()}
   assert after(widths(capped)) <= 0.3
   # One more unit (the least active held back) would pass the target.
@@ -426,7 +430,7 @@ def test_cap_removes_as_much_as_the_target_allows_and_no_more(kind):
   more[nxt[1]][nxt[2]] = False
   assert after(widths(more)) > 0.3
   run.prune(capped)
-  predicted, measured = after(widths(capped)), target.measure(run, kind)
+  predicted, measured = after(widths(capped)), steering.measure(run, kind)
   # Weights: the prediction counts a removed unit's weights as nonzero; at init its BN offset is 0.
   slack = sum(int(v.sum()) for v in removed.values()) / run.dense_params if kind == 'weights' else 0
   assert predicted - slack - 1e-9 <= measured <= predicted + 1e-9
@@ -434,16 +438,16 @@ def test_cap_removes_as_much_as_the_target_allows_and_no_more(kind):
     assert sum(widths(capped).values()) == 128 - 38  # floor(0.3 · 128) units go
   # Under the target already: unchanged.
   small = {'hidden_0': np.arange(64) >= 1, 'hidden_1': np.ones(64, bool)}
-  same, none = target.cap_keeps(run, small, activity)
+  same, none = steering.cap_keeps(run, small, activity)
   assert none == 0 and all(np.array_equal(same[k], small[k]) for k in small)
 
 
 def test_a_capped_check_counts_as_reached():
   run, _ = train.init_run(_e2e_config(0.3, 'units'))
-  event = target.after_check(run)  # nothing pruned, nothing capped: lagging, the gain rises
+  event = steering.after_check(run)  # nothing pruned, nothing capped: lagging, the gain rises
   gain = event['gain']
   assert not event['reached'] and 1.0 < gain <= P.up_idle
-  event = target.after_check(run, capped=3)  # measured 0 < 0.3, but the cap bound: reached
+  event = steering.after_check(run, capped=3)  # measured 0 < 0.3, but the cap bound: reached
   assert event['reached'] and event['gain'] == pytest.approx(gain * P.cut)
   assert target.find_gain_state(run.state['opt_state']).gain == pytest.approx(gain * P.cut)
 
@@ -454,7 +458,7 @@ def test_cap_keeps_widths_a_multiple_of():
   run, _ = train.init_run(c)
   activity = {k: np.linspace(0, 1e-3, 64) for k in ('hidden_0', 'hidden_1')}
   keeps = {'hidden_0': np.arange(64) >= 48, 'hidden_1': np.arange(64) >= 32}
-  capped, _ = target.cap_keeps(run, keeps, activity)
+  capped, _ = steering.cap_keeps(run, keeps, activity)
   widths = [int(v.sum()) for v in capped.values()]
   assert all(w % 8 == 0 for w in widths) and 128 - sum(widths) <= 0.3 * 128
   assert 128 - sum(widths) > 0.3 * 128 - 8
@@ -465,9 +469,9 @@ def test_compare_config_steers_demp_to_the_baselines_target():
   assert (c.demp.target_sparsity, c.demp.target_kind) == (0.7, 'weights')
   assert (c.baselines.target_sparsity, c.baselines.target_kind) == (0.7, 'weights')
   # The reacting recipe: 48 checks a run, no prediction, the cap.
-  assert c.prune.every == 25 and c.demp.target_reach == target.STEER_REACH and c.demp.target_cap
-  assert target.controller_params(c) == target.REACTING
-  train.validate_config(c)
+  assert c.prune.every == 25 and c.demp.target_reach == steering.STEER_REACH and c.demp.target_cap
+  assert steering.controller_params(c) == target.REACTING
+  config_lib.validate_config(c)
   explicit = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.7,every=50')
   assert explicit.prune.every == 50
   default_tau = compare_cifar10_subset.get_config('method=demp,steps=1200,steer=True,every=100')
@@ -475,14 +479,14 @@ def test_compare_config_steers_demp_to_the_baselines_target():
   assert compare_cifar10_subset.get_config('method=demp').prune.every == 100
   resnet = resnet18_cifar10_subset.get_config('method=demp,steer=True,target=0.5,kind=weights')
   assert resnet.prune.every == resnet.num_steps // 48 and resnet.demp.target_sparsity == 0.5
-  assert target.controller_params(resnet) == target.REACTING
+  assert steering.controller_params(resnet) == target.REACTING
   assert compare_cifar10_subset.get_config('method=demp').demp.target_sparsity == 0.0
   # A FLOPs target is DemP's alone: the baselines take units or weights.
   for module in (compare_cifar10_subset, resnet18_cifar10_subset):
     c = module.get_config('method=demp,steer=True,target=0.5,kind=flops')
     assert (c.demp.target_sparsity, c.demp.target_kind) == (0.5, 'flops')
     assert (c.baselines.target_sparsity, c.baselines.target_kind) == (0.5, 'units')
-    train.validate_config(c)
+    config_lib.validate_config(c)
     with pytest.raises(ValueError, match="kind='flops' is not a target the baseline 'snap' takes"):
       module.get_config('method=snap,target=0.5,kind=flops')
 
@@ -492,13 +496,13 @@ def test_after_check_sets_the_gain_logs_and_checkpoints():
   events = []
   run.log = events.append
   run.step = 25
-  event = target.after_check(run)  # nothing pruned at step 25: the gain rises by up_idle
+  event = steering.after_check(run)  # nothing pruned at step 25: the gain rises by up_idle
   assert events == [event] and event['measured_sparsity'] == 0.0
   assert event['gain'] == pytest.approx(P.up_idle) and not event['reached']
   assert float(target.find_gain_state(run.state['opt_state']).gain) == pytest.approx(P.up_idle)
   assert run.memo['target']['gain'] == event['gain']
   checkpoint.encode_host_state(run)  # the controller state is saved with the run
-  fields = target.log_fields(run, {'lambda': 0.01, 'noise_std': 1e-5}, 25)
+  fields = steering.log_fields(run, {'lambda': 0.01, 'noise_std': 1e-5}, 25)
   assert fields['lambda'] == pytest.approx(0.01 * P.up_idle)
   assert fields['noise_std'] == pytest.approx(1e-5 * P.up_idle)  # target_noise='gain'
   assert set(fields) == {
@@ -509,9 +513,9 @@ def test_after_check_sets_the_gain_logs_and_checkpoints():
     'measured_sparsity',
     'target_dead',
   }
-  traj = target.config_trajectory(run.config)(25)
+  traj = steering.config_trajectory(run.config)(25)
   assert fields['target_sparsity'] == traj and 0.0 < traj < 0.01
-  assert target.postfix(fields) == {'sparsity': f'0.000/{traj:.3f}', 'gain': '1.25'}
+  assert steering.postfix(fields) == {'sparsity': f'0.000/{traj:.3f}', 'gain': '1.25'}
 
 
 # ----------------------------------------------------------------------------
@@ -625,7 +629,7 @@ def test_after_check_sees_units_in_flight():
   run, _ = train.init_run(config)
   run.log = lambda event: None
   run.step = 25
-  first = target.after_check(run)
+  first = steering.after_check(run)
   assert first['in_flight_near'] == first['in_flight_far'] == 0.0  # no earlier reading
   (path,) = units.group_scale_paths(run.model)['hidden_0']
   params = jax.tree.map(np.array, jax.device_get(run.state['params']))
@@ -638,7 +642,7 @@ def test_after_check_sees_units_in_flight():
   module['bias'][16:24] = 0.1  # ... constant at γ = 0: not counted
   run.state = {**run.state, 'params': params}
   run.step = 50  # next check: by 75 none reaches 0; by the reach step (195) 16 do
-  second = target.after_check(run)
+  second = steering.after_check(run)
   assert second['in_flight_near'] == 0.0
   assert second['in_flight_far'] == pytest.approx(16 / 128)
   # Heading for 0.125 of a 0.3 target: × min(1 + 4 · 0.175 / 0.3, up_max).

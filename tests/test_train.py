@@ -11,8 +11,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import quickstart
-from demp import optim, surgery, train
+from demp import transforms
+from demp.trainer import optim, train
+from demp import surgery
 from demp.models import build
+from demp.trainer import steps
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -33,7 +36,7 @@ def test_training_continues_identically_after_pruning(base):
     'adam': optax.chain(optax.add_decayed_weights(5e-4), optax.adam(1e-2)),
     'sgdm': optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9)),
   }[base]
-  tx = optax.chain(train.transforms.add_scheduled_penalty(1e-3), base_tx)
+  tx = optax.chain(transforms.add_scheduled_penalty(1e-3), base_tx)
   state = {'params': params, 'batch_stats': variables['batch_stats'], 'opt_state': tx.init(params)}
 
   batches = [
@@ -43,7 +46,7 @@ def test_training_continues_identically_after_pruning(base):
     }
     for i in range(8)
   ]
-  step = jax.jit(train.make_train_step(model, tx))
+  step = jax.jit(steps.make_train_step(model, tx))
   for batch in batches[:3]:  # some history in the optimizer state before the surgery
     state, _ = step(state, batch)
 
@@ -61,7 +64,7 @@ def test_training_continues_identically_after_pruning(base):
     'batch_stats': small_vars['batch_stats'],
     'opt_state': small_opt,
   }
-  small_step = jax.jit(train.make_train_step(small, tx))
+  small_step = jax.jit(steps.make_train_step(small, tx))
   losses, small_losses = [], []
   for batch in batches[3:]:
     state, m = step(state, batch)

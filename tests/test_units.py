@@ -7,8 +7,11 @@ import optax
 import pytest
 
 from configs import quickstart
-from demp import deadunits, optim, surgery, train, transforms, units
+from demp import deadunits, surgery, transforms, units
+from demp.trainer import optim, train
 from demp.models import build
+from demp.trainer import demp_policy
+from demp.trainer import config as config_lib
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -170,7 +173,7 @@ def test_trainer_picks_liveness_per_activation():
   assert units.get_live_mask(tx.init({'w': jnp.ones(2)})) is None
   c.demp.noise_liveness = 'never'
   with pytest.raises(ValueError, match='demp.noise_liveness'):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_trainer_sets_the_mask_at_every_check(tmp_path):
@@ -192,7 +195,7 @@ def test_trainer_sets_the_mask_at_every_check(tmp_path):
   }
   run.state = {**run.state, 'params': p}
   run.step = 6
-  run.prune_dead()
+  demp_policy.prune_dead(run)
   mask = units.get_live_mask(run.state['opt_state'])
   assert not np.asarray(mask['dense_0']['kernel'])[:, 3].any()
   assert not np.asarray(mask['dense_1']['kernel'])[3].any()
@@ -226,7 +229,7 @@ def test_vit_configs_use_the_group_mask():
 
   for cfg in (vit_cifar10_subset.get_config(), vit_b16_imagenet.get_config()):
     assert cfg.demp.penalty_mask == 'groups'
-  assert train.base_config().demp.penalty_mask == transforms.NORM_SCALES
+  assert config_lib.base_config().demp.penalty_mask == transforms.NORM_SCALES
 
 
 def test_unit_costs_and_multipliers_by_hand():
@@ -302,8 +305,8 @@ def test_trainer_wires_coupling_and_weighting():
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)['params']
   zeros = optax.tree.zeros_like(params)
   u, _ = tx.update(zeros, tx.init(params), params)
-  lr0 = float(train.learning_rate_schedule(c)(0))
-  lam0 = float(train.demp_schedules(c)[0](0))
+  lr0 = float(optim.learning_rate_schedule(c)(0))
+  lam0 = float(optim.demp_schedules(c)[0](0))
   # hidden_0: 64 + 2 + 5 = 71 per unit; hidden_1: 6 + 2 + 10 = 18; mean 44.5.
   scale0 = np.asarray(params['norm_0']['scale'])  # ones at init: sign 1
   np.testing.assert_allclose(
@@ -312,12 +315,12 @@ def test_trainer_wires_coupling_and_weighting():
   np.testing.assert_allclose(u['norm_1']['scale'], -lr0 * lam0 * 18 / 44.5, rtol=1e-5)
   c.demp.penalty_weighting = 'bytes'
   with pytest.raises(ValueError, match='demp.penalty_weighting'):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_the_live_mask_round_trips_through_a_checkpoint(tmp_path):
   """The live mask is optimizer state: saved and restored with the run, bit for bit."""
-  from demp import checkpoint  # pylint: disable=g-import-not-at-top
+  from demp.trainer import checkpoint  # pylint: disable=g-import-not-at-top
 
   c = quickstart.get_config()
   c.model.widths, c.model.activation = [16, 8], 'gelu'
@@ -331,7 +334,7 @@ def test_the_live_mask_round_trips_through_a_checkpoint(tmp_path):
   }
   run.state = {**run.state, 'params': p}
   run.step = 6
-  run.prune_dead()
+  demp_policy.prune_dead(run)
   saved = units.get_live_mask(run.state['opt_state'])
   assert not np.asarray(saved['dense_0']['kernel'])[:, 3].any()
   with checkpoint.closing(checkpoint.manager(str(tmp_path), async_save=False)) as mngr:

@@ -9,8 +9,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
 
-from demp import augment, deadunits, revival, surgery, train  # noqa: E402
+from demp.data import augment  # noqa: E402
+from demp import deadunits, surgery
+from demp.trainer import revival, train
 from demp.models import vit  # noqa: E402
+from demp.trainer import config as config_lib
+from demp.trainer import optim
+from demp.trainer import steps
 
 
 def _tiny(activation='relu', widths=None):
@@ -309,8 +314,8 @@ def test_augment_config_validation():
 def test_cross_entropy_accepts_distributions():
   logits = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)), jnp.float32)
   labels = jnp.array([0, 3, 1, 2, 2])
-  hard = train.cross_entropy(logits, labels, 0.11)
-  soft = train.cross_entropy(logits, jax.nn.one_hot(labels, 4), 0.11)
+  hard = steps.cross_entropy(logits, labels, 0.11)
+  soft = steps.cross_entropy(logits, jax.nn.one_hot(labels, 4), 0.11)
   np.testing.assert_allclose(np.asarray(soft), np.asarray(hard), rtol=1e-6)
 
 
@@ -330,15 +335,15 @@ def test_imagenet_recipe_and_accumulation():
   )
   assert (c.label_smoothing, c.optimizer.grad_clip_norm, c.demp.peak_lambda) == (0.11, 1.0, 0.0)
   assert (c.batch_augment.mixup_alpha, c.batch_augment.cutmix_alpha) == (0.2, 1.0)
-  updates = train.num_updates(c)
-  lr = train.learning_rate_schedule(c)
+  updates = optim.num_updates(c)
+  lr = optim.learning_rate_schedule(c)
   warmup = c.optimizer.lr_kwargs.warmup_steps
   assert updates == c.num_steps // 16 and warmup == round(16 * 1_281_167 / 4096)
   np.testing.assert_allclose(float(lr(warmup)), 3e-3, rtol=1e-6)
   assert float(lr(updates)) == 0.0
   # MultiSteps wraps the whole method: params move once per accumulate_steps micro-steps.
   c.optimizer.accumulate_steps = 3
-  tx = train.accumulate(c, optax.sgd(1.0))
+  tx = optim.accumulate(c, optax.sgd(1.0))
   params = {'w': jnp.zeros(2)}
   state = tx.init(params)
   for g in (1.0, 2.0):
@@ -352,7 +357,7 @@ def test_config_validation_of_new_keys():
   from configs import vit_cifar10_subset  # pylint: disable=g-import-not-at-top
 
   c = vit_cifar10_subset.get_config('smoke=True')
-  train.validate_config(c)
+  config_lib.validate_config(c)
   for key, value, match in (
     ('optimizer.accumulate_steps', 0, 'accumulate_steps'),
     ('prune.revival_patience', -1, 'revival_patience'),
@@ -361,11 +366,11 @@ def test_config_validation_of_new_keys():
     section, name = key.split('.')
     bad[section][name] = value
     with pytest.raises(ValueError, match=match):
-      train.validate_config(bad)
+      config_lib.validate_config(bad)
   bad = vit_cifar10_subset.get_config('smoke=True')
   bad.batch_augment.randaugment_ops = 2
   with pytest.raises(ValueError, match='normalize'):
-    train.validate_config(bad)
+    config_lib.validate_config(bad)
 
 
 def test_small_config_runs_end_to_end(tmp_path):

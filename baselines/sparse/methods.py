@@ -1,6 +1,6 @@
 """The trainer's methods ``magnitude``, ``saliency``, ``set``, ``rigl``, and their config.
 
-Each is a :class:`demp.methods.Method`, registered on import, whose optimizer is the base optimizer
+Each is a :class:`demp.trainer.methods.Method`, registered on import, whose optimizer is the base optimizer
 wrapped by the sparse updater; no host hook is needed (the masks live and
 change inside the jitted step). Select one with ``config.method`` and set
 ``config.baselines`` (keys below; the structured baselines read other keys of
@@ -27,9 +27,10 @@ import optax
 from baselines.sparse import algorithms, distributions, updater
 from baselines.sparse import sparsity_schedules as schedules
 from baselines.sparse import theoretical_flops as flops
-from demp import config as demp_config
 from demp import data as data_lib
-from demp import methods, models, optim
+from demp import models
+from demp.trainer import config as demp_config
+from demp.trainer import methods, optim
 
 
 def default_config() -> ml_collections.ConfigDict:

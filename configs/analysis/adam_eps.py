@@ -10,8 +10,8 @@ removed at the end so neuron sparsity = final dead ratio) with ``eps`` and
 ``lr`` as arguments.
 """
 
-from configs.analysis import dead_units, parse
 from configs.analysis import convnet_cifar10_subset as base
+from configs.analysis import dead_units, parse
 
 
 def get_config(arg: str | None = None):

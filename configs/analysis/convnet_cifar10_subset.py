@@ -24,7 +24,7 @@ dead units at every check, or only at the end), ``lr``, ``bs``, ``eps`` (Adam
 
 from configs.analysis import divisor_at_most, parse
 from demp import data as data_lib
-from demp.train import base_config
+from demp.trainer.config import base_config
 
 DEFAULTS = dict(
   method='demp',

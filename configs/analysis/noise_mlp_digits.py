@@ -13,7 +13,7 @@ units can revive. Modes (``mode``):
 
 * ``sgd``: standard SGD (Fig. 9 right);
 * ``sgd_noise``: only the noise of the minibatch gradient, ``ĝ − g_full``
-  (Fig. 9 left; ``demp.analysis``);
+  (Fig. 9 left; ``tools.analysis``);
 * ``gaussian``: only Gaussian noise of variance ``variance`` on every step,
   asymmetric (live units only) or ``symmetric=True`` (Fig. 9 centre).
 
@@ -21,8 +21,8 @@ Full scale (the paper's 30 000 steps): ``steps=30000,every=500``.
 """
 
 from configs.analysis import parse
-from demp import analysis  # noqa: F401  (registers method sgd_noise)
-from demp.train import base_config
+from demp.trainer.config import base_config
+from tools import analysis  # noqa: F401  (registers method sgd_noise)
 
 MODES = ('sgd', 'sgd_noise', 'gaussian')
 DEFAULTS = dict(

@@ -15,7 +15,7 @@ import jax
 
 from demp.deadunits import probe
 from demp.models import common
-from demp.surgery import UnitGroup, param_slices
+from demp.protocol import UnitGroup, param_slices
 
 HEADS = common.HEADS
 

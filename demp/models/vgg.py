@@ -23,7 +23,7 @@ import jax
 
 from demp.deadunits import probe
 from demp.models import common
-from demp.surgery import UnitGroup, param_slices
+from demp.protocol import UnitGroup, param_slices
 
 # Conv widths; 'M' marks a 2x2 max-pool.
 VGG16: tuple[int | str, ...] = (

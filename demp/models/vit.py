@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from demp.deadunits import probe
 from demp.models import common
-from demp.surgery import Slice, UnitGroup
+from demp.protocol import Slice, UnitGroup
 
 ACTIVATIONS = ('gelu', 'relu')
 

@@ -8,7 +8,7 @@ One checkpoint (a step directory under ``<workdir>/checkpoints``) holds two item
   a table of every saved array (path, shape, dtype) with a fingerprint of each,
   the paths and implementations of typed PRNG keys, the run's host-side state
   (prune events, a method's ``memo``/``stats``, unit ids, ...: every field of
-  :class:`demp.run.Run` listed in ``demp.run.HOST_FIELDS``) and
+  :class:`demp.trainer.run.Run` listed in ``demp.trainer.run.HOST_FIELDS``) and
   the trainer's counters (time segments, FLOPs, the current log window);
 * ``arrays`` (orbax ``StandardSave``): a flat dict ``path -> array`` of
   ``run.state`` (params, batch stats, optimizer state; typed PRNG keys as their
@@ -63,7 +63,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from demp import models, surgery
-from demp import run as run_lib
+from demp.trainer import run as run_lib
 
 PyTree = Any
 
@@ -319,7 +319,7 @@ def added_keys_at_default(saved: Mapping[str, Any], now: Mapping[str, Any]) -> l
   its default: it does not make the run another run, so a resume is allowed
   (with a warning). A key the user set to a non-default value still differs.
   """
-  from demp import config as config_lib  # pylint: disable=g-import-not-at-top
+  from demp.trainer import config as config_lib  # pylint: disable=g-import-not-at-top
 
   defaults = _flat_config(config_json(config_lib.base_config()))
   return sorted(k for k in now if k not in saved and k in defaults and now[k] == defaults[k])
@@ -362,7 +362,7 @@ def save(mngr: ocp.CheckpointManager, run, *, batches: int, progress: Mapping[st
 
   Args:
     mngr: from :func:`manager`.
-    run: a ``demp.run.Run`` (model, state, step and host-side fields are saved).
+    run: a ``demp.trainer.run.Run`` (model, state, step and host-side fields are saved).
     batches: training batches consumed so far on each host (the data position).
     progress: the trainer's JSON-able counters, handed back by :func:`restore`.
   """
@@ -474,7 +474,7 @@ def restore(mngr: ocp.CheckpointManager, meta: Mapping, run, mesh=None) -> dict[
     )
 
   if mesh is not None:
-    from demp import parallel  # pylint: disable=g-import-not-at-top
+    from demp.trainer import parallel  # pylint: disable=g-import-not-at-top
 
     sharding = parallel.replicated(mesh)
   else:

@@ -3,13 +3,13 @@
 A method is two functions and a predicate (:class:`Method`): ``optimizer(config,
 base)`` wraps the base optimizer; ``hook(run, step)`` runs on the host after the
 steps where ``when(config, step)`` is true, and may call ``run.prune(keeps)`` or
-edit ``run.state`` (:class:`demp.run.Run`).
+edit ``run.state`` (:class:`demp.trainer.run.Run`).
 
 The registry is a plain dict filled on import: this module registers ``dense``
-and ``demp``; :mod:`demp.analysis` and the ``baselines`` package register theirs
+and ``demp``; :mod:`tools.analysis` and the ``baselines`` package register theirs
 when they are imported (the entry points import the plug-ins they offer)::
 
-    from demp import methods
+    from demp.trainer import methods
     methods.register('my_method', methods.Method(optimizer=lambda config, base: base))
     methods.get('my_method')
 """
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import ml_collections
 import optax
 
-from demp import optim
+from demp.trainer import demp_policy, optim
 
 if TYPE_CHECKING:
-  from demp.run import Run
+  from demp.trainer.run import Run
 
 
 class Method(NamedTuple):
@@ -36,7 +36,7 @@ class Method(NamedTuple):
   on the host after the steps where ``when(config, step)`` is true (the only
   steps, besides logging, where the trainer syncs with the device). Step 0 is
   before the first update (pruning at initialization). ``demp_schedules``: the
-  optimizer applies DemP's scheduled penalty and noise (:func:`demp.optim.demp_wrap`),
+  optimizer applies DemP's scheduled penalty and noise (:func:`demp.trainer.optim.demp_wrap`),
   so the metrics log their values (``lambda``, ``noise_std``); a method whose
   optimizer has neither leaves it False and logs neither.
   """
@@ -55,7 +55,9 @@ _REGISTRY: dict[str, Method] = {}
 def register(name: str, method: Method) -> Method:
   """Adds ``method`` under ``name``; a name taken by another module's method is an error."""
   if not isinstance(method, Method):
-    raise TypeError(f'register({name!r}, ...): expected a demp.methods.Method, got {method!r}.')
+    raise TypeError(
+      f'register({name!r}, ...): expected a demp.trainer.methods.Method, got {method!r}.'
+    )
   old = _REGISTRY.get(name)
   if old is not None and _origin(old) != _origin(method):
     raise ValueError(
@@ -118,7 +120,7 @@ register(
   'demp',
   Method(
     optimizer=demp_method_optimizer,
-    hook=lambda run, step: run.prune_dead(),
+    hook=lambda run, step: demp_policy.prune_dead(run),
     when=prune_steps,
     demp_schedules=True,
   ),

@@ -23,9 +23,10 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from demp import augment, deadunits, methods, models, optim, parallel, schedules, target, transforms
-from demp import compile_cache, units
 from demp import data as data_lib
+from demp import deadunits, models, schedules, target, transforms, units
+from demp.data import augment
+from demp.trainer import compile_cache, methods, optim, parallel, steering
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -76,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     'trajectory'  # the measured sparsity vs the trajectory | 'in_flight' (experimental)
   )
   c.demp.target_noise = 'gain'  # the noise std follows the gain | keeps its own 'schedule'
-  c.demp.target_cap = True  # a prune event never removes past the target (target.cap_keeps)
+  c.demp.target_cap = True  # a prune event never removes past the target (steering.cap_keeps)
   c.demp.target_revive = False  # the units the cap holds back are woken (surgery.revive)
   # The control law's constants (demp.target.ControllerParams; docs/target.md).
   c.demp.target_control = ml_collections.ConfigDict(target.ControllerParams()._asdict())
@@ -92,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.multiple_of = 1
   c.prune.dynamic = True  # False: every check only logs; only the final check (at_end) removes
   c.prune.revival_patience = (
-    0  # >0: a group starts pruning once its live count stopped rising (demp.revival)
+    0  # >0: a group starts pruning once its live count stopped rising (demp.trainer.revival)
   )
   c.prune.start_steps = (
     ml_collections.ConfigDict()
@@ -105,7 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 0 = synchronous: prune, then compile. Deterministic: the same steps on every run and host.
   c.prune.switch_after = 0.1
 
-  c.batch_augment = augment.default_config()  # RandAugment / mixup / cutmix in JAX (demp.augment)
+  c.batch_augment = (
+    augment.default_config()
+  )  # RandAugment / mixup / cutmix in JAX (demp.data.augment)
   c.log_every = 50
   c.eval_every = 0  # 0 = only at the end
   c.eval_batch_size = 256
@@ -114,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = (
     ml_collections.ConfigDict()
-  )  # demp.checkpoint: <workdir>/checkpoints, resumed automatically
+  )  # demp.trainer.checkpoint: <workdir>/checkpoints, resumed automatically
   c.checkpoint.every = 0  # save every N steps and at the end; 0 = only on SIGTERM
   c.checkpoint.keep = 3  # keep the last N checkpoints
   c.checkpoint.async_save = True  # write in a background thread while training goes on
@@ -361,7 +364,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'label_smoothing={config.label_smoothing!r} must be in [0, 1).')
   check_lr_schedule(config)
   augment.validate(config.batch_augment, normalize=config.data.normalize)
-  target.validate(config)
+  steering.validate(config)
   if not 0 < config.demp.span <= 1:
     raise ValueError(f'demp.span={config.demp.span!r} must be in (0, 1].')
   if (

@@ -3,7 +3,7 @@
 * :func:`interleaved_times` and :func:`median_times`: the one timing helper of
   every benchmark here, in ``baselines/compare.py``, ``scripts/`` and
   ``experiments/`` (warm-up, then interleaved rounds, then the median), and
-  :func:`run_step_fn`, a :class:`demp.run.Run`'s compiled step as a callable;
+  :func:`run_step_fn`, a :class:`demp.trainer.run.Run`'s compiled step as a callable;
 * :func:`step_times`: the jitted train step of the dense model and of copies
   pruned by the real surgery (random units removed from every unit group at
   given neuron sparsities), timed in interleaved rounds so that a shared
@@ -46,11 +46,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from demp import config as config_lib
-from demp import deadunits, methods, metrics, models, optim, surgery
+from demp import deadunits, models, surgery
 from demp import flops as flops_lib
-from demp import run as run_lib
-from demp import steps
+from demp.trainer import config as config_lib
+from demp.trainer import methods, optim, steps
+from demp.trainer import run as run_lib
 
 PyTree = Any
 
@@ -167,7 +167,7 @@ class ComputeDtype:
   in float32), and casts every floating output (logits, updated batch stats)
   back to float32. Gradients reach the float32 params through the casts, so
   the optimizer state and BN statistics stay float32. Only ``apply`` is
-  provided: what :func:`demp.train.make_train_step` calls.
+  provided: what :func:`demp.trainer.steps.make_train_step` calls.
   """
 
   model: Any
@@ -258,8 +258,8 @@ def step_times(
         'state': state,
         'compiled': compiled,
         'compile_s': compile_s,
-        'flops': metrics.compiled_flops(compiled),
-        'params': metrics.num_params(state['params']),
+        'flops': flops_lib.compiled_flops(compiled),
+        'params': flops_lib.num_params(state['params']),
       }
     )
 
@@ -285,7 +285,7 @@ def step_times(
         'model': model_name,
         'dtype': compute_dtype,
         'sparsity': v['sparsity'],
-        'neuron_sparsity': metrics.neuron_sparsity(v['model'].widths, dense.widths),
+        'neuron_sparsity': flops_lib.neuron_sparsity(v['model'].widths, dense.widths),
         'params': v['params'],
         'param_ratio': v['params'] / base['params'],
         'step_s': t,
@@ -416,7 +416,7 @@ def event_overhead_runs(
   wall time relative to the dense run. Runs found finished in ``workdir`` are
   read, not trained again.
   """
-  from demp import train  # pylint: disable=g-import-not-at-top
+  from demp.trainer import train  # pylint: disable=g-import-not-at-top
 
   variants = [('dense', None)] if dense else []
   variants += [(f'demp switch_after={s:g}', s) for s in switch_after]
@@ -538,7 +538,7 @@ def multiple_of_table(run_dirs: Sequence[str], multiples: Sequence[int]) -> list
       dense_params = flops_lib.params_at(model, dense, shape)
       archs.append(out['architectures'])
       weights.append(1 - flops_lib.params_at(model, out['widths'], shape) / dense_params)
-      neurons.append(metrics.neuron_sparsity(out['widths'], dense))
+      neurons.append(flops_lib.neuron_sparsity(out['widths'], dense))
     rows.append(
       {
         'multiple_of': m,
@@ -626,7 +626,7 @@ def optimizer_times(
     variants: name -> config of the ``demp`` method's optimizer (None: the
       base optimizer alone), or an optimizer itself. Default: ``adam``, ``demp``, ``penalty`` and
       ``noise`` of :data:`OPTIMIZER_VARIANTS` applied to ``config`` (default
-      :func:`demp.config.base_config`: Adam, λ = 5e-3, σ = 5e-5, one-cycle).
+      :func:`demp.trainer.config.base_config`: Adam, λ = 5e-3, σ = 5e-5, one-cycle).
       The first variant is the reference of the ratios.
     rounds, steps_per_round, clock: as :func:`interleaved_times`.
 

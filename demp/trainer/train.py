@@ -1,23 +1,24 @@
 """The one canonical trainer: ``train_and_evaluate(config, workdir)``.
 
 The train step is a pure jitted function of ``(state, batch)``
-(:mod:`demp.steps`), compiled ahead of time once per architecture. Every
+(:mod:`demp.trainer.steps`), compiled ahead of time once per architecture. Every
 ``prune.every`` steps (and once at the end) the method's hook
-(:mod:`demp.methods`) may run the death check and the surgery on the
-:class:`demp.run.Run`: the model is rebuilt at its new widths, params / batch
+(:mod:`demp.trainer.methods`) may run the death check and the surgery on the
+:class:`demp.trainer.run.Run`: the model is rebuilt at its new widths, params / batch
 stats / optimizer state are sliced, and the step is compiled again for the
 smaller shapes.
 
-The config is validated once (:func:`demp.config.validate_config`) and resolved
+The config is validated once (:func:`demp.trainer.config.validate_config`) and resolved
 once (:func:`init_run`) into what the run needs: dataset metadata, model,
-method, optimizer (:func:`demp.optim.make_optimizer`), train state, death-check
+method, optimizer (:func:`demp.trainer.optim.make_optimizer`), train state, death-check
 examples and the train iterator. Methods of plug-ins (``baselines``,
-:mod:`demp.analysis`) are registered when the plug-in is imported; the entry
+:mod:`tools.analysis`) are registered when the plug-in is imported; the entry
 points (``scripts/train.py``) import the ones they offer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -30,14 +31,24 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from demp import augment, checkpoint, flops, metrics, models, optim, parallel, revival
-from demp import compile_cache
-from demp import config as config_lib
 from demp import data as data_lib
-from demp import methods as methods_lib
-from demp import run as run_lib
-from demp import steps, target
-from demp import workdir as workdir_lib
+from demp import flops, models
+from demp.data import augment
+from demp.trainer import (
+  accounting,
+  checkpoint,
+  compile_cache,
+  metrics,
+  optim,
+  parallel,
+  revival,
+  steering,
+  steps,
+)
+from demp.trainer import config as config_lib
+from demp.trainer import methods as methods_lib
+from demp.trainer import run as run_lib
+from demp.trainer import workdir as workdir_lib
 
 PyTree = Any
 Run = run_lib.Run
@@ -77,7 +88,7 @@ def resolve_run(
 ) -> tuple[Run, Any]:
   """Builds model, optimizer, state and data of a validated config; returns the run and the train iterator.
 
-  With a ``mesh`` (:func:`demp.parallel.data_mesh`) the state and the death-check
+  With a ``mesh`` (:func:`demp.trainer.parallel.data_mesh`) the state and the death-check
   examples are replicated over it, and the iterator yields global batches split
   over its ``'data'`` axis, each host reading its own shard of the data.
   ``start_batch``: the data position of a resumed run (batches already consumed).
@@ -91,7 +102,7 @@ def resolve_run(
   state = run_lib.create_train_state(model, tx, jax.random.key(config.seed), info.image_shape)
   examples = data_lib.fixed_examples(config.data, config.prune.num_examples, seed=config.seed)
   death_images = jnp.asarray(examples['image'])
-  dense_params = metrics.num_params(state['params'])
+  dense_params = flops.num_params(state['params'])
   if mesh is not None:
     state, death_images = parallel.replicate((state, death_images), mesh)
   run = Run(
@@ -167,14 +178,14 @@ def train_and_evaluate(
 
   Resumes from the latest checkpoint in ``<workdir>/checkpoints`` when there is
   one (it must have been written with the same config, else
-  :class:`demp.checkpoint.CheckpointMismatchError`). Saves every
+  :class:`demp.trainer.checkpoint.CheckpointMismatchError`). Saves every
   ``checkpoint.every`` steps and at the end (when ``every > 0``), and on
   SIGTERM: then it saves, waits for the write and returns
   ``{'preempted': True, 'step': ...}`` without evaluating; run it again with the
   same workdir to continue. The batch is split over every device of every host
-  (:mod:`demp.parallel`). ``stop_after`` (tests) acts like a SIGTERM after that step.
+  (:mod:`demp.trainer.parallel`). ``stop_after`` (tests) acts like a SIGTERM after that step.
 
-  The workdir belongs to one run (:mod:`demp.workdir`): it is locked for the
+  The workdir belongs to one run (:mod:`demp.trainer.workdir`): it is locked for the
   run's life, and a workdir holding another config's results (or a finished
   run's) is refused unless ``overwrite``, which moves those results into
   ``<workdir>/previous-<timestamp>/``. Nothing in it is written until every
@@ -199,6 +210,191 @@ def train_and_evaluate(
       return _train(config, workdir, mesh, mngr, preemption, stop_after, claim)
 
 
+@dataclasses.dataclass
+class Loop:
+  """The loop's host-side bookkeeping, one object instead of closures over shared dicts.
+
+  ``segment`` is the current architecture's record (widths, step FLOPs, steps and
+  seconds timed so far, ``t0`` the start of the current timing window);
+  ``segments`` the finished ones. ``pending`` holds device metrics not yet
+  fetched, ``fetched`` those fetched since the last log record. ``sync_cost``
+  is the cost record of a synchronous prune until its step has compiled.
+  """
+
+  run: Run
+  mngr: Any
+  jsonl: Any
+  bar: Any
+  batches: int  # the data position: batches consumed per host
+  segments: list
+  train_flops: float
+  compile_s: float
+  wall_before: float
+  resumed_at: list
+  fetched: list
+  last_good: str
+  t_start: float = dataclasses.field(default_factory=time.perf_counter)
+  segment: dict = dataclasses.field(
+    default_factory=lambda: {'widths': {}, 'flops': 0.0, 'steps': 0, 'seconds': 0.0, 't0': 0.0}
+  )
+  pending: list = dataclasses.field(default_factory=list)
+  sync_cost: dict | None = None
+  postfix: dict = dataclasses.field(default_factory=dict)  # the bar's loss / acc / live units
+
+  def restart_clock(self) -> None:
+    """Host work (logging, evaluation, a save) is not train-step time."""
+    self.segment['t0'] = time.perf_counter()
+
+  def new_segment(self) -> None:
+    """Closes the current architecture's record and opens one at the run's widths now."""
+    if self.segment['steps']:
+      self.segments.append(_segment_record(self.segment))
+    self.segment = {
+      'widths': dict(self.run.model.widths),
+      'flops': self.run.step_flops,
+      'steps': 0,
+      'seconds': 0.0,
+      't0': time.perf_counter(),
+    }
+
+  def flush(self) -> None:
+    """The one host sync: fetch pending metrics, time them, stop on NaN/Inf."""
+    got = jax.device_get(self.pending)
+    self.segment['seconds'] += time.perf_counter() - self.segment['t0']
+    self.segment['steps'] += len(got)
+    _check_finite(
+      self.run.step - len(got),
+      np.array([m['loss'] for m in got]),
+      params_finite=bool(_all_finite(self.run.state['params'])),
+      last_good=self.last_good,
+    )
+    self.bar.update(len(got))
+    self.fetched.extend(got)
+    self.pending.clear()
+    if self.segment['steps']:
+      self.run.step_s = self.segment['seconds'] / self.segment['steps']
+
+  def close_cost(self, cost: dict, **times) -> None:
+    """Completes a prune event's cost record: its stall, logged and kept for the summary."""
+    run = self.run
+    cost.update(times)
+    cost['stall_s'] = cost['decision_s'] + times.get('switch_s', times.get('compile_s', 0.0))
+    cost['step_s'] = run.step_s  # the mean train step of the segment before
+    cost['stall_steps'] = cost['stall_s'] / run.step_s if run.step_s > 0 else float('nan')
+    run.costs.append(cost)
+    self.jsonl.write(cost)
+
+  def save(self) -> None:
+    """Checks the state is finite, then starts an asynchronous checkpoint write."""
+    run = self.run
+    if self.pending:
+      self.flush()
+    else:
+      _check_finite(
+        run.step,
+        np.zeros(0),
+        params_finite=bool(_all_finite(run.state['params'])),
+        last_good=self.last_good,
+      )
+    current = [_segment_record(self.segment)] if self.segment['steps'] else []
+    checkpoint.save(
+      self.mngr,
+      run,
+      batches=self.batches,
+      progress={
+        'segments': self.segments + current,
+        'train_flops': self.train_flops,
+        'compile_s': self.compile_s,
+        'resumed_at': self.resumed_at,
+        'wall_s': self.wall_s(),
+        'log_window': [[float(m['loss']), float(m['accuracy'])] for m in self.fetched],
+      },
+    )
+    self.last_good = (
+      f'The last good checkpoint is step {run.step}: {checkpoint.step_dir(self.mngr, run.step)}. '
+    )
+    self.restart_clock()
+
+  def hook(self, method, step: int) -> None:
+    """The method's hook, timed: a prune event's decision, and its cost record."""
+    run = self.run
+    n_events = len(run.events)
+    t0 = time.perf_counter()
+    method.hook(run, step)
+    decision_s = time.perf_counter() - t0
+    new = run.events[n_events:]
+    if not new:
+      return
+    cost = {
+      'event': 'prune_cost',
+      'step': step,
+      'removed': any(e['removed'] for e in new),
+      'decision_s': decision_s,
+      'check_s': sum(e.get('check_s', 0.0) for e in new),
+      'surgery_s': sum(e.get('surgery_s', 0.0) for e in new),
+      'background': False,  # the new step compiled while training went on
+    }
+    if run.pending is not None:  # deferred: completed at the switch
+      run.pending['cost'] = cost
+    elif run.compiled is None:  # synchronous: completed by the next compile
+      self.sync_cost = cost
+    else:
+      self.close_cost(cost)
+
+  def compile_step(self, batch) -> None:
+    """After a surgery (or at the start): the step for the current shapes, compiled now."""
+    run = self.run
+    if self.segment['steps']:
+      self.segments.append(_segment_record(self.segment))
+    self.segment.update(steps=0, seconds=0.0)
+    run.state = parallel.replicate(run.state, run.mesh)  # after a surgery: back onto every device
+    compile_s = run.compile(batch)
+    self.compile_s += compile_s
+    if self.sync_cost is not None:
+      self.close_cost(self.sync_cost, compile_s=compile_s, background=False)
+      self.sync_cost = None
+    self.segment.update(widths=dict(run.model.widths), flops=run.step_flops)
+    self.restart_clock()
+
+  def switch(self) -> None:
+    """A deferred prune's switch to the step compiled in the background."""
+    run = self.run
+    self.flush()  # the old shapes' last step is done
+    cost, switch_step = _pending_cost(run), run.pending['switch_step']
+    times = run.switch()
+    self.compile_s += times['compile_s']
+    self.new_segment()
+    self.close_cost(cost, switch_step=switch_step, background=True, **times)
+
+  def log_record(self, step: int, lr_t, lam_t, std_t, demp_schedules: bool) -> dict[str, Any]:
+    """The metrics record of ``step``: means over the steps fetched since the last one."""
+    run = self.run
+    self.flush()
+    update = step // run.config.optimizer.accumulate_steps  # the schedules count updates
+    record = {
+      'step': step,
+      'loss': float(np.mean([m['loss'] for m in self.fetched])),
+      'accuracy': float(np.mean([m['accuracy'] for m in self.fetched])),
+      'live_units': sum(run.model.widths.values()),
+      'learning_rate': _value(lr_t, update),
+    }
+    if demp_schedules:  # only where the optimizer applies them
+      record.update({'lambda': _value(lam_t, update), 'noise_std': _value(std_t, update)})
+    record.update(steering.log_fields(run, record, update))
+    self.fetched.clear()
+    self.postfix.update(
+      loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}', **steering.postfix(record)
+    )
+    return record
+
+  def wall_s(self) -> float:
+    return self.wall_before + time.perf_counter() - self.t_start
+
+
+def _segment_record(segment: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: segment[k] for k in ('widths', 'flops', 'steps', 'seconds')}
+
+
 def _train(
   config, workdir: str, mesh, mngr, preemption, stop_after: int | None, claim=None
 ) -> dict[str, Any]:
@@ -208,8 +404,7 @@ def _train(
   log_path = os.path.join(workdir, 'metrics.jsonl')
   if meta is not None:
     checkpoint.check_config(meta, config, checkpoint.step_dir(mngr, meta['step']))
-  batches = meta['batches'] if meta else 0  # the data position: batches consumed per host
-  run, train_iter = resolve_run(config, mesh=mesh, start_batch=batches)
+  run, train_iter = resolve_run(config, mesh=mesh, start_batch=meta['batches'] if meta else 0)
   method = methods_lib.get(config.method)
   progress = checkpoint.restore(mngr, meta, run, mesh) if meta else {}
   checkpoint.encode_host_state(run)  # fails now, not at the first save
@@ -238,204 +433,71 @@ def _train(
 
   lam_t, std_t = optim.demp_schedules(config)
   lr_t = optim.learning_rate_schedule(config)
-  t_start = time.perf_counter()
-  timing = {
-    'steps': 0,
-    'seconds': 0.0,
-    't0': 0.0,
-    'widths': {},
-    'flops': 0.0,
-  }  # current architecture
-  segments = list(
-    progress.get('segments', [])
-  )  # per architecture: widths, step FLOPs, steps, seconds
-  totals = {
-    'train_flops': progress.get('train_flops', 0.0),
-    'compile_s': progress.get('compile_s', 0.0),
-  }
-  wall_before = progress.get('wall_s', 0.0)
-  resumed_at = list(progress.get('resumed_at', [])) + ([run.step] if meta else [])
-  pending = []  # device metrics not yet fetched
-  fetched = [
-    {'loss': np.float32(l), 'accuracy': np.float32(a)}  # fetched since the last log
-    for l, a in progress.get('log_window', [])
-  ]
-  last_good = {'text': f'No checkpoint was saved (checkpoint.every={config.checkpoint.every}). '}
-  if meta is not None:
-    last_good['text'] = (
+  loop = Loop(
+    run=run,
+    mngr=mngr,
+    jsonl=jsonl,
+    bar=_progress(config) if primary else _NoBar(),
+    batches=meta['batches'] if meta else 0,
+    segments=list(progress.get('segments', [])),  # per architecture: widths, FLOPs, steps, s
+    train_flops=progress.get('train_flops', 0.0),
+    compile_s=progress.get('compile_s', 0.0),
+    wall_before=progress.get('wall_s', 0.0),
+    resumed_at=list(progress.get('resumed_at', [])) + ([run.step] if meta else []),
+    fetched=[  # fetched since the last log record, kept across a resume
+      {'loss': np.float32(l), 'accuracy': np.float32(a)} for l, a in progress.get('log_window', [])
+    ],
+    last_good=(
       f'The last good checkpoint is step {meta["step"]}: '
       f'{checkpoint.step_dir(mngr, meta["step"])}. '
-    )
-  bar = _progress(config) if primary else _NoBar()
-  bar.update(run.step)
-  postfix = {}  # the bar's loss / acc / live units, kept across updates
-
-  def close_segment():
-    if timing['steps']:
-      segments.append({k: timing[k] for k in ('widths', 'flops', 'steps', 'seconds')})
-
-  def flush():
-    """The one host sync: fetch pending metrics, time them, stop on NaN/Inf."""
-    got = jax.device_get(pending)
-    timing['seconds'] += time.perf_counter() - timing['t0']
-    timing['steps'] += len(got)
-    _check_finite(
-      run.step - len(got),
-      np.array([m['loss'] for m in got]),
-      params_finite=bool(_all_finite(run.state['params'])),
-      last_good=last_good['text'],
-    )
-    bar.update(len(got))
-    fetched.extend(got)
-    pending.clear()
-    if timing['steps']:
-      run.step_s = timing['seconds'] / timing['steps']
-
-  def close_cost(cost, **times):
-    """Completes a prune event's cost record: its stall, logged and kept for the summary."""
-    cost.update(times)
-    cost['stall_s'] = cost['decision_s'] + times.get('switch_s', times.get('compile_s', 0.0))
-    cost['step_s'] = run.step_s  # the mean train step of the segment before
-    cost['stall_steps'] = cost['stall_s'] / run.step_s if run.step_s > 0 else float('nan')
-    run.costs.append(cost)
-    jsonl.write(cost)
-
-  def save():
-    """Checks the state is finite, then starts an asynchronous checkpoint write."""
-    if pending:
-      flush()
-    else:
-      _check_finite(
-        run.step,
-        np.zeros(0),
-        params_finite=bool(_all_finite(run.state['params'])),
-        last_good=last_good['text'],
-      )
-    current = (
-      [{k: timing[k] for k in ('widths', 'flops', 'steps', 'seconds')}] if timing['steps'] else []
-    )
-    checkpoint.save(
-      mngr,
-      run,
-      batches=batches,
-      progress={
-        'segments': segments + current,
-        **totals,
-        'resumed_at': resumed_at,
-        'wall_s': wall_before + time.perf_counter() - t_start,
-        'log_window': [[float(m['loss']), float(m['accuracy'])] for m in fetched],
-      },
-    )
-    last_good['text'] = (
-      f'The last good checkpoint is step {run.step}: {checkpoint.step_dir(mngr, run.step)}. '
-    )
-    timing['t0'] = time.perf_counter()
-
-  sync_cost = None  # the cost record of a synchronous prune, until its step has compiled
-
-  def hook(step):
-    """The method's hook, timed: a prune event's decision, and its cost record."""
-    nonlocal sync_cost
-    n_events = len(run.events)
-    t0 = time.perf_counter()
-    method.hook(run, step)
-    decision_s = time.perf_counter() - t0
-    new = run.events[n_events:]
-    if not new:
-      return
-    cost = {
-      'event': 'prune_cost',
-      'step': step,
-      'removed': any(e['removed'] for e in new),
-      'decision_s': decision_s,
-      'check_s': sum(e.get('check_s', 0.0) for e in new),
-      'surgery_s': sum(e.get('surgery_s', 0.0) for e in new),
-      'background': False,  # the new step compiled while training went on
-    }
-    if run.pending is not None:  # deferred: completed at the switch
-      run.pending['cost'] = cost
-    elif run.compiled is None:  # synchronous: completed by the next compile
-      sync_cost = cost
-    else:
-      close_cost(cost)
+      if meta is not None
+      else f'No checkpoint was saved (checkpoint.every={config.checkpoint.every}). '
+    ),
+  )
+  loop.bar.update(run.step)
 
   if run.step == 0 and method.hook is not None and method.when(run.config, 0):
-    hook(0)  # step 0: before the first update
+    loop.hook(method, 0)  # step 0: before the first update
   for step in range(run.step + 1, config.num_steps + 1):
     batch = next(train_iter)
-    batches += 1
+    loop.batches += 1
     if run.compiled is None:
-      close_segment()
-      timing.update(steps=0, seconds=0.0)
-      run.state = parallel.replicate(run.state, mesh)  # after a surgery: back onto every device
-      compile_s = run.compile(batch)
-      totals['compile_s'] += compile_s
-      if sync_cost is not None:
-        close_cost(sync_cost, compile_s=compile_s, background=False)
-        sync_cost = None
-      timing.update(widths=dict(run.model.widths), flops=run.step_flops, t0=time.perf_counter())
+      loop.compile_step(batch)
     run.state, step_metrics = run.compiled(run.state, batch)
     run.step = step
-    totals['train_flops'] += run.step_flops
-    pending.append(step_metrics)
+    loop.train_flops += run.step_flops
+    loop.pending.append(step_metrics)
 
     if run.switch_due():
-      flush()  # the old shapes' last step is done
-      cost, switch_step = _pending_cost(run), run.pending['switch_step']
-      times = run.switch()
-      totals['compile_s'] += times['compile_s']
-      close_segment()
-      timing.update(
-        steps=0,
-        seconds=0.0,
-        widths=dict(run.model.widths),
-        flops=run.step_flops,
-        t0=time.perf_counter(),
-      )
-      close_cost(cost, switch_step=switch_step, background=True, **times)
+      loop.switch()
 
     if step % config.log_every == 0 or step == config.num_steps:
-      flush()
-      update = step // config.optimizer.accumulate_steps  # the schedules count updates
-      record = {
-        'step': step,
-        'loss': float(np.mean([m['loss'] for m in fetched])),
-        'accuracy': float(np.mean([m['accuracy'] for m in fetched])),
-        'live_units': sum(run.model.widths.values()),
-        'learning_rate': _value(lr_t, update),
-      }
-      if method.demp_schedules:  # only where the optimizer applies them
-        record.update({'lambda': _value(lam_t, update), 'noise_std': _value(std_t, update)})
-      record.update(target.log_fields(run, record, update))
-      fetched.clear()
+      record = loop.log_record(step, lr_t, lam_t, std_t, method.demp_schedules)
       jsonl.write(record)
       _tb_write(tb, step, record)
-      postfix.update(
-        loss=f'{record["loss"]:.3f}', acc=f'{record["accuracy"]:.3f}', **target.postfix(record)
-      )
-      _show_live(bar, postfix, run)
-      timing['t0'] = time.perf_counter()
+      _show_live(loop.bar, loop.postfix, run)
+      loop.restart_clock()
 
     if method.hook is not None and method.when(run.config, step):
-      if pending:
-        flush()
-      hook(step)
-      _show_live(bar, postfix, run)  # the widths after this prune (the last one included)
-      timing['t0'] = time.perf_counter()
+      if loop.pending:
+        loop.flush()
+      loop.hook(method, step)
+      _show_live(loop.bar, loop.postfix, run)  # the widths after this prune (the last one included)
+      loop.restart_clock()
 
     if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
       ev = evaluate(run.model, run.variables, config, mesh=mesh)
       record = {'step': step, 'test_accuracy': ev['accuracy'], 'test_loss': ev['loss']}
       jsonl.write(record)
       _tb_write(tb, step, record)
-      timing['t0'] = time.perf_counter()
+      loop.restart_clock()
 
     stop = preemption.reached(mngr, step) or (stop_after is not None and step >= stop_after)
     every = config.checkpoint.every
     if stop or (every and (step % every == 0 or step == config.num_steps)):
-      save()
+      loop.save()
     if stop:
-      bar.close()
+      loop.bar.close()
       path = checkpoint.step_dir(mngr, step)
       jsonl.write({'step': step, 'event': 'preempted', 'checkpoint': path})
       jsonl.close()
@@ -446,17 +508,17 @@ def _train(
       )
       return {'preempted': True, 'step': step, 'checkpoint': path, 'widths': dict(run.model.widths)}
   if run.pending is not None:  # cannot happen (a switch lands before the last step); be safe
-    cost = _pending_cost(run)
-    close_cost(cost, background=True, **run.switch())
-  if sync_cost is not None:  # the last event's removal, never compiled for
-    close_cost(sync_cost, compile_s=0.0, background=False)
-  close_segment()
-  bar.close()
-  wall = wall_before + time.perf_counter() - t_start
+    loop.close_cost(_pending_cost(run), background=True, **run.switch())
+  if loop.sync_cost is not None:  # the last event's removal, never compiled for
+    loop.close_cost(loop.sync_cost, compile_s=0.0, background=False)
+  if loop.segment['steps']:
+    loop.segments.append(_segment_record(loop.segment))
+  loop.bar.close()
+  wall = loop.wall_s()
 
   ev = evaluate(run.model, run.variables, config, mesh=mesh)
-  summary = _summary(config, run, ev, segments, totals['train_flops'], wall, totals['compile_s'])
-  summary.update(parallel.describe(mesh), resumed_at=resumed_at)
+  summary = _summary(config, run, ev, loop.segments, loop.train_flops, wall, loop.compile_s)
+  summary.update(parallel.describe(mesh), resumed_at=loop.resumed_at)
   summary.update(compile_cache.summary())  # this process's cache hits / misses / compiles
   jsonl.write({'step': config.num_steps, 'summary': summary})
   jsonl.close()
@@ -496,12 +558,12 @@ def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> di
     'steps': config.num_steps,
     'test_accuracy': ev['accuracy'],
     'test_loss': ev['loss'],
-    'neuron_sparsity': metrics.neuron_sparsity(run.model.widths, run.dense_widths),
-    'weight_sparsity': metrics.weight_sparsity(run.state['params'], run.dense_params),
+    'neuron_sparsity': flops.neuron_sparsity(run.model.widths, run.dense_widths),
+    'weight_sparsity': flops.weight_sparsity(run.state['params'], run.dense_params),
     'widths': dict(run.model.widths),
     'dense_widths': run.dense_widths,
     'dense_params': run.dense_params,
-    'final_params': metrics.num_params(run.state['params']),
+    'final_params': flops.num_params(run.state['params']),
     'prune_events': len(run.events),
     'prune_events_effective': sum(e['removed'] for e in run.events),
     'events': run.events,
@@ -513,7 +575,7 @@ def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> di
     'step_flops_first': first['flops'],
     'step_flops_final': final['flops'],
     'step_flops_ratio': final['flops'] / first['flops'],
-    **flops.run_flops(
+    **accounting.run_flops(
       model=run.model,
       tx=run.tx,
       dense_widths=run.dense_widths,
@@ -600,18 +662,3 @@ def _tb_write(tb, step: int, record: Mapping[str, Any]) -> None:
   for k, v in record.items():
     if k != 'step' and isinstance(v, (int, float)):
       tb.scalar(k, v, step)
-
-
-# ----------------------------------------------------------------------------
-# re-exported for callers; new code imports from demp.<module>
-# pylint: disable=g-bad-import-order,wrong-import-position
-from demp import transforms  # noqa: E402,F401
-from demp.config import FREE_KEYS, base_config, validate_config  # noqa: E402,F401
-from demp.methods import Method, prune_steps  # noqa: E402,F401
-from demp.optim import OPTIMIZERS  # noqa: E402,F401
-from demp.optim import accumulate  # noqa: E402,F401
-from demp.optim import base_optimizer  # noqa: E402,F401
-from demp.optim import demp_schedules  # noqa: E402,F401
-from demp.optim import learning_rate_schedule  # noqa: E402,F401
-from demp.optim import num_updates  # noqa: E402,F401
-from demp.steps import cross_entropy, make_eval_step, make_train_step  # noqa: E402,F401

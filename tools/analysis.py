@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from demp import data as data_lib
-from demp import flops, methods, models, steps
+from demp import flops, models
+from demp.trainer import demp_policy, methods, steps
 
 PyTree = Any
 
@@ -106,7 +107,7 @@ methods.register(
   'sgd_noise',
   methods.Method(
     optimizer=_sgd_noise_optimizer,
-    hook=lambda run, step: run.prune_dead(),
+    hook=lambda run, step: demp_policy.prune_dead(run),
     when=methods.prune_steps,
   ),
 )

@@ -19,7 +19,7 @@ TorchVision ViT-B/16 recipe) uses all three::
   each batch is mixed with itself rolled by one, ``λ ~ Beta(α, α)``; with both
   alphas set, one of the two is picked with probability 1/2 per batch (as
   TorchVision's ``RandomChoice([MixUp, CutMix])``). Labels become
-  ``[B, K]`` distributions (rows sum to 1), which ``demp.train.cross_entropy``
+  ``[B, K]`` distributions (rows sum to 1), which ``demp.trainer.steps.cross_entropy``
   accepts.
 
 The config (``config.batch_augment``, all off by default)::

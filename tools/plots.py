@@ -1,8 +1,8 @@
 """The paper's figures from a directory of runs (matplotlib; PNG and PDF).
 
-Every function takes runs (:func:`demp.report.load_runs`) and an output path
+Every function takes runs (:func:`tools.report.load_runs`) and an output path
 without extension, writes ``path.png`` and ``path.pdf``, and returns the
-figure. Seeds of one setting (a :class:`demp.report.Group`) are averaged;
+figure. Seeds of one setting (a :class:`tools.report.Group`) are averaged;
 error bars and bands are ± one sample std over seeds.
 
 * :func:`tradeoff` -- test accuracy vs neuron sparsity and vs weight sparsity,
@@ -37,7 +37,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from demp import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tools import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RunResult = report.RunResult
 

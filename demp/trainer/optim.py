@@ -134,7 +134,7 @@ def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTrans
     mults = units.penalty_multipliers(model, params, c.penalty_weighting, image_shape)
   if liveness == 'auto':
     liveness = 'gradient' if model is None or model.activation == 'relu' else 'mask'
-  if target.enabled(config):  # λ_t = shape × gain, the gain set by the controller (demp.target)
+  if enabled(config):  # λ_t = shape × gain, the gain set by the controller (demp.target)
     return target.target_optimizer(
       base,
       lambda_shape=lam,
@@ -165,3 +165,8 @@ def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTrans
 def make_optimizer(config, method) -> optax.GradientTransformation:
   """The run's optimizer: ``method.optimizer`` around :func:`base_optimizer`, accumulated."""
   return accumulate(config, method.optimizer(config, base_optimizer(config)))
+
+
+def enabled(config) -> bool:
+  """Whether the run steers λ to a target (``demp.target_sparsity > 0``)."""
+  return config.method == 'demp' and float(config.demp.target_sparsity) > 0

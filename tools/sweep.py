@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from demp import workdir as workdir_lib
+from demp.trainer import workdir as workdir_lib
 
 ARG_PREFIX = 'arg.'
 

@@ -181,7 +181,7 @@ def plot_live_units(
 
   Args:
     records: the records of a run's ``metrics.jsonl``
-      (``demp.metrics.read_jsonl``); several runs can be concatenated only if
+      (``demp.trainer.metrics.read_jsonl``); several runs can be concatenated only if
       their groups have different names.
     path: the PNG to write.
     title: the figure title.

@@ -24,8 +24,8 @@ Example::
 from __future__ import annotations
 
 import csv
-import io
 import functools
+import io
 import json
 import math
 import os
@@ -156,7 +156,7 @@ def load_runs(roots: str | Sequence[str]) -> list[RunResult]:
 
 @functools.cache
 def _defaults() -> dict[str, Any]:
-  from demp import config as config_lib  # pylint: disable=g-import-not-at-top
+  from demp.trainer import config as config_lib  # pylint: disable=g-import-not-at-top
 
   return flatten(json.loads(config_lib.base_config().to_json_best_effort()))
 

@@ -6,7 +6,7 @@ and an initialization key), and nowhere else.
 
 A :class:`Run` declares which of its fields a checkpoint holds
 (:data:`HOST_FIELDS`: host-side method state, saved as JSON + arrays by
-:mod:`demp.checkpoint`); the others are the train state and step (saved as
+:mod:`demp.trainer.checkpoint`); the others are the train state and step (saved as
 arrays), or are rebuilt from the config when a run resumes.
 """
 
@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from demp import deadunits, metrics, parallel, revival, steps, surgery, target, units
+from demp import deadunits, flops, surgery
+from demp.trainer import parallel, steps
 
 PyTree = Any
 
@@ -57,7 +58,7 @@ def _host(**kwargs):
 class Run:
   """Everything one run holds on the host: the model, its state, compiled steps.
 
-  A method's hook may call :meth:`prune` / :meth:`prune_dead` or edit
+  A method's hook may call :meth:`prune` (DemP's: :func:`demp.trainer.demp_policy.prune_dead`) or edit
   :attr:`state`; nothing else is hidden here. Fields made with ``_host`` are
   the host-side state a checkpoint saves (:data:`HOST_FIELDS`); ``model``
   (its widths), ``state`` and ``step`` are saved as the train state; the rest
@@ -80,7 +81,7 @@ class Run:
   stats: dict = _host(default_factory=dict)  # a method's numbers, copied into the summary
   unit_ids: dict = _host(default_factory=dict)  # group -> dense indices of the units present
   dead_set: frozenset | None = _host(default=None)  # (group, dense index) dead at the last check
-  mesh: Any = None  # demp.parallel mesh: batch split on 'data', state replicated
+  mesh: Any = None  # demp.trainer.parallel mesh: batch split on 'data', state replicated
   # A deferred prune (prune.switch_after): {'keeps', 'switch_step', 'cost'}; the units are
   # silenced (demp.surgery.silence) until the step compiled for the new widths takes over.
   pending: dict | None = _host(default=None)
@@ -109,7 +110,7 @@ class Run:
     t0 = time.perf_counter()
     self._batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
     self.compiled = self._lower(self.model, self.state, batch).compile()
-    self.step_flops = metrics.compiled_flops(self.compiled)
+    self.step_flops = flops.compiled_flops(self.compiled)
     if self.pending is not None and self._next is None:
       self._compile_ahead(self.pending['keeps'])
     return time.perf_counter() - t0
@@ -134,7 +135,7 @@ class Run:
         self._checks[_key(model.widths)] = deadunits.compile_unit_stats(
           model, variables, images, criterion=self._criterion(), batch_size=c.batch_size
         )
-      return compiled, metrics.compiled_flops(compiled), seconds
+      return compiled, flops.compiled_flops(compiled), seconds
 
     if self._pool is None:
       self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='demp-compile')
@@ -275,94 +276,6 @@ class Run:
     self.events.append(event)
     self.log(event)
     return removes
-
-  def prune_dead(self) -> bool:
-    """The DemP prune event: death check, keep-masks, surgery.
-
-    Logs the alive units that are constant over the check set (``constant``);
-    with ``prune.remove_constant`` removes those of foldable groups too, their
-    constant folded into the consumers (:func:`demp.surgery.fold_constants`).
-    A mask-mode live noise gets this check's verdict (:func:`demp.units.set_live_mask`).
-    """
-    t0 = time.perf_counter()
-    c = self.config.prune
-    stats = self.unit_stats()
-    alive, activity = stats['alive'], stats['activity']
-    check_s = time.perf_counter() - t0
-    collapsed = deadunits.check_collapse(alive, step=self.step, on_collapse=c.on_collapse)
-    constant = deadunits.constant_units(stats, c.constant_eps)
-    groups = self.model.unit_groups()
-    opt_state = units.set_live_mask(
-      self.state['opt_state'], self.state['params'], self.model, alive
-    )
-    changed = opt_state is not self.state['opt_state']
-    self.state = {**self.state, 'opt_state': opt_state}
-    removable = alive
-    if c.remove_constant:
-      able = surgery.foldable_groups(groups, self.variables)
-      removable = {k: v & ~(constant[k] & able[k]) for k, v in alive.items()}
-    keeps = surgery.keep_masks(
-      removable, activity, min_width=c.min_width, multiple_of=c.multiple_of
-    )
-    keeps, started = revival.gate(
-      keeps,
-      self.events,
-      self.step,
-      deadunits.count(alive),
-      patience=c.revival_patience,
-      fixed=dict(c.start_steps),
-    )
-    if not (c.dynamic or (c.at_end and self.step == self.config.num_steps)):
-      keeps = {name: np.ones_like(keep) for name, keep in keeps.items()}  # check and log only
-    capped = {}
-    if target.enabled(self.config) and self.config.demp.target_cap:
-      uncapped = keeps
-      keeps, capped['capped'] = target.cap_keeps(self, keeps, activity)  # never past the target
-      self.stats['target_capped'] = capped['capped']  # dead units held back at this check
-      if capped['capped'] and self.config.demp.target_revive:  # wake them, function unchanged
-        held = {k: np.asarray(keeps[k], bool) & ~np.asarray(uncapped[k], bool) for k in keeps}
-        variables, opt_state, capped['revived'] = surgery.revive(
-          self.model, self.variables, self.state['opt_state'], held
-        )
-        self.state = {**self.state, 'params': variables['params'], 'opt_state': opt_state}
-        changed = True
-    folded = {}
-    if c.remove_constant:
-      fold = {k: constant[k] & ~np.asarray(keeps[k], bool) for k in constant}
-      folded = deadunits.count(fold)
-      if any(folded.values()):
-        variables = surgery.fold_constants(
-          self.variables, groups, deadunits.constant_values(stats), fold
-        )
-        self.state = {
-          **self.state,
-          'params': variables['params'],
-          'batch_stats': variables.get('batch_stats', {}),
-        }
-        changed = True
-    if changed and self.mesh is not None:  # new leaves: onto every device, as the step expects
-      self.state = parallel.replicate(self.state, self.mesh)
-    dead = metrics.dead_set(alive, self.unit_ids, self.dense_widths)
-    overlap, self.dead_set = metrics.overlap_ratio(self.dead_set, dead), dead
-    extra = {'folded': folded} if c.remove_constant else {}
-    if collapsed:
-      extra['collapsed'] = collapsed
-    removed = self.prune(
-      keeps,
-      reason='dead',
-      defer=True,
-      check_s=check_s,
-      live=deadunits.count(alive),
-      dead=len(dead),
-      dead_overlap=overlap,
-      started=started,
-      constant=deadunits.count(constant),
-      **capped,
-      **extra,
-    )
-    if target.enabled(self.config):
-      target.after_check(self, capped.get('capped', 0))  # measure the sparsity, set the gain
-    return removed
 
 
 def _key(widths: Mapping[str, int]) -> tuple:

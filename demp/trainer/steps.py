@@ -2,7 +2,7 @@
 
 ``make_train_step(model, tx)`` returns ``step(state, batch) -> (state, metrics)``
 over the train state ``{'params', 'batch_stats', 'opt_state'}``
-(:func:`demp.run.create_train_state`); ``make_eval_step(model)`` a jitted
+(:func:`demp.trainer.run.create_train_state`); ``make_eval_step(model)`` a jitted
 ``step(variables, batch) -> sums``.
 """
 
@@ -71,6 +71,6 @@ def make_eval_step(model):
   Every call returns the same jitted function for an equal ``model`` (a Flax
   module is compared by its fields, the widths among them): the eval step is
   traced and compiled once per architecture and batch shape, not once per
-  :func:`demp.train.evaluate`.
+  :func:`demp.trainer.train.evaluate`.
   """
   return functools.partial(_eval_step, model)

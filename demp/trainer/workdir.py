@@ -9,9 +9,9 @@ the workdir. It
   at once, naming the holder's pid. A lock file left with the pid of a process
   that is gone (killed) is taken over, with a log line;
 * compares the config's **identity** (the config JSON minus the bookkeeping
-  keys of :data:`demp.checkpoint.RESUME_MUTABLE`, which may change on resume,
+  keys of :data:`demp.trainer.checkpoint.RESUME_MUTABLE`, which may change on resume,
   and minus keys added to the code since, at their defaults:
-  :func:`demp.checkpoint.added_keys_at_default`) with the run that left results
+  :func:`demp.trainer.checkpoint.added_keys_at_default`) with the run that left results
   in the workdir (``summary.json``,
   ``metrics.jsonl`` or a checkpoint), read from ``run.json`` (or the
   ``config.json`` of runs older than ``run.json``):
@@ -52,7 +52,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from demp import checkpoint
+from demp.trainer import checkpoint
 
 LOCK = '.lock'
 RUN = 'run.json'
@@ -183,7 +183,7 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> str | None:
   )
   if old is None:
     if 'checkpoints' in found:
-      return None  # an older layout: demp.checkpoint.check_config compares the configs
+      return None  # an older layout: demp.trainer.checkpoint.check_config compares the configs
     return (
       f'workdir {workdir} holds results ({", ".join(found)}) of a run whose config is '
       f'unknown (no {RUN} or config.json). {advice}'

@@ -1,4 +1,4 @@
-"""Sparsity, FLOPs, writers and the end-of-run table."""
+"""A run's accounting and logs: FLOPs over the run, dead sets, the JSONL writer, the end-of-run table."""
 
 from __future__ import annotations
 
@@ -11,28 +11,6 @@ import jax
 import numpy as np
 
 PyTree = Any
-
-
-def num_params(params: PyTree) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
-
-
-def num_nonzero(params: PyTree) -> int:
-  return int(sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params)))
-
-
-def neuron_sparsity(widths: Mapping[str, int], dense_widths: Mapping[str, int]) -> float:
-  """Fraction of prunable units removed (over every unit group)."""
-  return 1.0 - sum(widths.values()) / sum(dense_widths.values())
-
-
-def weight_sparsity(params: PyTree, dense_num_params: int) -> float:
-  """1 - (nonzero parameters now) / (parameters of the dense model), over all weights.
-
-  Counts both physically removed weights (structured methods) and weights held
-  at zero by a mask (unstructured methods).
-  """
-  return 1.0 - num_nonzero(params) / dense_num_params
 
 
 def dead_set(
@@ -59,14 +37,6 @@ def overlap_ratio(x: frozenset | set | None, y: frozenset | set) -> float | None
   if not x or not y:
     return None
   return len(x & y) / min(len(x), len(y))
-
-
-def compiled_flops(compiled) -> float:
-  """FLOPs of one call of an AOT-compiled function, from XLA's cost analysis."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', float('nan')))
 
 
 class JsonlWriter:

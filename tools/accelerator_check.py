@@ -6,20 +6,20 @@ with a note, never started):
 
 1. ``steps/<model>/<dtype>``: the jitted train step of each model dense and with
    25 / 50 / 75 % of every unit group's units removed by the real surgery
-   (:func:`demp.benchmark.step_times`: interleaved rounds, median), next to the
+   (:func:`tools.benchmark.step_times`: interleaved rounds, median), next to the
    FLOP ratio of XLA's cost analysis of each compiled step, and each step's
-   compile time; in float32 and in bfloat16 (:class:`demp.benchmark.ComputeDtype`:
+   compile time; in float32 and in bfloat16 (:class:`tools.benchmark.ComputeDtype`:
    the models have no dtype argument, so params and images are cast to bf16
    inside the loss; master params, optimizer state, BN statistics and the loss
    stay float32).
 2. ``event/<model>``: one prune event (death check compiled and run, surgery,
-   recompiling the step; :func:`demp.benchmark.prune_event_time`) as a fraction
+   recompiling the step; :func:`tools.benchmark.prune_event_time`) as a fraction
    of τ = 1000 and 5000 steps of the pruned step. The bf16 row is derived: the
    same check and surgery plus the bf16 step's compile time from part 1.
 3. ``real_run``: a short DemP run and a dense run with the same steps on real
    data (the caller's configs, e.g. ResNet-18 x0.5 on the CIFAR-10 subset):
    wall time (compiles and prune events included, and each apart), final
-   widths, test accuracy. It drives the trainer's own :class:`demp.train.Run`
+   widths, test accuracy. It drives the trainer's own :class:`demp.trainer.train.Run`
    (death check, surgery, recompile as in training) from a numpy input
    pipeline (:func:`train_batches`, every batch made and put on the device
    before the clock starts), so it needs no TensorFlow.
@@ -54,9 +54,11 @@ import jaxlib
 import ml_collections
 import numpy as np
 
-from demp import benchmark, methods, metrics, models, optim, steps
-from demp import config as config_lib
-from demp import run as run_lib
+from demp import flops, models
+from demp.trainer import config as config_lib
+from demp.trainer import methods, optim, steps
+from demp.trainer import run as run_lib
+from tools import benchmark
 
 SCHEMA_VERSION = 1
 JSON_NAME = 'accelerator_check.json'
@@ -65,7 +67,7 @@ BF16_CAST = (
   'bfloat16: the models take no dtype, so the params collection and the input images '
   'are cast to bfloat16 inside the loss (every conv, matmul and BN output in bf16; '
   'BN statistics reduced in float32); master params, optimizer state, BN running '
-  'statistics, logits and loss are float32 (demp.benchmark.ComputeDtype).'
+  'statistics, logits and loss are float32 (tools.benchmark.ComputeDtype).'
 )
 TINY_WIDTH = 1 / 16
 
@@ -566,9 +568,9 @@ def train_run(
   batches: Sequence[Mapping[str, jax.Array]] | None = None,
   variables: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """``config`` trained like :func:`demp.train.train_and_evaluate` does, data from ``arrays``.
+  """``config`` trained like :func:`demp.trainer.train.train_and_evaluate` does, data from ``arrays``.
 
-  The same model, optimizer (method wrapper + accumulation), :class:`demp.train.Run`
+  The same model, optimizer (method wrapper + accumulation), :class:`demp.trainer.train.Run`
   (AOT step per architecture, death check, keep-masks, surgery) and hook
   schedule; host syncs only at prune events and at the end. ``batches``: the
   train batches (default :func:`device_batches`); ``variables``: the initial
@@ -597,7 +599,7 @@ def train_run(
     state=state,
     death_images=death,
     dense_widths=dict(model.widths),
-    dense_params=metrics.num_params(state['params']),
+    dense_params=flops.num_params(state['params']),
   )
   if batches is None:
     batches = device_batches(config, arrays)
@@ -646,9 +648,9 @@ def train_run(
     'final_train_loss': float(np.mean(losses[-min(10, len(losses)) :])),
     'widths': dict(run.model.widths),
     'dense_widths': dict(run.dense_widths),
-    'neuron_sparsity': metrics.neuron_sparsity(run.model.widths, run.dense_widths),
+    'neuron_sparsity': flops.neuron_sparsity(run.model.widths, run.dense_widths),
     'dense_params': run.dense_params,
-    'final_params': metrics.num_params(run.state['params']),
+    'final_params': flops.num_params(run.state['params']),
     'prune_events': len(run.events),
     'prune_events_effective': sum(bool(e['removed']) for e in run.events),
     'events': [
