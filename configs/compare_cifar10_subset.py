@@ -24,7 +24,7 @@ early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
 (True: DemP also removes units constant over the check set, their constant
 folded into the consumer: ``prune.remove_constant``; the short-run candidate
 recipe is ``method=demp,steps=1200,width=0.5,lam=0.04,constant=True``, see
-results.md), ``scale_lam`` (True: ``lam`` is the peak λ of a 1200-step run, and
+docs/results.md), ``scale_lam`` (True: ``lam`` is the peak λ of a 1200-step run, and
 the run uses ``lam · (1200 / steps)^0.35``: the measured λ-transfer rule of this recipe,
 see ``LAMBDA_EXPONENT``), ``smoke``. The
 unstructured baselines (``magnitude``, ``rigl``, ...) read ``target`` over their

@@ -35,7 +35,7 @@ def load_points(
 
   Collapsed runs (test accuracy below ``min_accuracy``, e.g. chance) are left
   out: a network that lost a whole layer's signal keeps its constant units and
-  prunes *less* than its λ predicts (results.md, constant units).
+  prunes *less* than its λ predicts (docs/results.md, constant units).
   """
   points = []
   for pattern in patterns:
@@ -78,7 +78,7 @@ def fit_exponent(points, exponents=EXPONENTS, max_sparsity: float = 0.95) -> dic
   """The exponent ``a`` making sparsity one logistic function of ``λ·T^a``.
 
   Runs whose sparsity exceeds ``max_sparsity`` are left out (a collapsed run
-  prunes less than its λ predicts: see the constant units in results.md).
+  prunes less than its λ predicts: see the constant units in docs/results.md).
 
   Returns:
     ``{'exponent': a, 'residual': rms, 'residuals': {a: rms}, 'points': n,
