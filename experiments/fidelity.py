@@ -99,7 +99,7 @@ STAGES: dict[str, Stage] = {
     seeds=(0, 1),
     seed_major=False,
   ),
-  # Issue 20: how the useful λ moves with the run length. If it scales like 1/steps,
+  # How the useful λ moves with the run length. If it scales like 1/steps,
   # 600 steps at λ 0.08 and 2400 steps at λ 0.02 land where 1200 steps at λ 0.04 does;
   # λ 0.04 at both lengths shows the shift at a fixed λ. Cheapest first within a seed.
   'convnet_adam_length': Stage(
@@ -139,7 +139,7 @@ STAGES: dict[str, Stage] = {
       'arg.method=demp;arg.lam=0.005,0.01,0.02;seed={s}',
     ),
   ),
-  # Issue 16: DemP asked for a sparsity (demp.target_sparsity steers λ_t), one run per target.
+  # DemP asked for a sparsity (demp.target_sparsity steers λ_t), one run per target.
   'convnet_target': Stage(
     CONVNET.replace('{steps}', '1200'),
     (

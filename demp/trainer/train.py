@@ -517,7 +517,9 @@ def _train(
   wall = loop.wall_s()
 
   ev = evaluate(run.model, run.variables, config, mesh=mesh)
-  summary = _summary(config, run, ev, loop.segments, loop.train_flops, wall, loop.compile_s)
+  summary = accounting.run_summary(
+    config, run, ev, loop.segments, loop.train_flops, wall, loop.compile_s
+  )
   summary.update(parallel.describe(mesh), resumed_at=loop.resumed_at)
   summary.update(compile_cache.summary())  # this process's cache hits / misses / compiles
   jsonl.write({'step': config.num_steps, 'summary': summary})
@@ -545,54 +547,6 @@ def _value(schedule, step: int) -> float:
   return float(schedule(step)) if callable(schedule) else float(schedule)
 
 
-def _step_time(segment) -> float:
-  # The first step of a segment can include host/device warm-up; the mean is fine for
-  # the table, scripts/benchmark.py measures clean ratios side by side.
-  return segment['seconds'] / max(1, segment['steps'])
-
-
-def _summary(config, run: Run, ev, segments, train_flops, wall, compile_s) -> dict[str, Any]:
-  first, final = segments[0], segments[-1]
-  return {
-    'method': config.method,
-    'steps': config.num_steps,
-    'test_accuracy': ev['accuracy'],
-    'test_loss': ev['loss'],
-    'neuron_sparsity': flops.neuron_sparsity(run.model.widths, run.dense_widths),
-    'weight_sparsity': flops.weight_sparsity(run.state['params'], run.dense_params),
-    'widths': dict(run.model.widths),
-    'dense_widths': run.dense_widths,
-    'dense_params': run.dense_params,
-    'final_params': flops.num_params(run.state['params']),
-    'prune_events': len(run.events),
-    'prune_events_effective': sum(e['removed'] for e in run.events),
-    'events': run.events,
-    'wall_time_s': wall,
-    'compile_time_s': compile_s,
-    'step_time_first_s': _step_time(first),
-    'step_time_final_s': _step_time(final),
-    'step_time_ratio': _step_time(final) / _step_time(first),
-    'step_flops_first': first['flops'],
-    'step_flops_final': final['flops'],
-    'step_flops_ratio': final['flops'] / first['flops'],
-    **accounting.run_flops(
-      model=run.model,
-      tx=run.tx,
-      dense_widths=run.dense_widths,
-      image_shape=run.death_images.shape[1:],
-      batch_size=config.batch_size,
-      num_steps=config.num_steps,
-      segments=segments,
-      train_flops=train_flops,
-      make_step=steps.make_train_step,
-      label_smoothing=config.label_smoothing,
-    ),
-    'segments': segments,
-    **_prune_costs(run.costs, wall),
-    'method_stats': dict(run.stats),
-  }
-
-
 def _pending_cost(run) -> dict[str, Any]:
   """The cost record of the pending deferred prune (a bare one when decided before a resume)."""
   return run.pending.get('cost') or {
@@ -600,21 +554,6 @@ def _pending_cost(run) -> dict[str, Any]:
     'step': run.pending['switch_step'],
     'removed': True,
     'decision_s': 0.0,
-  }
-
-
-def _prune_costs(costs, wall: float) -> dict[str, Any]:
-  """The prune events' total stall and its share of the wall time (summary keys)."""
-  stalls = [c['stall_s'] for c in costs]
-  return {
-    'prune_overhead_s': float(sum(stalls)),
-    'prune_overhead_share': float(sum(stalls) / wall) if wall > 0 else float('nan'),
-    'prune_stall_max_s': float(max(stalls, default=0.0)),
-    'prune_stall_max_steps': float(max((c['stall_steps'] for c in costs), default=0.0)),
-    'prune_compile_background_s': float(
-      sum(c.get('compile_s', 0.0) for c in costs if c.get('background'))
-    ),
-    'prune_costs': list(costs),
   }
 
 
