@@ -25,6 +25,7 @@ from demp.trainer import export as run_export
 from tools import export_benchmark
 from demp.trainer import config as config_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = (16, 16, 3)
 MODELS = {
   'convnet': {'name': 'convnet', 'widths': [8, 16], 'head': 'flatten'},
@@ -315,7 +316,7 @@ def test_not_exportable(runs, tiny_npz, tmp_path):
   empty = str(tmp_path / 'empty')
   os.makedirs(empty)
   with pytest.raises(
-    run_export.NotExportableError, match=re.escape(f'cannot export {empty}: no checkpoint')
+    run_export.NotExportableError, match=re.escape(f'cannot export {empty}: no final network')
   ):
     run_export.export_run(empty, str(tmp_path / 'out'))
   no_ckpt = str(tmp_path / 'no_ckpt')
@@ -323,11 +324,14 @@ def test_not_exportable(runs, tiny_npz, tmp_path):
   with open(os.path.join(no_ckpt, 'summary.json'), 'w') as f:
     json.dump(runs['convnet']['summary']['widths'], f)
   with pytest.raises(
-    run_export.NotExportableError, match=r'saved no checkpoint.*checkpoint\.every'
+    run_export.NotExportableError, match=r'saved neither its final network nor a checkpoint'
   ):
     run_export.export_run(no_ckpt, str(tmp_path / 'out'))
   unfinished = str(tmp_path / 'unfinished')
-  out = train.train_and_evaluate(tiny_config('convnet', tiny_npz), unfinished, stop_after=1)
+  c = tiny_config('convnet', tiny_npz)
+  c.checkpoint.final = False  # a preempted run has no final network anyway
+  out = train.train_and_evaluate(c, unfinished, stop_after=1)
+  assert not os.path.exists(os.path.join(unfinished, checkpoint.FINAL))
   assert out['preempted'] and out['step'] == 1
   with pytest.raises(
     run_export.NotExportableError,
@@ -390,3 +394,35 @@ def test_benchmark_run_and_script(runs, exports, tmp_path):
   folded = [r for r in rows if r['variant'] == 'pruned+fold_bn']
   pruned = [r for r in rows if r['variant'] == 'pruned']
   assert all(f['flops'] < p['flops'] for f, p in zip(folded, pruned))  # no BN arithmetic left
+
+
+def test_the_quickstart_exports_with_no_extra_flag(tmp_path):
+  """A finished run keeps its final network (checkpoint.every=0 as in the quickstart):
+  scripts.export writes it, and a fresh process reloads it with the same logits."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+
+  c = quickstart.get_config()
+  c.num_steps, c.prune.every, c.progress_bar = 30, 10, False
+  assert c.checkpoint.every == 0 and c.checkpoint.final
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'export')
+  summary = train.train_and_evaluate(c, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '30'))
+  model, variables, meta = run_export.load_run(workdir)
+  assert dict(model.widths) == summary['widths'] and meta['step'] == 30
+  images = data.fixed_examples(c.data, 16, seed=1)['image']
+  want = np.asarray(model.apply(variables, images, train=False))
+  subprocess.run(
+    [sys.executable, '-m', 'scripts.export', f'--workdir={workdir}', f'--out={out}'],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  np.save(tmp_path / 'images.npy', images)
+  code = textwrap.dedent(f"""
+    import numpy as np, demp
+    loaded = demp.load_exported({out!r})
+    np.save({str(tmp_path / 'got.npy')!r}, np.asarray(loaded.apply(np.load({str(tmp_path / 'images.npy')!r}))))
+  """)
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, capture_output=True, text=True)
+  np.testing.assert_allclose(np.load(tmp_path / 'got.npy'), want, atol=1e-5, rtol=0)

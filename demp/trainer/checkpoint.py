@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -62,7 +63,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from demp import models, surgery
+from demp import export, models, surgery
 from demp.trainer import run as run_lib
 
 PyTree = Any
@@ -398,6 +399,66 @@ def save(mngr: ocp.CheckpointManager, run, *, batches: int, progress: Mapping[st
     args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), arrays=ocp.args.StandardSave(flat)),
     force=True,
   )
+
+
+# ----------------------------------------------------------------------------
+# The final network: what a finished run ships, whatever checkpoint.every says.
+
+FINAL = 'final'
+"""``<workdir>/final/``: ``meta.json`` and ``variables/`` (params and batch stats)."""
+
+
+def save_final(workdir: str, run) -> str:
+  """Writes the run's final network into ``<workdir>/final`` (replacing one there); returns it.
+
+  Params and batch statistics only (no optimizer state), an orbax
+  ``StandardCheckpointer`` directory, and ``meta.json`` with the config and the
+  model's widths, input shape and class count: enough for :func:`load` and for
+  ``python -m scripts.export``. A few hundred KB to a few MB for the subset models.
+  """
+  out = os.path.join(workdir, FINAL)
+  if os.path.isdir(out):
+    shutil.rmtree(out)
+  os.makedirs(out)
+  variables = jax.device_get(
+    {'params': run.state['params'], 'batch_stats': run.state['batch_stats']}
+  )
+  export.save_variables(os.path.join(out, 'variables'), variables)
+  meta = {
+    'format': FORMAT,
+    'step': int(run.step),
+    'model': {
+      'name': run.config.model.name,
+      'widths': {k: int(v) for k, v in run.model.widths.items()},
+      'input_shape': [int(d) for d in run.death_images.shape[1:]],
+      'num_classes': int(getattr(run.model, 'num_classes', -1)),
+    },
+    'config': config_json(run.config),
+  }
+  with open(os.path.join(out, 'meta.json'), 'w') as f:
+    json.dump(meta, f, indent=2)
+  return out
+
+
+def load_final(workdir: str) -> tuple[Any, dict, dict]:
+  """``(model, variables, meta)`` of ``<workdir>/final`` (see :func:`save_final`)."""
+  path = os.path.join(workdir, FINAL)
+  if not os.path.exists(os.path.join(path, 'meta.json')):
+    raise FileNotFoundError(f'no final network in {workdir} ({path}/meta.json is missing).')
+  with open(os.path.join(path, 'meta.json')) as f:
+    meta = json.load(f)
+  model = models.from_config(meta['config']['model'], meta['model']['num_classes'])
+  model = model.clone(widths=flax.core.FrozenDict(meta['model']['widths']))
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, *meta['model']['input_shape'])), train=False
+    )
+  )
+  target = export.saved_collections(shapes)
+  ckptr = ocp.StandardCheckpointer()
+  variables = ckptr.restore(os.path.abspath(os.path.join(path, 'variables')), target)
+  ckptr.close()
+  return model, dict(variables), meta
 
 
 # ----------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     ml_collections.ConfigDict()
   )  # demp.trainer.checkpoint: <workdir>/checkpoints, resumed automatically
   c.checkpoint.every = 0  # save every N steps and at the end; 0 = only on SIGTERM
+  c.checkpoint.final = True  # the final network (params, batch stats) into <workdir>/final
   c.checkpoint.keep = 3  # keep the last N checkpoints
   c.checkpoint.async_save = True  # write in a background thread while training goes on
   c.checkpoint.data_resume = (
@@ -396,3 +397,5 @@ def _check_checkpoint_config(c) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
       raise ValueError(f'checkpoint.{key}={v!r} must be an int >= {low}.')
   _allowed('checkpoint.data_resume', c.data_resume, ('skip', 'reseed'))
+  if not isinstance(c.final, bool):
+    raise ValueError(f'checkpoint.final={c.final!r} must be True or False.')

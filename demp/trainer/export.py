@@ -2,7 +2,8 @@
 
     python -m scripts.export --workdir RUN --out DIR [--fold_bn]
 
-:func:`export_run` reads the run's final network (the last checkpoint) and
+`export_run` reads the run's final network (``<workdir>/final``, or the last
+checkpoint) and
 writes it with :mod:`demp.export` (architecture, variables, a self-contained
 inference function), after checking the exported function against the Flax
 model.
@@ -45,24 +46,29 @@ class NotExportableError(ValueError):
 
 
 def load_run(workdir: str) -> tuple[nn.Module, dict, dict]:
-  """``(model, variables, meta)`` of the final checkpoint of a finished run.
+  """``(model, variables, meta)`` of the final network of a finished run.
 
-  Raises :class:`NotExportableError` naming ``workdir`` when it has no
-  checkpoint or when the latest one is before ``num_steps``.
+  The run's final save (``<workdir>/final``, written at the end of every run with
+  ``checkpoint.final``, the default), else its last checkpoint. Raises
+  :class:`NotExportableError` naming ``workdir`` when it has neither, or when the
+  latest checkpoint is before ``num_steps``.
   """
+  if os.path.exists(os.path.join(workdir, checkpoint.FINAL, 'meta.json')):
+    return checkpoint.load_final(workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   steps = _checkpoint_steps(ckpt_dir)
   if not steps:
     trained = os.path.exists(os.path.join(workdir, 'summary.json'))
     why = (
-      'the run finished but saved no checkpoint (checkpoint.every=0 saves only on SIGTERM)'
+      'the run finished but saved neither its final network nor a checkpoint '
+      '(checkpoint.final=False and checkpoint.every=0)'
       if trained
       else 'there is no run there'
     )
     raise NotExportableError(
-      f'cannot export {workdir}: no checkpoint in {ckpt_dir} ({why}). Train with '
-      f'checkpoint.every > 0 (e.g. --config.checkpoint.every=<num_steps>): the trainer then '
-      f'saves the final network at the last step.'
+      f'cannot export {workdir}: no final network in {os.path.join(workdir, checkpoint.FINAL)} '
+      f'and no checkpoint in {ckpt_dir} ({why}). Train with checkpoint.final=True (the '
+      f'default) or checkpoint.every > 0.'
     )
   model, variables, meta = checkpoint.load(workdir)
   num_steps = int(meta['config']['num_steps'])

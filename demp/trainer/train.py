@@ -526,6 +526,8 @@ def _train(
   jsonl.close()
   if tb is not None:
     tb.close()
+  if primary and config.checkpoint.final:  # the run's product, whatever checkpoint.every says
+    checkpoint.save_final(workdir, run)
   if primary:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(metrics._to_json(summary), f, indent=2)

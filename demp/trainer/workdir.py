@@ -56,7 +56,7 @@ from demp.trainer import checkpoint
 
 LOCK = '.lock'
 RUN = 'run.json'
-RESULTS = ('summary.json', 'metrics.jsonl', 'checkpoints')
+RESULTS = ('summary.json', 'metrics.jsonl', 'final', 'checkpoints')
 """Files whose presence means a run already wrote results here."""
 PREVIOUS = 'previous-'
 KEEP_IN_PLACE = (LOCK,)
