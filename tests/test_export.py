@@ -4,7 +4,6 @@ fresh process without demp or flax, BN folding, load_exported, the benchmark, an
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -19,6 +18,7 @@ from absl import flags
 from jax.experimental.compilation_cache import compilation_cache
 
 from demp import benchmark, checkpoint, data, export, methods, train
+from tests import _util
 
 IMAGE = (16, 16, 3)
 MODELS = {
@@ -172,12 +172,12 @@ def test_exported_function_reproduces_final_eval_logits_in_a_fresh_process(runs,
         'out': str(tmp_path / f'{name}_{int(fold)}_logits.npy'),
       }
     )
-  proc = subprocess.run(
+  proc = _util.run(
     [sys.executable, '-c', CHILD, json.dumps(jobs)],
     cwd=str(tmp_path),
     capture_output=True,
     text=True,
-    timeout=600,
+    seconds=600,
     env={**os.environ, 'PYTHONPATH': ''},
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
