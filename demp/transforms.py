@@ -443,6 +443,15 @@ class LiveNoiseState(NamedTuple):
   live_mask: Any = None
 
 
+def _nonzero(g: jax.Array) -> jax.Array:
+  """``g != 0``, with subnormal values counted as zero on every backend.
+
+  XLA on CPU flushes subnormals to zero (and reads them as zero); a backend that
+  keeps them would otherwise call a gradient of 1e-40 live. NaN counts as live.
+  """
+  return ~(jnp.abs(g) < jnp.finfo(g.dtype).tiny)
+
+
 LIVENESS_MODES = ('gradient', 'mask')
 """How :func:`with_live_noise` reads liveness: from the raw gradient (``!= 0``,
 exact for ReLU) or from a mask in its state (the last death check's verdict)."""
@@ -480,7 +489,14 @@ def with_live_noise(
   noise has each update leaf's dtype.
 
   Liveness. ``liveness='gradient'`` (above) is exact for ReLU: a unit dead on
-  every example has an exactly zero loss gradient on all its weights. For GELU,
+  every example has an exactly zero loss gradient on all its weights. A
+  gradient smaller in magnitude than the dtype's smallest normal number
+  (float32: 1.18e-38) counts as zero, so a gradient that underflows is dead on
+  every CPU and backend, whether or not it flushes subnormals. A gradient that
+  is zero only analytically, as a sum that cancels (a unit's constant output
+  into a BatchNorm that subtracts its batch mean), comes out as rounding noise
+  or as exactly 0 depending on the order of summation; the gradient rule then
+  depends on the machine, the mask rule does not. For GELU,
   Swish or Leaky ReLU the gradient of an ε-dead unit is tiny but not zero, so
   the gradient rule would put noise everywhere (symmetric noise). With
   ``liveness='mask'`` the mask is instead :attr:`LiveNoiseState.live_mask`, a
@@ -562,7 +578,7 @@ def with_live_noise(
         raise ValueError("with_live_noise(liveness='mask') got a state without live_mask.")
       live = state.live_mask
     else:
-      live = jax.tree.map(lambda g: g != 0, updates)  # Before any penalty.
+      live = jax.tree.map(_nonzero, updates)  # Before any penalty.
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     sigma = _value_at(std, state.count)
     noise = _normal_like(jax.random.fold_in(state.key, state.count), updates)

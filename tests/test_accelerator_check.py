@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -15,6 +14,7 @@ from tools import accelerator_check as check
 from tools import benchmark
 from demp import models
 from demp.trainer import steps
+from tests import _util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,21 +27,21 @@ _WITHOUT_TF = (
 )
 
 
-def _script(*args, timeout=300, without_tf=False):
+def _script(*args, seconds=300, without_tf=False):
   """``python -m scripts.accelerator_check ARGS`` on CPU (a subprocess: its flags are its own)."""
   cmd = ['-c', _WITHOUT_TF] if without_tf else ['-m', 'scripts.accelerator_check']
-  return subprocess.run(
+  return _util.run(
     [sys.executable, *cmd, *args],
     cwd=ROOT,
     capture_output=True,
     text=True,
-    timeout=timeout,
+    seconds=seconds,
     env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
   )
 
 
 def test_refuses_cpu_without_allow_cpu(tmp_path):
-  proc = _script(f'--out={tmp_path}', timeout=120)
+  proc = _script(f'--out={tmp_path}', seconds=120)
   assert proc.returncode == 1
   assert 'JAX sees only CPU devices' in proc.stderr and '--allow_cpu' in proc.stderr
   assert not os.listdir(tmp_path)  # nothing written that could pass for a result

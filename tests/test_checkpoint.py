@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -20,6 +19,7 @@ from configs import quickstart
 from demp.trainer import checkpoint, parallel, train
 from demp import data
 from demp.trainer import config as config_lib
+from tests import _util
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -179,7 +179,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path, child
       print('RESULT', out.get('preempted'), out.get('step'))
   """)
   children.append(child)
-  output, _ = child.communicate(timeout=240)
+  output, _ = _util.communicate(child, 240, 'the run that is sent SIGTERM')
   assert child.returncode == 0, output[-3000:]
   assert 'RESULT True 25' in output, output[-3000:]
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -203,28 +203,26 @@ def test_kill9_during_a_save_leaves_the_previous_checkpoint_usable(reference, tm
       async def finalize_slowly(self):
         if self.get_final().name == '20':        # arrays written, not yet committed
           open({marker!r}, 'w').close()
-          time.sleep(600)
+          time.sleep(10**6)  # until the test kills it
         return await finalize(self)
       atomicity.AtomicRenameTemporaryPath.finalize = finalize_slowly
       train.train_and_evaluate(tiny_config(**{{'checkpoint.every': 10}}), {workdir!r})
   """)
   children.append(child)
-  t0 = time.time()
-  while not os.path.exists(marker):
-    assert child.poll() is None, child.communicate()[0][-3000:]
-    assert time.time() - t0 < 240, 'the child never reached the save of step 20'
-    time.sleep(0.1)
+  _util.wait_until(lambda: os.path.exists(marker), 240, 'the save of step 20', child)
   child.send_signal(signal.SIGKILL)
-  child.communicate(timeout=60)
+  _util.communicate(child, 60, 'the child killed -9')
   assert child.returncode == -signal.SIGKILL
   ckpts = os.path.join(workdir, 'checkpoints')
   assert any(name.startswith('20.') and 'tmp' in name for name in os.listdir(ckpts))  # half-written
   mngr = checkpoint.manager(ckpts)  # removes the half-written step
   assert mngr.all_steps() == [10]
   assert checkpoint.read_meta(mngr)['model']['widths'] == {'hidden_0': 32, 'hidden_1': 32}
-  t0 = time.time()  # this manager removes the half-written step in a background thread: let it
-  while any('tmp' in name for name in os.listdir(ckpts)) and time.time() - t0 < 60:
-    time.sleep(0.05)  # finish, or the trainer's own manager races it on the same folder
+  # This manager removes the half-written step in a background thread: let it finish, or the
+  # trainer's own manager races it on the same folder.
+  _util.wait_until(
+    lambda: not any('tmp' in name for name in os.listdir(ckpts)), 60, 'the removal of step 20'
+  )
   summary = train.train_and_evaluate(tiny_config(**{'checkpoint.every': 10}), workdir)
   assert summary['resumed_at'] == [10]
   _assert_same_final_params(workdir, reference)

@@ -4,7 +4,6 @@ fresh process without demp or flax, BN folding, load_exported, the benchmark, an
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -24,6 +23,7 @@ from demp import data, export
 from demp.trainer import export as run_export
 from tools import export_benchmark
 from demp.trainer import config as config_lib
+from tests import _util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = (16, 16, 3)
@@ -180,12 +180,12 @@ def test_exported_function_reproduces_final_eval_logits_in_a_fresh_process(runs,
         'out': str(tmp_path / f'{name}_{int(fold)}_logits.npy'),
       }
     )
-  proc = subprocess.run(
+  proc = _util.run(
     [sys.executable, '-c', CHILD, json.dumps(jobs)],
     cwd=str(tmp_path),
     capture_output=True,
     text=True,
-    timeout=600,
+    seconds=600,
     env={**os.environ, 'PYTHONPATH': ''},
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -411,8 +411,10 @@ def test_the_quickstart_exports_with_no_extra_flag(tmp_path):
   assert dict(model.widths) == summary['widths'] and meta['step'] == 30
   images = data.fixed_examples(c.data, 16, seed=1)['image']
   want = np.asarray(model.apply(variables, images, train=False))
-  subprocess.run(
+  _util.run(
     [sys.executable, '-m', 'scripts.export', f'--workdir={workdir}', f'--out={out}'],
+    seconds=300,
+    what='scripts.export',
     cwd=ROOT,
     check=True,
     capture_output=True,
@@ -424,5 +426,13 @@ def test_the_quickstart_exports_with_no_extra_flag(tmp_path):
     loaded = demp.load_exported({out!r})
     np.save({str(tmp_path / 'got.npy')!r}, np.asarray(loaded.apply(np.load({str(tmp_path / 'images.npy')!r}))))
   """)
-  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, capture_output=True, text=True)
+  _util.run(
+    [sys.executable, '-c', code],
+    seconds=300,
+    what='the reload',
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
   np.testing.assert_allclose(np.load(tmp_path / 'got.npy'), want, atol=1e-5, rtol=0)

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import flax
 import flax.linen as nn
@@ -34,6 +33,7 @@ from demp.models import common, mlp, vit
 from demp import protocol
 from demp.trainer import demp_policy
 from demp.trainer import config as config_lib
+from tests import _util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_OPTIONS = {
@@ -333,12 +333,8 @@ def _child(code, *, argv=None):
   )
 
 
-def _wait_for(path, child, what, timeout=240):
-  t0 = time.time()
-  while not os.path.exists(path):
-    assert child.poll() is None, child.communicate()[0][-3000:]
-    assert time.time() - t0 < timeout, f'the child never reached {what}'
-    time.sleep(0.1)
+def _wait_for(path, child, what, seconds=240):
+  _util.wait_until(lambda: os.path.exists(path), seconds, what, child)
 
 
 CLI_ARGS = [
@@ -376,7 +372,7 @@ def test_second_process_is_refused_then_kill9_during_a_prune_event_resumes(
       def prune_slowly(self, keeps, *args, **kwargs):
         if self.step == 8:                       # inside the prune event of step 8
           open({marker!r}, 'w').close()
-          time.sleep(600)
+          time.sleep(10**6)  # until the test kills it
         return prune(self, keeps, *args, **kwargs)
       train.Run.prune = prune_slowly
       sys.argv = ['train', '--config', 'configs/quickstart.py', '--workdir', {path!r},
@@ -401,13 +397,13 @@ def test_second_process_is_refused_then_kill9_during_a_prune_event_resumes(
     ],
   )
   children.append(second)
-  out, _ = second.communicate(timeout=240)
+  out, _ = _util.communicate(second, 240, 'the second process on the workdir')
   assert second.returncode != 0
   assert f'is in use by another run (process {first.pid} holds' in out, out[-3000:]
   assert snapshot(path) == before
 
   first.send_signal(signal.SIGKILL)
-  first.communicate(timeout=60)
+  _util.communicate(first, 60, 'the first process, killed -9')
   assert first.returncode == -signal.SIGKILL
   assert checkpoint.manager(os.path.join(path, 'checkpoints')).all_steps() == [4]
   with caplog.at_level(logging.WARNING):
@@ -433,7 +429,7 @@ def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, chil
       async def finalize_slowly(self):
         if self.get_final().name == '8':         # arrays written, not yet committed
           open({marker!r}, 'w').close()
-          time.sleep(600)
+          time.sleep(10**6)  # until the test kills it
         return await finalize(self)
       atomicity.AtomicRenameTemporaryPath.finalize = finalize_slowly
       train.train_and_evaluate(tiny_config(), {path!r})
@@ -441,7 +437,7 @@ def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, chil
   children.append(child)
   _wait_for(marker, child, 'the save of step 8')
   child.send_signal(signal.SIGKILL)
-  child.communicate(timeout=60)
+  _util.communicate(child, 60, 'the child killed -9')
   summary = train.train_and_evaluate(tiny_config(), path)
   assert 'resumed from step 4' in capfd.readouterr().out
   assert summary['resumed_at'] == [4]
@@ -660,7 +656,7 @@ def test_widths_from_a_string_or_a_tuple_flag():
   assert dict(mlp.make(10, widths='8,4').widths) == {'hidden_0': 8, 'hidden_1': 4}
   with pytest.raises(ValueError, match=r"model\.widths='8,x'"):
     mlp.make(10, widths='8,x')
-  out = subprocess.run(
+  out = _util.run(
     [
       sys.executable,
       '-c',
@@ -677,7 +673,7 @@ def test_widths_from_a_string_or_a_tuple_flag():
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=120,
+    seconds=120,
     env={**os.environ, 'PYTHONPATH': REPO},
   )
   assert 'WIDTHS (32, 8)' in out.stdout, out.stderr[-2000:]

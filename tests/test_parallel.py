@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from demp.trainer import config as config_lib
 
+from tests import _util
+
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT_S = 400
+TIMEOUT_S = 400  # load-scaled (tests/_util.py)
 
 
 def tiny_config(comparable: bool = False):
@@ -159,7 +161,7 @@ def _start(tmp_path, name: str, devices: int, multihost: str | None = None):
 
 def _finish(tmp_path, name: str, child) -> dict:
   try:
-    rc = child.wait(timeout=TIMEOUT_S)
+    rc = _util.wait(child, TIMEOUT_S, f'the child process {name}')
   finally:
     if child.poll() is None:
       child.kill()

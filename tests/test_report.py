@@ -412,6 +412,48 @@ def test_sweep_results_dir_collects_and_skips(tmp_path):
   assert specs[1].name in echoed[1] and len(echoed) == 2
 
 
+def test_collected_runs_name_no_machine_paths(tmp_path):
+  """collect_run: data paths -> file name, paths inside the run -> relative, others -> last part."""
+  name = 'method-demp_seed-0'
+  run_dir = tmp_path / 'machine' / 'sweeps' / name
+  run_dir.mkdir(parents=True)
+  config = {
+    'data': {'path': '/srv/data/cifar10_subset.npz', 'data_dir': '', 'source': 'npz'},
+    'demp': {'penalty_mask': '(?:^|/)bn/scale$'},  # a regex with '/', not a path
+    'workdir_note': 'written by hand: /srv is not a path here',
+  }
+  (run_dir / 'config.json').write_text(json.dumps(config, indent=2))
+  records = [
+    {'step': 5, 'loss': 1.5},
+    {'step': 10, 'event': 'preempted', 'checkpoint': f'{run_dir}/checkpoints/10'},
+    {'step': 20, 'summary': {'compile_cache_dir': '/srv/shared/jax_cache', 'steps': 20}},
+  ]
+  (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  (run_dir / 'summary.json').write_text(
+    json.dumps({'compile_cache_dir': str(run_dir / 'jax_cache'), 'test_accuracy': 0.5})
+  )
+  assert sweep.collect_run(str(run_dir), str(tmp_path / 'kept'))
+  kept = tmp_path / 'kept' / name
+  got = json.loads((kept / 'config.json').read_text())
+  assert got == {**config, 'data': {**config['data'], 'path': 'cifar10_subset.npz'}}
+  assert (kept / 'config.json').read_text() == json.dumps(got, indent=2)  # formatting kept
+  lines = [json.loads(line) for line in (kept / 'metrics.jsonl').read_text().splitlines()]
+  assert lines[0] == records[0]
+  assert lines[1]['checkpoint'] == os.path.join('checkpoints', '10')
+  assert lines[2]['summary'] == {'compile_cache_dir': 'jax_cache', 'steps': 20}
+  assert json.loads((kept / 'summary.json').read_text()) == {
+    'compile_cache_dir': 'jax_cache',
+    'test_accuracy': 0.5,
+  }
+  assert str(tmp_path) not in ''.join(p.read_text() for p in kept.iterdir())
+  # collect compares the scrubbed summary: a run already kept is not copied again.
+  assert sweep.collect(str(run_dir.parent), str(tmp_path / 'kept')) == []
+  assert sweep.scrub_path('~/data/x.npz', 'path', name) == 'x.npz'
+  assert sweep.scrub_path('/srv/a b', 'note', name) == '/srv/a b'  # whitespace: not a path
+  assert sweep.scrub_path('../data/x.npz', 'path', name) == 'x.npz'
+  assert sweep.scrub_path(f'/x/{name}', 'dir', name) == '.'
+
+
 def test_a_run_that_exits_cleanly_without_a_summary_is_reported_stopped(tmp_path, monkeypatch):
   """A preempted trainer exits 0 but writes no summary: the sweep says so, keeps nothing."""
   finish = "import sys, os; os.makedirs(sys.argv[1], exist_ok=True); open(sys.argv[1] + '/s', 'w')"

@@ -286,6 +286,20 @@ def test_live_noise_is_exactly_zero_on_dead_entries():
     assert np.all(got[~dead] != want[~dead])
 
 
+def test_gradient_liveness_counts_an_underflowed_gradient_as_dead():
+  """0 and subnormal gradients are dead, the smallest normal one is live: on every CPU."""
+  tiny = np.finfo(np.float32).tiny  # 1.18e-38, the smallest normal float32
+  g = np.array([0.0, -0.0, 1e-40, -1e-45, tiny, -tiny, 1e-3], np.float32)
+  assert np.sum((g != 0) & (np.abs(g) < tiny)) == 2  # numpy keeps the two subnormals
+  live = [False, False, False, False, True, True, True]
+  tx = with_live_noise(optax.sgd(0.0), std=1.0, seed=0)
+  params = {"w": jnp.zeros(7)}
+  for update in (tx.update, jax.jit(tx.update)):
+    updates, _ = update({"w": jnp.asarray(g)}, tx.init(params), params)
+    got = np.asarray(updates["w"]) != 0  # sgd(0) moves nothing: only the noise
+    assert got.tolist() == live, (g.tolist(), got.tolist(), live)
+
+
 def test_symmetric_noise_reaches_dead_entries():
   params, grads = _dead_params_and_grads()
   inner = _inner()

@@ -16,9 +16,21 @@ from demp.trainer import config as config_lib
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 DEAD = 2  # the unit of hidden_0 made ε-dead
-# An offset that makes each activation's output dead by its own criterion (scale 0):
-# gelu(-6) = -6e-9, swish(-10) = -4.5e-4 (|a| < 0.01); leaky_relu(-6) = -0.3 (a <= 0).
-DEAD_OFFSET = {'gelu': -6.0, 'swish': -10.0, 'leaky_relu': -6.0, 'relu': -3.0}
+# An offset that makes each activation's output dead by its own criterion, with a scale
+# that keeps the unit's input varying over the batch: its pre-activation stays within
+# about ±1.5 of the offset (a normalized input times 0.5). gelu(-3.5 ± 1.5) and
+# swish(-10 ± 1.5) have |a| < 0.01; leaky_relu(-6 ± 1.5) < 0; relu(-3 ± 1.5) = 0.
+# The slopes there (gelu' ~ -1e-2, swish' ~ -4e-4, leaky_relu' = 0.05) are far from
+# float32's underflow, so the unit's gradients below are sums of terms that vary
+# with the example, not rounding: the same on every IEEE CPU. (With scale 0 the
+# unit's output is the same constant on every example, the next layer's BatchNorm
+# subtracts it, and its gradients are zero up to rounding: ±1e-9 or exactly 0,
+# depending on the CPU's order of summation.)
+DEAD_OFFSET = {'gelu': -3.5, 'swish': -10.0, 'leaky_relu': -6.0, 'relu': -3.0}
+DEAD_SCALE = 0.5
+# A gradient this large is no rounding residue: 100 x the ±1e-9 that an analytically
+# zero gradient of this network leaves; the smallest one checked is 7e-7 (swish's).
+REAL_GRADIENT = 1e-7
 
 
 def _dead_mlp(activation):
@@ -27,7 +39,7 @@ def _dead_mlp(activation):
   params = jax.tree.map(lambda x: x, variables['params'])
   norm = params['norm_0']
   params['norm_0'] = {
-    'scale': norm['scale'].at[DEAD].set(0.0),
+    'scale': norm['scale'].at[DEAD].set(DEAD_SCALE),
     'bias': norm['bias'].at[DEAD].set(DEAD_OFFSET[activation]),
   }
   images = jax.random.uniform(jax.random.key(1), (8, 4, 4, 1))
@@ -88,10 +100,19 @@ def test_mask_liveness_gives_no_noise_to_eps_dead_units(activation):
   tx = transforms.with_live_noise(optax.sgd(0.0), std=1e-2, liveness='mask')
   state = units.set_live_mask(tx.init(params0), params0, model, alive)
   params, _, grads = _train(model, variables, images, labels, tx, state)
-  # The gradient rule cannot see this unit's death: its loss gradient is not zero
-  # (on its offset, and on its consumer row; its kernel's is zero only because γ = 0).
-  assert grads['norm_0']['bias'][DEAD] != 0
-  assert np.all(np.asarray(grads['dense_1']['kernel'][DEAD]) != 0)
+  # The gradient rule cannot see this unit's death: its loss gradient is far from zero on
+  # its scale, its producer column and its consumer row. (Not on its offset for leaky_relu:
+  # a unit that is linear over the batch shifts by its offset a constant the next
+  # BatchNorm subtracts, so that gradient is zero up to rounding.)
+  for name, g in (
+    ('norm_0/scale', grads['norm_0']['scale'][DEAD]),
+    ('dense_0/kernel', grads['dense_0']['kernel'][:, DEAD]),
+    ('dense_1/kernel', grads['dense_1']['kernel'][DEAD]),
+  ):
+    smallest = float(np.min(np.abs(np.asarray(g))))
+    assert smallest >= REAL_GRADIENT, (
+      f'{activation}: |grad {name}| = {smallest:.3g} < {REAL_GRADIENT}'
+    )
   for before, after in zip(_dead_slices(params0), _dead_slices(params)):
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
   for before, after in zip(_live_slices(params0), _live_slices(params)):
@@ -100,7 +121,11 @@ def test_mask_liveness_gives_no_noise_to_eps_dead_units(activation):
   # The gradient rule (the old behaviour for every activation) puts noise on the dead unit.
   tx = transforms.with_live_noise(optax.sgd(0.0), std=1e-2, liveness='gradient')
   params, _, _ = _train(model, variables, images, labels, tx, tx.init(params0))
-  assert params['norm_0']['bias'][DEAD] != params0['norm_0']['bias'][DEAD]
+  assert params['norm_0']['scale'][DEAD] != params0['norm_0']['scale'][DEAD]
+  assert np.all(
+    np.asarray(params['dense_0']['kernel'][:, DEAD])
+    != np.asarray(params0['dense_0']['kernel'][:, DEAD])
+  )
   assert np.all(
     np.asarray(params['dense_1']['kernel'][DEAD]) != np.asarray(params0['dense_1']['kernel'][DEAD])
   )

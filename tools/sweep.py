@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -128,20 +127,87 @@ def is_done(workdir: str, spec: RunSpec, results_dir: str | None = None) -> bool
   return any(os.path.exists(os.path.join(d, spec.name, 'summary.json')) for d in dirs)
 
 
+_ABSOLUTE_PATH = re.compile(r'^(?:/|~/)\S+$')
+
+
+def scrub_path(value: str, key: str, run_name: str) -> str:
+  """What a result file keeps of one string value (see :func:`scrub_result`)."""
+  if key == 'path' or key == 'data_dir':  # data files: their name is what identifies them
+    return os.path.basename(os.path.normpath(value)) if value else value
+  if not _ABSOLUTE_PATH.match(value):
+    return value
+  parts = os.path.normpath(value).split(os.sep)
+  if run_name in parts:  # inside the run's own directory: relative to it
+    inside = parts[len(parts) - parts[::-1].index(run_name) :]
+    return os.path.join(*inside) if inside else '.'
+  return os.path.basename(os.path.normpath(value))
+
+
+def scrub_result(text: str, run_name: str) -> str:
+  """A result file's text (JSON, or JSON lines) without the paths of the machine it ran on.
+
+  Every string value is looked at: a data path (a ``path`` or ``data_dir`` key,
+  e.g. ``data.path``) is reduced to its file name; any other value that is an
+  absolute path (starts with ``/`` or ``~/``, no whitespace) becomes relative
+  to the run's directory when it lies inside it (a directory named
+  ``run_name``: ``.../<run>/checkpoints/40`` -> ``checkpoints/40``) and its
+  last component otherwise. Only the changed string literals are rewritten, so
+  the file keeps its formatting; a text that is not JSON is returned as it is.
+  """
+  try:
+    docs = [json.loads(text)]
+  except ValueError:
+    try:
+      docs = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError:
+      return text
+  changes = {}
+
+  def visit(x, key):
+    if isinstance(x, dict):
+      for k, v in x.items():
+        visit(v, k)
+    elif isinstance(x, list):
+      for v in x:
+        visit(v, key)
+    elif isinstance(x, str):
+      new = scrub_path(x, key, run_name)
+      if new != x:
+        changes[x] = new
+
+  for doc in docs:
+    visit(doc, '')
+  for old, new in changes.items():
+    for ascii_ in (True, False):
+      text = text.replace(
+        json.dumps(old, ensure_ascii=ascii_), json.dumps(new, ensure_ascii=ascii_)
+      )
+  return text
+
+
+def _scrubbed(src: str, run_name: str) -> bytes:
+  with open(src, encoding='utf-8') as f:
+    return scrub_result(f.read(), run_name).encode('utf-8')
+
+
 def collect_run(run_dir: str, results_dir: str) -> bool:
   """Copies one finished run's :data:`RESULT_FILES` to ``results_dir/<name>``; False if unfinished.
 
-  ``summary.json`` is copied last, so a copy interrupted half-way does not
-  count as done.
+  The copies name no directory of the machine (:func:`scrub_result`: data
+  paths reduced to their file name, other absolute paths made relative to the
+  run or reduced to their last component). ``summary.json`` is copied last, so
+  a copy interrupted half-way does not count as done.
   """
   if not os.path.exists(os.path.join(run_dir, 'summary.json')):
     return False
-  dest = os.path.join(results_dir, os.path.basename(os.path.normpath(run_dir)))
+  name = os.path.basename(os.path.normpath(run_dir))
+  dest = os.path.join(results_dir, name)
   os.makedirs(dest, exist_ok=True)
-  for name in sorted(RESULT_FILES, key=lambda n: n == 'summary.json'):
-    src = os.path.join(run_dir, name)
+  for file in sorted(RESULT_FILES, key=lambda n: n == 'summary.json'):
+    src = os.path.join(run_dir, file)
     if os.path.exists(src):
-      shutil.copyfile(src, os.path.join(dest, name))
+      with open(os.path.join(dest, file), 'wb') as f:
+        f.write(_scrubbed(src, name))
   return True
 
 
@@ -158,8 +224,8 @@ def collect(workdir: str, results_dir: str) -> list[str]:
       continue
     kept = os.path.join(results_dir, name, 'summary.json')
     if os.path.isfile(kept):
-      with open(summary, 'rb') as a, open(kept, 'rb') as b:
-        if a.read() == b.read():
+      with open(kept, 'rb') as b:
+        if _scrubbed(summary, name) == b.read():
           continue
     collect_run(run_dir, results_dir)
     done.append(name)

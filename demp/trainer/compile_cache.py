@@ -125,16 +125,21 @@ def directory(value: str, workdir: str) -> str | None:
 class Counts:
   """The cache's counts since :func:`use` was entered (see the module docstring)."""
 
-  def __init__(self, path: str | None):
+  def __init__(self, path: str | None, workdir: str = '.'):
     self.path = path
+    self.workdir = workdir
     self._start = _snapshot()
 
   def summary(self) -> dict[str, int | str]:
-    """``compile_cache_dir`` ('' when off), ``compile_cache_hits``, ``..._misses``, ``compiles``."""
+    """``compile_cache_dir`` ('' when off), ``compile_cache_hits``, ``..._misses``, ``compiles``.
+
+    ``compile_cache_dir`` is relative to the workdir (``jax_cache`` for the
+    default), so a run's summary names no directory of the machine it ran on.
+    """
     now = _snapshot()
     hits, misses, compiles = (now[k] - self._start[k] for k in (HIT, MISS, COMPILE))
     return {
-      'compile_cache_dir': self.path or '',
+      'compile_cache_dir': os.path.relpath(self.path, self.workdir) if self.path else '',
       'compile_cache_hits': hits,
       'compile_cache_misses': misses,
       'compiles': compiles - hits,
@@ -176,7 +181,7 @@ def start(value: str, workdir: str) -> Counts:
   path = directory(value, workdir)
   _register()
   _configure(path)
-  counts = Counts(path)
+  counts = Counts(path, workdir)
   _active.append(counts)
   return counts
 

@@ -499,7 +499,10 @@ def _train(
     if stop:
       loop.bar.close()
       path = checkpoint.step_dir(mngr, step)
-      jsonl.write({'step': step, 'event': 'preempted', 'checkpoint': path})
+      # Relative to the workdir: metrics.jsonl names no directory of the machine.
+      jsonl.write(
+        {'step': step, 'event': 'preempted', 'checkpoint': os.path.relpath(path, workdir)}
+      )
       jsonl.close()
       logging.warning(
         'stopped after step %d; checkpoint %s. Run again with the same workdir to continue.',
