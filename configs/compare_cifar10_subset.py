@@ -14,8 +14,8 @@ Arguments: ``method``, ``steps``, ``seed``, ``lam`` (DemP's peak λ), ``width``
 and ``kind`` (the baselines' ``target_sparsity`` / ``target_kind``;
 ``scripts.compare`` sets them to DemP's weight sparsity), ``steer`` (True: DemP too
 steers its λ to ``target`` / ``kind`` with ``demp.target_sparsity`` /
-``demp.target_kind``, so every method aims at the same sparsity, with the reacting
-recipe of ``demp.trainer.steering.steer``: 48 death checks a run (τ = steps // 48) unless ``every`` is given;
+``demp.target_kind``, so every method aims at the same sparsity; a target brings the
+reacting recipe: 48 death checks a run (τ = steps // 48) unless ``every`` is given;
 see docs/target.md),
 ``fallback`` (the
 early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
@@ -35,7 +35,6 @@ from baselines import config as baselines_config
 from baselines import sparse
 from configs import common
 from configs.analysis import convnet_cifar10_subset, parse
-from demp.trainer import steering
 
 DEFAULTS = dict(
   method='dense',
@@ -52,7 +51,7 @@ DEFAULTS = dict(
   p=0.2,
   opt='adamw',
   lr=5e-3,
-  every=0,  # τ; 0 = 100, or steps // 48 with steer=True (demp.trainer.steering.steer)
+  every=0,  # τ; 0 = 100, or steps // 48 with steer=True (the reacting recipe's)
   path='',
   constant=False,
   scale_lam=False,
@@ -88,10 +87,9 @@ def get_config(arg: str | None = None):
     )
   )
   c.seed = args['seed']
-  if args['steer']:  # DemP aims at the baselines' target: the reacting recipe (demp.target)
-    steering.steer(c, args['target'], args['kind'])
-    if args['every']:  # an explicit τ wins over the recipe's
-      c.prune.every = args['every']
+  if args['steer']:  # DemP aims at the baselines' target too (the reacting recipe by default)
+    c.demp.target_sparsity, c.demp.target_kind = float(args['target']), args['kind']
+    c.demp.target_every = args['every']  # an explicit τ wins over the recipe's (0: the recipe's)
   c.data.path = args['path'] or None
   c.prune.remove_constant = bool(args['constant'])  # also remove constant units (folded)
   b = baselines_config.default_config()

@@ -20,7 +20,7 @@ Arguments: method=demp|dense|<a baseline>, opt=adam|sgdm, lam=<peak λ>,
 act=relu|leaky_relu|swish|gelu, stream=True|False, steps=<num_steps>,
 path=<the .npz> (same as ``--config.data.path``), target / kind (the
 baselines' ``target_sparsity`` / ``target_kind``), steer=True (DemP too steers
-its λ to target / kind with ``demp.trainer.steering.steer``'s recipe: 48 death checks a run (τ = steps // 48)), fallback (the early
+its λ to target / kind with the reacting recipe: 48 death checks a run (τ = steps // 48)), fallback (the early
 variants' fallback epoch; 0 = half the run), smoke=True.
 """
 
@@ -29,7 +29,6 @@ import ml_collections
 from baselines import config as baselines_config
 from configs import common
 from configs.analysis import parse
-from demp.trainer import steering
 from demp.trainer.config import base_config
 
 LEARNING_RATE = {'adam': 5e-3, 'sgdm': 0.1}
@@ -85,8 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batch_size = 339  # the 1,017 test images in 3 batches, no padding
   c.log_every = 50
 
-  if a['steer']:  # DemP too aims at target / kind: the reacting recipe (docs/target.md)
-    steering.steer(c, a['target'], a['kind'])
+  if a['steer']:  # DemP too aims at target / kind (the reacting recipe: docs/target.md)
+    c.demp.target_sparsity, c.demp.target_kind = float(a['target']), a['kind']
 
   b = baselines_config.default_config()  # read only when method is a baseline
   common.aim_baselines(b, a['target'], a['kind'], a['method'])

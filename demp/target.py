@@ -356,14 +356,14 @@ class ControllerParams(NamedTuple):
 
 
 REACTING = ControllerParams(up_max=1.19, up_idle=1.057, down_min=1.0, horizon=0.0)
-"""The law's constants for 48 checks a run (:data:`STEER_CHECKS`), measured on the CIFAR ConvNet.
+"""The law's constants for 48 checks a run, measured on the CIFAR ConvNet.
 
 ``up_idle`` / ``up_max`` are the defaults' ×1.25 / ×2 per 100 steps spread over
 four checks (so the gain winds up at the same pace per step before the first
 death); ``down_min = 1``: ahead of the trajectory the gain holds; ``horizon =
 0``: no prediction, the law reacts to the measured sparsity and the cap
-(``demp.target_cap``) stops the death wave at the target. Used with
-:func:`steer`; see docs/target.md ("The reacting recipe").
+(``demp.target_cap``) stops the death wave at the target. The default recipe's
+(``demp.target_recipe='reacting'``); see docs/target.md ("The reacting recipe").
 """
 
 

@@ -22,6 +22,8 @@ the baselines (``baselines``), registered when this script imports them.
 Run it from the repository root (the configs are files under ``configs/``).
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -53,6 +55,11 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _given(name: str) -> bool:
+  """Whether ``--<name>`` was given on the command line (not only set by the config file)."""
+  return any(a == f'--{name}' or a.startswith(f'--{name}=') for a in sys.argv[1:])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -62,7 +69,10 @@ def main(argv):
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif any(f is not None for f in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)):
     raise app.UsageError('--coordinator_address/--num_processes/--process_id need --multihost.')
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  config = _CONFIG.value
+  if _given('config.prune.every') and not config.demp.target_every:
+    config.demp.target_every = config.prune.every  # the user's τ, with or without a target
+  result = train.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
   if result.get('preempted'):
     logging.warning(
       'Preempted at step %d; run the same command to resume from %s.',

@@ -1,6 +1,8 @@
 """demp.target: the gain transform, the control law, and a tiny run that hits its target."""
 
 import json
+import os
+import sys
 import re
 
 import jax
@@ -15,8 +17,10 @@ from tools import plots, report
 from demp import target, transforms, units
 from demp.schedules import one_cycle
 from demp.trainer import steering
+from tests import _util
 from demp.trainer import config as config_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 P = target.ControllerParams()
@@ -319,6 +323,7 @@ def _e2e_config(goal, kind):
   c.optimizer.learning_rate = 1e-2  # γ needs ~1/lr steps to reach 0 under Adam: 100 of 300
   c.demp.target_sparsity = goal
   c.demp.target_kind = kind
+  c.demp.target_recipe = 'predicting'  # the first law: τ = prune.every, a trajectory, a prediction
   return c
 
 
@@ -366,11 +371,12 @@ def test_end_to_end_reaches_the_target(tmp_path, revive):
 
 
 def test_the_reacting_recipe_lands_the_target_end_to_end(tmp_path):
-  """demp.trainer.steering.steer on the tiny MLP: 48 checks, no prediction, the cap (measured 0.486)."""
+  """The default recipe on the tiny MLP: 48 checks, no prediction, the cap (measured 0.486)."""
   goal = 0.5
   config = _e2e_config(goal, 'weights')
-  steering.steer(config, goal, 'weights')
-  assert config.prune.every == 300 // steering.STEER_CHECKS
+  config.demp.target_recipe = 'reacting'  # the default
+  assert steering.resolve(config).prune.every == 300 // steering.RECIPES['reacting'].checks
+  config = steering.resolve(config)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert goal - TOLERANCE <= summary['weight_sparsity'] <= goal, summary['weight_sparsity']
   checks = [
@@ -468,14 +474,15 @@ def test_compare_config_steers_demp_to_the_baselines_target():
   c = compare_cifar10_subset.get_config('method=demp,steps=1200,steer=True,target=0.7,kind=weights')
   assert (c.demp.target_sparsity, c.demp.target_kind) == (0.7, 'weights')
   assert (c.baselines.target_sparsity, c.baselines.target_kind) == (0.7, 'weights')
-  # The reacting recipe: 48 checks a run, no prediction, the cap.
-  assert c.prune.every == 25 and c.demp.target_reach == steering.STEER_REACH and c.demp.target_cap
-  assert steering.controller_params(c) == target.REACTING
+  # The reacting recipe, the default: 48 checks a run, no prediction, the cap.
   config_lib.validate_config(c)
+  c = steering.resolve(c)
+  assert c.prune.every == 25 and steering.reach(c) == 0.35 and c.demp.target_cap
+  assert steering.controller_params(c) == target.REACTING
   explicit = compare_cifar10_subset.get_config('method=demp,steer=True,target=0.7,every=50')
-  assert explicit.prune.every == 50
+  assert steering.resolve(explicit).prune.every == 50
   default_tau = compare_cifar10_subset.get_config('method=demp,steps=1200,steer=True,every=100')
-  assert default_tau.prune.every == 100  # an explicit τ equal to the old default is kept too
+  assert steering.resolve(default_tau).prune.every == 100  # an explicit τ equal to 100 is kept
   assert compare_cifar10_subset.get_config('method=demp').prune.every == 100
   resnet = resnet18_cifar10_subset.get_config('method=demp,steer=True,target=0.5,kind=weights')
   assert resnet.prune.every == resnet.num_steps // 48 and resnet.demp.target_sparsity == 0.5
@@ -649,3 +656,64 @@ def test_after_check_sees_units_in_flight():
   assert second['gain'] == pytest.approx(first['gain'] * P.up_max)
   checkpoint.encode_host_state(run)  # the reading is saved with the run
   assert run.memo['target_scales']['update'] == 50
+
+
+def test_a_target_brings_its_recipe():
+  """A target set in any config brings the reacting recipe: τ from the run length, the law's
+  constants, the reach; each key the user sets wins, and the first law stays available."""
+  c = quickstart.get_config()
+  c.num_steps, c.prune.every = 1200, 100
+  assert steering.resolve(c) is c  # no target: nothing changes
+  c.demp.target_sparsity, c.demp.target_kind = 0.65, 'weights'
+  r = steering.resolve(c)
+  assert (r.prune.every, c.prune.every) == (25, 100)  # a copy: the caller's config is unchanged
+  assert steering.controller_params(r) == target.REACTING
+  assert steering.reach(r) == 0.35
+  c.demp.target_every = 40
+  assert steering.resolve(c).prune.every == 40
+  c.demp.target_every = 0
+  c.demp.target_control.kp = 0.5
+  assert steering.controller_params(c) == target.REACTING._replace(kp=0.5)
+  c.demp.target_recipe = 'predicting'
+  assert steering.resolve(c).prune.every == 100
+  assert steering.controller_params(c) == target.ControllerParams()._replace(kp=0.5)
+  assert steering.reach(c) == target.default_reach(1.0)
+  c.demp.target_recipe = 'fast'
+  with pytest.raises(
+    ValueError, match=r"demp.target_recipe='fast' is not one of \['reacting', 'predicting'\]"
+  ):
+    steering.validate(c)
+  c.demp.target_recipe, c.demp.target_every = 'reacting', -1
+  with pytest.raises(ValueError, match=r'demp.target_every=-1 must be an int >= 0'):
+    steering.validate(c)
+
+
+def test_a_target_from_the_command_line_lands(tmp_path):
+  """The documented keys alone, from the command line, on the quickstart recipe: the target
+  lands within 3 points (the reacting recipe's τ is derived from the run length and logged)."""
+  goal = 0.4
+  proc = _util.run(
+    [
+      sys.executable,
+      '-m',
+      'scripts.train',
+      '--config',
+      'configs/quickstart.py',
+      f'--workdir={tmp_path}',
+      '--config.num_steps=300',
+      '--config.model.widths=(64,64)',
+      '--config.optimizer.learning_rate=0.01',
+      '--config.progress_bar=False',
+      f'--config.demp.target_sparsity={goal}',
+      '--config.demp.target_kind=weights',
+    ],
+    seconds=600,
+    what='a DemP run with a target',
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  assert 'a death check every 6 steps (num_steps // 48' in proc.stderr
+  summary = json.load(open(tmp_path / 'summary.json'))
+  assert abs(summary['weight_sparsity'] - goal) <= 0.03, summary['weight_sparsity']

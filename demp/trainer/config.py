@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import ml_collections
+from ml_collections import config_dict
 
 from demp import data as data_lib
 from demp import deadunits, models, schedules, target, transforms, units
@@ -72,15 +73,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.demp.span = 1.0  # the one-cycle spans this fraction of the run
   c.demp.target_sparsity = 0.0  # > 0: a controller steers λ_t = shape × gain to it (demp.target)
   c.demp.target_kind = 'units'  # units | weights | flops (relative to the dense model)
-  c.demp.target_reach = 0.0  # fraction of the run by which to reach it; 0 = 0.65 × span
+  # What a target brings by default: 'reacting' (a check every num_steps // 48 steps, no
+  # prediction, the cap) | 'predicting' (the first law: prune.every, a trajectory, a prediction).
+  c.demp.target_recipe = 'reacting'
+  c.demp.target_reach = 0.0  # fraction of the run by which to reach it; 0 = the recipe's
+  c.demp.target_every = 0  # τ with a target; 0 = the recipe's (reacting: num_steps // 48)
   c.demp.target_law = (
     'trajectory'  # the measured sparsity vs the trajectory | 'in_flight' (experimental)
   )
   c.demp.target_noise = 'gain'  # the noise std follows the gain | keeps its own 'schedule'
   c.demp.target_cap = True  # a prune event never removes past the target (steering.cap_keeps)
   c.demp.target_revive = False  # the units the cap holds back are woken (surgery.revive)
-  # The control law's constants (demp.target.ControllerParams; docs/target.md).
-  c.demp.target_control = ml_collections.ConfigDict(target.ControllerParams()._asdict())
+  # The control law's constants (demp.target.ControllerParams; docs/target.md); None = the
+  # recipe's.
+  c.demp.target_control = ml_collections.ConfigDict(
+    {k: config_dict.placeholder(float) for k in target.ControllerParams._fields}
+  )
 
   c.prune = ml_collections.ConfigDict()
   c.prune.every = 1000  # τ: steps between death checks

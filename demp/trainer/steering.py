@@ -11,14 +11,16 @@ metrics records' fields (:func:`log_fields`, :func:`postfix`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from demp import flops as flops_lib
 from demp import schedules, surgery
@@ -39,30 +41,73 @@ from demp.target import (
 )
 from demp.trainer import optim
 
-STEER_CHECKS = 48
-"""The reacting recipe's death checks per run: τ = num_steps // 48 (25 of 1200 steps)."""
 
+class Recipe(NamedTuple):
+  """What a target brings by default (``demp.target_recipe``): each used where the key is unset.
 
-STEER_REACH = 0.35
-"""The reacting recipe's ``demp.target_reach``: just past λ's peak (30 % of the run)."""
-
-
-def steer(config, target: float, kind: str) -> None:
-  """Sets ``config`` to steer DemP to ``target`` (a ``kind`` sparsity) with the reacting recipe.
-
-  ``demp.target_sparsity`` / ``target_kind`` = ``target`` / ``kind``,
-  ``demp.target_control`` = :data:`REACTING`, ``demp.target_reach`` =
-  :data:`STEER_REACH`, ``demp.target_cap`` on, and death checks every
-  ``num_steps //`` :data:`STEER_CHECKS` steps (``prune.every``): the death wave of a
-  coupled penalty under Adam kills most of its units within ~25 steps, so a
-  check every 100 steps sees it only once it is over.
+  Attributes:
+    control: the law's constants (``demp.target_control``'s fields left ``None``).
+    reach: the fraction of the run by which to reach the target (``demp.target_reach``
+      = 0); 0 here: :func:`demp.target.default_reach` of ``demp.span``.
+    checks: death checks a run, τ = ``num_steps // checks`` (``demp.target_every`` =
+      0); 0 here: τ = ``prune.every``.
   """
-  config.demp.target_sparsity = float(target)
-  config.demp.target_kind = kind
-  config.demp.target_control.update(REACTING._asdict())
-  config.demp.target_reach = STEER_REACH
-  config.demp.target_cap = True
-  config.prune.every = max(1, config.num_steps // STEER_CHECKS)
+
+  control: ControllerParams
+  reach: float
+  checks: int
+
+
+RECIPES: dict[str, Recipe] = {
+  # Measured on the CIFAR-subset ConvNet and ResNet-18 under Adam (docs/target.md): the
+  # death wave of a coupled penalty kills most of its units within ~25 steps, so a check
+  # every 100 steps sees it only once it is over; no prediction, the cap stops the wave.
+  'reacting': Recipe(control=REACTING, reach=0.35, checks=48),
+  # The first law: a trajectory to reach by 0.65 × span, a one-check-ahead prediction,
+  # death checks every prune.every steps.
+  'predicting': Recipe(control=ControllerParams(), reach=0.0, checks=0),
+}
+"""``demp.target_recipe`` -> :class:`Recipe`; ``'reacting'`` is the default."""
+
+
+def target_every(config) -> int:
+  """τ of a run steered to a target: ``demp.target_every``, else the recipe's."""
+  c = config.demp
+  if c.target_every:
+    return int(c.target_every)
+  checks = RECIPES[c.target_recipe].checks
+  return max(1, config.num_steps // checks) if checks else int(config.prune.every)
+
+
+def resolve(config):
+  """``config`` with the target recipe's τ in ``prune.every`` (a copy; ``config`` itself if no target).
+
+  A run steered to a target checks for dead units every :func:`target_every` steps,
+  whatever ``prune.every`` says: a target set in any config, from any front end,
+  lands without knowing the recipe. The change is logged.
+  """
+  if not optim.enabled(config):
+    return config
+  every = target_every(config)
+  if every == config.prune.every:
+    return config
+  out = copy.deepcopy(config)
+  out.prune.every = every  # an existing key: allowed in a locked config
+  c = config.demp
+  source = (
+    f'demp.target_every={c.target_every}'
+    if c.target_every
+    else f'num_steps // {RECIPES[c.target_recipe].checks}, the {c.target_recipe!r} recipe'
+  )
+  logging.warning(
+    'demp.target_sparsity=%s: a death check every %d steps (%s) instead of prune.every=%d; '
+    'set demp.target_every to choose τ.',
+    c.target_sparsity,
+    every,
+    source,
+    config.prune.every,
+  )
+  return out
 
 
 def _unit_scales(run) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
@@ -202,8 +247,13 @@ def validate(config) -> None:
   if not (isinstance(tr, (int, float)) and not isinstance(tr, bool) and 0 <= tr <= 1):
     raise ValueError(
       f'demp.target_reach={tr!r} must be a number in [0, 1] '
-      '(a fraction of the run; 0 = the default, 0.65 × demp.span).'
+      "(a fraction of the run; 0 = the recipe's)."
     )
+  if c.target_recipe not in RECIPES:
+    raise ValueError(f'demp.target_recipe={c.target_recipe!r} is not one of {list(RECIPES)}.')
+  te = c.target_every
+  if isinstance(te, bool) or not isinstance(te, int) or te < 0:
+    raise ValueError(f'demp.target_every={te!r} must be an int >= 0 (0 = the recipe\'s τ).')
   if c.target_law not in LAWS:
     raise ValueError(f'demp.target_law={c.target_law!r} is not one of {list(LAWS)}.')
   for key in ('target_cap', 'target_revive'):
@@ -229,14 +279,17 @@ def _validate_control(control) -> None:
   """Raises a ValueError naming the ``demp.target_control`` key, its value and what is allowed."""
   # Unknown keys are refused by the config check (demp.trainer.config) before this runs.
   for key, (low, high, rule) in _CONTROL_BOUNDS.items():
-    value = control.get(key, getattr(ControllerParams(), key))
+    value = control.get(key)
+    if value is None:  # the recipe's
+      continue
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
       raise ValueError(f'demp.target_control.{key}={value!r} must be a number {rule}.')
 
 
 def reach(config) -> float:
-  """``demp.target_reach``, or its default (:func:`default_reach`) when 0."""
-  return float(config.demp.target_reach) or default_reach(float(config.demp.span))
+  """``demp.target_reach``, else the recipe's, else :func:`default_reach` of ``demp.span``."""
+  c = config.demp
+  return float(c.target_reach) or RECIPES[c.target_recipe].reach or default_reach(float(c.span))
 
 
 def _flops_sparsity(run, widths: Mapping[str, int] | None = None) -> float:
@@ -330,8 +383,9 @@ def cap_keeps(
 
 
 def controller_params(config) -> ControllerParams:
-  """``demp.target_control`` as :class:`ControllerParams` (the law's constants)."""
-  return ControllerParams(**dict(config.demp.target_control))
+  """The law's constants: the recipe's, with the ``demp.target_control`` fields that are set."""
+  base = RECIPES[config.demp.target_recipe].control
+  return base._replace(**{k: v for k, v in config.demp.target_control.items() if v is not None})
 
 
 def _controller(run) -> ControllerState:

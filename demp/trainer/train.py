@@ -80,6 +80,7 @@ def init_run(
 ) -> tuple[Run, Any]:
   """Validates ``config`` and builds its run: see :func:`resolve_run`."""
   config_lib.validate_config(config)
+  config = steering.resolve(config)
   return resolve_run(config, log, mesh=mesh, start_batch=start_batch)
 
 
@@ -192,6 +193,7 @@ def train_and_evaluate(
   check (the checkpoint's included) has passed.
   """
   config_lib.validate_config(config)  # the one validation of the run
+  config = steering.resolve(config)  # a target brings its recipe's death-check interval
   mesh = parallel.data_mesh()
   data_lib.get_info(config.data)  # a bad data file: refused before the workdir
   primary = jax.process_index() == 0
