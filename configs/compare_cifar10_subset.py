@@ -24,7 +24,8 @@ early variants' fallback epoch; 0 = half the run), ``eps`` / ``mu`` (NEq),
 (True: DemP also removes units constant over the check set, their constant
 folded into the consumer: ``prune.remove_constant``; the short-run candidate
 recipe is ``method=demp,steps=1200,width=0.5,lam=0.04,constant=True``, see
-docs/results.md), ``scale_lam`` (True: ``lam`` is the peak λ of a 1200-step run, and
+docs/results.md), ``offset`` (κ of ``demp.offset_penalty``: positive BN offsets
+penalised at κ·λ_t, turning constant units into dead ones; beyond the paper), ``scale_lam`` (True: ``lam`` is the peak λ of a 1200-step run, and
 the run uses ``lam · (1200 / steps)^0.35``: the measured λ-transfer rule of this recipe,
 see ``LAMBDA_EXPONENT``), ``smoke``. The
 unstructured baselines (``magnitude``, ``rigl``, ...) read ``target`` over their
@@ -54,6 +55,7 @@ DEFAULTS = dict(
   every=0,  # τ; 0 = 100, or steps // 48 with steer=True (the reacting recipe's)
   path='',
   constant=False,
+  offset=0.0,
   scale_lam=False,
   smoke=False,
 )
@@ -92,6 +94,7 @@ def get_config(arg: str | None = None):
     c.demp.target_every = args['every']  # an explicit τ wins over the recipe's (0: the recipe's)
   c.data.path = args['path'] or None
   c.prune.remove_constant = bool(args['constant'])  # also remove constant units (folded)
+  c.demp.offset_penalty = float(args['offset'])  # κ on positive BN offsets (beyond the paper)
   b = baselines_config.default_config()
   # The unstructured baselines' keys too; their masks change every steps/24 steps (the
   # DemP authors' 500 is for ~100k-step runs): 12 mask updates in the 0.3T..0.8T window.

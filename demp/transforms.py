@@ -41,6 +41,7 @@ __all__ = [
   'PENALTY_COUPLINGS',
   'add_decoupled_penalty',
   'LiveNoiseState',
+  'NORM_OFFSETS',
   'NORM_SCALES',
   'PAPER_TEXT_NOISE_STD',
   'PENALTY_KINDS',
@@ -59,6 +60,15 @@ Selects ``scale`` directly under a module whose name contains ``norm``, starts
 with ``bn`` or ends in ``_bn``/``_bnN`` (any case; ``subnet`` is no norm): ``'BatchNorm_0/scale'``, ``'bn1/scale'``,
 ``'ConvNet_0/LayerNorm_3/scale'``, ``'norm/scale'``. Offsets (``bias``) are
 never selected. This is DemP's default penalty target.
+"""
+
+NORM_OFFSETS = NORM_SCALES.replace('/scale$', '/bias$')
+"""Regex for the ``bias`` (β) leaf of every normalization module (as :data:`NORM_SCALES`).
+
+The target of the optional offset penalty (kind ``'positive'``): a unit whose
+scale went to 0 under DemP's penalty outputs ReLU(β) for every input, a
+constant unless β <= 0; pushing positive offsets down turns such constant
+units into dead ones.
 """
 
 ALL_WEIGHTS = r'(?:^|/)(?:kernel|scale)$'
@@ -160,6 +170,7 @@ class ScheduledPenaltyState(NamedTuple):
 PENALTY_KINDS: dict[str, Callable[[jax.Array], jax.Array]] = {
   'lasso': jnp.sign,  # ∇ λ‖p‖₁ = λ sign(p), with sign(0) = 0.
   'l2': lambda p: p,  # ∇ λ/2 ‖p‖² = λ p.
+  'positive': lambda p: (p > 0).astype(p.dtype),  # ∇ λ Σ max(p, 0): only positive entries.
 }
 """Penalty kinds: the gradient of ``R(p) / λ`` for each."""
 

@@ -172,7 +172,7 @@ STAGES: dict[str, Stage] = {
   ),
   # How DemP's recipes move with the run length, 1 seed (the screen before the 3-seed study):
   # constant units removed (the short-run recipe), alone, with the penalty weighted by a
-  # unit's FLOPs, and decoupled. ``lam`` is a 1200-step peak λ, scaled to each length by the
+  # unit's FLOPs, decoupled, and with positive BN offsets penalised (κ = 1, beyond the paper). ``lam`` is a 1200-step peak λ, scaled to each length by the
   # measured transfer rule (``scale_lam``); the two λ aim at ~70 % and ~90 % of the weights.
   # A length's rows run together, shortest first, so a partial screen already compares them.
   'convnet_length_screen': Stage(
@@ -184,6 +184,7 @@ STAGES: dict[str, Stage] = {
         'arg.method=demp;arg.steps={steps};arg.lam=0.025,0.05;seed={s}',
         'arg.method=demp;arg.steps={steps};arg.lam=0.05,0.1;demp.penalty_weighting=flops;seed={s}',
         'arg.method=demp;arg.steps={steps};arg.lam=0.75,1.0;demp.penalty_coupling=decoupled;seed={s}',
+        'arg.method=demp;arg.steps={steps};arg.lam=0.025,0.05;arg.offset=1.0;seed={s}',
       )
     ),
     seeds=(0,),

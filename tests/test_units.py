@@ -371,3 +371,47 @@ def test_the_live_mask_round_trips_through_a_checkpoint(tmp_path):
   for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(got)):
     assert y.dtype == jnp.bool_
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_the_offset_penalty_pushes_only_positive_norm_offsets_under_jit():
+  """demp.offset_penalty = κ: κ·λ_t on every positive normalization offset, nothing elsewhere
+  (hand-computed, constant λ, no noise, an identity base so the update is the gradient)."""
+  c = quickstart.get_config()
+  c.demp.schedule, c.demp.peak_lambda, c.demp.noise_std, c.demp.offset_penalty = (
+    'constant',
+    0.1,
+    0.0,
+    2.0,
+  )
+  params = {
+    'norm_0': {'scale': jnp.array([0.5, -2.0, 0.0]), 'bias': jnp.array([0.5, -0.3, 0.0])},
+    'dense_0': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)},
+  }
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.25), params)
+  tx = optim.demp_wrap(c, optax.identity())
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['norm_0']['bias'], [0.25 + 0.2, 0.25, 0.25], rtol=1e-6)
+  np.testing.assert_allclose(updates['norm_0']['scale'], [0.25 + 0.1, 0.25 - 0.1, 0.25], rtol=1e-6)
+  np.testing.assert_array_equal(updates['dense_0']['bias'], grads['dense_0']['bias'])
+  c.demp.offset_penalty = 0.0
+  updates, _ = jax.jit(optim.demp_wrap(c, optax.identity()).update)(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates['norm_0']['bias'], grads['norm_0']['bias'])
+
+
+@pytest.mark.parametrize(
+  'overrides, match',
+  [
+    ({'demp.offset_penalty': -1.0}, r'demp.offset_penalty=-1.0 must be a number >= 0'),
+    (
+      {'demp.offset_penalty': 1.0, 'demp.target_sparsity': 0.5},
+      r'demp.offset_penalty=1.0 with demp.target_sparsity=0.5',
+    ),
+  ],
+)
+def test_the_offset_penalty_refuses_bad_values(overrides, match):
+  c = quickstart.get_config()
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    c[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate_config(c)

@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.demp.penalty_mask = transforms.NORM_SCALES  # regex over param paths | 'groups' (own scales)
   c.demp.penalty_coupling = 'coupled'  # coupled (before the optimizer) | decoupled (after, ×lr)
   c.demp.penalty_weighting = 'none'  # none | params | flops: × a unit's cost / mean
+  # Beyond the paper: κ·λ_t·Σ max(β, 0) on normalization offsets (coupled), turning units whose
+  # scale went to 0 with a positive offset (constant) into dead ones; 0 = off.
+  c.demp.offset_penalty = 0.0
   c.demp.peak_lambda = 5e-3  # peak of λ_t
   c.demp.noise_std = (
     transforms.AUTHORS_NOISE_STD
@@ -324,7 +327,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_model(config.model)
   _allowed('data.source', config.data.source, data_lib.SOURCES)
   _allowed('optimizer.name', config.optimizer.name, optim.OPTIMIZERS)
-  _allowed('demp.penalty', config.demp.penalty, transforms.PENALTY_KINDS)
+  _allowed('demp.penalty', config.demp.penalty, ('lasso', 'l2'))
+  kappa = config.demp.offset_penalty
+  if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or kappa < 0:
+    raise ValueError(f'demp.offset_penalty={kappa!r} must be a number >= 0 (0 = off).')
+  if kappa and config.demp.target_sparsity:
+    raise ValueError(
+      f'demp.offset_penalty={kappa!r} with demp.target_sparsity='
+      f'{config.demp.target_sparsity!r}: the offset penalty follows the fixed λ_t schedule only; '
+      'set one of them to 0.'
+    )
   _allowed('demp.schedule', config.demp.schedule, optim.DEMP_SCHEDULES)
   _allowed('demp.warmup', config.demp.warmup, optim.DEMP_WARMUPS)
   _allowed('demp.penalty_coupling', config.demp.penalty_coupling, transforms.PENALTY_COUPLINGS)

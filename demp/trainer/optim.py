@@ -114,7 +114,10 @@ def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTrans
   ``demp.penalty_weighting`` multiplies a group's penalty by its per-unit cost
   (:func:`demp.units.penalty_multipliers`, fixed at the dense widths);
   ``demp.noise_liveness = 'auto'`` reads liveness from the gradient for ReLU
-  and from the death check's mask otherwise (:mod:`demp.units`).
+  and from the death check's mask otherwise (:mod:`demp.units`);
+  ``demp.offset_penalty = κ > 0`` adds ``κ·λ_t·Σ max(β, 0)`` on the normalization
+  offsets (:data:`demp.transforms.NORM_OFFSETS`), coupled, whatever
+  ``demp.penalty_coupling`` says for the scales.
   """
   lam, std = demp_schedules(config)
   c = config.demp
@@ -134,6 +137,12 @@ def demp_wrap(config, base: optax.GradientTransformation) -> optax.GradientTrans
     mults = units.penalty_multipliers(model, params, c.penalty_weighting, image_shape)
   if liveness == 'auto':
     liveness = 'gradient' if model is None or model.activation == 'relu' else 'mask'
+  if c.offset_penalty > 0:  # coupled: added to the loss gradient before the base optimizer
+    kappa = float(c.offset_penalty)
+    offsets = (lambda count: kappa * lam(count)) if callable(lam) else kappa * lam
+    base = optax.chain(
+      transforms.add_scheduled_penalty(offsets, 'positive', transforms.NORM_OFFSETS), base
+    )
   if enabled(config):  # λ_t = shape × gain, the gain set by the controller (demp.target)
     return target.target_optimizer(
       base,
