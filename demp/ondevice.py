@@ -268,27 +268,55 @@ def make_augment_config(
 # Device side: pure, jittable.
 
 
+def epoch_permutations(
+  seed: jax.Array | int, first_epoch: jax.Array | int, num_epochs: int, num_examples: int
+) -> jax.Array:
+  """int32 ``[num_epochs, num_examples]``: the order of epochs ``first_epoch ..``.
+
+  Epoch ``e`` is ``jax.random.permutation(fold_in(fold_in(key(seed), ORDER_STREAM), e), N)``.
+  """
+  order_key = jax.random.fold_in(jax.random.key(seed), ORDER_STREAM)
+  epochs = jnp.asarray(first_epoch, jnp.int32) + jnp.arange(num_epochs, dtype=jnp.int32)
+  perm = lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), num_examples)
+  return jax.vmap(perm)(epochs).astype(jnp.int32)
+
+
+def _epochs_spanned(num_positions: int, batch_size: int, num_examples: int) -> int:
+  """Most epochs ``num_positions`` consecutive stream positions from a batch start can touch."""
+  if not 0 < batch_size <= num_examples:
+    raise ValueError(f'batch_size={batch_size}; allowed: 1 .. num_examples={num_examples}.')
+  if num_positions == batch_size and num_examples % batch_size == 0:
+    return 1  # a batch never spans two epochs
+  return (num_positions - 1) // num_examples + 2
+
+
+def _first_epoch(step: jax.Array, batch_size: int, num_examples: int) -> jax.Array:
+  return (step * batch_size) // num_examples
+
+
+def _indices_from(
+  perms: jax.Array, first_epoch: jax.Array, step: jax.Array, batch_size: int
+) -> jax.Array:
+  """The examples of batch ``step`` given the permutations of epochs ``first_epoch ..``."""
+  n = perms.shape[1]
+  positions_b = step * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
+  return perms[positions_b // n - first_epoch, positions_b % n]
+
+
 def example_indices(
   step: jax.Array | int, seed: jax.Array | int, batch_size: int, num_examples: int
 ) -> jax.Array:
   """int32 ``[batch_size]``: the examples of batch ``step`` (positions ``step*B ..``) of the stream.
 
-  The stream is one permutation of ``range(num_examples)`` per epoch, the
-  permutation of epoch ``e`` drawn with ``fold_in(fold_in(key(seed),
-  ORDER_STREAM), e)``. Positions are int32: ``step * batch_size`` must stay
-  below 2**31.
+  The stream is one permutation of ``range(num_examples)`` per epoch
+  (:func:`epoch_permutations`). Positions are int32: ``step * batch_size`` must
+  stay below 2**31.
   """
-  if not 0 < batch_size <= num_examples:
-    raise ValueError(f'batch_size={batch_size}; allowed: 1 .. num_examples={num_examples}.')
-  order_key = jax.random.fold_in(jax.random.key(seed), ORDER_STREAM)
-  first = jnp.asarray(step, jnp.int32) * batch_size
-  epoch = first // num_examples
-  positions_b = first - epoch * num_examples + jnp.arange(batch_size, dtype=jnp.int32)
-  perm = lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), num_examples)
-  if num_examples % batch_size == 0:  # batches never span two epochs
-    return perm(epoch)[positions_b].astype(jnp.int32)
-  perms_2n = jnp.stack([perm(epoch), perm(epoch + 1)])
-  return perms_2n[positions_b // num_examples, positions_b % num_examples].astype(jnp.int32)
+  step = jnp.asarray(step, jnp.int32)
+  first = _first_epoch(step, batch_size, num_examples)
+  spanned = _epochs_spanned(batch_size, batch_size, num_examples)
+  perms = epoch_permutations(seed, first, spanned, num_examples)
+  return _indices_from(perms, first, step, batch_size)
 
 
 def _source_index(s: jax.Array, size: int, pad_mode: str) -> tuple[jax.Array, jax.Array | None]:
@@ -370,9 +398,19 @@ def batch_at(
   :func:`demp.augment.wrap_iterator` gives batch ``step``. With mixup or cutmix
   on, ``'label'`` is float32 ``[B, K]``.
   """
-  cfg = augment_config
-  n = data.labels.shape[0]
-  indices_b = example_indices(step, seed, batch_size, n)
+  indices_b = example_indices(step, seed, batch_size, data.labels.shape[0])
+  return _batch_of(data, indices_b, step, seed, augment_config)
+
+
+def _batch_of(
+  data: DeviceData,
+  indices_b: jax.Array,
+  step: jax.Array | int,
+  seed: jax.Array | int,
+  cfg: AugmentConfig,
+) -> Batch:
+  """Batch ``step`` made of the examples ``indices_b``: crop, flip, normalize, batch_augment."""
+  batch_size = indices_b.shape[0]
   step = jnp.asarray(step, jnp.int32)
   offsets_b2 = flips_b = None
   if cfg.crop_pad or cfg.flip:
@@ -423,13 +461,17 @@ def scan_steps(
   """
   if k < 1:
     raise ValueError(f'k={k!r}; allowed: an int >= 1.')
+  n = data.labels.shape[0]
+  start = jnp.asarray(start, jnp.int32)
+  first = _first_epoch(start, batch_size, n)
+  # The permutations of every epoch the k batches touch, drawn once per dispatch.
+  perms = epoch_permutations(seed, first, _epochs_spanned(k * batch_size, batch_size, n), n)
 
   def body(state, step):
-    batch = batch_at(data, step, seed, batch_size, augment_config=augment_config)
-    return train_step(state, batch)
+    indices_b = _indices_from(perms, first, step, batch_size)
+    return train_step(state, _batch_of(data, indices_b, step, seed, augment_config))
 
-  steps = jnp.asarray(start, jnp.int32) + jnp.arange(k, dtype=jnp.int32)
-  return jax.lax.scan(body, state, steps)
+  return jax.lax.scan(body, state, start + jnp.arange(k, dtype=jnp.int32))
 
 
 __all__ = [
@@ -440,6 +482,7 @@ __all__ = [
   'ORDER_STREAM',
   'batch_at',
   'device_memory_limit',
+  'epoch_permutations',
   'example_indices',
   'fits_in_memory',
   'gather_crop_flip',

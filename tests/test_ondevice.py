@@ -304,3 +304,30 @@ def test_scan_steps_equals_separate_steps_and_resumes():
   jax.tree.map(np.testing.assert_array_equal, resumed, final4)
   np.testing.assert_array_equal(metrics_r['loss'], metrics4['loss'][2:])
   assert not np.array_equal(final4['params']['w'], state0['params']['w'])
+
+
+def test_scan_steps_batches_equal_batch_at_across_epochs():
+  """The permutations drawn once per dispatch give batch_at's batches, over several epochs."""
+  rng = np.random.default_rng(5)
+  d = ondevice.put_on_device(rng.integers(0, 256, (14, 6, 6, 1), np.uint8), np.arange(14))
+  aug = ondevice.AugmentConfig(crop_pad=1, pad_mode='reflect', flip=True)
+  seed, batch_size, start, k = 9, 4, 3, 9  # positions 12 .. 47: epochs 0 .. 3
+  scanned = jax.jit(
+    functools.partial(
+      ondevice.scan_steps,
+      lambda state, batch: (state, batch),
+      k=k,
+      seed=seed,
+      batch_size=batch_size,
+      augment_config=aug,
+    )
+  )
+  _, batches = scanned(jnp.zeros(()), d, start)
+  one = jax.jit(functools.partial(ondevice.batch_at, batch_size=batch_size, augment_config=aug))
+  for i in range(k):
+    want = one(d, start + i, seed)
+    np.testing.assert_array_equal(batches['label'][i], want['label'])
+    np.testing.assert_array_equal(batches['image'][i], want['image'])
+  labels = np.asarray(batches['label']).reshape(-1)  # stream positions 12 .. 47
+  for e in (1, 2):
+    np.testing.assert_array_equal(np.sort(labels[e * 14 - 12 : (e + 1) * 14 - 12]), np.arange(14))
