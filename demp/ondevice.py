@@ -3,7 +3,7 @@
 The tf.data pipeline (:mod:`demp.data`) decodes, augments and batches on the
 host and copies every batch to the device: a fixed cost per step that does not
 shrink when pruning makes the network smaller. When the whole training split
-fits in device memory (CIFAR-10: 150 MB of uint8), this module keeps it there
+fits in device memory (CIFAR-10: 154 MB of uint8), this module keeps it there
 and makes each batch with a pure function of the step, so the batch is made
 inside the jitted train step and ``k`` steps run per dispatch::
 
