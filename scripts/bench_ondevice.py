@@ -1,4 +1,4 @@
-r"""Time per training batch: the tf.data pipeline vs the on-device path (:mod:`demp.ondevice`).
+r"""Time per training batch: the tf.data pipeline vs the on-device path (:mod:`demp.data.ondevice`).
 
     taskset -c 0 python -m scripts.bench_ondevice --path=cifar10_subset.npz \
         --config_arg=width=0.5 --batches=200
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import compare_cifar10_subset
-from demp import data, ondevice
+from demp import data
+from demp.data import ondevice
 
 _PATH = flags.DEFINE_string('path', None, 'The CIFAR-10 subset .npz.', required=True)
 _ARG = flags.DEFINE_string('config_arg', 'width=0.5', 'compare_cifar10_subset argument.')

@@ -1,4 +1,4 @@
-"""Tests for demp.ondevice: batch order, augmentation distribution, exact normalization, scan."""
+"""Tests for demp.data.ondevice: batch order, augmentation distribution, exact normalization, scan."""
 
 import functools
 
@@ -9,7 +9,8 @@ import optax
 import pytest
 from scipy import stats
 
-from demp import augment, data, ondevice
+from demp import data
+from demp.data import augment, ondevice
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -92,7 +93,7 @@ def test_same_seed_and_step_bit_identical_other_seed_differs():
 
 @pytest.mark.parametrize('pad_mode', ['reflect', 'constant'])
 def test_crop_flip_mechanics_match_tf_ops(pad_mode):
-  tf = data._tf()  # pylint: disable=protected-access
+  tf = data.sources._tf()  # pylint: disable=protected-access
   image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), np.uint8)
   pad = 1
   cases = [(oy, ox, f) for oy in range(3) for ox in range(3) for f in (False, True)]

@@ -152,7 +152,7 @@ def _positive(name: str, value: Any) -> None:
 # The shared pipeline.
 
 
-def _open(cfg: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, Source, DatasetInfo]:
+def open_source(cfg: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, Source, DatasetInfo]:
   """Validates the config and opens its source; fails before any compute."""
   cfg = _resolve(cfg)
   source = SOURCES[cfg.source](cfg)
@@ -208,7 +208,7 @@ def _eval_dataset(cfg, source: Source, raw: RawSplit) -> tf.data.Dataset:
 
 def get_info(cfg: Mapping[str, Any]) -> DatasetInfo:
   """Classes, preprocessed image shape (H, W, C) and split sizes."""
-  return _open(cfg)[2]
+  return open_source(cfg)[2]
 
 
 def train_iterator(
@@ -244,7 +244,7 @@ def train_iterator(
   _positive('num_shards', num_shards)
   if not 0 <= shard_index < num_shards:
     raise ValueError(f'shard_index={shard_index}; allowed: 0..{num_shards - 1}.')
-  cfg, source, _ = _open(cfg)
+  cfg, source, _ = open_source(cfg)
 
   raw = source.load('train', shard_index, num_shards, seed, cfg.cache)
   shard_size = -(-source.num_examples['train'] // num_shards)
@@ -298,7 +298,7 @@ def eval_batches(cfg: Mapping[str, Any], split: str, batch_size: int) -> Iterato
   """
   _check_split(split)
   _positive('batch_size', batch_size)
-  cfg, source, _ = _open(cfg)
+  cfg, source, _ = open_source(cfg)
   raw = source.load(split, 0, 1, None, False)
   batches = _eval_dataset(cfg, source, raw).batch(batch_size).prefetch(AUTOTUNE)
   return _padded(batches.as_numpy_iterator(), batch_size)
@@ -312,7 +312,7 @@ def fixed_examples(cfg: Mapping[str, Any], num: int, seed: int = 0, split: str =
   """
   _check_split(split)
   _positive('num', num)
-  cfg, source, _ = _open(cfg)
+  cfg, source, _ = open_source(cfg)
   if split not in source.num_examples:
     raise ValueError(f"split={split!r} needs data.holdout > 0 (got data.holdout={cfg.holdout}).")
   available = source.num_examples[split]

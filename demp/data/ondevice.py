@@ -27,7 +27,7 @@ step ``k`` gives bit-identical batches to an uninterrupted run. Keys:
 * order of epoch ``e``: ``fold_in(fold_in(key(seed), ORDER_STREAM), e)``;
 * crop offsets and flips of step ``s``: ``fold_in(fold_in(key(seed), AUGMENT_STREAM), s)``;
 * RandAugment / mixup / cutmix of step ``s`` (``config.batch_augment``):
-  ``fold_in(fold_in(key(seed), 0x5EED), s)``, the key :func:`demp.augment.wrap_iterator`
+  ``fold_in(fold_in(key(seed), 0x5EED), s)``, the key :func:`demp.data.augment.wrap_iterator`
   gives batch ``s``, so those ops draw exactly as on the tf.data path.
 
 The augmentation draws from the same distribution as the tf.data path
@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demp import augment as augment_lib
+from demp.data import augment as augment_lib
+from demp.data import pipeline
 
 Batch = dict[str, jax.Array]
 State = Any
@@ -59,7 +60,7 @@ ORDER_STREAM = 0
 AUGMENT_STREAM = 1
 """``fold_in`` tag of the key stream of crop offsets and flips (one key per step)."""
 BATCH_AUGMENT_STREAM = 0x5EED
-"""``fold_in`` tag of RandAugment / mixup / cutmix: :func:`demp.augment.wrap_iterator`'s."""
+"""``fold_in`` tag of RandAugment / mixup / cutmix: :func:`demp.data.augment.wrap_iterator`'s."""
 
 DEFAULT_FRACTION = 0.25
 """Share of device memory the training split may take (params, activations need the rest)."""
@@ -92,7 +93,7 @@ class AugmentConfig(NamedTuple):
   """What :func:`batch_at` does to a batch: static, hashable; see :func:`make_augment_config`.
 
   ``crop_pad`` 0 = no crop; the ``batch_augment`` fields are
-  :func:`demp.augment.default_config`'s, ``num_classes`` is needed when mixing.
+  :func:`demp.data.augment.default_config`'s, ``num_classes`` is needed when mixing.
   """
 
   crop_pad: int = 0
@@ -209,9 +210,7 @@ def load_train_split(
   ``normalize=False``). Single host: the whole split, unsharded. Raises
   ValueError for variable-size images (e.g. ImageNet: no fixed-shape array).
   """
-  from demp import data as data_lib  # pylint: disable=g-import-not-at-top
-
-  cfg, source, info = data_lib._open(data_cfg)  # pylint: disable=protected-access
+  cfg, source, info = pipeline.open_source(data_cfg)
   if None in source.native_shape[:2]:
     raise ValueError(
       f'data.name={cfg.name!r} has variable-size images; the on-device path needs a '
@@ -395,7 +394,7 @@ def batch_at(
   ``augment_config`` are static): the examples of :func:`example_indices`, crop
   and flip drawn with ``fold_in(fold_in(key(seed), AUGMENT_STREAM), step)``,
   normalized, then ``batch_augment``'s ops with the key
-  :func:`demp.augment.wrap_iterator` gives batch ``step``. With mixup or cutmix
+  :func:`demp.data.augment.wrap_iterator` gives batch ``step``. With mixup or cutmix
   on, ``'label'`` is float32 ``[B, K]``.
   """
   indices_b = example_indices(step, seed, batch_size, data.labels.shape[0])
