@@ -118,6 +118,17 @@ def xla_flops(fn: Callable, *args) -> float:
   return compiled_flops(jax.jit(fn).lower(*abstract(args)).compile())
 
 
+def lowered_flops(fn: Callable, *args) -> float:
+  """XLA's FLOPs of ``fn(*args)`` from the lowered program, without compiling it.
+
+  The count of the unoptimized HLO: the same operations as :func:`xla_flops`
+  before fusion (equal for the models here, see tests/test_flops.py). Used where a
+  compile would be one too many (a step run inside a ``lax.scan``, whose compiled
+  cost counts the loop body once).
+  """
+  return compiled_flops(jax.jit(fn).lower(*abstract(args)))
+
+
 def variables_shape(model, image_shape: Sequence[int]) -> PyTree:
   """Abstract ``init`` variables of ``model`` (no memory, no compute)."""
   dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)

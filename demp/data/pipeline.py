@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 Batch = dict[str, np.ndarray]
 AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow here.
+PLACEMENTS = ('auto', 'device', 'host')  # data.placement (demp.trainer.feed)
 
 from demp.data.preprocess import EVAL_PREPROCESS, TRAIN_PREPROCESS
 from demp.data.sources import SOURCES, DatasetInfo, RawSplit, Source, _tf
@@ -82,6 +83,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     shuffle_buffer: max examples in the shuffle buffer (arrays: min with N).
     cache: keep decoded fixed-shape TFDS training splits in memory
       (variable-size images, e.g. ImageNet, stay encoded and are never cached).
+    placement: where the trainer makes training batches: 'device' (the split on
+      the device, batches gathered and augmented inside the jitted step:
+      demp.trainer.feed), 'host' (this tf.data pipeline), 'auto' (the device
+      when the split fits and its augmentation can run there).
     holdout: training examples set apart (the last `holdout` of the train
       split, in source order): never in the training stream, the death check
       or `num_train`; read them with split='holdout' (NEq's measurement slice).
@@ -102,6 +107,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       shuffle_buffer=50_000,
       cache=True,
       holdout=0,
+      placement='auto',
     )
   )
 
@@ -125,6 +131,7 @@ def _resolve(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
   _choice('source', merged.source, SOURCES)
   _choice('augment', merged.augment, TRAIN_PREPROCESS)
   _choice('pad_mode', merged.pad_mode, ('reflect', 'constant'))
+  _choice('placement', merged.placement, PLACEMENTS)
   size = merged.image_size
   if size is not None and (isinstance(size, bool) or size <= 0):
     raise ValueError(f'data.image_size={size!r}; allowed: None or an int > 0.')

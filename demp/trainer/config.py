@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     augment.default_config()
   )  # RandAugment / mixup / cutmix in JAX (demp.data.augment)
   c.log_every = 50
+  # Steps per dispatch with the split on the device (data.placement, demp.trainer.feed):
+  # 0 = the largest k <= 50 dividing every step the loop stops at (logs, checks, saves).
+  c.steps_per_dispatch = 0
   c.eval_every = 0  # 0 = only at the end
   c.eval_batch_size = 256
   c.progress_bar = True
@@ -359,6 +362,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'optimizer.accumulate_steps',
   ):
     _positive(key, _get(config, key))
+  spd = config.steps_per_dispatch
+  if isinstance(spd, bool) or not isinstance(spd, int) or spd < 0:
+    raise ValueError(f'steps_per_dispatch={spd!r} must be an int >= 0 (0 = auto).')
   for key in (
     'demp.peak_lambda',
     'demp.noise_std',

@@ -87,7 +87,8 @@ class Run:
   pending: dict | None = _host(default=None)
   costs: list = _host(default_factory=list)  # per prune event: its times and stall
   step_s: float = float('nan')  # recent mean train-step time (the loop sets it)
-  _batch_spec: Any = None  # the batch's shapes, for compiling ahead of a switch
+  feed: Any = None  # demp.trainer.feed: where the step's batches come from (None: a batch arg)
+  _inputs_spec: Any = None  # the step's inputs after the state, for compiling ahead
   _next: Any = None  # future of the background compile: (compiled, flops, seconds)
   _checks: dict = dataclasses.field(default_factory=dict)  # widths -> compiled death check
   _pool: Any = None
@@ -96,21 +97,34 @@ class Run:
   def variables(self) -> dict:
     return {'params': self.state['params'], 'batch_stats': self.state['batch_stats']}
 
-  def _lower(self, model, state, batch):
+  def _lower(self, model, state, inputs):
+    """The train step of ``model`` lowered for ``(state, *inputs)`` (see :mod:`demp.trainer.feed`)."""
     step = steps.make_train_step(model, self.tx, self.config.label_smoothing)
+    if self.feed is not None and self.feed.on_device:  # k steps per call, batches made inside
+      return jax.jit(self.feed.make_step(step), donate_argnums=0).lower(state, *inputs)
     shardings = parallel.step_shardings(self.mesh) if self.mesh is not None else {}
-    return jax.jit(step, donate_argnums=0, **shardings).lower(state, batch)
+    return jax.jit(step, donate_argnums=0, **shardings).lower(state, *inputs)
 
-  def compile(self, batch) -> float:
+  def _step_flops(self, compiled, model, state) -> float:
+    """XLA's FLOPs of ONE train step (a scan's compiled cost counts its body once)."""
+    if self.feed is None or not self.feed.on_device:
+      return flops.compiled_flops(compiled)
+    step = steps.make_train_step(model, self.tx, self.config.label_smoothing)
+    return flops.lowered_flops(step, state, self.feed.batch_spec())
+
+  def compile(self, inputs: tuple) -> float:
     """Compiles the train step for the current shapes (AOT); returns seconds.
 
-    With a deferred prune pending (a resumed run), also starts compiling the
-    step for the pending widths in the background.
+    ``inputs``: the arguments after the state: ``(batch,)`` (or the batch itself)
+    on the host feed, ``(data, start step)`` on the device feed. With a deferred prune pending (a resumed run), also starts
+    compiling the step for the pending widths in the background.
     """
     t0 = time.perf_counter()
-    self._batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    self.compiled = self._lower(self.model, self.state, batch).compile()
-    self.step_flops = flops.compiled_flops(self.compiled)
+    if not isinstance(inputs, tuple):  # a batch, from a run driven by hand
+      inputs = (inputs,)
+    self._inputs_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs)
+    self.compiled = self._lower(self.model, self.state, inputs).compile()
+    self.step_flops = self._step_flops(self.compiled, self.model, self.state)
     if self.pending is not None and self._next is None:
       self._compile_ahead(self.pending['keeps'])
     return time.perf_counter() - t0
@@ -122,20 +136,20 @@ class Run:
     widths = {**self.model.widths, **{k: int(np.sum(v)) for k, v in keeps.items()}}
     model = self.model.clone(widths=flax.core.FrozenDict(widths))
     shapes = surgery.pruned_shapes(self.model, self.state, keeps)  # shapes only: no array is read
-    batch = self._batch_spec
+    inputs = self._inputs_spec
     images = jax.ShapeDtypeStruct(self.death_images.shape, self.death_images.dtype)
     c = self.config.prune
 
     def work():
       t0 = time.perf_counter()
-      compiled = self._lower(model, shapes, batch).compile()
+      compiled = self._lower(model, shapes, inputs).compile()
       seconds = time.perf_counter() - t0
       if self.mesh is None or self.mesh.devices.size == 1:  # the next death check's pass
         variables = {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
         self._checks[_key(model.widths)] = deadunits.compile_unit_stats(
           model, variables, images, criterion=self._criterion(), batch_size=c.batch_size
         )
-      return compiled, flops.compiled_flops(compiled), seconds
+      return compiled, self._step_flops(compiled, model, shapes), seconds
 
     if self._pool is None:
       self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='demp-compile')
@@ -152,12 +166,17 @@ class Run:
     """
     c = self.config.prune
     left = self.config.num_steps - self.step
-    if c.switch_after == 0 or self._batch_spec is None or left <= 1:
+    if c.switch_after == 0 or self._inputs_spec is None or left <= 1:
       return 0
     if not surgery.silences_exactly(self.model):
       return 0
     delay = max(1, round(c.switch_after * c.every))
-    return min(delay, max(1, c.every - 1), left - 1)
+    k = self.feed.k if self.feed is not None else 1
+    if k == 1:
+      return min(delay, max(1, c.every - 1), left - 1)
+    # k steps per dispatch: the switch lands at the end of a dispatch, before the next check.
+    delay = min(k * max(1, round(delay / k)), c.every - k, left - k)
+    return delay if delay >= k else 0
 
   def _defer(self, keeps: Mapping[str, np.ndarray], delay: int) -> None:
     """Silences the units not kept and schedules their removal ``delay`` steps from now."""

@@ -34,6 +34,7 @@ from absl import logging
 from demp import data as data_lib
 from demp import flops, models
 from demp.data import augment
+from demp.trainer import feed as feed_lib
 from demp.trainer import (
   accounting,
   checkpoint,
@@ -85,10 +86,20 @@ def init_run(
 
 
 def resolve_run(
-  config, log=lambda record: None, *, mesh=None, start_batch: int = 0
+  config,
+  log=lambda record: None,
+  *,
+  mesh=None,
+  start_batch: int = 0,
+  device_feed: bool = False,
+  stop_after: int | None = None,
 ) -> tuple[Run, Any]:
-  """Builds model, optimizer, state and data of a validated config; returns the run and the train iterator.
+  """Builds model, optimizer, state and data of a validated config; returns the run and its feed.
 
+  The feed (:mod:`demp.trainer.feed`, also ``run.feed``) is where the steps' batches
+  come from: a host iterator of batches (``next(feed)``), or, with ``device_feed``
+  (the trainer's loop) and ``data.placement`` allowing it, the split on the device.
+  A run driven by hand gets the host iterator unless ``data.placement='device'``.
   With a ``mesh`` (:func:`demp.trainer.parallel.data_mesh`) the state and the death-check
   examples are replicated over it, and the iterator yields global batches split
   over its ``'data'`` axis, each host reading its own shard of the data.
@@ -117,28 +128,43 @@ def resolve_run(
     log=log,
     mesh=mesh,
   )
-  exact = config.checkpoint.data_resume == 'skip' or not start_batch
-  data_seed = (
-    config.seed
-    if exact
-    else int(np.random.SeedSequence([config.seed, start_batch]).generate_state(1)[0])
-  )  # 'reseed': a fresh stream, not a replay
-  train_iter = data_lib.train_iterator(
-    config.data,
-    parallel.host_batch_size(config.batch_size),
-    seed=data_seed,
-    start_batch=start_batch if exact else 0,
-  )
-  train_iter = augment.wrap_iterator(
-    train_iter,
-    config.batch_augment,
-    num_classes=info.num_classes,
+
+  def host_batches():
+    exact = config.checkpoint.data_resume == 'skip' or not start_batch
+    data_seed = (
+      config.seed
+      if exact
+      else int(np.random.SeedSequence([config.seed, start_batch]).generate_state(1)[0])
+    )  # 'reseed': a fresh stream, not a replay
+    batches = data_lib.train_iterator(
+      config.data,
+      parallel.host_batch_size(config.batch_size),
+      seed=data_seed,
+      start_batch=start_batch if exact else 0,
+    )
+    batches = augment.wrap_iterator(
+      batches,
+      config.batch_augment,
+      num_classes=info.num_classes,
+      seed=config.seed,
+      start=start_batch,
+    )
+    return parallel.global_batches(batches, mesh) if mesh is not None else batches
+
+  placement = config.data.placement
+  if placement == 'auto' and not device_feed:
+    placement = 'host'  # a run driven by hand calls run.compiled(state, batch) itself
+  run.feed = feed_lib.make(
+    config,
+    info,
+    mesh,
+    method.when if method.hook is not None else None,
+    placement=placement,
     seed=config.seed,
-    start=start_batch,
+    host_batches=host_batches,
+    extra_events=(stop_after,) if stop_after else (),
   )
-  if mesh is not None:
-    train_iter = parallel.global_batches(train_iter, mesh)
-  return run, train_iter
+  return run, run.feed
 
 
 def _check_finite(
@@ -261,7 +287,7 @@ class Loop:
 
   def flush(self) -> None:
     """The one host sync: fetch pending metrics, time them, stop on NaN/Inf."""
-    got = jax.device_get(self.pending)
+    got = _per_step(jax.device_get(self.pending))
     self.segment['seconds'] += time.perf_counter() - self.segment['t0']
     self.segment['steps'] += len(got)
     _check_finite(
@@ -343,14 +369,14 @@ class Loop:
     else:
       self.close_cost(cost)
 
-  def compile_step(self, batch) -> None:
+  def compile_step(self, inputs: tuple) -> None:
     """After a surgery (or at the start): the step for the current shapes, compiled now."""
     run = self.run
     if self.segment['steps']:
       self.segments.append(_segment_record(self.segment))
     self.segment.update(steps=0, seconds=0.0)
     run.state = parallel.replicate(run.state, run.mesh)  # after a surgery: back onto every device
-    compile_s = run.compile(batch)
+    compile_s = run.compile(inputs)
     self.compile_s += compile_s
     if self.sync_cost is not None:
       self.close_cost(self.sync_cost, compile_s=compile_s, background=False)
@@ -393,6 +419,17 @@ class Loop:
     return self.wall_before + time.perf_counter() - self.t_start
 
 
+def _per_step(fetched: list) -> list[dict]:
+  """One metrics dict per step: a dispatch of k steps returns them stacked ``[k]``."""
+  rows = []
+  for m in fetched:
+    if np.ndim(m['loss']) == 0:
+      rows.append(m)
+    else:
+      rows.extend({k: v[i] for k, v in m.items()} for i in range(len(m['loss'])))
+  return rows
+
+
 def _segment_record(segment: Mapping[str, Any]) -> dict[str, Any]:
   return {k: segment[k] for k in ('widths', 'flops', 'steps', 'seconds')}
 
@@ -406,7 +443,13 @@ def _train(
   log_path = os.path.join(workdir, 'metrics.jsonl')
   if meta is not None:
     checkpoint.check_config(meta, config, checkpoint.step_dir(mngr, meta['step']))
-  run, train_iter = resolve_run(config, mesh=mesh, start_batch=meta['batches'] if meta else 0)
+  run, feed = resolve_run(
+    config,
+    mesh=mesh,
+    start_batch=meta['batches'] if meta else 0,
+    device_feed=True,
+    stop_after=stop_after,
+  )
   method = methods_lib.get(config.method)
   progress = checkpoint.restore(mngr, meta, run, mesh) if meta else {}
   checkpoint.encode_host_state(run)  # fails now, not at the first save
@@ -460,14 +503,14 @@ def _train(
 
   if run.step == 0 and method.hook is not None and method.when(run.config, 0):
     loop.hook(method, 0)  # step 0: before the first update
-  for step in range(run.step + 1, config.num_steps + 1):
-    batch = next(train_iter)
-    loop.batches += 1
+  while run.step < config.num_steps:  # feed.k steps per dispatch: 1 from the host
+    inputs = feed.inputs(run.step)
     if run.compiled is None:
-      loop.compile_step(batch)
-    run.state, step_metrics = run.compiled(run.state, batch)
-    run.step = step
-    loop.train_flops += run.step_flops
+      loop.compile_step(inputs)
+    run.state, step_metrics = run.compiled(run.state, *inputs)
+    run.step = step = run.step + feed.k
+    loop.batches += feed.k
+    loop.train_flops += run.step_flops * feed.k
     loop.pending.append(step_metrics)
 
     if run.switch_due():
@@ -526,6 +569,7 @@ def _train(
     config, run, ev, loop.segments, loop.train_flops, wall, loop.compile_s
   )
   summary.update(parallel.describe(mesh), resumed_at=loop.resumed_at)
+  summary.update(data_placement='device' if feed.on_device else 'host', steps_per_dispatch=feed.k)
   summary.update(compile_cache.summary())  # this process's cache hits / misses / compiles
   jsonl.write({'step': config.num_steps, 'summary': summary})
   jsonl.close()
