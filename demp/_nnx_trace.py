@@ -50,7 +50,7 @@ OPAQUE = {
   'masked Conv': 'a Conv with a kernel mask reads them (the mask would need slicing too)',
 }
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def path_str(path) -> Path:

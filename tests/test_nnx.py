@@ -387,6 +387,33 @@ def test_layer_attributes_follow_the_arrays():
   np.testing.assert_allclose(_logits(again, x, False), _logits(small, x, False), atol=1e-5, rtol=0)
 
 
+class PerUnitNorm(nnx.Module):
+  def __init__(self, norm, *, rngs):
+    self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.norm = norm(4, rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.norm(self.conv(x))).mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize(
+  'norm',
+  [nnx.InstanceNorm, lambda n, rngs: nnx.GroupNorm(n, num_groups=n, rngs=rngs)],
+  ids=['instance', 'group_of_one'],
+)
+def test_per_unit_norms_are_pruned_exactly(norm):
+  x = jax.random.normal(jax.random.key(1), (8, 6, 6, 3))
+  model = PerUnitNorm(norm, rngs=nnx.Rngs(0))
+  kill_bn(model.norm, [2])
+  model = dnnx.make_prunable(model, x[:1])
+  alive, activity = dnnx.dead_unit_stats(model, x)
+  np.testing.assert_array_equal(alive['conv'], np.arange(4) != 2)
+  small, _ = dnnx.prune(model, None, demp.keep_masks(alive, activity))
+  assert small.norm.num_features == 3 and small.norm.scale.shape == (3,)
+  np.testing.assert_allclose(_logits(small, x, False), _logits(model, x, False), atol=1e-5, rtol=0)
+
+
 def _optimizers():
   return {
     'adam': optax.adam(1e-2),
@@ -531,6 +558,14 @@ def test_refuses_a_norm_over_the_units(norm):
   assert 'fc2' in dnnx.units_of(dnnx.make_prunable(WithNorm(norm, rngs=nnx.Rngs(0)), x)).widths
 
 
+def test_refuses_a_group_norm_over_several_units():
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  norm = lambda n, rngs: nnx.GroupNorm(n, num_groups=4, rngs=rngs)
+  message = _refusal(WithNorm(norm, rngs=nnx.Rngs(0)), x, 'fc1')
+  assert "layer 'fc1'" in message and 'groupnorm norm: normalized together by its groups' in message
+  assert 'fc2' in dnnx.units_of(dnnx.make_prunable(WithNorm(norm, rngs=nnx.Rngs(0)), x)).widths
+
+
 def test_refuses_attention():
   x = jax.random.normal(jax.random.key(1), (4, 5, 8))
   message = _refusal(WithAttention(rngs=nnx.Rngs(0)), x, 'embed')
@@ -578,7 +613,9 @@ def test_docs_snippet_runs():
   code = re.search(r'```python\n(.*?)```', text, re.S).group(1)
   scope = {}
   exec(compile(code, 'docs/nnx.md', 'exec'), scope)
-  widths = dnnx.units_of(scope['model']).widths
-  assert sum(widths.values()) < scope['initial_units']  # units were removed
+  initial = dnnx.make_prunable(scope['CNN'](4, rngs=nnx.Rngs(0)), scope['x'][:1])
+  assert sum(dnnx.units_of(initial).widths.values()) == 16 + 32 + 32
+  assert sum(dnnx.units_of(scope['model']).widths.values()) < 16 + 32 + 32  # units were removed
+  assert isinstance(scope['optimizer'], nnx.Optimizer)
   marked = [l for l in code.splitlines() if l.rstrip().endswith('# demp')]
   assert 1 <= len(marked) <= 5
