@@ -70,7 +70,7 @@ import numpy as np
 from flax import nnx
 
 from demp import _nnx_trace as trace
-from demp import auto, deadunits, surgery
+from demp import auto, deadunits, protocol, surgery
 from demp.surgery import keep_masks
 
 Path = tuple[str, ...]
@@ -146,7 +146,7 @@ def units_of(model: nnx.Module) -> Units:
   return units
 
 
-def unit_groups(model: nnx.Module) -> tuple[surgery.UnitGroup, ...]:
+def unit_groups(model: nnx.Module) -> tuple[protocol.UnitGroup, ...]:
   """The model's unit groups at its current widths (paths below ``params``/``batch_stats``)."""
   return units_of(model).prunable.unit_groups()
 
@@ -354,7 +354,7 @@ def _slice_opt_state(opt_state, params: Mapping, new_params: Mapping, groups, ke
   old = dict(trace.flat(params))
   new = dict(trace.flat(new_params))
   for kp, leaf in jax.tree.flatten_with_path(sliced)[0]:
-    path = surgery._dict_path(kp)  # pylint: disable=protected-access
+    path = protocol.dict_path(kp)
     for start in range(len(path)):
       sub = path[start:]
       if sub in new and np.shape(new[sub]) != np.shape(old[sub]):
@@ -396,7 +396,7 @@ def prune(model: nnx.Module, optimizer, masks: Mapping[str, Any]):
   groups = pm.unit_groups()
   graphdef, state = nnx.split(model)
   variables = trace.collections(state)
-  surgery.check_slices(pm, variables, groups)
+  protocol.check_slices(pm, variables, groups)
   new_vars = surgery.slice_variables(variables, groups, keeps)
   widths = dict(pm.widths)
   for name, keep in keeps.items():
