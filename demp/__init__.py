@@ -30,6 +30,7 @@ from demp.transforms import (
   with_live_noise,
 )
 from demp.units import group_scales_mask, penalty_multipliers, set_live_mask
+from demp import nnx  # Flax NNX models: demp.nnx.make_prunable, dead_unit_stats, prune
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ def load_exported(directory: str):
 
 
 __all__ = [
+  'nnx',
   'ALL_WEIGHTS',
   'AUTHORS_NOISE_STD',
   'CRITERIA',
