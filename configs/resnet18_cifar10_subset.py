@@ -6,6 +6,8 @@ r"""A width-0.25 ResNet-18 on the local CIFAR-10 subset: real images, about 15 m
         --config.data.path=data/cifar10_subset.npz --workdir /tmp/r18_subset_dense
     python -m scripts.train --config configs/resnet18_cifar10_subset.py:stream=False \
         --config.data.path=data/cifar10_subset.npz --workdir /tmp/r18_subset_nostream
+    python -m scripts.train --config configs/resnet18_cifar10_subset.py:stream=site \
+        --config.data.path=data/cifar10_subset.npz --workdir /tmp/r18_subset_site
 
 The ResNet-18/CIFAR-10 recipe (``resnet18_cifar10.py``) scaled down to the
 5,085-image subset: CIFAR stem, widths 16-32-64-128 (``width_multiplier``
@@ -17,7 +19,9 @@ std 5e-5, τ = num_steps / 4 = 300, death check on 512 training images. ``data.p
 has no default: pass it by flag (``python -m scripts.make_cifar10_subset`` builds it from the public CIFAR-10 release).
 
 Arguments: method=demp|dense|<a baseline>, opt=adam|sgdm, lam=<peak λ>,
-act=relu|leaky_relu|swish|gelu, stream=True|False, steps=<num_steps>,
+act=relu|leaky_relu|swish|gelu, stream=stage|off|site (``model.prune_stream``: one
+coupled group per stage's stream, the streams kept, or one group per post-addition
+activation as in the authors' code; True = stage, False = off), steps=<num_steps>,
 path=<the .npz> (same as ``--config.data.path``), target / kind (the
 baselines' ``target_sparsity`` / ``target_kind``), steer=True (DemP too steers
 its λ to target / kind with the reacting recipe: 48 death checks a run (τ = steps // 48)), fallback (the early
@@ -29,6 +33,7 @@ import ml_collections
 from baselines import config as baselines_config
 from configs import common
 from configs.analysis import parse
+from demp.models import resnet
 from demp.trainer.config import base_config
 
 LEARNING_RATE = {'adam': 5e-3, 'sgdm': 0.1}
@@ -37,7 +42,7 @@ ARGS = dict(
   opt='adam',
   lam=2e-2,
   act='relu',
-  stream=True,
+  stream='stage',
   steps=1200,
   path='',
   target=0.5,
@@ -48,6 +53,17 @@ ARGS = dict(
 )
 
 
+def stream_mode(value: str) -> str:
+  """The ``stream=`` argument as a ``model.prune_stream`` value, or an error naming the choices."""
+  try:
+    return resnet.stream_mode(value)
+  except ValueError:
+    raise ValueError(
+      f'config argument stream={value!r} is not one of {list(resnet.STREAM_MODES)} '
+      f"(True means 'stage', False means 'off')."
+    ) from None
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse(arg, **ARGS)
   c = base_config()
@@ -56,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.stem = 'cifar'
   c.model.width_multiplier = 0.25
   c.model.activation = a['act']
-  c.model.prune_stream = a['stream']
+  c.model.prune_stream = stream_mode(a['stream'])
 
   c.data.source = 'npz'
   c.data.name = 'cifar10'

@@ -230,9 +230,13 @@ def silence(
 ) -> tuple[dict[str, PyTree], PyTree]:
   """Zeroes, instead of removing, the units not kept: ``(variables, opt_state)`` at the same shapes.
 
-  Every producer and consumer slice of a removed unit is set to zero in
-  ``params`` and in every param-shaped optimizer-state leaf (moments, momentum,
-  live masks: False); batch statistics are left as they are. When the model's
+  Every producer and consumer slice of a removed unit is set to zero in every
+  collection (``params``; ``batch_stats``: a norm's running statistics of the
+  unit, which no longer matter once its scale and offset are zero, and any
+  non-trainable state a group slices, such as the stream ids of a ResNet's
+  selected identity, where an id of 0 connects nothing) and in every
+  param-shaped optimizer-state leaf (moments, momentum, live masks: False).
+  When the model's
   activation maps 0 to 0 (:func:`silences_exactly`) a silenced unit outputs
   exactly zero and its consumers read nothing from it, so the network computes
   what the pruned one computes; every gradient on the silenced slices is
@@ -245,8 +249,8 @@ def silence(
   """
   groups = unit_groups(model)
   new_opt_state = slice_optimizer_state(opt_state, variables['params'], groups, keeps, op=_zero)
-  zeroed = slice_variables(variables, groups, keeps, op=_zero)  # of which params are kept
-  return {**variables, 'params': zeroed['params']}, new_opt_state
+  zeroed = slice_variables(variables, groups, keeps, op=_zero)
+  return {**variables, **zeroed}, new_opt_state
 
 
 def _fill(value: float):
@@ -269,7 +273,9 @@ def revive(
   For each group whose producers hold a normalization: the units' norm scale
   is set to 1 and their norm offset to 0 (a fresh norm's values: the unit
   passes its normalized input on again), every consumer slice of the units is
-  zeroed, so the network's output is unchanged, and the optimizer's moments of
+  zeroed (in ``params``, and in non-trainable state a group reads the units
+  through, such as the input ids of a ResNet's selected identity: that path
+  stays cut), so the network's output is unchanged, and the optimizer's moments of
   all those entries are zeroed (they carried the penalty's push). The next
   step's gradient reaches the consumer weights (the unit is active again) and
   from there the rest. Groups without a norm scale are left as they are.
@@ -296,13 +302,15 @@ def revive(
   params = variables['params']
   touched = consumers + only(lambda g, sc, of: sc + of)
   new_opt_state = slice_optimizer_state(opt_state, params, touched, keeps, op=_zero)
+  # Consumers in every collection (params, and state such as a selected identity's ids).
+  rest = slice_variables(variables, consumers, keeps, op=_zero)
+  params = rest['params']
   for groups, op in (
-    (consumers, _zero),
     (only(lambda g, sc, of: sc), _fill(1.0)),
     (only(lambda g, sc, of: of), _fill(0.0)),
   ):
     params = slice_variables({'params': params}, groups, keeps, op=op)['params']
-  return {**variables, 'params': params}, new_opt_state, woken
+  return {**variables, **rest, 'params': params}, new_opt_state, woken
 
 
 def silences_exactly(model) -> bool:
