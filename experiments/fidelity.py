@@ -217,6 +217,19 @@ STAGES: dict[str, Stage] = {
     ),
     seed_major=False,
   ),
+  # ResNet-18 with the residual stream pruned per site, as the authors' code does (each
+  # post-addition activation its own group, identity shortcuts sliced): DemP at the fixed λ of
+  # `resnet18`, 3 seeds, then the early and at-initialization baselines at its sparsities.
+  'resnet18_site': Stage(
+    RESNET + ',stream=site',
+    ('arg.method=demp;arg.lam=0.005,0.01,0.02;seed={s}',),
+  ),
+  'resnet18_site_baselines': Stage(
+    RESNET + ',stream=site',
+    (),
+    after='resnet18_site',
+    baselines=('early_crop_s', 'crop_s'),
+  ),
   # The ResNet-18 comparison at the targets DemP was steered to (resnet18_target): the
   # baselines at exactly the weight sparsities DemP reached, not at λ-rounded ones (a
   # second set "at the fixed-λ runs' sparsities" would double the baselines' compute).
