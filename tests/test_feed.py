@@ -15,12 +15,13 @@ def test_k_divides_every_step_the_loop_stops_at():
   c = tiny_config()  # 60 steps, logs every 10, checks every 20, saves every 20
   when = methods.get('demp').when
   assert feed.event_steps(c, when) == [10, 20, 30, 40, 50, 60]
-  assert feed.steps_per_dispatch(c, when) == 10
+  assert feed.steps_per_dispatch(c, when, backend='gpu') == 10
+  assert feed.steps_per_dispatch(c, when, backend='cpu') == 1  # a loop costs more than dispatch
   c.log_every = 15  # events at 15, 20, 30, 40, 45, 60: gcd 5
-  assert feed.steps_per_dispatch(c, when) == 5
-  assert feed.steps_per_dispatch(c, when, extra=(7,)) == 1  # a test's stop_after at 7
+  assert feed.steps_per_dispatch(c, when, backend='gpu') == 5
+  assert feed.steps_per_dispatch(c, when, extra=(7,), backend='gpu') == 1  # a stop_after at 7
   c.log_every, c.num_steps, c.checkpoint.every, c.prune.every = 100, 1200, 0, 100
-  assert feed.steps_per_dispatch(c, when) == feed.MAX_STEPS_PER_DISPATCH  # 50 divides 100
+  assert feed.steps_per_dispatch(c, when, backend='gpu') == feed.MAX_STEPS_PER_DISPATCH
   c.steps_per_dispatch = 25
   assert feed.steps_per_dispatch(c, when) == 25
   c.steps_per_dispatch = 30
@@ -33,7 +34,7 @@ def test_placement_auto_takes_the_device_and_a_key_forces_either_path(tmp_path):
   for placement in ('auto', 'host'):
     c = tiny_config(**{'data.placement': placement, 'checkpoint.every': 0})
     runs[placement] = train.train_and_evaluate(c, str(tmp_path / placement))
-  assert runs['auto']['data_placement'] == 'device' and runs['auto']['steps_per_dispatch'] == 10
+  assert runs['auto']['data_placement'] == 'device' and runs['auto']['steps_per_dispatch'] == 1
   assert runs['host']['data_placement'] == 'host' and runs['host']['steps_per_dispatch'] == 1
   # Both train the same recipe: units die and go at the same checks on both paths.
   for s in runs.values():
@@ -47,14 +48,16 @@ def test_placement_auto_takes_the_device_and_a_key_forces_either_path(tmp_path):
   assert not fed.on_device
 
 
-def test_the_device_path_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize('k', [1, 10])
+def test_the_device_path_resumes_bit_identically(tmp_path, k):
   """Batch s is a function of (seed, s): a run stopped at step 30 and resumed ends with the
-  parameters of the uninterrupted run, prune events included."""
-  full = train.train_and_evaluate(tiny_config(), str(tmp_path / 'full'))
-  assert full['data_placement'] == 'device'
-  first = train.train_and_evaluate(tiny_config(), str(tmp_path / 'resumed'), stop_after=30)
+  parameters of the uninterrupted run, prune events included (one or k steps per dispatch)."""
+  config = lambda: tiny_config(steps_per_dispatch=k)  # noqa: E731
+  full = train.train_and_evaluate(config(), str(tmp_path / 'full'))
+  assert full['data_placement'] == 'device' and full['steps_per_dispatch'] == k
+  first = train.train_and_evaluate(config(), str(tmp_path / 'resumed'), stop_after=30)
   assert first['preempted'] and first['step'] == 30
-  resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / 'resumed'))
+  resumed = train.train_and_evaluate(config(), str(tmp_path / 'resumed'))
   assert resumed['widths'] == full['widths'] and resumed['resumed_at'] == [30]
   assert resumed['test_accuracy'] == full['test_accuracy']
 
