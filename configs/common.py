@@ -228,7 +228,7 @@ def recipe_commands(
   runs = join('runs', name)
   return {
     'sweep': sweep_argv(config, opt, lambdas, seeds, workdir=runs, dense=dense, smoke=smoke),
-    'report': report_argv(runs, join('docs', 'results', name), targets),
+    'report': report_argv(runs, join('results', name), targets),
     'plot': plot_argv(runs, join('docs', 'figures', name), title),
   }
 

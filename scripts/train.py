@@ -70,8 +70,8 @@ def main(argv):
   elif any(f is not None for f in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)):
     raise app.UsageError('--coordinator_address/--num_processes/--process_id need --multihost.')
   config = _CONFIG.value
-  if _given('config.prune.every') and not config.demp.target_every:
-    config.demp.target_every = config.prune.every  # the user's τ, with or without a target
+  if _given('config.prune.every') and config.demp.target_sparsity and not config.demp.target_every:
+    config.demp.target_every = config.prune.every  # the user's τ wins over a target's recipe
   result = train.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
   if result.get('preempted'):
     logging.warning(
