@@ -48,6 +48,7 @@ def tiny_config(comparable: bool = False):
   c.batch_size = 32
   c.model.widths = [32, 32]
   c.prune.every = 20
+  c.data.placement = 'host'  # one stream of batches for every device count
   c.prune.num_examples = 64
   c.prune.batch_size = 32
   c.log_every = 10
