@@ -374,9 +374,20 @@ def revive(
 
 def silences_exactly(model) -> bool:
   """Whether :func:`silence` equals removal for ``model``: its activation maps 0 to 0."""
+  name = getattr(model, 'activation', 'relu')
+  return ZERO_AT_ZERO[name] if name in ZERO_AT_ZERO else _maps_zero_to_zero(name)
+
+
+ZERO_AT_ZERO = {'relu': True, 'leaky_relu': True, 'gelu': True, 'swish': True}
+"""``act(0) == 0`` of the activations of :mod:`demp.models.common` (a test evaluates them):
+read here, nothing is compiled to know it at a prune event."""
+
+
+@functools.lru_cache(maxsize=None)
+def _maps_zero_to_zero(name: str) -> bool:
+  """Evaluated once per activation and process (it compiles a tiny program)."""
   from demp.models import common  # pylint: disable=g-import-not-at-top
 
-  name = getattr(model, 'activation', 'relu')
   return float(common.activation(name)(jax.numpy.zeros(()))) == 0.0
 
 
@@ -421,8 +432,13 @@ def prune(
   *,
   example_input=None,
   allow_inexact: bool = False,
+  host: bool = False,
 ):
   """Removes the units not kept: returns ``(model, variables, opt_state)``.
+
+  ``host``: the sliced leaves are cut with NumPy on the host and come back as
+  NumPy arrays (the others as they were), so nothing is compiled for the new
+  shapes; the caller puts them back on its devices. The values are the same.
 
   ``model`` must expose ``widths`` (group name -> width, a ``FrozenDict`` so
   the module stays hashable and usable as a static jit argument) and
@@ -443,8 +459,9 @@ def prune(
         f'keep-mask for {g.name!r} has {np.asarray(keeps[g.name]).size} '
         f'entries, the group has {model.widths[g.name]} units.'
       )
-  new_opt_state = slice_optimizer_state(opt_state, variables['params'], groups, keeps)
-  new_variables = slice_variables(variables, groups, keeps)
+  op = _take_host if host else _take
+  new_opt_state = slice_optimizer_state(opt_state, variables['params'], groups, keeps, op=op)
+  new_variables = slice_variables(variables, groups, keeps, op=op)
   widths = dict(model.widths)
   for name, keep in keeps.items():
     widths[name] = int(np.sum(keep))

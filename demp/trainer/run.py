@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 
 from demp import deadunits, flops, surgery
-from demp.trainer import parallel, steps
+from demp.trainer import compile_cache, parallel, steps
 
 PyTree = Any
 
@@ -89,7 +90,9 @@ class Run:
   step_s: float = float('nan')  # recent mean train-step time (the loop sets it)
   _batch_spec: Any = None  # the batch's shapes, for compiling ahead of a switch
   _next: Any = None  # future of the background compile: (compiled, flops, seconds)
-  _checks: dict = dataclasses.field(default_factory=dict)  # widths -> compiled death check
+  # widths -> future of that architecture's other programs compiled in the background:
+  # {'death_check', 'silence', 'finite_check'} (see _compile_extras)
+  _extras: dict = dataclasses.field(default_factory=dict)
   _pool: Any = None
 
   @property
@@ -101,19 +104,83 @@ class Run:
     shardings = parallel.step_shardings(self.mesh) if self.mesh is not None else {}
     return jax.jit(step, donate_argnums=0, **shardings).lower(state, batch)
 
-  def compile(self, batch) -> float:
+  def compile(self, batch, *, ahead: bool = False) -> float:
     """Compiles the train step for the current shapes (AOT); returns seconds.
 
     With a deferred prune pending (a resumed run), also starts compiling the
-    step for the pending widths in the background.
+    step for the pending widths in the background. ``ahead`` (the trainer):
+    also starts compiling, in the background, this architecture's death check,
+    silencing and finiteness check (:meth:`_compile_extras`), used at the
+    next prune event instead of compiling them then.
     """
     t0 = time.perf_counter()
+    compile_cache.set_architecture(self.model.widths)
     self._batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    self.compiled = self._lower(self.model, self.state, batch).compile()
+    with compile_cache.phase('train_step', self.model.widths):
+      self.compiled = self._lower(self.model, self.state, batch).compile()
     self.step_flops = flops.compiled_flops(self.compiled)
     if self.pending is not None and self._next is None:
       self._compile_ahead(self.pending['keeps'])
+    if ahead:
+      self._compile_extras(self.model, _abstract(self.state))
     return time.perf_counter() - t0
+
+  def _submit(self, work) -> concurrent.futures.Future:
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='demp-compile')
+    return self._pool.submit(work)
+
+  def _compile_extras(self, model, shapes: Mapping[str, Any]) -> None:
+    """Starts compiling, in the background, the programs an architecture runs besides its step.
+
+    For ``model`` at train-state ``shapes``: the finiteness check of its params
+    (every metrics fetch), the death check's pass (one device) and, when prune
+    events are deferred, the silencing of units (:func:`demp.surgery.silence`, the
+    keep-masks its arguments). One per architecture; queued behind a step
+    being compiled ahead, which is needed first.
+    """
+    key = _key(model.widths)
+    if key in self._extras:
+      return
+    images = jax.ShapeDtypeStruct(self.death_images.shape, self.death_images.dtype)
+    c = self.config.prune
+    deferred = c.switch_after > 0
+
+    variables = {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
+
+    def finite_check():
+      return all_finite.lower(shapes['params']).compile()
+
+    def death_check():
+      return deadunits.compile_unit_stats(
+        model, variables, images, criterion=self._criterion(), batch_size=c.batch_size
+      )
+
+    def silence():
+      if deferred and surgery.silences_exactly(model):
+        return surgery.compile_silence(model, variables, shapes['opt_state'])
+      return None
+
+    programs = {'finite_check': finite_check, 'silence': silence}
+    if self.mesh is None or self.mesh.devices.size == 1:
+      programs['death_check'] = death_check
+    self._extras[key] = {
+      name: self._submit(functools.partial(_in_phase, name, model.widths, fn))
+      for name, fn in programs.items()
+    }
+
+  def _extra(self, name: str):
+    """This architecture's program ``name`` compiled in the background (waits for it), or None."""
+    future = self._extras.get(_key(self.model.widths), {}).get(name)
+    return None if future is None else future.result()
+
+  def params_finite(self) -> bool:
+    """Whether every parameter is finite (one device-side reduction, a host sync)."""
+    compiled = self._extra('finite_check')
+    if compiled is not None:
+      return bool(compiled(self.state['params']))
+    with compile_cache.phase('finite_check', self.model.widths):
+      return bool(all_finite(self.state['params']))
 
   # -- Deferred prunes: train on, silenced, while the smaller step compiles. ------------------
 
@@ -123,23 +190,16 @@ class Run:
     model = self.model.clone(widths=flax.core.FrozenDict(widths))
     shapes = surgery.pruned_shapes(self.model, self.state, keeps)  # shapes only: no array is read
     batch = self._batch_spec
-    images = jax.ShapeDtypeStruct(self.death_images.shape, self.death_images.dtype)
-    c = self.config.prune
 
     def work():
       t0 = time.perf_counter()
-      compiled = self._lower(model, shapes, batch).compile()
+      with compile_cache.phase('train_step', model.widths):
+        compiled = self._lower(model, shapes, batch).compile()
       seconds = time.perf_counter() - t0
-      if self.mesh is None or self.mesh.devices.size == 1:  # the next death check's pass
-        variables = {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
-        self._checks[_key(model.widths)] = deadunits.compile_unit_stats(
-          model, variables, images, criterion=self._criterion(), batch_size=c.batch_size
-        )
       return compiled, flops.compiled_flops(compiled), seconds
 
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='demp-compile')
-    self._next = self._pool.submit(work)
+    self._next = self._submit(work)
+    self._compile_extras(model, shapes)  # behind the step, which the switch waits for
 
   def switch_delay(self) -> int:
     """Steps between a prune decision and its switch to the new widths; 0 = prune now.
@@ -162,9 +222,14 @@ class Run:
   def _defer(self, keeps: Mapping[str, np.ndarray], delay: int) -> None:
     """Silences the units not kept and schedules their removal ``delay`` steps from now."""
     self._compile_ahead(keeps)
-    variables, opt_state = surgery.silence(
-      self.model, self.variables, self.state['opt_state'], keeps
-    )
+    with compile_cache.phase('silence', self.model.widths):  # compiled ahead: nothing compiles
+      variables, opt_state = surgery.silence(
+        self.model,
+        self.variables,
+        self.state['opt_state'],
+        keeps,
+        compiled=self._extra('silence'),
+      )
     self.state = train_state(variables, opt_state)
     if self.mesh is not None:
       self.state = parallel.replicate(self.state, self.mesh)
@@ -183,16 +248,27 @@ class Run:
       self._compile_ahead(keeps)
     compiled, flops_, compile_s = self._next.result()
     waited = time.perf_counter() - t0
-    example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
-    self.model, variables, opt_state = surgery.prune(
-      self.model, self.variables, self.state['opt_state'], keeps, example_input=example
-    )
-    self.state = train_state(variables, opt_state)
-    if self.mesh is not None:
-      self.state = parallel.replicate(self.state, self.mesh)
+    self._cut(keeps)
     self.compiled, self.step_flops = compiled, flops_
     self.pending, self._next = None, None
     return {'wait_s': waited, 'switch_s': time.perf_counter() - t0, 'compile_s': compile_s}
+
+  def _cut(self, keeps: Mapping[str, np.ndarray]) -> None:
+    """Removes the units not kept: sliced on the host (nothing compiles), then back on device."""
+    old = _key(self.model.widths)
+    example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
+    with compile_cache.phase('switch', self.model.widths):
+      self.model, variables, opt_state = surgery.prune(
+        self.model, self.variables, self.state['opt_state'], keeps, example_input=example, host=True
+      )
+      state = train_state(variables, opt_state)
+      if self.mesh is not None:
+        self.state = parallel.replicate(state, self.mesh)
+      else:
+        self.state = jax.device_put(state)
+    compile_cache.set_architecture(self.model.widths)
+    if _key(self.model.widths) != old:
+      self._extras.pop(old, None)  # that architecture's programs are not needed again
 
   @property
   def widths_after(self) -> dict[str, int]:
@@ -213,15 +289,16 @@ class Run:
     """The death check's one pass: ``alive``, ``activity`` and per-unit output ranges."""
     self.finish_pending()
     c = self.config.prune
-    return deadunits.unit_stats(
-      self.model,
-      self.variables,
-      self.death_images,
-      eps=c.eps,
-      batch_size=c.batch_size,
-      criterion=self._criterion(),
-      compiled=self._checks.pop(_key(self.model.widths), None),
-    )
+    with compile_cache.phase('death_check', self.model.widths):  # compiled ahead: nothing compiles
+      return deadunits.unit_stats(
+        self.model,
+        self.variables,
+        self.death_images,
+        eps=c.eps,
+        batch_size=c.batch_size,
+        criterion=self._criterion(),
+        compiled=self._extra('death_check'),
+      )
 
   def _criterion(self) -> str:
     return self.config.prune.criterion or deadunits.criterion_for(self.model.activation)
@@ -253,11 +330,7 @@ class Run:
         ids = self.unit_ids.get(name, np.arange(before[name]))
         self.unit_ids[name] = ids[np.asarray(keep, bool)]
     elif removes:
-      example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
-      self.model, variables, opt_state = surgery.prune(
-        self.model, self.variables, self.state['opt_state'], keeps, example_input=example
-      )
-      self.state = train_state(variables, opt_state)
+      self._cut(keeps)
       self.compiled = None  # compiled again, for the new shapes, before the next step
       for name, keep in keeps.items():
         ids = self.unit_ids.get(name, np.arange(before[name]))
@@ -280,6 +353,25 @@ class Run:
 
 def _key(widths: Mapping[str, int]) -> tuple:
   return tuple(sorted(widths.items()))
+
+
+def _in_phase(function: str, widths, fn):
+  with compile_cache.phase(function, widths):
+    return fn()
+
+
+def _abstract(tree):
+  """``jax.ShapeDtypeStruct`` leaves (with their shardings) of a tree of arrays."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None)),
+    tree,
+  )
+
+
+@jax.jit
+def all_finite(tree: PyTree) -> jax.Array:
+  """Whether every entry of every leaf is finite (one program per shapes)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 HOST_FIELDS: tuple[str, ...] = tuple(

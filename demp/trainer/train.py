@@ -61,14 +61,19 @@ Run = run_lib.Run
 def evaluate(model, variables, config, split: str = 'test', mesh=None) -> dict[str, float]:
   """Accuracy and loss over ``split``; with a ``mesh`` each batch is split over its devices."""
   eval_step = steps.make_eval_step(model)
-  totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+  outs = []
   split_batch = mesh is not None and config.eval_batch_size % mesh.devices.size == 0
-  for batch in data_lib.eval_batches(config.data, split, config.eval_batch_size):
-    if mesh is not None:  # every host holds the whole batch
-      batch = parallel.shard_global(batch, mesh) if split_batch else parallel.replicate(batch, mesh)
-    out = eval_step(variables, batch)
-    totals = {k: totals[k] + out[k] for k in totals}
-  totals = jax.device_get(totals)
+  with compile_cache.phase('eval_step', model.widths):
+    for batch in data_lib.eval_batches(config.data, split, config.eval_batch_size):
+      if mesh is not None:  # every host holds the whole batch
+        batch = (
+          parallel.shard_global(batch, mesh) if split_batch else parallel.replicate(batch, mesh)
+        )
+      outs.append(eval_step(variables, batch))
+  # Summed on the host: one fetch at the end, and no program compiled for the sums.
+  totals = {
+    k: sum(float(o[k]) for o in jax.device_get(outs)) for k in ('loss_sum', 'correct', 'count')
+  }
   return {
     'accuracy': float(totals['correct'] / totals['count']),
     'loss': float(totals['loss_sum'] / totals['count']),
@@ -160,11 +165,6 @@ def _check_finite(
       f'{step0 + 1}..{step0 + len(losses)}, whose losses were finite); '
       f'stopping. {last_good}Lower the learning rate or λ, or check the data.'
     )
-
-
-@jax.jit
-def _all_finite(tree: PyTree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def train_and_evaluate(
@@ -265,7 +265,7 @@ class Loop:
     _check_finite(
       self.run.step - len(got),
       np.array([m['loss'] for m in got]),
-      params_finite=bool(_all_finite(self.run.state['params'])),
+      params_finite=self.run.params_finite(),
       last_good=self.last_good,
     )
     self.bar.update(len(got))
@@ -293,7 +293,7 @@ class Loop:
       _check_finite(
         run.step,
         np.zeros(0),
-        params_finite=bool(_all_finite(run.state['params'])),
+        params_finite=run.params_finite(),
         last_good=self.last_good,
       )
     current = [_segment_record(self.segment)] if self.segment['steps'] else []
@@ -348,7 +348,7 @@ class Loop:
       self.segments.append(_segment_record(self.segment))
     self.segment.update(steps=0, seconds=0.0)
     run.state = parallel.replicate(run.state, run.mesh)  # after a surgery: back onto every device
-    compile_s = run.compile(batch)
+    compile_s = run.compile(batch, ahead=True)  # and, in the background, the rest of this arch
     self.compile_s += compile_s
     if self.sync_cost is not None:
       self.close_cost(self.sync_cost, compile_s=compile_s, background=False)
@@ -520,11 +520,13 @@ def _train(
   wall = loop.wall_s()
 
   ev = evaluate(run.model, run.variables, config, mesh=mesh)
-  summary = accounting.run_summary(
-    config, run, ev, loop.segments, loop.train_flops, wall, loop.compile_s
-  )
+  with compile_cache.phase('flops'):  # XLA's FLOP counts of the summary: no architecture
+    summary = accounting.run_summary(
+      config, run, ev, loop.segments, loop.train_flops, wall, loop.compile_s
+    )
   summary.update(parallel.describe(mesh), resumed_at=loop.resumed_at)
   summary.update(compile_cache.summary())  # this process's cache hits / misses / compiles
+  summary.update(compile_cache.attribution())  # ... by function and by architecture
   jsonl.write({'step': config.num_steps, 'summary': summary})
   jsonl.close()
   if tb is not None:
