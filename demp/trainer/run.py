@@ -104,14 +104,11 @@ class Run:
     shardings = parallel.step_shardings(self.mesh) if self.mesh is not None else {}
     return jax.jit(step, donate_argnums=0, **shardings).lower(state, batch)
 
-  def compile(self, batch, *, ahead: bool = False) -> float:
+  def compile(self, batch) -> float:
     """Compiles the train step for the current shapes (AOT); returns seconds.
 
     With a deferred prune pending (a resumed run), also starts compiling the
-    step for the pending widths in the background. ``ahead`` (the trainer):
-    also starts compiling, in the background, this architecture's death check,
-    silencing and finiteness check (:meth:`_compile_extras`), used at the
-    next prune event instead of compiling them then.
+    step for the pending widths in the background.
     """
     t0 = time.perf_counter()
     compile_cache.set_architecture(self.model.widths)
@@ -121,9 +118,22 @@ class Run:
     self.step_flops = flops.compiled_flops(self.compiled)
     if self.pending is not None and self._next is None:
       self._compile_ahead(self.pending['keeps'])
-    if ahead:
-      self._compile_extras(self.model, _abstract(self.state))
     return time.perf_counter() - t0
+
+  def compile_ahead(self) -> None:
+    """Starts compiling, in the background, this architecture's programs besides its step.
+
+    Its finiteness check, death check and silencing (:meth:`_compile_extras`),
+    used at the next metrics fetch and prune event instead of compiling them
+    then. The trainer calls it after :meth:`compile`.
+    """
+    self._compile_extras(self.model, _abstract(self.state))
+
+  def close(self) -> None:
+    """Ends the background compiles: drops the queued ones, waits for a running one."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
 
   def _submit(self, work) -> concurrent.futures.Future:
     if self._pool is None:

@@ -348,7 +348,8 @@ class Loop:
       self.segments.append(_segment_record(self.segment))
     self.segment.update(steps=0, seconds=0.0)
     run.state = parallel.replicate(run.state, run.mesh)  # after a surgery: back onto every device
-    compile_s = run.compile(batch, ahead=True)  # and, in the background, the rest of this arch
+    compile_s = run.compile(batch)
+    run.compile_ahead()  # in the background: this architecture's check, silencing, ...
     self.compile_s += compile_s
     if self.sync_cost is not None:
       self.close_cost(self.sync_cost, compile_s=compile_s, background=False)
@@ -509,6 +510,7 @@ def _train(
         step,
         path,
       )
+      run.close()
       return {'preempted': True, 'step': step, 'checkpoint': path, 'widths': dict(run.model.widths)}
   if run.pending is not None:  # cannot happen (a switch lands before the last step); be safe
     loop.close_cost(_pending_cost(run), background=True, **run.switch())
@@ -516,6 +518,7 @@ def _train(
     loop.close_cost(loop.sync_cost, compile_s=0.0, background=False)
   if loop.segment['steps']:
     loop.segments.append(_segment_record(loop.segment))
+  run.close()  # no compile outlives the run (nor its cache directory)
   loop.bar.close()
   wall = loop.wall_s()
 
