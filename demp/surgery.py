@@ -25,6 +25,7 @@ of any optax state (found by its path, see :func:`slice_optimizer_state`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,24 +89,26 @@ def keep_masks(
 # Slicing.
 
 
+def _positions(size: int, axis: int, width: int, offset: int, block: int | None) -> np.ndarray:
+  """The positions of an axis of ``size`` that ``width`` units at ``offset`` of every ``block`` own."""
+  block = width if block is None else block
+  if size % block:
+    if block == width:
+      raise ValueError(f'axis {axis} of size {size} is not a multiple of the group width {width}.')
+    raise ValueError(f'axis {axis} of size {size} is not a multiple of the block {block}.')
+  if offset < 0 or offset + width > block:
+    raise ValueError(
+      f'units {offset}..{offset + width} do not fit a block of {block} on axis {axis}.'
+    )
+  return (np.arange(size // block)[:, None] * block + offset + np.arange(width)[None, :]).ravel()
+
+
 def _kept(size: int, axis: int, parts: Sequence[tuple[np.ndarray, int, int | None]]) -> np.ndarray:
   """``[size]`` bools: the positions of an axis shared by ``(keep, offset, block)`` slices that stay."""
   kept = np.ones(size, bool)
   for keep, offset, block in parts:
-    width = keep.size
-    block = width if block is None else block
-    if size % block:
-      if block == width:
-        raise ValueError(
-          f'axis {axis} of size {size} is not a multiple of the group width {width}.'
-        )
-      raise ValueError(f'axis {axis} of size {size} is not a multiple of the block {block}.')
-    if offset < 0 or offset + width > block:
-      raise ValueError(
-        f'units {offset}..{offset + width} do not fit a block of {block} on axis {axis}.'
-      )
-    pos = (np.arange(size // block)[:, None] * block + offset + np.arange(width)[None, :]).ravel()
-    kept[pos] &= np.tile(keep, size // block)
+    pos = _positions(size, axis, keep.size, offset, block)
+    kept[pos] &= np.tile(keep, pos.size // keep.size)
   return kept
 
 
@@ -126,20 +129,41 @@ def _zero(leaf: jax.Array, axis: int, parts) -> jax.Array:
   return jax.numpy.where(kept.reshape(shape), leaf, jax.numpy.zeros((), leaf.dtype))
 
 
+def _take_host(leaf, axis: int, parts) -> np.ndarray:
+  """:func:`_take` with NumPy on the host: no XLA program is compiled (or run)."""
+  return np.take(np.asarray(leaf), _index(leaf.shape[axis], axis, parts), axis=axis)
+
+
+def _zero_traced(leaf: jax.Array, axis: int, parts) -> jax.Array:
+  """:func:`_zero` inside a jitted function whose keep-masks are arguments (traced)."""
+  kept = jax.numpy.ones(leaf.shape[axis], bool)
+  for keep, offset, block in parts:
+    pos = _positions(leaf.shape[axis], axis, keep.shape[0], offset, block)
+    kept = kept.at[pos].set(kept[pos] & jax.numpy.tile(keep, pos.size // keep.shape[0]))
+  shape = [1] * leaf.ndim
+  shape[axis] = kept.size
+  return jax.numpy.where(kept.reshape(shape), leaf, jax.numpy.zeros((), leaf.dtype))
+
+
 def _take_shape(leaf: jax.ShapeDtypeStruct, axis: int, parts) -> jax.ShapeDtypeStruct:
   shape = list(leaf.shape)
   shape[axis] = int(_kept(shape[axis], axis, parts).sum())
   return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=getattr(leaf, 'sharding', None))
 
 
-def _slicers(groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray]) -> dict[Path, list]:
+def _slicers(
+  groups: Sequence[UnitGroup], keeps: Mapping[str, np.ndarray], *, traced: bool = False
+) -> dict[Path, list]:
+  """Leaf path -> its ``(axis, keep, offset, block)`` slices; ``traced``: every group in
+  ``keeps``, its mask as given (a jitted function's argument), not only the cut ones."""
   out: dict[Path, list] = {}
   for group in groups:
     keep = keeps.get(group.name)
-    if keep is None or np.all(keep):
+    if keep is None or (not traced and np.all(keep)):
       continue
+    keep = keep if traced else np.asarray(keep, bool)
     for s in group.slices:
-      out.setdefault(s.path, []).append((s.axis, np.asarray(keep, bool), s.offset, s.block))
+      out.setdefault(s.path, []).append((s.axis, keep, s.offset, s.block))
   return out
 
 
@@ -226,7 +250,12 @@ def slice_optimizer_state(
 
 
 def silence(
-  model, variables: Mapping[str, PyTree], opt_state: PyTree, keeps: Mapping[str, np.ndarray]
+  model,
+  variables: Mapping[str, PyTree],
+  opt_state: PyTree,
+  keeps: Mapping[str, np.ndarray],
+  *,
+  compiled=None,
 ) -> tuple[dict[str, PyTree], PyTree]:
   """Zeroes, instead of removing, the units not kept: ``(variables, opt_state)`` at the same shapes.
 
@@ -246,11 +275,58 @@ def silence(
   stay zero. Training can go on at the old shapes, exactly, until the step
   compiled for the new shapes is ready (:meth:`demp.trainer.run.Run.prune` with
   ``defer``); then :func:`prune` removes them.
+
+  One jitted function whose keep-masks are arguments (:func:`silence_masks`): it
+  compiles once per architecture, not once per prune event; ``compiled``, from
+  :func:`compile_silence` (ahead of time, e.g. in the background), is used instead.
   """
   groups = unit_groups(model)
-  new_opt_state = slice_optimizer_state(opt_state, variables['params'], groups, keeps, op=_zero)
-  zeroed = slice_variables(variables, groups, keeps, op=_zero)
-  return {**variables, **zeroed}, new_opt_state
+  # The checks of slice_variables (unknown groups, slices naming no leaf) on the host, free.
+  slice_variables(variables, groups, keeps, op=lambda leaf, axis, parts: leaf)
+  masks = silence_masks(model, keeps)
+  fn = compiled if compiled is not None else functools.partial(_silence, model)
+  stats = variables.get('batch_stats', {})
+  params, batch_stats, new_opt_state = fn(variables['params'], stats, opt_state, masks)
+  out = {**variables, 'params': params}
+  if 'batch_stats' in variables:
+    out['batch_stats'] = batch_stats
+  return out, new_opt_state
+
+
+def silence_masks(model, keeps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Every group's ``[width]`` keep-mask (all True where ``keeps`` has none): :func:`silence`'s argument."""
+  return {
+    g.name: np.asarray(keeps.get(g.name, np.ones(model.widths[g.name], bool)), bool)
+    for g in unit_groups(model)
+  }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _silence(
+  model, params: PyTree, batch_stats: PyTree, opt_state: PyTree, masks: Mapping[str, jax.Array]
+):
+  """:func:`silence` of params, batch stats and optimizer state, the masks traced (one program
+  per shapes)."""
+  groups = unit_groups(model)
+  slicers = _slicers(groups, masks, traced=True)
+  shapes = {dict_path(kp): np.shape(x) for kp, x in jax.tree.flatten_with_path(params)[0]}
+  new_opt_state, _ = _slice_leaves(opt_state, slicers, shapes, _zero_traced)
+  new_params, _ = _slice_leaves(params, slicers, None, _zero_traced)
+  new_stats, _ = _slice_leaves(batch_stats, slicers, None, _zero_traced)
+  return new_params, new_stats, new_opt_state
+
+
+def compile_silence(model, variables: Mapping[str, PyTree], opt_state: PyTree):
+  """:func:`silence`'s program for these shapes (arrays or ``jax.ShapeDtypeStruct``), compiled now.
+
+  Pass it as ``silence(..., compiled=...)`` for any keep-masks of ``model``'s widths.
+  """
+  masks = {
+    g.name: jax.ShapeDtypeStruct((model.widths[g.name],), jax.numpy.bool_)
+    for g in unit_groups(model)
+  }
+  stats = variables.get('batch_stats', {})
+  return _silence.lower(model, variables['params'], stats, opt_state, masks).compile()
 
 
 def _fill(value: float):
@@ -315,9 +391,20 @@ def revive(
 
 def silences_exactly(model) -> bool:
   """Whether :func:`silence` equals removal for ``model``: its activation maps 0 to 0."""
+  name = getattr(model, 'activation', 'relu')
+  return ZERO_AT_ZERO[name] if name in ZERO_AT_ZERO else _maps_zero_to_zero(name)
+
+
+ZERO_AT_ZERO = {'relu': True, 'leaky_relu': True, 'gelu': True, 'swish': True}
+"""``act(0) == 0`` of the activations of :mod:`demp.models.common` (a test evaluates them):
+read here, nothing is compiled to know it at a prune event."""
+
+
+@functools.lru_cache(maxsize=None)
+def _maps_zero_to_zero(name: str) -> bool:
+  """Evaluated once per activation and process (it compiles a tiny program)."""
   from demp.models import common  # pylint: disable=g-import-not-at-top
 
-  name = getattr(model, 'activation', 'relu')
   return float(common.activation(name)(jax.numpy.zeros(()))) == 0.0
 
 
@@ -362,8 +449,13 @@ def prune(
   *,
   example_input=None,
   allow_inexact: bool = False,
+  host: bool = False,
 ):
   """Removes the units not kept: returns ``(model, variables, opt_state)``.
+
+  ``host``: the sliced leaves are cut with NumPy on the host and come back as
+  NumPy arrays (the others as they were), so nothing is compiled for the new
+  shapes; the caller puts them back on its devices. The values are the same.
 
   ``model`` must expose ``widths`` (group name -> width, a ``FrozenDict`` so
   the module stays hashable and usable as a static jit argument) and
@@ -384,8 +476,9 @@ def prune(
         f'keep-mask for {g.name!r} has {np.asarray(keeps[g.name]).size} '
         f'entries, the group has {model.widths[g.name]} units.'
       )
-  new_opt_state = slice_optimizer_state(opt_state, variables['params'], groups, keeps)
-  new_variables = slice_variables(variables, groups, keeps)
+  op = _take_host if host else _take
+  new_opt_state = slice_optimizer_state(opt_state, variables['params'], groups, keeps, op=op)
+  new_variables = slice_variables(variables, groups, keeps, op=op)
   widths = dict(model.widths)
   for name, keep in keeps.items():
     widths[name] = int(np.sum(keep))

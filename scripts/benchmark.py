@@ -21,10 +21,20 @@ one XLA thread::
     taskset -c 1 python -m scripts.benchmark --optimizers --models=resnet18 \
         --width_multiplier=0.25 --batch_size=32 --rounds=30 --steps_per_round=2 --clock=process
 
+``--breakdown`` instead splits one training step of a config's run into input
+pipeline, dispatch, compute and host sync, at several width multipliers and for
+a randomly pruned copy of the widest, next to XLA's FLOPs, and fits
+``step = a·FLOPs + b`` over the widths (:func:`tools.benchmark.step_breakdown`)::
+
+    python -m scripts.benchmark --breakdown --data_path=<cifar10_subset.npz> \
+        --breakdown_widths=0.25,0.5,0.75,1.0 --batch_size=128 --rounds=7
+
 The logic lives in :mod:`tools.benchmark`.
 """
 
+import importlib.util
 import json
+import os
 import time
 
 from absl import app, flags
@@ -69,6 +79,55 @@ _CLOCK = flags.DEFINE_enum(
 )
 
 
+_BREAKDOWN = flags.DEFINE_bool(
+  'breakdown', False, 'Only split a run\'s train step into input, dispatch, compute, sync.'
+)
+_BREAKDOWN_CONFIG = flags.DEFINE_string(
+  'breakdown_config',
+  'configs/compare_cifar10_subset.py',
+  '--breakdown: a config file whose get_config takes method=, width= and path=.',
+)
+_DATA_PATH = flags.DEFINE_string('data_path', None, '--breakdown: the config\'s path= (the .npz).')
+_BREAKDOWN_WIDTHS = flags.DEFINE_list(
+  'breakdown_widths', ['0.25', '0.5', '0.75', '1.0'], '--breakdown: width multipliers.'
+)
+_BREAKDOWN_SPARSITY = flags.DEFINE_float(
+  'breakdown_sparsity', 0.5, '--breakdown: the pruned variant\'s random neuron sparsity.'
+)
+_METHOD = flags.DEFINE_string('method', 'demp', '--breakdown: the config\'s method=.')
+
+
+def _breakdown() -> None:
+  if not _DATA_PATH.value:
+    raise app.UsageError('--breakdown needs --data_path (the npz of the config).')
+  path = _BREAKDOWN_CONFIG.value
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  def config_fn(width: float):
+    c = module.get_config(f'method={_METHOD.value},width={width},path={_DATA_PATH.value}')
+    c.batch_size = _BATCH.value
+    return c
+
+  result = benchmark.step_breakdown(
+    config_fn,
+    [float(w) for w in _BREAKDOWN_WIDTHS.value],
+    sparsity=_BREAKDOWN_SPARSITY.value,
+    rounds=_ROUNDS.value,
+    steps_per_round=_STEPS.value,
+  )
+  print(
+    f'{path} method={_METHOD.value}, batch {_BATCH.value}, {_ROUNDS.value} interleaved rounds x '
+    f'{_STEPS.value} steps, medians over rounds',
+    flush=True,
+  )
+  print(benchmark.format_breakdown_table(result), flush=True)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
 def _pairs(items: list[str]) -> dict[str, int]:
   out = {}
   for item in items:
@@ -87,6 +146,9 @@ def main(argv):
   kwargs = {'width_multiplier': _WIDTH.value}
   if _OPTIMIZERS.value:
     _optimizers(sizes, kwargs)
+    return
+  if _BREAKDOWN.value:
+    _breakdown()
     return
   results = {'steps': [], 'events': []}
   for name in _MODELS.value:

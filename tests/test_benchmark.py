@@ -109,3 +109,46 @@ def test_optimizer_times_compares_optimizers_side_by_side():
   assert r['update_s']['demp'] > 0 and r['step_s']['demp'] > 0
   table = benchmark.format_optimizer_table(r)
   assert table.count('\n') == 3 and '| demp |' in table
+
+
+def test_fit_line_reproduces_a_line():
+  a, b = benchmark.fit_line([1.0, 3.0, 7.0], [2.5, 6.5, 14.5])  # y = 2x + 0.5
+  assert (a, b) == pytest.approx((2.0, 0.5), rel=1e-12)
+  with pytest.raises(ValueError, match='two distinct'):
+    benchmark.fit_line([1.0, 1.0], [2.0, 3.0])
+
+
+def test_step_breakdown_table_and_fit_on_a_tiny_mlp():
+  """Two widths of the quickstart's MLP and a pruned copy, a few steps: structure, no timings."""
+  from configs import quickstart
+
+  def config_fn(width):
+    c = quickstart.get_config()
+    c.model.widths = (int(32 * width), int(16 * width))
+    c.batch_size, c.num_steps, c.prune.every = 16, 10, 10
+    c.prune.num_examples, c.prune.batch_size = 32, 32
+    return c
+
+  result = benchmark.step_breakdown(
+    config_fn, [0.5, 1.0], sparsity=0.5, rounds=2, steps_per_round=1, warmup=1
+  )
+  rows = result['rows']
+  assert [r['name'] for r in rows] == ['width 0.5', 'width 1', 'width 1 pruned 0.5']
+  assert [r['widths'] for r in rows] == [
+    {'hidden_0': 16, 'hidden_1': 8},
+    {'hidden_0': 32, 'hidden_1': 16},
+    {'hidden_0': 16, 'hidden_1': 8},
+  ]
+  for r in rows:
+    assert all(r[p] >= 0 for p in benchmark.BREAKDOWN_PARTS)
+    assert all(len(r['round_times_s'][p]) == 2 for p in benchmark.BREAKDOWN_PARTS)
+    assert r['step_s'] == r['dispatch_s'] + r['compute_s']
+    assert r['total_s'] == pytest.approx(sum(r[p] for p in benchmark.BREAKDOWN_PARTS))
+  assert rows[0]['flops'] < rows[1]['flops'] and rows[2]['flops'] < rows[1]['flops']
+  # A line through two widths passes through both: the fit reproduces its inputs.
+  for r in rows[:2]:
+    assert r['fit_s'] == pytest.approx(r['step_s'], rel=1e-9, abs=1e-12)
+  fit = result['fit']
+  assert fit['b_fraction'] == pytest.approx(fit['b_s'] / rows[1]['step_s'])
+  table = benchmark.format_breakdown_table(result)
+  assert table.count('\n| width') == 3 and 'of the widest dense step' in table

@@ -1,5 +1,6 @@
 """The persistent compilation cache of a run, its counts, and steps compiled once per shape."""
 
+import json
 import os
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from demp.trainer import compile_cache, steps, train
 from demp import deadunits, surgery
 from demp.models import build
+from configs import quickstart
 from tests.test_train import _tiny_config
 from demp.trainer import config as config_lib
 
@@ -135,3 +137,67 @@ def test_eval_step_and_death_check_compile_once_per_shape():
   check = lambda m, v: deadunits.unit_stats(m, v, batch['image'], batch_size=8)
   assert _count_compiles(lambda: check(model, variables)) >= 1
   assert _count_compiles(lambda: check(again, variables)) == 0
+
+
+def _quickstart_demp(**overrides):
+  """The quickstart's DemP run, short: 60 steps, a check every 20, a λ that kills units."""
+  c = quickstart.get_config()
+  c.num_steps, c.prune.every, c.log_every = 60, 20, 20
+  c.demp.schedule, c.demp.peak_lambda = 'constant', 0.5  # units die from the first check on
+  c.optimizer.learning_rate = 0.05
+  c.progress_bar, c.compilation_cache, c.checkpoint.every = False, '', 0
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def test_compiles_per_architecture_within_budget(tmp_path):
+  """Per architecture: a train step, its finiteness check, a death check, one silencing.
+
+  Everything a prune event runs is compiled for an architecture once, in the
+  background; the switch slices on the host and compiles nothing.
+  """
+  summary = train.train_and_evaluate(_quickstart_demp(), str(tmp_path / 'run'))
+  assert summary['prune_events_effective'] >= 2  # three architectures at least
+  with open(tmp_path / 'run' / 'summary.json') as f:
+    written = json.load(f)
+  by_function, by_arch = written['compiles_by_function'], written['compiles_by_architecture']
+  assert sum(by_function.values()) == written['compiles']  # every compile is attributed
+  widths = [a['widths'] for a in by_arch]
+  assert len(widths) == len({tuple(sorted(w.items())) for w in widths})  # one record each
+  assert widths[0] == written['dense_widths'] and widths[-1] == written['widths']
+  for arch in by_arch:
+    assert arch['count'] <= 4, arch
+    assert arch['count'] == sum(arch['functions'].values())
+    assert arch['functions'].get('silence', 0) <= 1, arch  # one program, any keep-masks
+    assert (
+      arch['functions'].get('train_step', 0) <= 1 and arch['functions'].get('eval_step', 0) <= 1
+    )
+  assert by_function['silence'] <= len(by_arch)
+  assert by_function['switch'] == 0  # sliced with NumPy
+  assert by_function['other'] == 0, written['compiles_other']
+
+
+def test_known_activations_map_zero_to_zero_as_tabulated():
+  from demp.models import common
+
+  for name, fn in common.ACTIVATIONS.items():
+    assert surgery.ZERO_AT_ZERO[name] == (float(fn(jnp.zeros(()))) == 0.0), name
+
+
+def test_silence_compiles_once_for_any_keep_masks():
+  model = build('convnet', 10, widths=[6, 8], head='global')
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  opt_state = {'mu': variables['params']}
+  compiled = surgery.compile_silence(model, variables, opt_state)
+  for seed in range(3):
+    keeps = {'conv_0': np.random.default_rng(seed).random(6) < 0.5}
+    want = surgery.silence(model, variables, opt_state, keeps)
+    with compile_cache.use('', 'unused') as counts:
+      got = surgery.silence(model, variables, opt_state, keeps, compiled=compiled)
+      assert counts.summary()['compiles'] == 0
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))

@@ -712,3 +712,140 @@ def format_optimizer_table(result: Mapping[str, Any]) -> str:
       f"{result['update_s'][name] * 1e3:.2f} | {u:.4f} [{u_lo:.4f}, {u_hi:.4f}] |"
     )
   return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Where a step's time goes.
+
+BREAKDOWN_PARTS = ('input_s', 'dispatch_s', 'compute_s', 'sync_s')
+"""The parts of one training step that :func:`step_breakdown` times, in order."""
+
+
+def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+  """Least-squares ``y ≈ a·x + b``: returns ``(a, b)`` (exact through two points)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.size < 2 or np.ptp(x) == 0:
+    raise ValueError(f'a line needs two distinct x values, got {x.tolist()}.')
+  a, b = np.polyfit(x, y, 1)
+  return float(a), float(b)
+
+
+def step_breakdown(
+  config_fn: Callable[[float], ml_collections.ConfigDict],
+  widths: Sequence[float],
+  *,
+  sparsity: float | None = 0.5,
+  rounds: int = 5,
+  steps_per_round: int = 2,
+  warmup: int = 2,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Per training step: input pipeline, dispatch, compute and host sync, next to XLA's FLOPs.
+
+  ``config_fn(width)`` is a run's config at a width multiplier (batch size,
+  data, model and optimizer as the trainer builds them, :func:`demp.trainer.train.init_run`);
+  one variant per width, plus (``sparsity``) the widest one with that fraction of
+  every unit group removed at random (:func:`random_keeps`) by the run's own
+  surgery. Each step is timed in four parts:
+
+  * ``input_s``: ``next(train_iterator)`` and its transfer to the device (blocked);
+  * ``dispatch_s``: the jitted step's call until it returns (asynchronous dispatch);
+  * ``compute_s``: from then until the new state is ready (``block_until_ready``);
+  * ``sync_s``: ``jax.device_get`` of the step's metrics.
+
+  Every variant is compiled and warmed up first; then ``rounds`` rounds run
+  ``steps_per_round`` steps of every variant in turn, so that a shared
+  machine's load drifts over all alike; each part's value is the median over
+  rounds of its per-step mean. ``step_s`` = dispatch + compute. Over the
+  widths (not the pruned variant) ``step_s ≈ a·FLOPs + b`` is fitted
+  (:func:`fit_line`): ``b``, the time a step takes whatever its FLOPs, is also
+  given as a fraction of the widest variant's step.
+
+  Returns:
+    ``{'rows': [...], 'fit': {'a_s_per_flop', 'b_s', 'b_fraction'}}``; each row
+    has ``name``, ``width``, ``sparsity``, ``flops``, the parts, ``step_s``,
+    ``total_s``, ``fit_s`` (the line at its FLOPs) and ``round_times_s``.
+  """
+  from demp.trainer import train  # pylint: disable=g-import-not-at-top
+
+  if len(set(widths)) < 2:
+    raise ValueError(f'widths={list(widths)!r}: the fit needs two distinct widths at least.')
+  variants = []
+  for width in widths:
+    variants.append({'name': f'width {width:g}', 'width': width, 'sparsity': 0.0})
+  if sparsity is not None:
+    widest = max(widths)
+    variants.append(
+      {'name': f'width {widest:g} pruned {sparsity:g}', 'width': widest, 'sparsity': sparsity}
+    )
+  for v in variants:
+    run, it = train.init_run(config_fn(v['width']))
+    if v['sparsity']:
+      run.prune(random_keeps(run.model, v['sparsity'], seed), reason='benchmark')
+    batch = jax.device_put(next(it))
+    run.compile(batch)
+    v.update(run=run, it=it, flops=run.step_flops, times={p: [] for p in BREAKDOWN_PARTS})
+
+  def one_step(v) -> dict[str, float]:
+    run = v['run']
+    t0 = time.perf_counter()
+    batch = jax.block_until_ready(jax.device_put(next(v['it'])))
+    t1 = time.perf_counter()
+    run.state, metrics = run.compiled(run.state, batch)
+    t2 = time.perf_counter()
+    jax.block_until_ready(run.state)
+    t3 = time.perf_counter()
+    jax.device_get(metrics)
+    t4 = time.perf_counter()
+    return dict(zip(BREAKDOWN_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True))
+
+  for v in variants:
+    for _ in range(warmup):
+      one_step(v)
+  for _ in range(rounds):
+    for v in variants:
+      parts = [one_step(v) for _ in range(steps_per_round)]
+      for p in BREAKDOWN_PARTS:
+        v['times'][p].append(sum(x[p] for x in parts) / steps_per_round)
+  rows = []
+  for v in variants:
+    row = {
+      'name': v['name'],
+      'width': v['width'],
+      'sparsity': v['sparsity'],
+      'widths': dict(v['run'].model.widths),
+      'flops': v['flops'],
+      **{p: float(np.median(v['times'][p])) for p in BREAKDOWN_PARTS},
+      'round_times_s': v['times'],
+    }
+    row['step_s'] = row['dispatch_s'] + row['compute_s']
+    row['total_s'] = sum(row[p] for p in BREAKDOWN_PARTS)
+    rows.append(row)
+  dense = [r for r in rows if not r['sparsity']]
+  a, b = fit_line([r['flops'] for r in dense], [r['step_s'] for r in dense])
+  for row in rows:
+    row['fit_s'] = a * row['flops'] + b
+  widest = max(dense, key=lambda r: r['flops'])
+  return {'rows': rows, 'fit': {'a_s_per_flop': a, 'b_s': b, 'b_fraction': b / widest['step_s']}}
+
+
+def format_breakdown_table(result: Mapping[str, Any]) -> str:
+  """The rows of :func:`step_breakdown` in milliseconds, and the fit's intercept."""
+  lines = [
+    '| variant | GFLOPs/step | input [ms] | dispatch [ms] | compute [ms] | sync [ms] | '
+    'step [ms] | total [ms] | fit a·F+b [ms] |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in result['rows']:
+    ms = lambda k: f'{r[k] * 1e3:.2f}'
+    lines.append(
+      f"| {r['name']} | {r['flops'] / 1e9:.3f} | {ms('input_s')} | {ms('dispatch_s')} | "
+      f"{ms('compute_s')} | {ms('sync_s')} | {ms('step_s')} | {ms('total_s')} | {ms('fit_s')} |"
+    )
+  fit = result['fit']
+  lines.append('')
+  lines.append(
+    f"step ≈ a·FLOPs + b over the widths: a = {fit['a_s_per_flop'] * 1e12:.3f} ms/GFLOP, "
+    f"b = {fit['b_s'] * 1e3:.2f} ms = {fit['b_fraction']:.1%} of the widest dense step"
+  )
+  return '\n'.join(lines)

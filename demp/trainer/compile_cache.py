@@ -22,6 +22,15 @@ it (``compiles``: the misses, plus any compile the cache did not see); the
 trainer puts them in ``summary.json``. The counts are process-wide: a
 background compilation of the run counts, and so would another thread's.
 
+Each compilation not served by the cache is also attributed (:func:`attribution`)
+to a *function* and an *architecture*: the trainer wraps each phase that may
+compile in :func:`phase` (``'train_step'``, ``'eval_step'``, ``'death_check'``,
+``'silence'``, ...) with the widths it compiles for; a compile outside every phase
+is ``'other'``, attributed to the architecture the run is at
+(:func:`set_architecture`), and named by XLA's function name in
+``compiles_other``. The phase is thread-local, so a background compile is
+attributed by its own thread's phase, never by what the main thread is doing.
+
 Entries are keyed by a hash of the lowered program, the compile options, the
 devices and the JAX/XLA versions, so a stale entry is never used; the
 directory may be deleted at any time. As JAX warns, the cache is trusted code:
@@ -40,6 +49,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 from jax._src import compilation_cache as _jax_cache  # reset_cache: no public reset yet
@@ -62,18 +72,57 @@ _SETTINGS = (
 _lock = threading.Lock()
 _counts = {HIT: 0, MISS: 0, COMPILE: 0}
 _registered = False
+_local = threading.local()  # .phases: the stack of (function, widths); .hit: a cache hit is due
+_log: list[tuple[str, tuple | None, float, bool, str]] = []  # (function, arch, s, hit, fun_name)
+_architecture: list[tuple | None] = [None]  # the run's widths now, for compiles outside a phase
+
+OTHER = 'other'
+FUNCTIONS = ('train_step', 'eval_step', 'death_check', 'silence', 'finite_check', 'switch')
+"""The phases the trainer names (:func:`phase`); ``'flops'`` (the summary's FLOP counts) and
+:data:`OTHER` complete ``compiles_by_function``."""
+
+
+def _key(widths) -> tuple | None:
+  return None if widths is None else tuple(sorted((str(k), int(v)) for k, v in widths.items()))
+
+
+@contextlib.contextmanager
+def phase(function: str, widths=None) -> Iterator[None]:
+  """Attributes the compiles of this thread in the body to ``function`` at ``widths``.
+
+  ``widths`` (group -> width) is the architecture compiled for; None: no
+  architecture (the summary's FLOP counts). Phases nest: the innermost counts.
+  """
+  stack = _local.__dict__.setdefault('phases', [])
+  stack.append((function, _key(widths)))
+  try:
+    yield
+  finally:
+    stack.pop()
+
+
+def set_architecture(widths) -> None:
+  """The run is now at ``widths``: compiles outside every phase are attributed to it."""
+  _architecture[0] = _key(widths)
 
 
 def _on_event(event: str, **kwargs) -> None:
   if event in (HIT, MISS):
     with _lock:
       _counts[event] += 1
+    if event == HIT:  # the compile event that follows on this thread was served by the cache
+      _local.hit = True
 
 
 def _on_duration(event: str, duration: float, **kwargs) -> None:
   if event == COMPILE:
+    hit = getattr(_local, 'hit', False)
+    _local.hit = False
+    stack = getattr(_local, 'phases', None)
+    function, arch = stack[-1] if stack else (OTHER, _architecture[0])
     with _lock:
       _counts[COMPILE] += 1
+      _log.append((function, arch, float(duration), hit, str(kwargs.get('fun_name', '?'))))
 
 
 def _register() -> None:
@@ -89,7 +138,7 @@ def _register() -> None:
 
 def _snapshot() -> dict[str, int]:
   with _lock:
-    return dict(_counts)
+    return {**_counts, 'log': len(_log)}
 
 
 def check(value) -> None:
@@ -145,6 +194,39 @@ class Counts:
       'compiles': compiles - hits,
     }
 
+  def attribution(self) -> dict[str, Any]:
+    """The compiles since :func:`use` (not served by the cache) by function and by architecture.
+
+    ``compiles_by_function``: function -> count (every name of :data:`FUNCTIONS`,
+    ``'flops'`` and ``'other'``, zeros included); ``compiles_by_architecture``: one
+    record per architecture, in the order first compiled for, ``{'widths',
+    'count', 'seconds', 'functions'}``; ``compiles_other``: XLA's names of the
+    ``'other'`` compiles -> count. A compile with no architecture (``'flops'``)
+    is in no architecture's record.
+    """
+    with _lock:
+      log = [e for e in _log[self._start['log'] :] if not e[3]]
+    by_function = dict.fromkeys((*FUNCTIONS, 'flops', OTHER), 0)
+    archs: dict[tuple, dict[str, Any]] = {}
+    other: dict[str, int] = {}
+    for function, arch, seconds, _, name in log:
+      by_function[function] = by_function.get(function, 0) + 1
+      if function == OTHER:
+        other[name] = other.get(name, 0) + 1
+      if arch is None:
+        continue
+      record = archs.setdefault(
+        arch, {'widths': dict(arch), 'count': 0, 'seconds': 0.0, 'functions': {}}
+      )
+      record['count'] += 1
+      record['seconds'] += seconds
+      record['functions'][function] = record['functions'].get(function, 0) + 1
+    return {
+      'compiles_by_function': by_function,
+      'compiles_by_architecture': list(archs.values()),
+      'compiles_other': dict(sorted(other.items(), key=lambda kv: -kv[1])),
+    }
+
 
 def _configure(path: str | None) -> None:
   jax.config.update('jax_compilation_cache_dir', path)
@@ -181,6 +263,7 @@ def start(value: str, workdir: str) -> Counts:
   path = directory(value, workdir)
   _register()
   _configure(path)
+  set_architecture(None)
   counts = Counts(path, workdir)
   _active.append(counts)
   return counts
@@ -200,3 +283,8 @@ def use(value: str, workdir: str) -> Iterator[Counts]:
 def summary() -> dict[str, int | str]:
   """The counts of the latest :func:`start` still in its session (``{}`` when none)."""
   return _active[-1].summary() if _active else {}
+
+
+def attribution() -> dict[str, Any]:
+  """:meth:`Counts.attribution` of the latest :func:`start` still in its session (``{}``: none)."""
+  return _active[-1].attribution() if _active else {}

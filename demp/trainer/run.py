@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 
 from demp import deadunits, flops, surgery
-from demp.trainer import parallel, steps
+from demp.trainer import compile_cache, parallel, steps
 
 PyTree = Any
 
@@ -90,7 +91,9 @@ class Run:
   feed: Any = None  # demp.trainer.feed: where the step's batches come from (None: a batch arg)
   _inputs_spec: Any = None  # the step's inputs after the state, for compiling ahead
   _next: Any = None  # future of the background compile: (compiled, flops, seconds)
-  _checks: dict = dataclasses.field(default_factory=dict)  # widths -> compiled death check
+  # widths -> future of that architecture's other programs compiled in the background:
+  # {'death_check', 'silence', 'finite_check'} (see _compile_extras)
+  _extras: dict = dataclasses.field(default_factory=dict)
   _pool: Any = None
 
   @property
@@ -122,12 +125,86 @@ class Run:
     t0 = time.perf_counter()
     if not isinstance(inputs, tuple):  # a batch, from a run driven by hand
       inputs = (inputs,)
+    compile_cache.set_architecture(self.model.widths)
     self._inputs_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs)
-    self.compiled = self._lower(self.model, self.state, inputs).compile()
+    with compile_cache.phase('train_step', self.model.widths):
+      self.compiled = self._lower(self.model, self.state, inputs).compile()
     self.step_flops = self._step_flops(self.compiled, self.model, self.state)
     if self.pending is not None and self._next is None:
       self._compile_ahead(self.pending['keeps'])
     return time.perf_counter() - t0
+
+  def compile_ahead(self) -> None:
+    """Starts compiling, in the background, this architecture's programs besides its step.
+
+    Its finiteness check, death check and silencing (:meth:`_compile_extras`),
+    used at the next metrics fetch and prune event instead of compiling them
+    then. The trainer calls it after :meth:`compile`.
+    """
+    self._compile_extras(self.model, _abstract(self.state))
+
+  def close(self) -> None:
+    """Ends the background compiles: drops the queued ones, waits for a running one."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
+
+  def _submit(self, work) -> concurrent.futures.Future:
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='demp-compile')
+    return self._pool.submit(work)
+
+  def _compile_extras(self, model, shapes: Mapping[str, Any]) -> None:
+    """Starts compiling, in the background, the programs an architecture runs besides its step.
+
+    For ``model`` at train-state ``shapes``: the finiteness check of its params
+    (every metrics fetch), the death check's pass (one device) and, when prune
+    events are deferred, the silencing of units (:func:`demp.surgery.silence`, the
+    keep-masks its arguments). One per architecture; queued behind a step
+    being compiled ahead, which is needed first.
+    """
+    key = _key(model.widths)
+    if key in self._extras:
+      return
+    images = jax.ShapeDtypeStruct(self.death_images.shape, self.death_images.dtype)
+    c = self.config.prune
+    deferred = c.switch_after > 0
+
+    variables = {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
+
+    def finite_check():
+      return all_finite.lower(shapes['params']).compile()
+
+    def death_check():
+      return deadunits.compile_unit_stats(
+        model, variables, images, criterion=self._criterion(), batch_size=c.batch_size
+      )
+
+    def silence():
+      if deferred and surgery.silences_exactly(model):
+        return surgery.compile_silence(model, variables, shapes['opt_state'])
+      return None
+
+    programs = {'finite_check': finite_check, 'silence': silence}
+    if self.mesh is None or self.mesh.devices.size == 1:
+      programs['death_check'] = death_check
+    self._extras[key] = {
+      name: self._submit(functools.partial(_in_phase, name, model.widths, fn))
+      for name, fn in programs.items()
+    }
+
+  def _extra(self, name: str):
+    """This architecture's program ``name`` compiled in the background (waits for it), or None."""
+    future = self._extras.get(_key(self.model.widths), {}).get(name)
+    return None if future is None else future.result()
+
+  def params_finite(self) -> bool:
+    """Whether every parameter is finite (one device-side reduction, a host sync)."""
+    compiled = self._extra('finite_check')
+    if compiled is not None:
+      return bool(compiled(self.state['params']))
+    with compile_cache.phase('finite_check', self.model.widths):
+      return bool(all_finite(self.state['params']))
 
   # -- Deferred prunes: train on, silenced, while the smaller step compiles. ------------------
 
@@ -137,23 +214,16 @@ class Run:
     model = self.model.clone(widths=flax.core.FrozenDict(widths))
     shapes = surgery.pruned_shapes(self.model, self.state, keeps)  # shapes only: no array is read
     inputs = self._inputs_spec
-    images = jax.ShapeDtypeStruct(self.death_images.shape, self.death_images.dtype)
-    c = self.config.prune
 
     def work():
       t0 = time.perf_counter()
-      compiled = self._lower(model, shapes, inputs).compile()
+      with compile_cache.phase('train_step', model.widths):
+        compiled = self._lower(model, shapes, inputs).compile()
       seconds = time.perf_counter() - t0
-      if self.mesh is None or self.mesh.devices.size == 1:  # the next death check's pass
-        variables = {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
-        self._checks[_key(model.widths)] = deadunits.compile_unit_stats(
-          model, variables, images, criterion=self._criterion(), batch_size=c.batch_size
-        )
       return compiled, self._step_flops(compiled, model, shapes), seconds
 
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='demp-compile')
-    self._next = self._pool.submit(work)
+    self._next = self._submit(work)
+    self._compile_extras(model, shapes)  # behind the step, which the switch waits for
 
   def switch_delay(self) -> int:
     """Steps between a prune decision and its switch to the new widths; 0 = prune now.
@@ -181,9 +251,14 @@ class Run:
   def _defer(self, keeps: Mapping[str, np.ndarray], delay: int) -> None:
     """Silences the units not kept and schedules their removal ``delay`` steps from now."""
     self._compile_ahead(keeps)
-    variables, opt_state = surgery.silence(
-      self.model, self.variables, self.state['opt_state'], keeps
-    )
+    with compile_cache.phase('silence', self.model.widths):  # compiled ahead: nothing compiles
+      variables, opt_state = surgery.silence(
+        self.model,
+        self.variables,
+        self.state['opt_state'],
+        keeps,
+        compiled=self._extra('silence'),
+      )
     self.state = train_state(variables, opt_state)
     if self.mesh is not None:
       self.state = parallel.replicate(self.state, self.mesh)
@@ -202,16 +277,27 @@ class Run:
       self._compile_ahead(keeps)
     compiled, flops_, compile_s = self._next.result()
     waited = time.perf_counter() - t0
-    example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
-    self.model, variables, opt_state = surgery.prune(
-      self.model, self.variables, self.state['opt_state'], keeps, example_input=example
-    )
-    self.state = train_state(variables, opt_state)
-    if self.mesh is not None:
-      self.state = parallel.replicate(self.state, self.mesh)
+    self._cut(keeps)
     self.compiled, self.step_flops = compiled, flops_
     self.pending, self._next = None, None
     return {'wait_s': waited, 'switch_s': time.perf_counter() - t0, 'compile_s': compile_s}
+
+  def _cut(self, keeps: Mapping[str, np.ndarray]) -> None:
+    """Removes the units not kept: sliced on the host (nothing compiles), then back on device."""
+    old = _key(self.model.widths)
+    example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
+    with compile_cache.phase('switch', self.model.widths):
+      self.model, variables, opt_state = surgery.prune(
+        self.model, self.variables, self.state['opt_state'], keeps, example_input=example, host=True
+      )
+      state = train_state(variables, opt_state)
+      if self.mesh is not None:
+        self.state = parallel.replicate(state, self.mesh)
+      else:
+        self.state = jax.device_put(state)
+    compile_cache.set_architecture(self.model.widths)
+    if _key(self.model.widths) != old:
+      self._extras.pop(old, None)  # that architecture's programs are not needed again
 
   @property
   def widths_after(self) -> dict[str, int]:
@@ -232,15 +318,16 @@ class Run:
     """The death check's one pass: ``alive``, ``activity`` and per-unit output ranges."""
     self.finish_pending()
     c = self.config.prune
-    return deadunits.unit_stats(
-      self.model,
-      self.variables,
-      self.death_images,
-      eps=c.eps,
-      batch_size=c.batch_size,
-      criterion=self._criterion(),
-      compiled=self._checks.pop(_key(self.model.widths), None),
-    )
+    with compile_cache.phase('death_check', self.model.widths):  # compiled ahead: nothing compiles
+      return deadunits.unit_stats(
+        self.model,
+        self.variables,
+        self.death_images,
+        eps=c.eps,
+        batch_size=c.batch_size,
+        criterion=self._criterion(),
+        compiled=self._extra('death_check'),
+      )
 
   def _criterion(self) -> str:
     return self.config.prune.criterion or deadunits.criterion_for(self.model.activation)
@@ -272,11 +359,7 @@ class Run:
         ids = self.unit_ids.get(name, np.arange(before[name]))
         self.unit_ids[name] = ids[np.asarray(keep, bool)]
     elif removes:
-      example = jax.ShapeDtypeStruct((1, *self.death_images.shape[1:]), self.death_images.dtype)
-      self.model, variables, opt_state = surgery.prune(
-        self.model, self.variables, self.state['opt_state'], keeps, example_input=example
-      )
-      self.state = train_state(variables, opt_state)
+      self._cut(keeps)
       self.compiled = None  # compiled again, for the new shapes, before the next step
       for name, keep in keeps.items():
         ids = self.unit_ids.get(name, np.arange(before[name]))
@@ -299,6 +382,25 @@ class Run:
 
 def _key(widths: Mapping[str, int]) -> tuple:
   return tuple(sorted(widths.items()))
+
+
+def _in_phase(function: str, widths, fn):
+  with compile_cache.phase(function, widths):
+    return fn()
+
+
+def _abstract(tree):
+  """``jax.ShapeDtypeStruct`` leaves (with their shardings) of a tree of arrays."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None)),
+    tree,
+  )
+
+
+@jax.jit
+def all_finite(tree: PyTree) -> jax.Array:
+  """Whether every entry of every leaf is finite (one program per shapes)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 HOST_FIELDS: tuple[str, ...] = tuple(

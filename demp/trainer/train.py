@@ -62,14 +62,19 @@ Run = run_lib.Run
 def evaluate(model, variables, config, split: str = 'test', mesh=None) -> dict[str, float]:
   """Accuracy and loss over ``split``; with a ``mesh`` each batch is split over its devices."""
   eval_step = steps.make_eval_step(model)
-  totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+  outs = []
   split_batch = mesh is not None and config.eval_batch_size % mesh.devices.size == 0
-  for batch in data_lib.eval_batches(config.data, split, config.eval_batch_size):
-    if mesh is not None:  # every host holds the whole batch
-      batch = parallel.shard_global(batch, mesh) if split_batch else parallel.replicate(batch, mesh)
-    out = eval_step(variables, batch)
-    totals = {k: totals[k] + out[k] for k in totals}
-  totals = jax.device_get(totals)
+  with compile_cache.phase('eval_step', model.widths):
+    for batch in data_lib.eval_batches(config.data, split, config.eval_batch_size):
+      if mesh is not None:  # every host holds the whole batch
+        batch = (
+          parallel.shard_global(batch, mesh) if split_batch else parallel.replicate(batch, mesh)
+        )
+      outs.append(eval_step(variables, batch))
+  # Summed on the host: one fetch at the end, and no program compiled for the sums.
+  totals = {
+    k: sum(float(o[k]) for o in jax.device_get(outs)) for k in ('loss_sum', 'correct', 'count')
+  }
   return {
     'accuracy': float(totals['correct'] / totals['count']),
     'loss': float(totals['loss_sum'] / totals['count']),
@@ -189,11 +194,6 @@ def _check_finite(
     )
 
 
-@jax.jit
-def _all_finite(tree: PyTree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -293,7 +293,7 @@ class Loop:
     _check_finite(
       self.run.step - len(got),
       np.array([m['loss'] for m in got]),
-      params_finite=bool(_all_finite(self.run.state['params'])),
+      params_finite=self.run.params_finite(),
       last_good=self.last_good,
     )
     self.bar.update(len(got))
@@ -321,7 +321,7 @@ class Loop:
       _check_finite(
         run.step,
         np.zeros(0),
-        params_finite=bool(_all_finite(run.state['params'])),
+        params_finite=run.params_finite(),
         last_good=self.last_good,
       )
     current = [_segment_record(self.segment)] if self.segment['steps'] else []
@@ -377,6 +377,7 @@ class Loop:
     self.segment.update(steps=0, seconds=0.0)
     run.state = parallel.replicate(run.state, run.mesh)  # after a surgery: back onto every device
     compile_s = run.compile(inputs)
+    run.compile_ahead()  # in the background: this architecture's check, silencing, ...
     self.compile_s += compile_s
     if self.sync_cost is not None:
       self.close_cost(self.sync_cost, compile_s=compile_s, background=False)
@@ -554,6 +555,7 @@ def _train(
         step,
         path,
       )
+      run.close()
       return {'preempted': True, 'step': step, 'checkpoint': path, 'widths': dict(run.model.widths)}
   if run.pending is not None:  # cannot happen (a switch lands before the last step); be safe
     loop.close_cost(_pending_cost(run), background=True, **run.switch())
@@ -561,16 +563,19 @@ def _train(
     loop.close_cost(loop.sync_cost, compile_s=0.0, background=False)
   if loop.segment['steps']:
     loop.segments.append(_segment_record(loop.segment))
+  run.close()  # no compile outlives the run (nor its cache directory)
   loop.bar.close()
   wall = loop.wall_s()
 
   ev = evaluate(run.model, run.variables, config, mesh=mesh)
-  summary = accounting.run_summary(
-    config, run, ev, loop.segments, loop.train_flops, wall, loop.compile_s
-  )
+  with compile_cache.phase('flops'):  # XLA's FLOP counts of the summary: no architecture
+    summary = accounting.run_summary(
+      config, run, ev, loop.segments, loop.train_flops, wall, loop.compile_s
+    )
   summary.update(parallel.describe(mesh), resumed_at=loop.resumed_at)
   summary.update(data_placement='device' if feed.on_device else 'host', steps_per_dispatch=feed.k)
   summary.update(compile_cache.summary())  # this process's cache hits / misses / compiles
+  summary.update(compile_cache.attribution())  # ... by function and by architecture
   jsonl.write({'step': config.num_steps, 'summary': summary})
   jsonl.close()
   if tb is not None:
