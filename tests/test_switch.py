@@ -1,5 +1,5 @@
 """Deferred prune events: silenced units equal removed ones, the switch is exact and resumable,
-and every event's stall is measured (issue 15)."""
+and every event's stall is measured."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""demp.units and issue 12's options: mask liveness, group penalty mask, weighting, coupling."""
+"""demp.units and its options: mask liveness, group penalty mask, weighting, coupling, offsets."""
 
 import jax
 import jax.numpy as jnp
