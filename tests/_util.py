@@ -124,3 +124,14 @@ def wait_until(ready, seconds: float, what: str, child: subprocess.Popen | None 
     if not deadline.tick():
       raise AssertionError(deadline.message())
     time.sleep(0.1)
+
+
+def set_keys(config, overrides):
+  """``config`` with ``{'a.b.c': value}`` overrides set in place (dotted paths); returns it."""
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config

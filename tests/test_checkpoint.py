@@ -41,13 +41,7 @@ def tiny_config(**overrides):
   c.demp.peak_lambda = 0.5
   c.optimizer.learning_rate = 0.05
   c.checkpoint.every = 20
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return _util.set_keys(c, overrides)
 
 
 def _losses(workdir):

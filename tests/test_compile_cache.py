@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from demp.trainer import compile_cache, steps, train
+from tests import _util
 from demp import deadunits, surgery
 from demp.models import build
 from configs import quickstart
@@ -146,13 +147,7 @@ def _quickstart_demp(**overrides):
   c.demp.schedule, c.demp.peak_lambda = 'constant', 0.5  # units die from the first check on
   c.optimizer.learning_rate = 0.05
   c.progress_bar, c.compilation_cache, c.checkpoint.every = False, '', 0
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return _util.set_keys(c, overrides)
 
 
 def test_compiles_per_architecture_within_budget(tmp_path):

@@ -59,13 +59,7 @@ def tiny_config(**overrides):
   c.optimizer.learning_rate = 0.1
   c.checkpoint.every = 4
   c.checkpoint.async_save = False
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return _util.set_keys(c, overrides)
 
 
 def snapshot(root):
